@@ -1,0 +1,406 @@
+"""Run one Python function on N real processes joined by a torch.distributed process group.
+
+    from helpers import launch
+
+    def demo(rank, world_size):
+        t = torch.tensor([rank + 1.0] * 2)
+        dist.all_reduce(t)
+        print(t)
+        return t
+
+    results = launch(demo, world_size=4)      # return values, in rank order
+
+How it works, top to bottom:
+  * The parent (your notebook kernel, or pytest) opens a `TCPStore` on a free port: the rendezvous point
+    every rank connects to. The OS picks the port, so jobs launched back to back or at once never collide.
+  * It forks one process per rank. Fork (not spawn) is what lets a function defined *in a notebook* run
+    on every rank: the child already has it in memory, nothing is pickled.
+  * Each child points its stdout/stderr at a log file, calls `dist.init_process_group`, runs your function
+    and writes its return value (or its exception and traceback) to a result file.
+  * The parent waits. When a rank fails it stops the others at once and raises `RankFailed` with that
+    rank's traceback; when the job outlives `timeout` it asks every rank for a stack dump (faulthandler on
+    SIGUSR1), stops them and raises `JobTimeout` showing where each rank was stuck.
+  * Finally it prints every rank's output, in rank order, prefixed `[rank i]`, so a cell prints the same
+    thing on every run.
+
+The same worker functions run unchanged under torchrun: see helpers/run.py.
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import faulthandler
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import linecache
+import pickle
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["launch", "rank_device", "init_rank", "LaunchError", "RankFailed", "JobTimeout", "Results"]
+
+# Seconds; a teaching job that runs longer than this is almost always a deadlock. COURSE_TIMEOUT overrides.
+DEFAULT_TIMEOUT = float(os.environ.get("COURSE_TIMEOUT", 60))
+_GRACE = 0.5            # seconds a rank gets to write its stack dump before it is killed
+
+
+class LaunchError(RuntimeError):
+    """Base class of the errors a distributed job raises in the launching process."""
+
+
+class RankFailed(LaunchError):
+    """A rank raised an exception, exited early or was killed.
+
+    Attributes: rank, exc_type (name of the exception class raised on that rank, or None when the process
+    died without raising), message, remote_traceback, exitcode, outputs (every rank's captured output).
+    """
+
+    def __init__(self, rank, exc_type, message, remote_traceback, exitcode, outputs):
+        self.rank, self.exc_type, self.message = rank, exc_type, message
+        self.remote_traceback, self.exitcode, self.outputs = remote_traceback, exitcode, outputs
+        if exc_type is not None:
+            head = f"rank {rank} raised {exc_type}: {message}"
+        else:
+            head = f"rank {rank} {message}"
+        body = f"\n\n--- traceback of rank {rank} ---\n{remote_traceback.rstrip()}" if remote_traceback else ""
+        super().__init__(head + body + "\n\nThe other ranks were stopped.")
+
+
+class JobTimeout(LaunchError):
+    """The job ran past its timeout (usually a deadlock: ranks waiting on different collectives).
+
+    Attributes: timeout, stacks (rank -> the Python stack that rank was executing), outputs.
+    """
+
+    def __init__(self, timeout, stacks, outputs):
+        self.timeout, self.stacks, self.outputs = timeout, stacks, outputs
+        parts = [f"the job did not finish within timeout={timeout:g} s; every rank was stopped. "
+                 "Where each rank was stuck (innermost call last):"]
+        for rank, stack in sorted(stacks.items()):
+            parts.append(f"--- rank {rank} ---\n{stack}")
+        super().__init__("\n".join(parts))
+
+
+class Results(list):
+    """The return values of a job, in rank order. `.outputs[i]` is rank i's printed text, `.seconds` the
+    wall time of the whole job (start of the first process to end of the last)."""
+
+    outputs: list[str]
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------- per rank
+
+def rank_device() -> torch.device:
+    """The device this rank computes on: its own GPU under NCCL, else the CPU. Works under torchrun too."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_rank(backend: str, local_rank: int, local_world_size: int, threads: int | None = None) -> None:
+    """Per-rank setup shared by launch() and torchrun (helpers/run.py): device and thread count."""
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # One pool of cores shared by all local ranks: more threads than cores only adds contention.
+    torch.set_num_threads(threads or max(1, cores // local_world_size))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process if the launching process dies (no orphans after a kernel crash)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _to_cpu(value):
+    """Move tensors to the CPU so the parent never has to touch CUDA (which would break later forks)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    if isinstance(value, dict) and type(value) is dict:
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def _rank_main(fn, rank, world_size, backend, port, workdir, threads, timeout, args, kwargs):
+    """Body of one forked rank. Never returns: it ends with os._exit so the parent's atexit handlers,
+    open notebook sockets and buffered output are not touched by the child."""
+    _die_with_parent()
+    log = os.open(os.path.join(workdir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    sys.stdin = open(os.devnull)
+    faulthandler.enable(file=sys.stderr)
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=False)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    code, payload = 0, None
+    try:
+        init_rank(backend, rank, world_size, threads)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout))
+        payload = ("ok", _to_cpu(fn(rank, world_size, *args, **kwargs)))
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt included: report them all
+        code = 1
+        payload = ("error", type(exc).__name__, str(exc), _user_traceback(exc), time.time())
+    try:
+        with open(os.path.join(workdir, f"rank{rank}.result"), "wb") as f:
+            pickle.dump(payload, f)
+    except Exception as exc:  # e.g. the function returned something that cannot be pickled
+        code = 1
+        with open(os.path.join(workdir, f"rank{rank}.result"), "wb") as f:
+            pickle.dump(("error", "ResultNotPicklable",
+                         f"the return value of rank {rank} could not be sent back: {exc}", "", time.time()), f)
+    try:
+        if code == 0 and dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback from the user's function down, without the launcher's own frames."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+# ------------------------------------------------------------------------------------------ the parent
+
+def default_backend(world_size: int) -> str:
+    """NCCL with one GPU per rank when enough GPUs are visible, else gloo on the CPU."""
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+
+
+def _check_arguments(fn, world_size, backend, timeout) -> str:
+    """Reject bad input with a message that says what to do; returns the backend to use."""
+    if not callable(fn):
+        raise TypeError(f"launch() runs a function on every rank; got {fn!r} ({type(fn).__name__}), "
+                        "which is not callable. Pass the function itself: launch(demo, 4), not launch(demo(), 4).")
+    if isinstance(world_size, bool) or not isinstance(world_size, int):
+        raise TypeError(f"world_size must be a whole number of processes, got {world_size!r}")
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size}: a job needs at least one process (world_size >= 1)")
+    if world_size > 64:
+        raise ValueError(f"world_size={world_size} processes on one machine is more than this launcher "
+                         "allows (64); use torchrun across machines for bigger jobs")
+    backend = backend or default_backend(world_size)
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend={backend!r}: use 'gloo' (CPU) or 'nccl' (one GPU per rank)")
+    if backend == "nccl":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n < world_size:
+            raise ValueError(f"backend='nccl' needs one GPU per rank: world_size={world_size} but {n} GPU(s) "
+                             "are visible. Use backend='gloo' or fewer ranks.")
+        if torch.cuda.is_initialized():
+            raise RuntimeError("CUDA is already initialised in this process, so it cannot fork GPU ranks. "
+                               "Restart the kernel and keep CUDA work inside the launched function.")
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
+    return backend
+
+
+def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None = None,
+           timeout: float | None = None, threads: int | None = None, show_output: bool = True,
+           **kwargs) -> Results:
+    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` processes and return its results.
+
+    backend: 'gloo' or 'nccl' (default: nccl if at least world_size GPUs are visible, else gloo).
+    timeout: seconds before the job is declared hung; raises JobTimeout with every rank's stack.
+    threads: torch threads per rank (default: the cores divided among the ranks).
+    show_output: print each rank's output after the job, as `[rank i] ...` lines in rank order.
+    Raises RankFailed when a rank raises or dies; the other ranks are stopped either way.
+    """
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    backend = _check_arguments(fn, world_size, backend, timeout)
+
+    # The parent hosts the rendezvous store; port 0 lets the OS pick a free port.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+    workdir = tempfile.mkdtemp(prefix="dil-job-")
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, name=f"rank{r}", daemon=True,
+                         args=(fn, r, world_size, backend, store.port, workdir, threads, timeout, args, kwargs))
+             for r in range(world_size)]
+    start = time.perf_counter()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        for p in procs:
+            p.start()
+        failure = _wait(procs, workdir, timeout, start)
+        seconds = time.perf_counter() - start
+        outputs = [_read(os.path.join(workdir, f"rank{r}.log")) for r in range(world_size)]
+        if show_output:
+            _print_outputs(outputs)
+        if failure is not None:
+            if failure[0] == "timeout":
+                raise JobTimeout(timeout, failure[1], outputs) from None
+            raise RankFailed(*failure, outputs=outputs) from None
+        results = Results(_load(workdir, r)[1] for r in range(world_size))
+        results.outputs, results.seconds = outputs, seconds
+        return results
+    finally:
+        _stop(procs)
+        shutil.rmtree(workdir, ignore_errors=True)
+        del store
+
+
+def _wait(procs, workdir, timeout, start):
+    """Wait for every rank. Returns None on success, ("timeout", stacks) on a hang, or the arguments of
+    RankFailed for the rank that failed first."""
+    pending = {p.sentinel: r for r, p in enumerate(procs)}
+    failed = {}  # rank -> wall-clock time its failure was noticed
+    try:
+        while pending:
+            left = timeout - (time.perf_counter() - start)
+            if left <= 0:
+                return "timeout", _dump_stacks(procs, workdir)
+            for sentinel in mp.connection.wait(list(pending), timeout=min(left, 0.5)):
+                rank = pending.pop(sentinel)
+                procs[rank].join()
+                if procs[rank].exitcode != 0:
+                    failed[rank] = time.time()
+            if failed:
+                # Let ranks that fail in the same instant report too, then blame the root cause.
+                time.sleep(0.05)
+                for sentinel, rank in list(pending.items()):
+                    if procs[rank].exitcode not in (None, 0):
+                        failed[rank] = time.time()
+                return _describe_failure(procs, workdir, failed)
+    except KeyboardInterrupt:
+        _stop(procs)
+        raise
+    return None
+
+
+# Errors a rank sees only because a peer vanished: never the root cause when another rank failed too.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def _describe_failure(procs, workdir, failed):
+    reports = []
+    for rank, noticed in failed.items():
+        result = _load(workdir, rank)
+        code = procs[rank].exitcode
+        if result and result[0] == "error":
+            _, exc_type, message, tb, when = result
+        else:
+            exc_type, tb, when = None, "", noticed
+            if code is not None and code < 0:
+                message = f"was killed by signal {signal.Signals(-code).name}"
+            else:
+                message = f"exited with code {code} before its function returned (os._exit or a crash)"
+        secondary = exc_type is not None and any(s in message for s in _PEER_GONE)
+        reports.append(((secondary, when, rank), (rank, exc_type, message, tb, code)))
+    return min(reports)[1]
+
+
+def _dump_stacks(procs, workdir):
+    """SIGUSR1 makes faulthandler in each live rank write its Python stack to the rank's log."""
+    alive = [r for r, p in enumerate(procs) if p.is_alive()]
+    sizes = {r: os.path.getsize(os.path.join(workdir, f"rank{r}.log")) for r in alive}
+    for r in alive:
+        try:
+            os.kill(procs[r].pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    time.sleep(_GRACE)
+    stacks = {}
+    for r in alive:
+        with open(os.path.join(workdir, f"rank{r}.log"), errors="replace") as f:
+            f.seek(sizes[r])
+            stacks[r] = _format_stack(f.read())
+        _truncate_log(os.path.join(workdir, f"rank{r}.log"), sizes[r])
+    for r, p in enumerate(procs):
+        if r not in stacks:
+            stacks[r] = f"(had already exited with code {p.exitcode})"
+    return stacks
+
+
+def _format_stack(dump: str) -> str:
+    """faulthandler lists the innermost frame first. Show the frames from the rank's own function inwards,
+    outermost first, each with its source line, as a traceback reads."""
+    frames = []
+    for line in reversed(dump.splitlines()):
+        m = re.match(r'\s*File "(.*)", line (\d+) in (.*)', line)
+        if m:
+            frames.append((m[1], int(m[2]), m[3]))
+    entry = [i for i, (path, _, func) in enumerate(frames) if path == __file__ and func == "_rank_main"]
+    if entry:
+        frames = frames[entry[-1] + 1:]
+    lines = []
+    for path, lineno, func in frames:
+        if path.endswith("c10d_logger.py"):
+            continue  # torch's logging wrapper around every collective: noise here
+        lines.append(f'  File "{os.path.basename(path)}", line {lineno}, in {func}')
+        code = linecache.getline(path, lineno).strip()
+        if code:
+            lines.append(f"    {code}")
+    return "\n".join(lines) or "  (no Python frame: stuck inside native code)"
+
+
+def _truncate_log(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _stop(procs):
+    """Terminate, then kill, every rank still alive; reap them all so none is left behind."""
+    for p in procs:
+        if p.pid is not None and p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 1.0
+    for p in procs:
+        if p.pid is not None:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def _load(workdir, rank):
+    try:
+        with open(os.path.join(workdir, f"rank{rank}.result"), "rb") as f:
+            return pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return None
+
+
+def _read(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _print_outputs(outputs):
+    for rank, text in enumerate(outputs):
+        for line in text.splitlines():
+            print(f"[rank {rank}] {line}")
+    sys.stdout.flush()
