@@ -11,8 +11,9 @@
     results = launch(demo, world_size=4)      # return values, in rank order
 
 How it works, top to bottom:
-  * The parent (your notebook kernel, or pytest) opens a `TCPStore` on a free port: the rendezvous point
-    every rank connects to. The OS picks the port, so jobs launched back to back or at once never collide.
+  * The parent (your notebook kernel, or pytest) binds a socket on a free port; rank 0 serves a `TCPStore`
+    on it, the rendezvous point every rank connects to. The OS picks the port, so jobs launched back to
+    back or at once never collide.
   * It forks one process per rank. Fork (not spawn) is what lets a function defined *in a notebook* run
     on every rank: the child already has it in memory, nothing is pickled.
   * Each child points its stdout/stderr at a log file, calls `dist.init_process_group`, runs your function
@@ -37,6 +38,7 @@ import linecache
 import pickle
 import re
 import shutil
+import socket
 import signal
 import sys
 import tempfile
@@ -137,7 +139,7 @@ def _to_cpu(value):
     return value
 
 
-def _rank_main(fn, rank, world_size, backend, port, workdir, threads, timeout, args, kwargs):
+def _rank_main(fn, rank, world_size, backend, listener, workdir, threads, timeout, args, kwargs):
     """Body of one forked rank. Never returns: it ends with os._exit so the parent's atexit handlers,
     open notebook sockets and buffered output are not touched by the child."""
     _die_with_parent()
@@ -151,12 +153,17 @@ def _rank_main(fn, rank, world_size, backend, port, workdir, threads, timeout, a
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=False)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+    port = listener.getsockname()[1]
+    if rank != 0:
+        listener.close()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     code, payload = 0, None
     try:
         init_rank(backend, rank, world_size, threads)
-        store = dist.TCPStore("127.0.0.1", port, is_master=False,
+        # Rank 0 hosts the rendezvous store, as under torchrun, on the socket the parent bound for it.
+        store = dist.TCPStore("127.0.0.1", port, is_master=rank == 0, wait_for_workers=False,
+                              master_listen_fd=listener.fileno() if rank == 0 else None,
                               timeout=datetime.timedelta(seconds=timeout))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
@@ -238,13 +245,14 @@ def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None =
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     backend = _check_arguments(fn, world_size, backend, timeout)
 
-    # The parent hosts the rendezvous store; port 0 lets the OS pick a free port.
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout))
+    # Bind the rendezvous socket before forking: port 0 lets the OS pick a free port, and holding it open
+    # means no other job can take it. Rank 0 serves the store on it. (The parent runs no store thread of
+    # its own: forking while such a thread holds a lock is how fork-based launchers deadlock.)
+    listener = socket.create_server(("127.0.0.1", 0), backlog=max(128, 2 * world_size))
     workdir = tempfile.mkdtemp(prefix="dil-job-")
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_rank_main, name=f"rank{r}", daemon=True,
-                         args=(fn, r, world_size, backend, store.port, workdir, threads, timeout, args, kwargs))
+                         args=(fn, r, world_size, backend, listener, workdir, threads, timeout, args, kwargs))
              for r in range(world_size)]
     start = time.perf_counter()
     sys.stdout.flush()
@@ -252,6 +260,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None =
     try:
         for p in procs:
             p.start()
+        listener.close()
         failure = _wait(procs, workdir, timeout, start)
         seconds = time.perf_counter() - start
         outputs = [_read(os.path.join(workdir, f"rank{r}.log")) for r in range(world_size)]
@@ -266,8 +275,8 @@ def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None =
         return results
     finally:
         _stop(procs)
+        listener.close()
         shutil.rmtree(workdir, ignore_errors=True)
-        del store
 
 
 def _wait(procs, workdir, timeout, start):

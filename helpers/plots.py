@@ -1,0 +1,42 @@
+"""Pictures shared by the chapters. Every figure is drawn from data a real run returned."""
+from __future__ import annotations
+
+import matplotlib
+
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
+
+# One colour per kind of work, the same in every chapter.
+COLORS = {"F": "#4C72B0", "B": "#DD8452", "W": "#55A868", "comm": "#C44E52", "idle": "#DDDDDD",
+          "decode": "#8172B3", "prefill": "#937860"}
+
+
+def gantt(events: list[dict], title: str = "", ax=None, label_key: str | None = "micro_batch",
+          time_unit: str = "ms", ranks: list[int] | None = None):
+    """A Gantt chart: one row per rank, one bar per event {rank, label, start, end[, micro_batch]}.
+
+    Bars are coloured by `label` (F, B, W, comm, ...) and annotated with `event[label_key]` if present.
+    """
+    from helpers.timeline import normalize
+    events = normalize(events)
+    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[time_unit]
+    ranks = ranks if ranks is not None else sorted({e["rank"] for e in events})
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * len(ranks)))
+    for e in events:
+        y = ranks.index(e["rank"])
+        width = (e["end"] - e["start"]) * scale
+        ax.barh(y, width, left=e["start"] * scale, height=0.8,
+                color=COLORS.get(e["label"], "#999999"), edgecolor="white", linewidth=0.5)
+        if label_key and label_key in e:
+            ax.text(e["start"] * scale + width / 2, y, str(e[label_key]), ha="center", va="center",
+                    fontsize=7, color="white")
+    ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"time ({time_unit})")
+    labels = sorted({e["label"] for e in events})
+    ax.legend(handles=[Patch(color=COLORS.get(l, "#999999"), label=l) for l in labels],
+              loc="upper right", fontsize=8, ncols=len(labels))
+    if title:
+        ax.set_title(title)
+    return ax
