@@ -1,0 +1,63 @@
+"""Chapter 4 — data-parallel inference: shard the requests, run one replica per rank, gather in order.
+
+Exercise 4.1 is `gather_in_order`. `shard_indices` is given: it is the contiguous split every data-parallel
+server starts from (torch's DistributedSampler uses a strided split instead; both work with the gather).
+"""
+import torch
+import torch.distributed as dist
+
+
+def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
+    """The indices of `num_items` requests that `rank` serves: a contiguous block, the first
+    `num_items % world_size` ranks taking one extra (uneven shards, no padding, nothing duplicated).
+
+    shard_indices(10, r, 4) -> [0, 1, 2], [3, 4, 5], [6, 7], [8, 9]
+    """
+    base, extra = divmod(num_items, world_size)
+    start = rank * base + min(rank, extra)
+    return list(range(start, start + base + (rank < extra)))
+
+
+def gather_in_order(local_outputs: torch.Tensor, local_indices: torch.Tensor, num_items: int,
+                    dst: int = 0, group=None) -> torch.Tensor | None:
+    """Exercise 4.1 — collect every rank's results on rank `dst`, each row at its request's original index.
+
+    local_outputs: [n_local, *feature] — this rank's results (n_local may differ between ranks, may be 0)
+    local_indices: [n_local] int64 — the request index each row answers (duplicates allowed: a padded
+                   DistributedSampler hands some requests to two ranks; any copy may be kept)
+    num_items:     the size of the whole request set.
+    Returns on `dst` a tensor [num_items, *feature] with row i = the result for request i; None elsewhere.
+    Raises ValueError on `dst` if some request index was answered by no rank.
+
+    dist.gather needs the same shape on every rank: pad each shard to the largest, send the indices
+    alongside (padding rows marked -1), and scatter the rows into place on `dst`.
+    """
+    me = dist.get_rank()
+    world = dist.get_world_size(group)
+    local_indices = local_indices.to(torch.int64)
+    count = torch.tensor([local_outputs.shape[0]], dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    longest = max(int(count.item()), 1)
+    feature = tuple(local_outputs.shape[1:])
+    padded = local_outputs.new_zeros((longest, *feature))
+    padded[: local_outputs.shape[0]] = local_outputs
+    padded_idx = torch.full((longest,), -1, dtype=torch.int64)
+    padded_idx[: local_indices.shape[0]] = local_indices
+    is_dst = me == dst
+    rows = [torch.empty_like(padded) for _ in range(world)] if is_dst else None
+    idxs = [torch.empty_like(padded_idx) for _ in range(world)] if is_dst else None
+    dist.gather(padded, rows, dst=dst, group=group)
+    dist.gather(padded_idx, idxs, dst=dst, group=group)
+    if not is_dst:
+        return None
+    out = local_outputs.new_zeros((num_items, *feature))
+    seen = torch.zeros(num_items, dtype=torch.bool)
+    for r, i in zip(rows, idxs):
+        keep = i >= 0
+        out[i[keep]] = r[keep]
+        seen[i[keep]] = True
+    if not bool(seen.all()):
+        missing = (~seen).nonzero().flatten().tolist()
+        raise ValueError(f"requests {missing[:10]} were answered by no rank: every index in "
+                         f"0..{num_items - 1} must appear in some rank's local_indices")
+    return out
