@@ -10,6 +10,7 @@ It wraps the functions of `torch.distributed` for the duration of the `with` blo
 the op is about; `wire` is what each rank sends with a ring algorithm (nccl-tests' convention: all_reduce
 2(n-1)/n·S, all_gather and reduce_scatter (n-1)/n·S, send S), the figure that bandwidth divides into.
 PyTorch's own `torch.distributed.tensor.debug.CommDebugMode` counts collectives of DTensor code the same way.
+`dist.batch_isend_irecv([dist.P2POp(dist.isend, ...), ...])` is traced too: one isend/irecv record per P2POp.
 """
 from __future__ import annotations
 
@@ -51,6 +52,17 @@ _OPS = {
 }
 
 
+def _untracing_p2pop(base):
+    class P2POp(base):
+        """dist.P2POp that unwraps a traced dist.isend / dist.irecv back to the real function."""
+        def __new__(cls, op, *args, **kwargs):
+            return base.__new__(cls, getattr(op, "__wrapped__", op), *args, **kwargs)
+
+        def __init__(self, op, *args, **kwargs):
+            super().__init__(getattr(op, "__wrapped__", op), *args, **kwargs)
+    return P2POp
+
+
 @dataclass
 class CommRecord:
     op: str
@@ -70,6 +82,11 @@ class CommTracer:
             if hasattr(dist, name):
                 self._saved[name] = getattr(dist, name)
                 setattr(dist, name, self._wrap(name, self._saved[name]))
+        # P2POp accepts only the real isend/irecv (batch_isend_irecv tests `op is isend`): hand it those, and
+        # record the batch's ops in the batch_isend_irecv wrapper instead.
+        self._saved["P2POp"], self._saved["batch_isend_irecv"] = dist.P2POp, dist.batch_isend_irecv
+        dist.P2POp = _untracing_p2pop(dist.P2POp)
+        dist.batch_isend_irecv = self._wrap_batch(self._saved["batch_isend_irecv"])
         return self
 
     def __exit__(self, *exc):
@@ -91,6 +108,22 @@ class CommTracer:
             seconds = time.perf_counter() - start
             payload = payload_of(args, kwargs)
             self.records.append(CommRecord(name, ranks, payload, int(payload * factor(len(ranks))), seconds))
+            return out
+        return traced
+
+    def _wrap_batch(self, fn):
+        @functools.wraps(fn)
+        def traced(p2p_op_list):
+            start = time.perf_counter()
+            out = fn(p2p_op_list)
+            seconds = time.perf_counter() - start
+            for p in p2p_op_list:
+                name = getattr(p.op, "__name__", "isend")
+                payload_of, factor = _OPS.get(name, _OPS["isend"])
+                ranks = tuple(dist.get_process_group_ranks(p.group))
+                payload = payload_of((p.tensor,), {})
+                self.records.append(CommRecord(name, ranks, payload, int(payload * factor(len(ranks))),
+                                               seconds / len(p2p_op_list)))
             return out
         return traced
 
