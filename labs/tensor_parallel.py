@@ -1,0 +1,328 @@
+"""Chapter 2 — tensor parallelism, Megatron-style: exercises 2.1–2.5 (2.5 with labs/tp_llama.py).
+
+Run them from notebooks/02_tensor_parallel.ipynb; grade them with `make grade CHAPTER=2`.
+Given (read them first): the helpers, the four region operators, kv_heads_for_rank and
+ParallelTransformerBlock. To write: the classes and functions whose body raises NotImplementedError.
+
+Every layer is built FROM a full reference layer (`from_linear`, `from_mlp`, ...) and keeps only this
+rank's shard, so its output can be compared with the unsharded layer. Every layer takes an optional
+`group` (a `dist.new_group(...)` process group; default: all ranks), so tensor parallelism can run inside
+a sub-group (hybrid parallelism); `rank` and `world_size` are then the position inside that group.
+
+The four "region" operators are Megatron's (megatron/core/tensor_parallel/mappings.py). They come in
+conjugate pairs: what one does in the forward pass, its partner does in the backward pass.
+
+    operator                                   forward              backward
+    copy_to_tensor_model_parallel_region       identity             all-reduce
+    reduce_from_tensor_model_parallel_region   all-reduce           identity
+    scatter_to_tensor_model_parallel_region    keep my slice        all-gather
+    gather_from_tensor_model_parallel_region   all-gather           keep my slice
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers.transformer_layers import causal_attention
+
+__all__ = ["group_rank_and_size", "split_along_dim",
+           "copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region",
+           "scatter_to_tensor_model_parallel_region", "gather_from_tensor_model_parallel_region",
+           "ColumnParallelLinear", "RowParallelLinear", "ParallelMLP", "ParallelAttention",
+           "ParallelTransformerBlock", "VocabParallelEmbedding", "parallel_argmax"]
+
+
+# ------------------------------------------------------------------------------------ given helpers
+
+def group_rank_and_size(rank: int | None = None, world_size: int | None = None, group=None) -> tuple[int, int]:
+    """This rank's position in `group` (default: all ranks). Explicit values must agree with the group."""
+    if dist.is_initialized():
+        actual = dist.get_rank(group), dist.get_world_size(group)
+        if (rank is not None and rank != actual[0]) or (world_size is not None and world_size != actual[1]):
+            raise ValueError(f"rank={rank}, world_size={world_size} do not match this process's place in the "
+                             f"group (rank {actual[0]} of {actual[1]}); leave them out to use the group's")
+        return actual
+    if rank is None or world_size is None:
+        raise ValueError("torch.distributed is not initialised: pass rank and world_size explicitly")
+    return rank, world_size
+
+
+def split_along_dim(tensor: torch.Tensor, dim: int, rank: int, world_size: int, name: str = "size") -> torch.Tensor:
+    """Rank `rank`'s contiguous 1/world_size slice of `tensor` along `dim` (a copy, not a view)."""
+    size = tensor.shape[dim]
+    if size % world_size:
+        raise ValueError(f"{name}={size} is not divisible by world_size={world_size}: choose a tensor-parallel "
+                         f"degree that divides {name}")
+    part = size // world_size
+    return tensor.narrow(dim, rank * part, part).detach().clone().contiguous()
+
+
+# ------------------------------------------------------------------------- the conjugate operators
+
+def _all_reduce(x, group):
+    if dist.get_world_size(group) == 1:
+        return x
+    x = x.clone()          # never modify a tensor autograd saved
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather_last_dim(x, group):
+    world_size = dist.get_world_size(group)
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def _my_slice_last_dim(x, group):
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    if world_size == 1:
+        return x
+    return split_along_dim(x, -1, rank, world_size, name="last dimension")
+
+
+class _CopyToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _my_slice_last_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_last_dim(grad, ctx.group), None
+
+
+class _GatherFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_last_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _my_slice_last_dim(grad, ctx.group), None
+
+
+def copy_to_tensor_model_parallel_region(x, group=None):
+    """Forward: identity (every rank already holds the full x). Backward: all-reduce the gradient, since
+    each rank's shard contributed only part of dL/dx."""
+    return _CopyToRegion.apply(x, group)
+
+
+def reduce_from_tensor_model_parallel_region(x, group=None):
+    """Forward: all-reduce (sum the partial results). Backward: identity."""
+    return _ReduceFromRegion.apply(x, group)
+
+
+def scatter_to_tensor_model_parallel_region(x, group=None):
+    """Forward: keep this rank's slice of the last dimension. Backward: all-gather the gradient."""
+    return _ScatterToRegion.apply(x, group)
+
+
+def gather_from_tensor_model_parallel_region(x, group=None):
+    """Forward: all-gather the last dimension. Backward: keep this rank's slice of the gradient."""
+    return _GatherFromRegion.apply(x, group)
+
+
+# ------------------------------------------------------------------------------------ the layers
+
+class ColumnParallelLinear(nn.Module):
+    """Exercise 2.1 — y = x Aᵀ + b with A split along its OUTPUT features (the columns of Aᵀ).
+
+    Rank r holds rows [r·out/n, (r+1)·out/n) of the weight A [out_features, in_features] and the same
+    slice of the bias. x: [..., in_features] (full, on every rank) -> y: [..., out_features] if
+    gather_output, else this rank's slice [..., out_features / world_size] (to feed a RowParallelLinear).
+    forward: x -> copy_to_tensor_model_parallel_region -> local linear -> (gather_from_... if gather_output).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = True,
+                 group=None, rank: int | None = None, world_size: int | None = None):
+        raise NotImplementedError("Exercise 2.1: ColumnParallelLinear.__init__ is not written yet (labs/tensor_parallel.py)")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int | None = None, world_size: int | None = None,
+                    group=None, gather_output: bool = True) -> "ColumnParallelLinear":
+        """This rank's shard of a full `nn.Linear` (the same full layer on every rank)."""
+        raise NotImplementedError("Exercise 2.1: ColumnParallelLinear.from_linear is not written yet (labs/tensor_parallel.py)")
+
+    def forward(self, x):
+        raise NotImplementedError("Exercise 2.1: ColumnParallelLinear.forward is not written yet (labs/tensor_parallel.py)")
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features} "
+                f"({self.out_per_rank} on rank {self.rank} of {self.world_size}), gather_output={self.gather_output}")
+
+
+class RowParallelLinear(nn.Module):
+    """Exercise 2.2 — y = x Aᵀ + b with A split along its INPUT features (the rows of Aᵀ).
+
+    Rank r holds columns [r·in/n, (r+1)·in/n) of A [out_features, in_features]; the bias is whole on every
+    rank and added ONCE, after the all-reduce (adding it before would count it world_size times).
+    x: [..., in_features / world_size] if input_is_parallel (e.g. a ColumnParallelLinear's output with
+    gather_output=False), else the full [..., in_features], of which the layer keeps its own slice.
+    y: [..., out_features], the same on every rank.
+    forward: (scatter_to_... unless input_is_parallel) -> local linear, no bias -> reduce_from_... -> + bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = False,
+                 group=None, rank: int | None = None, world_size: int | None = None):
+        raise NotImplementedError("Exercise 2.2: RowParallelLinear.__init__ is not written yet (labs/tensor_parallel.py)")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int | None = None, world_size: int | None = None,
+                    group=None, input_is_parallel: bool = False) -> "RowParallelLinear":
+        """This rank's shard of a full `nn.Linear` (the same full layer on every rank)."""
+        raise NotImplementedError("Exercise 2.2: RowParallelLinear.from_linear is not written yet (labs/tensor_parallel.py)")
+
+    def forward(self, x):
+        raise NotImplementedError("Exercise 2.2: RowParallelLinear.forward is not written yet (labs/tensor_parallel.py)")
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features} ({self.in_per_rank} on rank {self.rank} of {self.world_size}), "
+                f"out_features={self.out_features}, input_is_parallel={self.input_is_parallel}")
+
+
+class ParallelMLP(nn.Module):
+    """Exercise 2.3 — the Megatron MLP: fc1 column-parallel (gather_output=False) -> GELU on the local
+    slice -> fc2 row-parallel (input_is_parallel=True). ONE all-reduce per forward pass, none between the
+    two layers. Built from a `helpers.transformer_layers.MLP` (attributes fc1, fc2). x, y: [..., hidden]."""
+
+    def __init__(self, fc1: ColumnParallelLinear, fc2: RowParallelLinear):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+    @classmethod
+    def from_mlp(cls, mlp: nn.Module, rank: int | None = None, world_size: int | None = None,
+                 group=None) -> "ParallelMLP":
+        raise NotImplementedError("Exercise 2.3: ParallelMLP.from_mlp is not written yet (labs/tensor_parallel.py)")
+
+    def forward(self, x):
+        raise NotImplementedError("Exercise 2.3: ParallelMLP.forward is not written yet (labs/tensor_parallel.py)")
+
+
+def kv_heads_for_rank(num_heads: int, num_kv_heads: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Which KV heads rank `rank` needs: (first, count). Given code, used by ParallelAttention.
+
+    world_size divides num_kv_heads: each rank owns num_kv_heads / world_size of them (no copies).
+    num_kv_heads divides world_size: each KV head is REPLICATED on world_size / num_kv_heads ranks, each
+    rank keeping the one its query heads read (what vLLM does when TP > number of KV heads).
+    Anything else cannot be split by heads: a ValueError says so."""
+    if num_heads % world_size:
+        raise ValueError(f"num_heads={num_heads} is not divisible by world_size={world_size}: attention is "
+                         "split by heads, so the tensor-parallel degree must divide the number of heads")
+    if num_kv_heads % world_size == 0:
+        per_rank = num_kv_heads // world_size
+        return rank * per_rank, per_rank
+    if world_size % num_kv_heads == 0:
+        return rank // (world_size // num_kv_heads), 1
+    raise ValueError(f"num_kv_heads={num_kv_heads} is not divisible by world_size={world_size}, nor "
+                     f"world_size by num_kv_heads: KV heads can be neither split nor replicated evenly; "
+                     f"use a tensor-parallel degree that divides {num_kv_heads} or is a multiple of it")
+
+
+class ParallelAttention(nn.Module):
+    """Exercise 2.4 — attention split by heads. Rank r keeps query heads [r·H/n, (r+1)·H/n) (q_proj
+    column-parallel, no gather), the KV heads those query heads read (k_proj, v_proj: see
+    `kv_heads_for_rank`; replicated when world_size > num_kv_heads), and the matching input columns of
+    o_proj (row-parallel, input_is_parallel=True). Each rank attends with its own heads; the single
+    all-reduce is o_proj's. Built from a `helpers.transformer_layers.Attention`. x, y: [batch, seq, hidden].
+    Replicated KV heads are for inference: their gradients would also need summing over the replicas."""
+
+    def __init__(self, q_proj, k_proj, v_proj, o_proj, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim  # on this rank
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module, rank: int | None = None, world_size: int | None = None,
+                       group=None) -> "ParallelAttention":
+        raise NotImplementedError("Exercise 2.4: ParallelAttention.from_attention is not written yet (labs/tensor_parallel.py)")
+
+    def forward(self, x):
+        raise NotImplementedError("Exercise 2.4: ParallelAttention.forward is not written yet (labs/tensor_parallel.py)")
+
+
+def _head_slice(linear: nn.Linear, first_head: int, heads: int, head_dim: int) -> nn.Linear:
+    """A plain nn.Linear holding output rows of heads [first_head, first_head + heads) of `linear`."""
+    rows = slice(first_head * head_dim, (first_head + heads) * head_dim)
+    out = nn.Linear(linear.in_features, heads * head_dim, bias=linear.bias is not None,
+                    dtype=linear.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(linear.weight[rows])
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias[rows])
+    return out
+
+
+class ParallelTransformerBlock(nn.Module):
+    """A tensor-parallel pre-norm block (given: it only composes 2.3 and 2.4). Norms are replicated;
+    two all-reduces per block (attention's o_proj, the MLP's fc2). x, y: [batch, seq, hidden]."""
+
+    def __init__(self, norm1, attn, norm2, mlp):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
+
+    @classmethod
+    def from_block(cls, block: nn.Module, rank: int | None = None, world_size: int | None = None,
+                   group=None) -> "ParallelTransformerBlock":
+        import copy
+        return cls(copy.deepcopy(block.norm1), ParallelAttention.from_attention(block.attn, rank, world_size, group),
+                   copy.deepcopy(block.norm2), ParallelMLP.from_mlp(block.mlp, rank, world_size, group))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Part of exercise 2.5 — an embedding table split by vocabulary rows. Rank r holds token ids
+    [r·V/n, (r+1)·V/n); it looks up the ids it owns, writes zeros for the others, and one all-reduce
+    (reduce_from_...) sums the ranks' rows into the full embeddings.
+    ids: [...] int64 -> [..., embedding_dim], the same on every rank."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group=None,
+                 rank: int | None = None, world_size: int | None = None):
+        raise NotImplementedError("Exercise 2.5: VocabParallelEmbedding.__init__ is not written yet (labs/tensor_parallel.py)")
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, rank: int | None = None, world_size: int | None = None,
+                       group=None) -> "VocabParallelEmbedding":
+        raise NotImplementedError("Exercise 2.5: VocabParallelEmbedding.from_embedding is not written yet (labs/tensor_parallel.py)")
+
+    def forward(self, ids):
+        raise NotImplementedError("Exercise 2.5: VocabParallelEmbedding.forward is not written yet (labs/tensor_parallel.py)")
+
+
+def parallel_argmax(local_logits: torch.Tensor, group=None) -> torch.Tensor:
+    """Part of exercise 2.5 — greedy token choice from vocabulary-parallel logits without gathering them.
+
+    local_logits: [..., V / world_size], this rank's slice of the vocabulary (a ColumnParallelLinear LM
+    head with gather_output=False). Returns the global argmax ids [...] (int64), equal on every rank and to
+    torch.argmax of the full logits (ties: the lowest id). One all-gather of 2 numbers per position
+    instead of V / world_size."""
+    raise NotImplementedError("Exercise 2.5: parallel_argmax is not written yet (labs/tensor_parallel.py)")

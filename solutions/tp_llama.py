@@ -1,0 +1,67 @@
+"""Chapter 2 — a tensor-parallel plan for a transformers Llama model: reference solution.
+
+`shard_llama(model)` replaces, in place, every projection of a `LlamaForCausalLM` by this rank's shard,
+following the same plan as Megatron-LM, vLLM and transformers' own `LlamaConfig.base_model_tp_plan`:
+column-parallel for q/k/v and gate/up, row-parallel for o_proj and down_proj, vocabulary-parallel for the
+embedding and the LM head. Norms and rotary embeddings stay replicated. Afterwards the model runs exactly
+as before (`model(ids)`, `model.generate(...)`, KV cache included) and returns the full logits on every
+rank; each rank stores about 1/world_size of the weights and of the KV cache.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from solutions.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                       group_rank_and_size, kv_heads_for_rank, _head_slice)
+
+__all__ = ["LLAMA_TP_PLAN", "shard_llama"]
+
+# Module name pattern -> style, in the format of transformers' `base_model_tp_plan`
+# (`*` is a layer index). "colwise": ColumnParallelLinear(gather_output=False); "rowwise":
+# RowParallelLinear(input_is_parallel=True); "vocab": VocabParallelEmbedding; "colwise_gather":
+# ColumnParallelLinear(gather_output=True), i.e. full logits on every rank.
+LLAMA_TP_PLAN = {
+    "model.embed_tokens": "vocab",
+    "model.layers.*.self_attn.q_proj": "colwise",
+    "model.layers.*.self_attn.k_proj": "colwise",
+    "model.layers.*.self_attn.v_proj": "colwise",
+    "model.layers.*.self_attn.o_proj": "rowwise",
+    "model.layers.*.mlp.gate_proj": "colwise",
+    "model.layers.*.mlp.up_proj": "colwise",
+    "model.layers.*.mlp.down_proj": "rowwise",
+    "lm_head": "colwise_gather",
+}
+
+
+def shard_llama(model: nn.Module, rank: int | None = None, world_size: int | None = None, group=None) -> nn.Module:
+    """Exercise 2.5 — shard a (full, identical on every rank) transformers `LlamaForCausalLM` in place onto
+    the ranks of `group` (default: all ranks) following LLAMA_TP_PLAN; returns the model.
+
+    Each attention module then holds num_attention_heads / world_size query heads. KV heads are split
+    when world_size divides num_key_value_heads and replicated when num_key_value_heads divides
+    world_size (`kv_heads_for_rank`); `num_key_value_groups` is updated to match. Collectives per forward:
+    one all-reduce for the embedding, two per decoder layer (o_proj, down_proj), one all-gather of logits.
+    A non-divisible size raises ValueError naming it."""
+    rank, world_size = group_rank_and_size(rank, world_size, group)
+    config = model.config
+    num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+    first_kv, kv_count = kv_heads_for_rank(num_heads, num_kv_heads, rank, world_size)
+    column = dict(rank=rank, world_size=world_size, group=group)
+
+    model.model.embed_tokens = VocabParallelEmbedding.from_embedding(model.model.embed_tokens, **column)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.q_proj = ColumnParallelLinear.from_linear(attn.q_proj, gather_output=False, **column)
+        if num_kv_heads % world_size == 0:
+            attn.k_proj = ColumnParallelLinear.from_linear(attn.k_proj, gather_output=False, **column)
+            attn.v_proj = ColumnParallelLinear.from_linear(attn.v_proj, gather_output=False, **column)
+        else:  # fewer KV heads than ranks: each rank keeps a copy of the one its query heads read
+            attn.k_proj = _head_slice(attn.k_proj, first_kv, kv_count, attn.head_dim)
+            attn.v_proj = _head_slice(attn.v_proj, first_kv, kv_count, attn.head_dim)
+        attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, input_is_parallel=True, **column)
+        attn.num_key_value_groups = (num_heads // world_size) // kv_count
+        mlp.gate_proj = ColumnParallelLinear.from_linear(mlp.gate_proj, gather_output=False, **column)
+        mlp.up_proj = ColumnParallelLinear.from_linear(mlp.up_proj, gather_output=False, **column)
+        mlp.down_proj = RowParallelLinear.from_linear(mlp.down_proj, input_is_parallel=True, **column)
+    model.lm_head = ColumnParallelLinear.from_linear(model.lm_head, gather_output=True, **column)
+    return model
