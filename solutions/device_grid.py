@@ -1,0 +1,101 @@
+"""Chapter 5 — the process grid of hybrid parallelism: every rank is a point (dp, pp, tp) of a 3-D grid.
+
+Ranks are laid out with tp fastest, then pp, then dp (row-major over the shape (dp, pp, tp), the order
+`init_device_mesh("cpu", (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))` uses):
+
+    rank = (dp_idx · pp + pp_idx) · tp + tp_idx
+
+so the tp ranks of one group are consecutive — on the same node, where NVLink is. A *group* of one kind
+is the set of ranks that differ only in that coordinate: a tp group shares (dp_idx, pp_idx), a pp group
+(dp_idx, tp_idx), a dp group (pp_idx, tp_idx).
+
+Exercise 5.1 is `grid_coordinates`, `group_ranks` and `build_groups`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+KINDS = ("dp", "pp", "tp")
+
+
+@dataclass
+class GridGroups:
+    """This rank's place in a (dp, pp, tp) grid: its coordinates, and per kind its group and the group's
+    global ranks (in order of that coordinate)."""
+    shape: tuple[int, int, int]
+    coords: tuple[int, int, int]
+    groups: dict = field(default_factory=dict)    # kind -> ProcessGroup
+    ranks: dict = field(default_factory=dict)     # kind -> list of global ranks
+
+
+def _check_shape(dp: int, pp: int, tp: int) -> None:
+    for name, size in zip(KINDS, (dp, pp, tp)):
+        if not (isinstance(size, int) and size >= 1):
+            raise ValueError(f"{name}={size!r}: every degree of the grid must be a whole number >= 1")
+
+
+def grid_coordinates(rank: int, dp: int, pp: int, tp: int) -> tuple[int, int, int]:
+    """Exercise 5.1 — (dp_idx, pp_idx, tp_idx) of global `rank` in a dp × pp × tp grid, tp fastest.
+    Raises ValueError if rank is not in 0..dp·pp·tp-1.
+
+    grid_coordinates(5, 2, 2, 2) -> (1, 0, 1)
+    """
+    _check_shape(dp, pp, tp)
+    if not 0 <= rank < dp * pp * tp:
+        raise ValueError(f"rank={rank} is outside a {dp}x{pp}x{tp} grid of {dp * pp * tp} ranks")
+    return rank // (pp * tp), (rank // tp) % pp, rank % tp
+
+
+def grid_rank(dp_idx: int, pp_idx: int, tp_idx: int, dp: int, pp: int, tp: int) -> int:
+    """The global rank at coordinates (dp_idx, pp_idx, tp_idx): the inverse of grid_coordinates."""
+    return (dp_idx * pp + pp_idx) * tp + tp_idx
+
+
+def group_ranks(dp: int, pp: int, tp: int) -> dict[str, list[list[int]]]:
+    """Exercise 5.1 — every group of the grid, per kind: {"dp": [...], "pp": [...], "tp": [...]}.
+
+    Each group is a list of global ranks that differ only in that kind's coordinate, sorted by it; the
+    groups of a kind are listed in increasing order of their smallest rank. For (dp, pp, tp) = (2, 2, 2):
+      tp: [[0, 1], [2, 3], [4, 5], [6, 7]]   pp: [[0, 2], [1, 3], [4, 6], [5, 7]]   dp: [[0, 4], [1, 5], [2, 6], [3, 7]]
+    """
+    _check_shape(dp, pp, tp)
+    world = dp * pp * tp
+    sizes = dict(zip(KINDS, (dp, pp, tp)))
+    out = {}
+    for axis, kind in enumerate(KINDS):
+        groups = {}
+        for rank in range(world):
+            coords = list(grid_coordinates(rank, dp, pp, tp))
+            coords[axis] = 0
+            groups.setdefault(tuple(coords), []).append(rank)
+        out[kind] = sorted(groups.values())
+        assert all(len(g) == sizes[kind] for g in out[kind])
+    return out
+
+
+def build_groups(dp: int, pp: int, tp: int) -> GridGroups:
+    """Exercise 5.1 — create the grid's process groups with dist.new_group and return this rank's.
+
+    Every rank must call dist.new_group for EVERY group of every kind, in the same order (new_group is
+    collective over the whole world, even for ranks not in the group), keeping the ones it belongs to.
+    The world size must be dp·pp·tp (ValueError otherwise).
+    """
+    world = dist.get_world_size()
+    if dp * pp * tp != world:
+        raise ValueError(f"a {dp}x{pp}x{tp} grid needs {dp * pp * tp} ranks, but the job has {world}")
+    me = dist.get_rank()
+    grid = GridGroups((dp, pp, tp), grid_coordinates(me, dp, pp, tp))
+    for kind, groups in group_ranks(dp, pp, tp).items():
+        for ranks in groups:
+            group = dist.new_group(ranks)
+            if me in ranks:
+                grid.groups[kind], grid.ranks[kind] = group, ranks
+    return grid
+
+
+def build_mesh(dp: int, pp: int, tp: int, device_type: str = "cpu"):
+    """The same grid with PyTorch's DeviceMesh: mesh.get_group("tp") etc. are this rank's groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (dp, pp, tp), mesh_dim_names=KINDS)
