@@ -1,0 +1,83 @@
+"""Start the course's inference server on loopback:
+
+    python -m helpers.serving --replicas 2 --batching continuous --policy least_outstanding --port 8000
+    curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"prompt": "It was the best of times", "max_tokens": 24, "temperature": 0}'
+    curl -s 127.0.0.1:8000/metrics
+
+Ctrl-C (or SIGTERM) stops the front end and every replica process.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+import sys
+
+from helpers.serving.balancer import POLICIES, Balancer
+from helpers.serving.engine import BATCHING
+from helpers.serving.metrics import ServingMetrics
+from helpers.serving.replica import load_model_module
+from helpers.serving.server import CompletionServer
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m helpers.serving", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--port", type=int, default=8000, help="TCP port on 127.0.0.1 (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1", help="loopback only: 127.0.0.1, localhost or ::1")
+    p.add_argument("--replicas", type=int, default=2, help="data-parallel replica processes")
+    p.add_argument("--batching", choices=BATCHING, default="continuous")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences per decode step, per replica")
+    p.add_argument("--policy", choices=POLICIES, default="least_outstanding")
+    p.add_argument("--max-retries", type=int, default=3, help="re-sends of a request after replica failures")
+    p.add_argument("--no-restart", action="store_true", help="do not restart replicas that die")
+    p.add_argument("--model", default="helpers.tiny_llama",
+                   help="module with load_model(), encode(), decode(), CONFIG")
+    p.add_argument("--model-name", default="tiny-llama", help="the name clients send as 'model'")
+    args = p.parse_args(argv)
+    if args.host not in LOOPBACK:
+        p.error(f"--host {args.host}: this teaching server listens on loopback only (127.0.0.1)")
+    if not 0 <= args.port < 65536:
+        p.error(f"--port {args.port} is not a TCP port")
+    return args
+
+
+async def serve(args) -> None:
+    module = load_model_module(args.model)
+    metrics = ServingMetrics()
+    family = socket.AF_INET6 if args.host == "::1" else socket.AF_INET
+    sock = socket.create_server((args.host, args.port), family=family, backlog=512)
+    balancer = Balancer(args.replicas, args.model, batching=args.batching, max_batch=args.max_batch,
+                        policy=args.policy, max_retries=args.max_retries, restart=not args.no_restart,
+                        metrics=metrics)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await balancer.start()
+        front = CompletionServer(balancer, metrics, module, args.model_name)
+        server = await asyncio.start_server(front.handle, sock=sock)
+        port = sock.getsockname()[1]
+        print(f"serving {args.model_name} on http://127.0.0.1:{port} with {args.replicas} replica(s), "
+              f"batching={args.batching}, max_batch={args.max_batch}, policy={args.policy}", flush=True)
+        await stop.wait()
+        server.close()
+        for task in list(front.connections):
+            task.cancel()
+    finally:
+        await balancer.stop()
+        sock.close()
+
+
+def main(argv=None):
+    asyncio.run(serve(parse_args(argv)))
+    print("server stopped", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The load balancer: N replica processes behind one front end, a policy that picks one per request, and
+the fault tolerance that makes a dying replica invisible to clients.
+
+Policies
+    round_robin          replica 0, 1, 2, 0, 1, ... among those up: simple, blind to load
+    least_outstanding    the replica with the fewest requests sent and not yet answered (ties go round
+                         robin): a slow or busy replica gets less work. Envoy calls it LEAST_REQUEST, the
+                         vLLM production-stack router and llm-d do the same with queue lengths.
+
+Fault tolerance
+    A replica's death shows up as end-of-file on its pipe. Every request it held is sent again to another
+    replica (at most `max_retries` times); while no replica is up, requests wait in a backlog. Generation is
+    deterministic per request (greedy, or sampled with the request's own seed), so a retried request returns
+    exactly what the first attempt would have. A new process is started in the dead one's place and takes
+    work once it reports "ready".
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+
+from helpers.serving.replica import replica_main
+
+POLICIES = ("round_robin", "least_outstanding")
+
+
+class NoReplicaError(RuntimeError):
+    """A request failed on every attempt (all replicas down for longer than its timeout, or too many retries)."""
+
+
+class Pending:
+    """A request the balancer owns until a replica answers it."""
+
+    def __init__(self, rid: int, params: dict, future: asyncio.Future):
+        self.rid, self.params, self.future = rid, params, future
+        self.attempts = 0
+        self.replicas: list[int] = []  # every replica it was sent to, in order
+
+
+class ReplicaHandle:
+    def __init__(self, index: int):
+        self.index = index
+        self.process = self.conn = None
+        self.state = "stopped"       # starting -> ready -> dead -> starting ...
+        self.inflight: dict[int, Pending] = {}
+        self.stats = {"busy_seconds": 0.0, "waiting": 0, "running": 0, "steps": 0, "tokens": 0}
+        self.started_at = self.ready_at = self.died_at = None
+        self.restarts = self.served = 0
+
+    def describe(self) -> dict:
+        return {"index": self.index, "pid": self.process.pid if self.process else None, "state": self.state,
+                "outstanding": len(self.inflight), "served": self.served, "restarts": self.restarts,
+                "started_at": self.started_at, "ready_at": self.ready_at, "died_at": self.died_at, **self.stats}
+
+
+class Balancer:
+    """Owns the replica processes. All methods run on one asyncio event loop (the front end's)."""
+
+    def __init__(self, replicas: int, model_spec: str, batching: str = "continuous", max_batch: int = 8,
+                 policy: str = "least_outstanding", max_retries: int = 3, restart: bool = True,
+                 threads_per_replica: int = 1, metrics=None, choose=None):
+        if policy not in POLICIES:
+            raise ValueError(f"policy={policy!r}: choose one of {', '.join(POLICIES)}")
+        if replicas < 1:
+            raise ValueError(f"replicas={replicas}: serving needs at least one replica")
+        self.policy, self.max_retries, self.restart = policy, max_retries, restart
+        self.worker_args = (model_spec, batching, max_batch, threads_per_replica)
+        self.replicas = [ReplicaHandle(i) for i in range(replicas)]
+        self.metrics = metrics
+        self.custom_choose = choose     # the capstone plugs its own policy in here
+        self.backlog: deque[Pending] = deque()
+        self._ids = itertools.count()
+        self._rr = itertools.count()
+        self._ready_event = None
+        self.stopping = False
+
+    # ------------------------------------------------------------------ processes
+    async def start(self, timeout: float = 60.0) -> None:
+        self._ready_event = asyncio.Event()
+        for r in self.replicas:
+            self._spawn(r)
+        await self.wait_ready(len(self.replicas), timeout)
+
+    async def wait_ready(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(r.state == "ready" for r in self.replicas) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {sum(r.state == 'ready' for r in self.replicas)} of {n} replicas "
+                                   f"became ready within {timeout:g} s: {[r.describe() for r in self.replicas]}")
+            self._ready_event.clear()
+            try:
+                await asyncio.wait_for(self._ready_event.wait(), max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+
+    def _spawn(self, r: ReplicaHandle) -> None:
+        ours, theirs = mp.Pipe()
+        r.process = mp.get_context("fork").Process(
+            target=replica_main, name=f"replica{r.index}", daemon=True,
+            args=(theirs, r.index, *self.worker_args))
+        r.process.start()
+        theirs.close()  # only the child holds its end now: its death means EOF on ours
+        r.conn, r.state, r.started_at = ours, "starting", time.time()
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable, r)
+        self._gauge(r)
+
+    def _on_readable(self, r: ReplicaHandle) -> None:
+        try:
+            while r.conn is not None and r.conn.poll():
+                self._on_message(r, r.conn.recv())
+        except (EOFError, OSError):
+            self._on_death(r)
+
+    def _on_message(self, r: ReplicaHandle, msg) -> None:
+        kind = msg[0]
+        if kind == "ready":
+            r.state, r.ready_at = "ready", time.time()
+            self._gauge(r)
+            self._ready_event.set()
+            while self.backlog and r.state == "ready":
+                self._dispatch(self.backlog.popleft())
+        elif kind == "done":
+            _, rid, tokens, timings = msg
+            pending = r.inflight.pop(rid, None)
+            r.served += 1
+            if pending is not None and not pending.future.done():
+                pending.future.set_result({"tokens": tokens, "replica": r.index, "retries": pending.attempts - 1,
+                                           "replicas": pending.replicas, "timings": timings})
+            self._gauge(r)
+        elif kind == "stats":
+            stats = msg[1]
+            if self.metrics is not None:
+                # busy_seconds restarts at 0 in a new process: count only what it added since last report
+                previous = r.stats["busy_seconds"] if stats["busy_seconds"] >= r.stats["busy_seconds"] else 0.0
+                self.metrics.busy.labels(replica=r.index).inc(stats["busy_seconds"] - previous)
+            r.stats = stats
+            self._gauge(r)
+
+    def _on_death(self, r: ReplicaHandle) -> None:
+        if r.conn is None:
+            return
+        asyncio.get_running_loop().remove_reader(r.conn.fileno())
+        r.conn.close()
+        r.conn, r.state, r.died_at = None, "dead", time.time()
+        r.process.join(timeout=1.0)
+        r.stats = dict(r.stats, busy_seconds=0.0, waiting=0, running=0)
+        orphans, r.inflight = list(r.inflight.values()), {}
+        self._gauge(r)
+        for pending in orphans:
+            if pending.future.done():
+                continue
+            if self.metrics is not None:
+                self.metrics.retries.inc()
+            self._dispatch(pending)
+        if self.restart and not self.stopping:
+            r.restarts += 1
+            if self.metrics is not None:
+                self.metrics.restarts.inc()
+            self._spawn(r)
+
+    async def stop(self) -> None:
+        """Stop every replica and fail what is still pending. Leaves no process behind."""
+        self.stopping = True
+        loop = asyncio.get_running_loop()
+        for r in self.replicas:
+            if r.conn is not None:
+                loop.remove_reader(r.conn.fileno())
+                r.conn.close()
+                r.conn = None
+            if r.process is not None and r.process.is_alive():
+                r.process.terminate()
+        for r in self.replicas:
+            if r.process is not None:
+                r.process.join(timeout=2.0)
+                if r.process.is_alive():
+                    r.process.kill()
+                    r.process.join()
+            r.state = "stopped"
+            for pending in r.inflight.values():
+                if not pending.future.done():
+                    pending.future.set_exception(NoReplicaError("the server is shutting down"))
+        for pending in self.backlog:
+            if not pending.future.done():
+                pending.future.set_exception(NoReplicaError("the server is shutting down"))
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, params: dict) -> tuple[int, asyncio.Future]:
+        """Queue one request; returns (request id, future of {tokens, replica, retries, ...})."""
+        pending = Pending(next(self._ids), params, asyncio.get_running_loop().create_future())
+        self._dispatch(pending)
+        return pending.rid, pending.future
+
+    def cancel(self, rid: int) -> None:
+        """Forget a request whose client went away, and tell its replica to stop computing it."""
+        for r in self.replicas:
+            pending = r.inflight.pop(rid, None)
+            if pending is not None:
+                pending.future.cancel()
+                try:
+                    r.conn.send(("cancel", rid))
+                except (OSError, AttributeError):
+                    pass
+                self._gauge(r)
+        for pending in list(self.backlog):
+            if pending.rid == rid:
+                self.backlog.remove(pending)
+                pending.future.cancel()
+
+    def choose(self) -> ReplicaHandle | None:
+        """The replica the next request goes to, or None while none is up."""
+        ready = [r for r in self.replicas if r.state == "ready"]
+        if not ready:
+            return None
+        if self.custom_choose is not None:
+            outstanding = [len(r.inflight) if r.state == "ready" else None for r in self.replicas]
+            return self.replicas[self.custom_choose(self.policy, outstanding, next(self._rr))]
+        turn = next(self._rr)
+        if self.policy == "round_robin":
+            return ready[turn % len(ready)]
+        fewest = min(len(r.inflight) for r in ready)
+        tied = [r for r in ready if len(r.inflight) == fewest]
+        return tied[turn % len(tied)]
+
+    def _dispatch(self, pending: Pending) -> None:
+        if pending.attempts > self.max_retries:
+            pending.future.set_exception(NoReplicaError(
+                f"request failed on {pending.attempts} replicas ({pending.replicas}); giving up"))
+            return
+        r = self.choose()
+        if r is None:
+            self.backlog.append(pending)  # sent when a replica reports ready
+            self._backlog_gauge()
+            return
+        pending.attempts += 1
+        pending.replicas.append(r.index)
+        r.inflight[pending.rid] = pending
+        self._gauge(r)
+        try:
+            r.conn.send(("submit", pending.rid, pending.params))
+        except OSError:
+            self._on_death(r)  # re-dispatches what r held, this request included
+
+    # ------------------------------------------------------------------ metrics
+    def _gauge(self, r: ReplicaHandle) -> None:
+        if self.metrics is None:
+            return
+        m = self.metrics
+        m.outstanding.labels(replica=r.index).set(len(r.inflight))
+        m.queue_depth.labels(replica=r.index).set(r.stats.get("waiting", 0))
+        m.running.labels(replica=r.index).set(r.stats.get("running", 0))
+        m.up.labels(replica=r.index).set(1 if r.state == "ready" else 0)
+        self._backlog_gauge()
+
+    def _backlog_gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(replica="balancer").set(len(self.backlog))
+
+    def describe(self) -> list[dict]:
+        return [r.describe() for r in self.replicas]

@@ -1,0 +1,177 @@
+"""A load-test client for /v1/completions on loopback: real HTTP requests, bounded in count and in time.
+
+    result = load_test(url, n_requests=40, rate=20.0, max_tokens=16)      # 20 requests per second
+    result.summary()   # {'sent', 'ok', 'lost', 'p50', 'p90', 'p99' (s), 'req_per_s', 'tok_per_s'}
+
+Open loop: request i is sent at start + i / rate whatever happened to earlier ones (as users arrive),
+up to `max_inflight` at once. `rate=None` sends them all at once. The run stops by itself after
+`n_requests` or `max_seconds`, whichever comes first; requests still open then are cancelled and counted
+as lost. `scrape_every` also GETs /metrics that often during the run (for plots over time).
+`load_test` runs its own event loop in a thread, so it works in a notebook cell as well as in a script.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.parse
+
+
+class LoadResult:
+    def __init__(self, records, scrapes, started, seconds):
+        self.records, self.scrapes, self.started, self.seconds = records, scrapes, started, seconds
+
+    @property
+    def ok(self):
+        return [r for r in self.records if r["status"] == 200]
+
+    def latencies(self):
+        return sorted(r["latency"] for r in self.ok)
+
+    def summary(self) -> dict:
+        lat = self.latencies()
+        tokens = sum(r["tokens"] for r in self.ok)
+        span = max((r["end"] for r in self.ok), default=0.0) - min((r["start"] for r in self.records), default=0.0)
+        return {"sent": len(self.records), "ok": len(self.ok), "lost": len(self.records) - len(self.ok),
+                "p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
+                "req_per_s": len(lat) / span if span > 0 else 0.0, "tok_per_s": tokens / span if span > 0 else 0.0}
+
+
+def percentile(sorted_values, q):
+    """Nearest-rank percentile of an already sorted list (NaN when empty)."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[k]
+
+
+async def post_json(host, port, path, body: dict, timeout: float):
+    """One HTTP/1.1 POST on a fresh connection; returns (status, headers, decoded JSON body)."""
+    data = json.dumps(body).encode()
+
+    async def exchange():
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+            await writer.drain()
+            raw = await reader.read()  # the server closes the connection after its answer
+        finally:
+            writer.close()
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+        return status, headers, json.loads(payload) if payload else None
+
+    return await asyncio.wait_for(exchange(), timeout)
+
+
+async def get_text(host, port, path, timeout=5.0) -> str:
+    async def exchange():
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            raw = await reader.read()
+        finally:
+            writer.close()
+        return raw.partition(b"\r\n\r\n")[2].decode()
+    return await asyncio.wait_for(exchange(), timeout)
+
+
+async def run_load(url, n_requests=32, rate=None, max_inflight=64, max_seconds=30.0, max_tokens=16,
+                   prompts=("It was the best of times",), temperature=0.0, request_timeout=30.0,
+                   scrape_every=None, on_start=None) -> LoadResult:
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname, parts.port
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"{url}: the load test only talks to loopback servers")
+    n_requests = int(n_requests)
+    if not 1 <= n_requests <= 10_000:
+        raise ValueError(f"n_requests={n_requests}: keep a load test between 1 and 10000 requests")
+    started = time.time()
+    deadline = time.monotonic() + max_seconds
+    gate = asyncio.Semaphore(max_inflight)
+    records, scrapes = [], []
+
+    async def one(i):
+        body = {"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "temperature": temperature,
+                "return_token_ids": True}
+        record = {"i": i, "status": None, "start": time.time() - started}
+        records.append(record)
+        try:
+            status, headers, reply = await post_json(host, port, "/v1/completions", body,
+                                                     min(request_timeout, max(0.01, deadline - time.monotonic())))
+            record.update(status=status)
+            if status == 200:
+                record.update(tokens=reply["usage"]["completion_tokens"], token_ids=reply["choices"][0]["token_ids"],
+                              replica=int(headers.get("x-replica", -1)), retries=int(headers.get("x-retries", 0)))
+            else:
+                record.update(error=(reply or {}).get("error", {}).get("message"))
+        except (OSError, asyncio.TimeoutError, ValueError) as e:
+            record.update(status=0, error=f"{type(e).__name__}: {e}")
+        finally:
+            record["end"] = time.time() - started
+            record["latency"] = record["end"] - record["start"]
+            gate.release()
+
+    async def scraper():
+        while time.monotonic() < deadline:
+            try:
+                scrapes.append((time.time() - started, await get_text(host, port, "/metrics")))
+            except (OSError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(scrape_every)
+
+    scrape_task = asyncio.ensure_future(scraper()) if scrape_every else None
+    tasks = []
+    t0 = time.monotonic()
+    for i in range(n_requests):
+        if rate:
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+        if time.monotonic() >= deadline:
+            break
+        await gate.acquire()
+        if on_start is not None:
+            on_start(i, time.time() - started)
+        tasks.append(asyncio.ensure_future(one(i)))
+    if tasks:
+        await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if scrape_task is not None:
+        scrape_task.cancel()
+        await asyncio.gather(scrape_task, return_exceptions=True)
+        try:
+            scrapes.append((time.time() - started, await get_text(host, port, "/metrics")))
+        except (OSError, asyncio.TimeoutError):
+            pass
+    for r in records:
+        if r["status"] is None:
+            r.update(status=0, error="cancelled: the load test's time ran out", end=time.time() - started)
+            r["latency"] = r["end"] - r["start"]
+    records.sort(key=lambda r: r["i"])
+    return LoadResult(records, scrapes, started, time.time() - started)
+
+
+def load_test(url, **options) -> LoadResult:
+    """Run `run_load` to completion in a fresh event loop on a helper thread (notebook-safe)."""
+    box = {}
+
+    def target():
+        try:
+            box["result"] = asyncio.run(run_load(url, **options))
+        except BaseException as e:  # re-raised in the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="load-test", daemon=True)
+    thread.start()
+    thread.join(options.get("max_seconds", 30.0) + 30.0)
+    if thread.is_alive():
+        raise TimeoutError("the load test did not stop by itself")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

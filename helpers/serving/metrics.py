@@ -1,0 +1,67 @@
+"""The server's Prometheus metrics, from the official client library (prometheus-client).
+
+Names follow Prometheus conventions (`_seconds`, `_total`); vLLM's own server exports the same kinds of
+series under `vllm:` (e.g. `vllm:e2e_request_latency_seconds`, `vllm:num_requests_waiting`,
+`vllm:generation_tokens_total`). Scrape them from `GET /metrics`; `parse(text)` reads them back.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServingMetrics:
+    """One registry per server (not the library's global one), so tests can run several servers."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.latency = Histogram("serving_request_latency_seconds", "Time from request received to response "
+                                 "sent, successful completions only", buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("serving_requests", "Requests answered, by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=r)
+        self.tokens = Counter("serving_generated_tokens", "Completion tokens returned to clients", registry=r)
+        self.queue_depth = Gauge("serving_queue_depth", "Requests waiting to join a batch, per replica "
+                                 "('balancer': waiting for any replica to be up)", ["replica"], registry=r)
+        self.running = Gauge("serving_running_sequences", "Sequences in the decode batch", ["replica"], registry=r)
+        self.outstanding = Gauge("serving_outstanding_requests", "Requests sent to a replica and not yet "
+                                 "answered (what least-outstanding balancing compares)", ["replica"], registry=r)
+        self.busy = Counter("serving_replica_busy_seconds", "Seconds a replica spent computing", ["replica"],
+                            registry=r)
+        self.up = Gauge("serving_replica_up", "1 when the replica accepts work", ["replica"], registry=r)
+        self.retries = Counter("serving_retries", "Requests re-sent to another replica after a failure", registry=r)
+        self.restarts = Counter("serving_replica_restarts", "Replica processes restarted after dying", registry=r)
+        self.disconnects = Counter("serving_client_disconnects", "Requests cancelled because the client left",
+                                   registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def parse(text: str) -> dict:
+    """Prometheus text -> {(sample name, frozenset(labels)): value}. `value(d, name, **labels)` reads one."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: dict, name: str, default: float = 0.0, **labels) -> float:
+    return samples.get((name, frozenset((k, str(v)) for k, v in labels.items())), default)
+
+
+def histogram_quantile(samples: dict, name: str, q: float) -> float:
+    """The q-quantile from a histogram's cumulative buckets, interpolated as PromQL's histogram_quantile."""
+    buckets = sorted((float(dict(labels)["le"]), v) for (n, labels), v in samples.items() if n == name + "_bucket")
+    if not buckets or buckets[-1][1] == 0:
+        return float("nan")
+    rank, prev_le, prev_count = q * buckets[-1][1], 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-12)
+        prev_le, prev_count = le, count
+    return prev_le
