@@ -1,0 +1,175 @@
+"""The launcher's contract: results and output in rank order, clear errors, no process left behind."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from helpers import JobTimeout, RankFailed, launch
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is gone once reaped, which is what "left behind" means here.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def _record_pid(tmp_path, rank):
+    (tmp_path / f"pid{rank}").write_text(str(os.getpid()))
+
+
+def _pids(tmp_path):
+    return [int(p.read_text()) for p in tmp_path.glob("pid*")]
+
+
+def _all_reduce_job(rank, world_size, scale, offset=0.0):
+    t = torch.tensor([rank + 1.0] * 2) * scale + offset
+    dist.all_reduce(t)
+    print(f"sum is {t.tolist()}")
+    return t
+
+
+def test_results_and_output_in_rank_order(capsys):
+    results = launch(_all_reduce_job, 4, 2.0, offset=1.0)
+    expected = torch.tensor([2.0 * 10 + 4] * 2)
+    assert len(results) == 4 and all(torch.equal(r, expected) for r in results)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"[rank {r}] sum is [24.0, 24.0]" for r in range(4)]
+    assert results.outputs[2] == "sum is [24.0, 24.0]\n" and results.seconds > 0
+
+
+def test_single_rank_and_rank_env():
+    def job(rank, world_size):
+        return rank, world_size, os.environ["RANK"], os.environ["LOCAL_RANK"], dist.get_backend()
+    assert launch(job, 1) == [(0, 1, "0", "0", "gloo")]
+    assert [r[2] for r in launch(job, 3)] == ["0", "1", "2"]
+
+
+def test_threads_are_shared_among_ranks():
+    def job(rank, world_size):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    assert launch(job, 2) == [max(1, cores // 2)] * 2
+    assert launch(job, 2, threads=1) == [1, 1]
+
+
+def test_back_to_back_jobs_do_not_collide():
+    for i in range(8):
+        assert launch(_all_reduce_job, 2, 1.0, show_output=False)[0].tolist() == [3.0, 3.0]
+
+
+def test_two_jobs_at_once_from_two_processes():
+    code = ("from helpers import launch; from tests.test_launch import _all_reduce_job\n"
+            "for _ in range(5): assert launch(_all_reduce_job, 3, 1.0, show_output=False)[0].tolist() == [6.0, 6.0]\n"
+            "print('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and all(o.strip() == "ok" for o in outs)
+
+
+def test_raising_rank_is_named_with_its_traceback(tmp_path):
+    def job(rank, world_size):
+        _record_pid(tmp_path, rank)
+        if rank == 2:
+            raise ValueError("shapes do not match")
+        dist.barrier()  # the other ranks would wait here forever without the launcher
+    start = time.monotonic()
+    with pytest.raises(RankFailed) as info:
+        launch(job, 4)
+    err = info.value
+    assert (err.rank, err.exc_type, err.message) == (2, "ValueError", "shapes do not match")
+    assert "rank 2 raised ValueError: shapes do not match" in str(err)
+    assert 'raise ValueError("shapes do not match")' in err.remote_traceback  # the user's source line
+    assert "helpers/launch.py" not in err.remote_traceback                 # not the launcher's frames
+    assert time.monotonic() - start < 10
+    assert len(_pids(tmp_path)) == 4 and not any(_alive(p) for p in _pids(tmp_path))
+
+
+def test_hang_is_stopped_with_every_ranks_stack(tmp_path):
+    def job(rank, world_size):
+        _record_pid(tmp_path, rank)
+        t = torch.zeros(1)
+        if rank == 0:
+            dist.all_reduce(t)       # rank 0 waits in all_reduce ...
+        else:
+            dist.broadcast(t, 0)     # ... the others in broadcast: a deadlock
+    start = time.monotonic()
+    with pytest.raises(JobTimeout) as info:
+        launch(job, 3, timeout=2)
+    assert time.monotonic() - start < 8
+    stacks = info.value.stacks
+    assert sorted(stacks) == [0, 1, 2]
+    assert "dist.all_reduce(t)" in stacks[0] and "in all_reduce" in stacks[0]
+    assert all("dist.broadcast(t, 0)" in stacks[r] for r in (1, 2))
+    assert "rank 1" in str(info.value) and "timeout=2 s" in str(info.value)
+    assert not any(_alive(p) for p in _pids(tmp_path))
+
+
+@pytest.mark.parametrize("how,expected", [
+    ("sys.exit", "raised SystemExit: 3"),
+    ("os._exit", "exited with code 3"),
+    ("SIGKILL", "was killed by signal SIGKILL"),
+    ("SIGSEGV", "was killed by signal SIGSEGV"),
+])
+def test_rank_that_exits_or_is_killed(tmp_path, how, expected):
+    def job(rank, world_size):
+        _record_pid(tmp_path, rank)
+        if rank == 1:
+            if how == "sys.exit":
+                sys.exit(3)
+            elif how == "os._exit":
+                os._exit(3)
+            else:
+                os.kill(os.getpid(), getattr(signal, how))
+        dist.barrier()
+    with pytest.raises(RankFailed) as info:
+        launch(job, 3)
+    assert info.value.rank == 1, str(info.value)
+    assert expected in str(info.value)
+    assert not any(_alive(p) for p in _pids(tmp_path))
+
+
+def test_unpicklable_result_is_reported():
+    with pytest.raises(RankFailed, match="could not be sent back"):
+        launch(lambda rank, world_size: (lambda: None), 2)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(fn=42, world_size=2), TypeError, "not callable"),
+    (dict(fn=print, world_size=0), ValueError, "at least one process"),
+    (dict(fn=print, world_size=-3), ValueError, "at least one process"),
+    (dict(fn=print, world_size=2.5), TypeError, "whole number"),
+    (dict(fn=print, world_size=True), TypeError, "whole number"),
+    (dict(fn=print, world_size=2, backend="mpi"), ValueError, "use 'gloo'"),
+    (dict(fn=print, world_size=2, timeout=0), ValueError, "positive number"),
+])
+def test_bad_arguments_are_rejected_before_any_process_starts(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        launch(kwargs.pop("fn"), kwargs.pop("world_size"), **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_nccl_without_gpus_says_why():
+    with pytest.raises(ValueError, match="one GPU per rank"):
+        launch(print, 2, backend="nccl")
+
+
+def test_kernel_stays_usable_after_failures():
+    with pytest.raises(RankFailed):
+        launch(lambda rank, world_size: 1 / 0, 2)
+    assert launch(_all_reduce_job, 2, 1.0, show_output=False)[1].tolist() == [3.0, 3.0]
+
+
+def test_distributed_magic_runs_a_cell_on_every_rank(capsys):
+    from helpers.magic import run_cell
+    run_cell("t = torch.tensor([float(rank)]) * factor\ndist.all_reduce(t)\nprint(int(t.item()))", 3,
+             {"factor": 10})
+    assert capsys.readouterr().out.splitlines() == ["[rank 0] 30", "[rank 1] 30", "[rank 2] 30"]
