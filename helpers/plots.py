@@ -40,3 +40,27 @@ def gantt(events: list[dict], title: str = "", ax=None, label_key: str | None = 
     if title:
         ax.set_title(title)
     return ax
+
+
+def process_group_picture(world_size: int, backend: str = "gloo", ax=None):
+    """The ranks of one job: a process each, all joined to the rendezvous store that rank 0 serves, and
+    the process group (every rank can reach every other) that collectives run over."""
+    import math
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 4))
+    pos = {r: (math.cos(math.pi / 2 - 2 * math.pi * r / world_size), math.sin(math.pi / 2 - 2 * math.pi * r / world_size))
+           for r in range(world_size)}
+    for a in range(world_size):
+        for b in range(a + 1, world_size):
+            ax.plot(*zip(pos[a], pos[b]), color="#BBBBBB", lw=1, zorder=1)
+    for r, (x, y) in pos.items():
+        ax.add_patch(plt.Circle((x, y), 0.22, color=COLORS["F"], zorder=2))
+        ax.text(x, y, f"rank {r}", ha="center", va="center", color="white", fontsize=9, zorder=3)
+    ax.annotate("TCPStore\n(rendezvous,\nserved by rank 0)", xy=pos[0], xytext=(0, 0), ha="center", va="center",
+                fontsize=8, arrowprops=dict(arrowstyle="->", color="#555555"))
+    ax.set_title(f"world_size={world_size}, backend={backend}: {world_size} processes, one process group")
+    ax.set_xlim(-1.4, 1.4)
+    ax.set_ylim(-1.4, 1.4)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    return ax
