@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import signal
 import socket
 import sys
@@ -29,7 +30,11 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, default=8000, help="TCP port on 127.0.0.1 (0: any free port)")
     p.add_argument("--host", default="127.0.0.1", help="loopback only: 127.0.0.1, localhost or ::1")
-    p.add_argument("--replicas", type=int, default=2, help="data-parallel replica processes")
+    p.add_argument("--replicas", type=int, default=2, help="data-parallel replicas (processes, or jobs of --tp ranks)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (chapter 2's shard_llama, "
+                   "from COURSE_IMPL's tp_llama)")
+    p.add_argument("--choose", default=None, help="module:function replacing the balancing policy "
+                   "(the capstone's), called as f(policy, outstanding, turn) -> replica index")
     p.add_argument("--batching", choices=BATCHING, default="continuous")
     p.add_argument("--max-batch", type=int, default=8, help="sequences per decode step, per replica")
     p.add_argument("--policy", choices=POLICIES, default="least_outstanding")
@@ -46,6 +51,13 @@ def parse_args(argv=None):
     return args
 
 
+def _import_function(spec):
+    if spec is None:
+        return None
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 async def serve(args) -> None:
     module = load_model_module(args.model)
     metrics = ServingMetrics()
@@ -53,7 +65,7 @@ async def serve(args) -> None:
     sock = socket.create_server((args.host, args.port), family=family, backlog=512)
     balancer = Balancer(args.replicas, args.model, batching=args.batching, max_batch=args.max_batch,
                         policy=args.policy, max_retries=args.max_retries, restart=not args.no_restart,
-                        metrics=metrics)
+                        tp=args.tp, metrics=metrics, choose=_import_function(args.choose))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -64,7 +76,7 @@ async def serve(args) -> None:
         server = await asyncio.start_server(front.handle, sock=sock)
         port = sock.getsockname()[1]
         print(f"serving {args.model_name} on http://127.0.0.1:{port} with {args.replicas} replica(s), "
-              f"batching={args.batching}, max_batch={args.max_batch}, policy={args.policy}", flush=True)
+              f"tp={args.tp}, batching={args.batching}, max_batch={args.max_batch}, policy={args.policy}", flush=True)
         await stop.wait()
         server.close()
         for task in list(front.connections):

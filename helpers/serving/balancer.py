@@ -26,6 +26,7 @@ from collections import deque
 from helpers.serving.replica import replica_main
 
 POLICIES = ("round_robin", "least_outstanding")
+MAX_FAILED_STARTS = 3
 
 
 class NoReplicaError(RuntimeError):
@@ -50,6 +51,7 @@ class ReplicaHandle:
         self.stats = {"busy_seconds": 0.0, "waiting": 0, "running": 0, "steps": 0, "tokens": 0}
         self.started_at = self.ready_at = self.died_at = None
         self.restarts = self.served = 0
+        self.failed_starts = 0       # deaths before "ready" in a row: a crash loop is not restarted for ever
 
     def describe(self) -> dict:
         return {"index": self.index, "pid": self.process.pid if self.process else None, "state": self.state,
@@ -62,13 +64,13 @@ class Balancer:
 
     def __init__(self, replicas: int, model_spec: str, batching: str = "continuous", max_batch: int = 8,
                  policy: str = "least_outstanding", max_retries: int = 3, restart: bool = True,
-                 threads_per_replica: int = 1, metrics=None, choose=None):
+                 threads_per_replica: int = 1, tp: int = 1, metrics=None, choose=None):
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: choose one of {', '.join(POLICIES)}")
         if replicas < 1:
             raise ValueError(f"replicas={replicas}: serving needs at least one replica")
         self.policy, self.max_retries, self.restart = policy, max_retries, restart
-        self.worker_args = (model_spec, batching, max_batch, threads_per_replica)
+        self.worker_args = (model_spec, batching, max_batch, threads_per_replica, tp)
         self.replicas = [ReplicaHandle(i) for i in range(replicas)]
         self.metrics = metrics
         self.custom_choose = choose     # the capstone plugs its own policy in here
@@ -88,6 +90,10 @@ class Balancer:
     async def wait_ready(self, n: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while sum(r.state == "ready" for r in self.replicas) < n:
+            failed = [r.index for r in self.replicas if r.state == "failed"]
+            if failed:
+                raise RuntimeError(f"replica(s) {failed} died {MAX_FAILED_STARTS} times before becoming ready; "
+                                   "their tracebacks are printed above")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {sum(r.state == 'ready' for r in self.replicas)} of {n} replicas "
                                    f"became ready within {timeout:g} s: {[r.describe() for r in self.replicas]}")
@@ -100,7 +106,7 @@ class Balancer:
     def _spawn(self, r: ReplicaHandle) -> None:
         ours, theirs = mp.Pipe()
         r.process = mp.get_context("fork").Process(
-            target=replica_main, name=f"replica{r.index}", daemon=True,
+            target=replica_main, name=f"replica{r.index}", daemon=False,  # a tp replica has children
             args=(theirs, r.index, *self.worker_args))
         r.process.start()
         theirs.close()  # only the child holds its end now: its death means EOF on ours
@@ -118,7 +124,7 @@ class Balancer:
     def _on_message(self, r: ReplicaHandle, msg) -> None:
         kind = msg[0]
         if kind == "ready":
-            r.state, r.ready_at = "ready", time.time()
+            r.state, r.ready_at, r.failed_starts = "ready", time.time(), 0
             self._gauge(r)
             self._ready_event.set()
             while self.backlog and r.state == "ready":
@@ -145,6 +151,8 @@ class Balancer:
             return
         asyncio.get_running_loop().remove_reader(r.conn.fileno())
         r.conn.close()
+        if r.state == "starting":
+            r.failed_starts += 1
         r.conn, r.state, r.died_at = None, "dead", time.time()
         r.process.join(timeout=1.0)
         r.stats = dict(r.stats, busy_seconds=0.0, waiting=0, running=0)
@@ -156,10 +164,18 @@ class Balancer:
             if self.metrics is not None:
                 self.metrics.retries.inc()
             self._dispatch(pending)
-        if self.restart and not self.stopping:
+        if r.failed_starts >= MAX_FAILED_STARTS:
+            r.state = "failed"  # it cannot even start (a bug, a missing file): say so, don't loop
+            self._ready_event.set()
+        elif self.restart and not self.stopping:
             r.restarts += 1
             if self.metrics is not None:
                 self.metrics.restarts.inc()
+            delay = 0.0 if r.failed_starts == 0 else 0.5 * 2 ** r.failed_starts
+            asyncio.get_running_loop().call_later(delay, self._respawn, r)
+
+    def _respawn(self, r: ReplicaHandle) -> None:
+        if not self.stopping and r.state == "dead":
             self._spawn(r)
 
     async def stop(self) -> None:

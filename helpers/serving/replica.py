@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import random
 import signal
 import stat
 import sys
@@ -56,34 +57,85 @@ def close_inherited_sockets(keep: int) -> None:
                 pass
 
 
-def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: int, threads: int = 1) -> None:
-    """Body of replica process `index`: load the model, then serve the pipe until it closes."""
+def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: int, threads: int = 1,
+                 tp: int = 1) -> None:
+    """Body of replica process `index`: load the model, then serve the pipe until it closes.
+
+    tp > 1: the replica is itself a distributed job. This process launches `tp` ranks (helpers.launch);
+    each shards the model with chapter 2's `shard_llama` and runs an identical Engine in lockstep. Rank 0
+    reads the pipe and broadcasts what arrived to the other ranks before every step, so all ranks make the
+    same scheduling decisions and call the model with the same batch; the all-reduces inside the sharded
+    model then pair up. Only rank 0 answers the front end."""
     _die_with_parent()
     close_inherited_sockets(keep=conn.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the front end, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if tp == 1:
+        _serve(conn, _build_engine(model_spec, batching, max_batch, threads), group_size=1)
+        return
+    from helpers.launch import launch
+    # The replica lives as long as the server: no job timeout worth speaking of.
+    launch(_tp_rank, tp, conn, model_spec, batching, max_batch, timeout=10**7, threads=threads,
+           show_output=False, backend="gloo")
+
+
+def _build_engine(model_spec, batching, max_batch, threads, shard=None):
     import torch
 
-    from helpers.serving.engine import Engine, Sequence
+    from helpers.serving.engine import Engine
     torch.set_num_threads(threads)
     model = load_model_module(model_spec).load_model().eval()
-    engine = Engine(model, max_batch=max_batch, batching=batching)
-    conn.send(("ready", os.getpid()))
+    if shard is not None:
+        shard(model)
+    return Engine(model, max_batch=max_batch, batching=batching)
+
+
+def _tp_rank(rank, world_size, conn, model_spec, batching, max_batch):
+    from helpers import load_impl
+    engine = _build_engine(model_spec, batching, max_batch, threads=1, shard=load_impl("tp_llama").shard_llama)
+    _serve(conn if rank == 0 else None, engine, group_size=world_size)
+
+
+def _serve(conn, engine, group_size: int) -> None:
+    """The replica loop. conn is None on the ranks > 0 of a tensor-parallel replica."""
+    import torch.distributed as dist
+
+    from helpers.serving.engine import Sequence
+    if conn is not None:
+        conn.send(("ready", os.getpid()))
     last_stats = 0.0
     try:
         while True:
-            # Idle: sleep on the pipe. Busy: take whatever arrived, then run the next step.
-            timeout = 0 if engine.has_work else None
-            while conn.poll(timeout):
-                msg = conn.recv()
+            messages = []
+            if conn is not None:
+                # Idle: sleep on the pipe (waking every second so the other ranks' broadcast never times
+                # out). Busy: take whatever arrived, then run the next step.
+                timeout = 0 if engine.has_work else (None if group_size == 1 else 1.0)
+                try:
+                    while conn.poll(timeout):
+                        msg = conn.recv()
+                        if msg[0] == "submit" and msg[2].get("temperature", 0) > 0 and msg[2].get("seed") is None:
+                            msg[2]["seed"] = random.getrandbits(63)  # the same draw on every rank
+                        messages.append(msg)
+                        timeout = 0
+                except (EOFError, OSError):
+                    messages.append(("stop",))
+            if group_size > 1:
+                box = [messages]
+                dist.broadcast_object_list(box, src=0)
+                messages = box[0]
+            for msg in messages:
                 if msg[0] == "submit":
                     _, rid, p = msg
                     engine.submit(Sequence(rid, p["prompt"], p["max_tokens"], p.get("temperature", 0.0),
                                            p.get("top_p", 1.0), p.get("seed")))
                 elif msg[0] == "cancel":
                     engine.cancel(msg[1])
-                timeout = 0
+                elif msg[0] == "stop":
+                    return  # the front end is gone
             finished = engine.step() if engine.has_work else []
+            if conn is None:
+                continue
             for seq in finished:
                 conn.send(("done", seq.rid, seq.tokens, seq.timings()))
             now = time.monotonic()
@@ -92,5 +144,5 @@ def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: in
                                      "running": len(engine.running), "steps": engine.steps,
                                      "tokens": engine.tokens_generated}))
                 last_stats = now
-    except (EOFError, BrokenPipeError, ConnectionResetError):
+    except (BrokenPipeError, ConnectionResetError):
         return  # the front end is gone
