@@ -13,10 +13,13 @@ receives one chunk at the same time (batch_isend_irecv), so every link is busy e
       reduces it into its own copy; afterwards rank r owns the full reduction of chunk (r+1) mod n.
   all-gather phase, n-1 steps: step s sends chunk (r+1-s) mod n and receives chunk (r-s) mod n
       straight into place.
+Both phases are pipelined: chunks travel in segments of at most 1 MB, two in flight (see _stream).
 Each rank sends 2(n-1)/n of the tensor in all — independent of n, which is why NCCL uses rings for
 large messages — but pays 2(n-1) message latencies, which is why small messages use trees.
 """
 from __future__ import annotations
+
+import collections
 
 import torch
 import torch.distributed as dist
@@ -45,18 +48,17 @@ def _ring(group):
     return rank, n, to_global((rank + 1) % n), to_global((rank - 1) % n)
 
 
-def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group) -> None:
-    """Send `send` to dst while receiving `recv` from src. Both sides post both ops before waiting, so
-    no rank blocks on a send that its neighbour has not posted a receive for. Empty chunks (tensors
-    shorter than the ring) are skipped on both sides: both ends compute the same chunk sizes."""
+def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group) -> list:
+    """Post `send` to dst and a receive of `recv` from src together (one batch: under NCCL a lone send to
+    the next rank and a lone receive from the previous one would wait on each other around the ring).
+    Returns the works to wait on. Empty chunks (tensors shorter than the ring) are skipped on both
+    sides: both ends compute the same chunk sizes."""
     ops = []
     if send.numel():
         ops.append(dist.P2POp(dist.isend, send, dst, group))
     if recv.numel():
         ops.append(dist.P2POp(dist.irecv, recv, src, group))
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
 def chunk_bounds(numel: int, n: int) -> list[tuple[int, int]]:
@@ -71,28 +73,66 @@ def chunk_bounds(numel: int, n: int) -> list[tuple[int, int]]:
     return bounds
 
 
+# Pipelining. A chunk is cut into segments of at most SEGMENT_BYTES and up to IN_FLIGHT segments travel at
+# once, so the wire is busy while the previous segment is being reduced (gloo's own ring does the same).
+# One message per chunk would leave each link idle during every reduction, and every rank waiting for
+# the slowest at every step.
+SEGMENT_BYTES = 1 << 20
+IN_FLIGHT = 2
+
+
+def _segments(bounds, element_size):
+    """Cut every chunk into the same number k of segments: returns (k, segs) with segs[chunk][j] = (start, stop)."""
+    biggest = max(b - a for a, b in bounds)
+    k = max(1, -(-biggest * element_size // SEGMENT_BYTES))
+    return k, [[(a + x, a + y) for x, y in chunk_bounds(b - a, k)] for a, b in bounds]
+
+
+def _stream(flat, plan, k, nxt, prev, group, reduce=None):
+    """Run a ring phase. plan[i] = ((send start, stop), (recv start, stop)) for i = step * k + segment.
+    Iteration i sends what iteration i - k received, so that one must be finished first. Received data
+    goes straight into place (all-gather) or into a scratch slot that is then reduced into place."""
+    depth = min(IN_FLIGHT, k)
+    if reduce is not None:
+        seg_max = max(r1 - r0 for _, (r0, r1) in plan)
+        scratch = torch.empty(depth, seg_max, dtype=flat.dtype, device=flat.device)
+    pending = collections.deque()   # (iteration, recv range, scratch slot, works)
+
+    def finish_oldest():
+        _, (r0, r1), slot, works = pending.popleft()
+        for work in works:
+            work.wait()
+        if reduce is not None and r1 > r0:
+            reduce(flat[r0:r1], scratch[slot, : r1 - r0])
+
+    for i, ((s0, s1), (r0, r1)) in enumerate(plan):
+        while pending and (len(pending) >= depth or pending[0][0] <= i - k):
+            finish_oldest()
+        slot = i % depth
+        into = flat[r0:r1] if reduce is None else scratch[slot, : r1 - r0]
+        pending.append((i, (r0, r1), slot, _exchange(flat[s0:s1], nxt, into, prev, group)))
+    while pending:
+        finish_oldest()
+
+
 def _ring_reduce_scatter_flat(flat: torch.Tensor, bounds, op, group) -> int:
-    """Reduce-scatter phase on a flat contiguous buffer, in place. Returns the index of the chunk this rank
-    now holds fully reduced: (rank + 1) mod n."""
+    """Reduce-scatter phase on a flat contiguous buffer, in place. Step s (0..n-2): send chunk (r-s) mod n
+    to r+1, receive chunk (r-s-1) mod n from r-1 and reduce it into place. Returns the index of the chunk
+    this rank now holds fully reduced: (rank + 1) mod n."""
     rank, n, nxt, prev = _ring(group)
-    reduce = _REDUCE[op]
-    scratch = torch.empty(max(b - a for a, b in bounds), dtype=flat.dtype, device=flat.device)
-    for step in range(n - 1):
-        send_i, recv_i = (rank - step) % n, (rank - step - 1) % n
-        (s0, s1), (r0, r1) = bounds[send_i], bounds[recv_i]
-        incoming = scratch[: r1 - r0]
-        _exchange(flat[s0:s1], nxt, incoming, prev, group)
-        reduce(flat[r0:r1], incoming)
+    k, segs = _segments(bounds, flat.element_size())
+    plan = [(segs[(rank - s) % n][j], segs[(rank - s - 1) % n][j]) for s in range(n - 1) for j in range(k)]
+    _stream(flat, plan, k, nxt, prev, group, reduce=_REDUCE[op])
     return (rank + 1) % n
 
 
 def _ring_all_gather_flat(flat: torch.Tensor, bounds, owned: int, group) -> None:
-    """All-gather phase on a flat buffer: rank r starts owning chunk `owned`, ends holding all chunks."""
+    """All-gather phase on a flat buffer: rank r starts owning chunk `owned`, ends holding all chunks.
+    Step s: send chunk (owned-s) mod n, receive chunk (owned-s-1) mod n straight into place (no copy)."""
     rank, n, nxt, prev = _ring(group)
-    for step in range(n - 1):
-        send_i, recv_i = (owned - step) % n, (owned - step - 1) % n
-        (s0, s1), (r0, r1) = bounds[send_i], bounds[recv_i]
-        _exchange(flat[s0:s1], nxt, flat[r0:r1], prev, group)  # receive straight into place: no copy
+    k, segs = _segments(bounds, flat.element_size())
+    plan = [(segs[(owned - s) % n][j], segs[(owned - s - 1) % n][j]) for s in range(n - 1) for j in range(k)]
+    _stream(flat, plan, k, nxt, prev, group)
 
 
 def ring_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
@@ -196,7 +236,8 @@ def recursive_doubling_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, gr
         distance = 1
         while distance < p:
             peer = rank ^ distance
-            _exchange(buf, to_global(peer), incoming, to_global(peer), group)
+            for work in _exchange(buf, to_global(peer), incoming, to_global(peer), group):
+                work.wait()
             reduce(buf, incoming)
             distance *= 2
     if rank >= p:                                           # get the result back

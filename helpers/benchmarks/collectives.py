@@ -1,0 +1,168 @@
+"""Collective bandwidth on this machine, measured the way nccl-tests measures it.
+
+    python -m helpers.bench collectives
+
+For each op and message size S every rank runs a few warm-up calls, then `repeats` calls back to back; the
+time of one call is the slowest rank's average (a collective is done when the last rank is done). Then
+    algbw = S / time                       (S: the all-reduce's tensor; all-gather's output; reduce-scatter's input)
+    busbw = algbw * 2(n-1)/n   all_reduce      busbw = algbw * (n-1)/n   all_gather, reduce_scatter
+busbw is what one link of a ring carries per second, so it can be compared across n and across ops, and
+with the hardware's bandwidth: here, the bandwidth of a single-process memory copy, the ceiling for
+processes that exchange bytes through the kernel on one machine.
+
+Figures printed: the full gloo sweep at 2 and 4 ranks, the reference ring all-reduce
+(solutions/ring_collectives.py) against dist.all_reduce at 64 MB on 4 ranks (goal >= 70 %), and gloo's
+busbw at 64 MB as a fraction of the memcpy ceiling. The machine has 2 cores shared with other work, so
+4 ranks contend for them and repeated runs differ by 10-30 %: quote the figures with that caveat.
+"""
+from __future__ import annotations
+
+import importlib
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from helpers import launch, rank_device
+
+SIZES = [4 << 10, 64 << 10, 1 << 20, 8 << 20, 64 << 20]    # bytes: 4 KB ... 64 MB
+
+
+def busbw_factor(op: str, n: int) -> float:
+    """nccl-tests' bus-bandwidth factor: busbw = algbw * factor (see its doc/PERFORMANCE.md)."""
+    if op.endswith("all_reduce"):
+        return 2 * (n - 1) / n
+    if op.endswith(("all_gather", "reduce_scatter")):
+        return (n - 1) / n
+    return 1.0
+
+
+def _make_call(op: str, nbytes: int, n: int, impl_package: str):
+    """A zero-argument function running `op` once on fp32 buffers; nbytes is nccl-tests' size S."""
+    device = rank_device()
+    numel = max(n, nbytes // 4 // n * n)   # divisible by n so every rank's block has the same size
+    if op == "all_reduce":
+        x = torch.ones(numel, device=device)
+        return lambda: dist.all_reduce(x)
+    if op == "all_gather":
+        out, x = torch.empty(numel, device=device), torch.ones(numel // n, device=device)
+        return lambda: dist.all_gather_single(out, x)
+    if op == "reduce_scatter":
+        out, x = torch.empty(numel // n, device=device), torch.ones(numel, device=device)
+        return lambda: dist.reduce_scatter_single(out, x)
+    ring = importlib.import_module(f"{impl_package}.ring_collectives")
+    if op == "ring_all_reduce":
+        x = torch.ones(numel, device=device)
+        return lambda: ring.ring_all_reduce(x)
+    if op == "recursive_doubling_all_reduce":
+        x = torch.ones(numel, device=device)
+        return lambda: ring.recursive_doubling_all_reduce(x)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def time_collective(rank: int, world_size: int, ops: list[str], sizes: list[int], repeats: int = 5,
+                    warmup: int = 1, impl_package: str = "solutions") -> dict:
+    """Worker: {(op, nbytes): seconds per call on this rank}. Ops: all_reduce, all_gather, reduce_scatter
+    (gloo/NCCL's own) and ring_all_reduce, recursive_doubling_all_reduce (from `impl_package`)."""
+    times = {}
+    for nbytes in sizes:
+        for op in ops:
+            call = _make_call(op, nbytes, world_size, impl_package)
+            for _ in range(warmup):
+                call()
+            dist.barrier()
+            if rank_device().type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                call()
+            if rank_device().type == "cuda":
+                torch.cuda.synchronize()
+            times[(op, nbytes)] = (time.perf_counter() - start) / repeats
+            del call
+    return times
+
+
+def sweep(world_size: int, ops: list[str], sizes: list[int] = SIZES, repeats: int = 5, **kwargs) -> list[dict]:
+    """Run time_collective on `world_size` ranks; one row per (op, size) with seconds, algbw and busbw."""
+    per_rank = launch(time_collective, world_size, ops, sizes, repeats, show_output=False, timeout=600, **kwargs)
+    rows = []
+    for (op, nbytes) in per_rank[0]:
+        seconds = max(r[(op, nbytes)] for r in per_rank)   # done when the slowest rank is done
+        algbw = nbytes / seconds
+        rows.append({"op": op, "ranks": world_size, "bytes": nbytes, "seconds": seconds,
+                     "algbw": algbw, "busbw": algbw * busbw_factor(op, world_size)})
+    return rows
+
+
+def memcpy_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
+    """Bytes per second one core copies from one buffer into another (torch's copy_, one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+        dst.copy_(src)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - start)
+        return nbytes / best
+    finally:
+        torch.set_num_threads(threads)
+
+
+def format_size(nbytes: int) -> str:
+    for unit, scale in (("MB", 1 << 20), ("KB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:g} {unit}"
+    return f"{nbytes} B"
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'op':<16} {'ranks':>5} {'size':>8} {'time':>12} {'algbw':>12} {'busbw':>12}"]
+    for r in rows:
+        lines.append(f"{r['op']:<16} {r['ranks']:>5} {format_size(r['bytes']):>8} {r['seconds'] * 1e3:>9.3f} ms "
+                     f"{r['algbw'] / 1e9:>7.3f} GB/s {r['busbw'] / 1e9:>7.3f} GB/s")
+    return "\n".join(lines)
+
+
+def _interleaved(rank: int, world_size: int, ops: list[str], nbytes: int, rounds: int,
+                 impl_package: str = "solutions") -> dict:
+    """Worker: time one call of each op, round after round, so that both see the same background load."""
+    calls = {op: _make_call(op, nbytes, world_size, impl_package) for op in ops}
+    for call in calls.values():
+        call()
+    times = {op: [] for op in ops}
+    for _ in range(rounds):
+        for op, call in calls.items():
+            dist.barrier()
+            start = time.perf_counter()
+            call()
+            times[op].append(time.perf_counter() - start)
+    return times
+
+
+def ring_vs_gloo(world_size: int = 4, nbytes: int = 64 << 20, rounds: int = 7) -> list[float]:
+    """Per-round busbw(ring solution) / busbw(dist.all_reduce) at the same size, ops interleaved in one job."""
+    per_rank = launch(_interleaved, world_size, ["all_reduce", "ring_all_reduce"], nbytes, rounds,
+                      show_output=False, timeout=600)
+    slowest = {op: [max(r[op][i] for r in per_rank) for i in range(rounds)] for op in per_rank[0]}
+    return [g / r for g, r in zip(slowest["all_reduce"], slowest["ring_all_reduce"])]
+
+
+def run():
+    ceiling = memcpy_bandwidth()
+    print(f"memcpy ceiling (one process, one thread, 64 MB): {ceiling / 1e9:.2f} GB/s")
+    for n in (2, 4):
+        print(format_rows(sweep(n, ["all_reduce", "all_gather", "reduce_scatter"], SIZES, repeats=5)))
+    rows = {r["op"]: r for r in sweep(4, ["all_reduce", "ring_all_reduce", "recursive_doubling_all_reduce"],
+                                      [4 << 10, 64 << 20], repeats=5)
+            if r["bytes"] == 64 << 20}
+    print(format_rows(list(rows.values())))
+    ratios = ring_vs_gloo()
+    print(f"ring all-reduce (solutions) / gloo all_reduce busbw, 64 MB, 4 ranks: median {statistics.median(ratios):.0%} "
+          f"(runs: {', '.join(f'{r:.0%}' for r in ratios)}; goal >= 70%)")
+    gloo = rows["all_reduce"]["busbw"]
+    print(f"gloo all_reduce busbw at 64 MB on 4 ranks: {gloo / 1e9:.2f} GB/s = {gloo / ceiling:.0%} of the memcpy ceiling")
