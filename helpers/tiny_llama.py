@@ -100,7 +100,10 @@ def load_model(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = LlamaForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype, local_files_only=True)
+        # config.json does not record the attention implementation: without this argument transformers
+        # would pick "sdpa" and the loaded model would not be the eager one of CONFIG and build_model().
+        model = LlamaForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype, local_files_only=True,
+                                                 attn_implementation=CONFIG._attn_implementation)
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()

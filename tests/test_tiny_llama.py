@@ -55,6 +55,7 @@ def test_checkpoint_is_small_and_matches_config():
 
 def test_load_model_is_eval_float32_and_deterministic(model):
     assert not model.training
+    assert model.config._attn_implementation == "eager"
     assert all(p.dtype == torch.float32 for p in model.parameters())
     ids = torch.tensor([encode(PROMPT)])
     with torch.no_grad():
