@@ -1,0 +1,10 @@
+"""Capstone (chapter 6): a distributed inference engine assembled from the course's pieces.
+
+    plan.py     Exercise 6.1  check a (dp, pp, tp) plan against the model; which ranks form each replica
+    router.py   Exercise 6.2  the balancing policy: round robin or least outstanding requests
+    report.py   Exercise 6.3  a performance report from scraped Prometheus metrics
+    engine.py   Exercise 6.4  CapstoneEngine(plan): start replicas, serve requests, balance, report
+                (6.5 grades the same engine with tensor-parallel replicas: chapter 2's shard_llama)
+
+Graded end to end by tests/test_ch06_serving.py: `make grade CHAPTER=6`.
+"""

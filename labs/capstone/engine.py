@@ -1,0 +1,56 @@
+"""Capstone, exercise 6.4 — the engine: a plan in, a served model out."""
+from __future__ import annotations
+
+import json
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from helpers.serving import start_server
+from helpers.tiny_llama import CONFIG
+
+from .plan import Plan, check_plan
+
+PACKAGE = __package__  # "solutions.capstone" or "labs.capstone": the server imports *this* router
+
+
+class CapstoneEngine:
+    """Serve the course's tiny Llama with a (dp, pp, tp) plan behind a load balancer.
+
+        with CapstoneEngine(Plan(dp=2, tp=1)) as engine:
+            results = engine.generate(["Four score", "We hold"], max_tokens=16)
+            # [{"tokens": [...], "replica": 0}, {"tokens": [...], "replica": 1}]
+            engine.report()       # summarize() of the server's /metrics (exercise 6.3)
+    """
+
+    def __init__(self, plan: Plan, policy: str = "least_outstanding", batching: str = "continuous",
+                 max_batch: int = 8):
+        """Exercise 6.4a — check the plan (6.1) and keep the settings; start nothing yet.
+        pp > 1 is refused with a ValueError: this engine's replicas are tensor-parallel jobs (chapter 2);
+        serving through a pipeline is chapter 3's `pipelined_generate`, which takes fixed groups of requests."""
+        raise NotImplementedError("Exercise 6.4: __init__ is not written yet (labs/capstone/engine.py)")
+
+    def start(self) -> "CapstoneEngine":
+        """Exercise 6.4b — start the server (helpers.serving.start_server) with plan.dp replicas of
+        plan.tp ranks each, the chosen batching and policy, and *your* router: pass
+        choose=f"{PACKAGE}.router:choose_replica". Return self once every replica is up."""
+        raise NotImplementedError("Exercise 6.4: start is not written yet (labs/capstone/engine.py)")
+
+    def generate(self, prompts: list[str], max_tokens: int = 16) -> list[dict]:
+        """Exercise 6.4c — send every prompt as its own greedy request (temperature 0, return_token_ids),
+        all at once (one thread per prompt, at most 16), and return, in prompt order,
+        {"tokens": the completion's token ids, "replica": the X-Replica header as an int}."""
+        raise NotImplementedError("Exercise 6.4: generate is not written yet (labs/capstone/engine.py)")
+
+    def report(self) -> dict:
+        """Exercise 6.4d — scrape GET /metrics and summarise it with exercise 6.3's `summarize`."""
+        raise NotImplementedError("Exercise 6.4: report is not written yet (labs/capstone/engine.py)")
+
+    def stop(self) -> None:
+        """Exercise 6.4e — stop the server and all its processes (safe to call twice)."""
+        raise NotImplementedError("Exercise 6.4: stop is not written yet (labs/capstone/engine.py)")
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

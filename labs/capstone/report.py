@@ -1,0 +1,17 @@
+"""Capstone, exercise 6.3 — a performance report from the server's Prometheus metrics."""
+from __future__ import annotations
+
+from helpers.serving.metrics import histogram_quantile, parse
+
+
+def summarize(metrics_text: str) -> dict:
+    """Exercise 6.3 — read the text of `GET /metrics` and return
+        {"requests": completions answered 200 (serving_requests_total{endpoint="/v1/completions",status="200"}),
+         "errors": completions answered with any other status,
+         "tokens": serving_generated_tokens_total,
+         "busy_seconds": {replica index (int): serving_replica_busy_seconds_total of that replica},
+         "p50": , "p99": latency quantiles in seconds from serving_request_latency_seconds (as PromQL's
+                histogram_quantile interpolates; NaN with no request)}
+    Use helpers.serving.metrics.parse / histogram_quantile, or prometheus_client's parser.
+    """
+    raise NotImplementedError("Exercise 6.3: summarize is not written yet (labs/capstone/report.py)")

@@ -1,0 +1,15 @@
+"""Capstone, exercise 6.2 — the balancing policy."""
+from __future__ import annotations
+
+
+def choose_replica(policy: str, outstanding: list, turn: int) -> int:
+    """Exercise 6.2 — the index of the replica that gets the next request.
+
+    outstanding[i]: requests sent to replica i and not yet answered, or None while replica i is down.
+    turn: a counter that grows by one per call (0, 1, 2, ...).
+    policy "round_robin": the (turn mod k)-th of the k replicas that are up, in index order.
+    policy "least_outstanding": a replica with the fewest outstanding requests; among several tied, the
+        (turn mod k)-th of those k, in index order (so ties rotate instead of always hitting replica 0).
+    Raise ValueError for another policy, or when no replica is up.
+    """
+    raise NotImplementedError("Exercise 6.2: choose_replica is not written yet (labs/capstone/router.py)")

@@ -1,0 +1,77 @@
+"""Capstone, exercise 6.4 — the engine: a plan in, a served model out. Reference solution."""
+from __future__ import annotations
+
+import json
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from helpers.serving import start_server
+from helpers.tiny_llama import CONFIG
+
+from .plan import Plan, check_plan
+
+PACKAGE = __package__  # "solutions.capstone" or "labs.capstone": the server imports *this* router
+
+
+class CapstoneEngine:
+    """Serve the course's tiny Llama with a (dp, pp, tp) plan behind a load balancer.
+
+        with CapstoneEngine(Plan(dp=2, tp=1)) as engine:
+            results = engine.generate(["Four score", "We hold"], max_tokens=16)
+            # [{"tokens": [...], "replica": 0}, {"tokens": [...], "replica": 1}]
+            engine.report()       # summarize() of the server's /metrics (exercise 6.3)
+    """
+
+    def __init__(self, plan: Plan, policy: str = "least_outstanding", batching: str = "continuous",
+                 max_batch: int = 8):
+        """Exercise 6.4a — check the plan (6.1) and keep the settings; start nothing yet.
+        pp > 1 is refused with a ValueError: this engine's replicas are tensor-parallel jobs (chapter 2);
+        serving through a pipeline is chapter 3's `pipelined_generate`, which takes fixed groups of requests."""
+        check_plan(plan, CONFIG)
+        if plan.pp != 1:
+            raise ValueError(f"pp={plan.pp}: this engine serves pp=1 (replicas of tp ranks); pipeline "
+                             "decoding of fixed request groups is chapter 3's pipelined_generate")
+        self.plan, self.policy, self.batching, self.max_batch = plan, policy, batching, max_batch
+        self.server = None
+
+    def start(self) -> "CapstoneEngine":
+        """Exercise 6.4b — start the server (helpers.serving.start_server) with plan.dp replicas of
+        plan.tp ranks each, the chosen batching and policy, and *your* router: pass
+        choose=f"{PACKAGE}.router:choose_replica". Return self once every replica is up."""
+        self.server = start_server(replicas=self.plan.dp, tp=self.plan.tp, batching=self.batching,
+                                   max_batch=self.max_batch, policy=self.policy,
+                                   choose=f"{PACKAGE}.router:choose_replica")
+        return self
+
+    def generate(self, prompts: list[str], max_tokens: int = 16) -> list[dict]:
+        """Exercise 6.4c — send every prompt as its own greedy request (temperature 0, return_token_ids),
+        all at once (one thread per prompt, at most 16), and return, in prompt order,
+        {"tokens": the completion's token ids, "replica": the X-Replica header as an int}."""
+        def one(prompt):
+            body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                               "return_token_ids": True}).encode()
+            request = urllib.request.Request(self.server.url + "/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                reply = json.loads(response.read())
+                return {"tokens": reply["choices"][0]["token_ids"], "replica": int(response.headers["X-Replica"])}
+
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(prompts)))) as pool:
+            return list(pool.map(one, prompts))
+
+    def report(self) -> dict:
+        """Exercise 6.4d — scrape GET /metrics and summarise it with exercise 6.3's `summarize`."""
+        from .report import summarize
+        return summarize(self.server.get("/metrics"))
+
+    def stop(self) -> None:
+        """Exercise 6.4e — stop the server and all its processes (safe to call twice)."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
