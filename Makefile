@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_INDEX ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | grep -q find-links || [ "$$(uname)" != Linux ] || echo https://download.pytorch.org/whl/cpu)
 STAMP  := $(VENV)/.installed
 
-.PHONY: lab test grade bench venv clean
+.PHONY: lab test grade bench notebooks venv clean
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -21,14 +21,21 @@ $(STAMP): pyproject.toml
 lab: $(STAMP)
 	cd notebooks && ../$(VENV)/bin/jupyter lab
 
+# The whole suite: helper unit tests, every grader against solutions/, the check that every labs/ stub is
+# reported unfinished, and nbval re-running every notebook against its stored outputs.
 test: $(STAMP)
-	$(PY) -m helpers.test_suite
+	COURSE_IMPL=solutions $(PY) -m pytest tests notebooks --nbval --nbval-current-env \
+		--nbval-sanitize-with notebooks/sanitize.cfg --timeout=900 -q -rfE --durations=15
 
 grade: $(STAMP)
-	$(PY) -m helpers.grade $(CHAPTER)
+	$(PY) -m helpers.grade $(CHAPTER) $(GRADE_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m helpers.bench
+
+# Re-execute notebooks and store their outputs (after changing a chapter): make notebooks [NB=notebooks/01_x.ipynb]
+notebooks: $(STAMP)
+	$(PY) -m helpers.notebooks $(NB)
 
 clean:
 	rm -rf $(VENV)

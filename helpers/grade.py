@@ -173,6 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--impl", default=os.environ.get("GRADE_IMPL", "labs"),
                         help="package to grade: labs (yours, default) or solutions (the reference)")
     parser.add_argument("--json", metavar="FILE", help="also write a machine-readable report here")
+    parser.add_argument("--markdown", metavar="FILE", help="append a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY)")
     parser.add_argument("--timeout", type=int, default=180, help="seconds before one grader test is failed")
     parser.add_argument("--verbose", action="store_true", help="show pytest's own output")
     args = parser.parse_args(argv)
@@ -185,7 +186,21 @@ def main(argv=None) -> int:
         done = sum(e["status"] == PASSED for e in exercises)
         with open(args.json, "w") as f:
             json.dump({"impl": args.impl, "score": done, "total": len(exercises), "exercises": exercises}, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(markdown(exercises))
     return 0 if all(e["status"] == PASSED for e in exercises) else 1
+
+
+def markdown(exercises: list[dict]) -> str:
+    done = sum(e["status"] == PASSED for e in exercises)
+    icon = {PASSED: "✅", FAILED: "❌", NOT_STARTED: "⬜"}
+    rows = [f"## Score: {done}/{len(exercises)} exercises passed\n", "| | exercise | title | status | reason |",
+            "| --- | --- | --- | --- | --- |"]
+    for e in exercises:
+        reason = e["reason"].replace("|", "\\|")
+        rows.append(f"| {icon[e['status']]} | {e['exercise']} | {e['title']} | {e['status']} | {reason} |")
+    return "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ __all__ = ["launch", "rank_device", "init_rank", "LaunchError", "RankFailed", "J
 
 # Seconds; a teaching job that runs longer than this is almost always a deadlock. COURSE_TIMEOUT overrides.
 DEFAULT_TIMEOUT = float(os.environ.get("COURSE_TIMEOUT", 60))
-_GRACE = 0.5            # seconds a rank gets to write its stack dump before it is killed
+_GRACE = 3.0            # seconds a rank gets to write its stack dump before it is killed
 
 
 class LaunchError(RuntimeError):
@@ -338,7 +338,15 @@ def _dump_stacks(procs, workdir):
             os.kill(procs[r].pid, signal.SIGUSR1)
         except ProcessLookupError:
             pass
-    time.sleep(_GRACE)
+    # faulthandler writes the dump from inside the signal handler; on a loaded machine that can take a
+    # moment, so wait until every rank's log has grown (or the grace period ends).
+    deadline = time.monotonic() + _GRACE
+    while time.monotonic() < deadline:
+        if all(os.path.getsize(os.path.join(workdir, f"rank{r}.log")) > sizes[r] or not procs[r].is_alive()
+               for r in alive):
+            time.sleep(0.05)  # the dump is written in several pieces
+            break
+        time.sleep(0.02)
     stacks = {}
     for r in alive:
         with open(os.path.join(workdir, f"rank{r}.log"), errors="replace") as f:
