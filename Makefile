@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lab: $(STAMP)
-	cd notebooks && ../$(VENV)/bin/jupyter lab
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/00_processes_and_ranks.ipynb
 
 # The whole suite: helper unit tests, every grader against solutions/, the check that every labs/ stub is
 # reported unfinished, and nbval re-running every notebook against its stored outputs.
