@@ -88,7 +88,7 @@ def draw_collective(name: str, before: list, after: list, figsize=None):
 
     widths = [max([sum(p.numel() for p in _pieces(e)) for e in side] + [1]) for side in (before, after)]
     if figsize is None:
-        figsize = (min(11, 1.2 + 0.42 * sum(widths)), 0.55 + 0.32 * n)
+        figsize = (min(11, max(5.0, 1.2 + 0.45 * sum(widths))), 0.7 + 0.34 * n)
     fig, axes = plt.subplots(1, 2, figsize=figsize, gridspec_kw={"width_ratios": widths})
     _draw_side(axes[0], before, colour_before, "before")
     _draw_side(axes[1], after, colour_after, "after")
@@ -112,21 +112,23 @@ def plot_sweep(rows: list[dict], ceiling: float | None = None, title: str = ""):
     series: dict = {}
     for r in rows:
         series.setdefault((r["op"], r["ranks"]), []).append(r)
+    ops = sorted({op for op, _ in series})
+    most = max(ranks for _, ranks in series)
     for (op, ranks), points in sorted(series.items()):
         points = sorted(points, key=lambda p: p["bytes"])
         sizes = [p["bytes"] for p in points]
-        style = "-" if ranks == max(k[1] for k in series) else "--"
-        left.loglog(sizes, [p["seconds"] * 1e3 for p in points], style, marker="o", ms=3, label=f"{op}, {ranks} ranks")
-        right.semilogx(sizes, [p["busbw"] / 1e9 for p in points], style, marker="o", ms=3, label=f"{op}, {ranks} ranks")
+        style = dict(ls="-" if ranks == most else "--", marker="o", ms=3, color=f"C{ops.index(op)}",
+                     label=f"{op}, {ranks} ranks")
+        left.loglog(sizes, [p["seconds"] * 1e3 for p in points], **style)
+        right.loglog(sizes, [p["busbw"] / 1e9 for p in points], **style)
     if ceiling:
         right.axhline(ceiling / 1e9, color="black", lw=1, ls=":")
-        right.text(min(r["bytes"] for r in rows), ceiling / 1e9, " memcpy, one core", va="bottom", fontsize=8)
+        right.text(min(r["bytes"] for r in rows), ceiling / 1e9, " memcpy, one core", va="top", fontsize=8)
     for ax in (left, right):
         ax.set_xlabel("message size S (bytes)")
         ax.grid(True, which="major", alpha=0.3)
     left.set_ylabel("time per call (ms)")
     right.set_ylabel("bus bandwidth (GB/s)")
-    right.set_ylim(bottom=0)
     left.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -55,6 +55,12 @@ def _make_call(op: str, nbytes: int, n: int, impl_package: str):
     if op == "ring_all_reduce":
         x = torch.ones(numel, device=device)
         return lambda: ring.ring_all_reduce(x)
+    if op == "ring_all_gather":
+        out, x = torch.empty(numel, device=device), torch.ones(numel // n, device=device)
+        return lambda: ring.ring_all_gather(out, x)
+    if op == "ring_reduce_scatter":
+        out, x = torch.empty(numel // n, device=device), torch.ones(numel, device=device)
+        return lambda: ring.ring_reduce_scatter(out, x)
     if op == "recursive_doubling_all_reduce":
         x = torch.ones(numel, device=device)
         return lambda: ring.recursive_doubling_all_reduce(x)
@@ -64,7 +70,8 @@ def _make_call(op: str, nbytes: int, n: int, impl_package: str):
 def time_collective(rank: int, world_size: int, ops: list[str], sizes: list[int], repeats: int = 5,
                     warmup: int = 1, impl_package: str = "solutions") -> dict:
     """Worker: {(op, nbytes): seconds per call on this rank}. Ops: all_reduce, all_gather, reduce_scatter
-    (gloo/NCCL's own) and ring_all_reduce, recursive_doubling_all_reduce (from `impl_package`)."""
+    (gloo/NCCL's own) and ring_all_reduce, ring_all_gather, ring_reduce_scatter,
+    recursive_doubling_all_reduce (from `impl_package`)."""
     times = {}
     for nbytes in sizes:
         for op in ops:
@@ -121,10 +128,11 @@ def format_size(nbytes: int) -> str:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'op':<16} {'ranks':>5} {'size':>8} {'time':>12} {'algbw':>12} {'busbw':>12}"]
+    # Measured figures are not padded: a notebook's output must read the same once timings are masked.
+    lines = [f"{'op':<16} {'ranks':>5} {'size':>8}   time per call, algbw, busbw"]
     for r in rows:
-        lines.append(f"{r['op']:<16} {r['ranks']:>5} {format_size(r['bytes']):>8} {r['seconds'] * 1e3:>9.3f} ms "
-                     f"{r['algbw'] / 1e9:>7.3f} GB/s {r['busbw'] / 1e9:>7.3f} GB/s")
+        lines.append(f"{r['op']:<16} {r['ranks']:>5} {format_size(r['bytes']):>8}   {r['seconds'] * 1e3:.3f} ms, "
+                     f"{r['algbw'] / 1e9:.3f} GB/s, {r['busbw'] / 1e9:.3f} GB/s")
     return "\n".join(lines)
 
 
@@ -157,9 +165,11 @@ def run():
     print(f"memcpy ceiling (one process, one thread, 64 MB): {ceiling / 1e9:.2f} GB/s")
     for n in (2, 4):
         print(format_rows(sweep(n, ["all_reduce", "all_gather", "reduce_scatter"], SIZES, repeats=5)))
-    rows = {r["op"]: r for r in sweep(4, ["all_reduce", "ring_all_reduce", "recursive_doubling_all_reduce"],
-                                      [4 << 10, 64 << 20], repeats=5)
-            if r["bytes"] == 64 << 20}
+    small = sweep(4, ["all_reduce", "ring_all_reduce", "recursive_doubling_all_reduce"], [4 << 10], repeats=20)
+    print(format_rows(small))
+    rows = {r["op"]: r for r in sweep(4, ["all_reduce", "ring_all_reduce", "recursive_doubling_all_reduce",
+                                          "all_gather", "ring_all_gather", "reduce_scatter", "ring_reduce_scatter"],
+                                      [64 << 20], repeats=3)}
     print(format_rows(list(rows.values())))
     ratios = ring_vs_gloo()
     print(f"ring all-reduce (solutions) / gloo all_reduce busbw, 64 MB, 4 ranks: median {statistics.median(ratios):.0%} "
