@@ -6,7 +6,7 @@
   stage to be ready: that is what lets stages overlap.
 * `stage_neighbours`: the global ranks before and after this rank in a list of stage ranks, so a pipeline
   can live on any ranks of a bigger grid (hybrid parallelism), not only on ranks 0..p-1.
-* `SpinWork`: a stage's "device time" held fixed (see its docstring: why not real matmuls on 2 cores).
+* `DeviceTime`: a stage's "device time" held fixed (see its docstring: why not real matmuls on 2 cores).
 * `run_training_schedule`: executes one rank's list of F/B actions (from `helpers.schedule_sim` or your
   `pipeline_schedules.one_f_one_b_order`) with real forward and backward passes across ranks.
 """
@@ -18,41 +18,69 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["send_tensor", "recv_tensor", "stage_neighbours", "busy_wait", "SpinWork", "run_training_schedule",
+__all__ = ["send_tensor", "recv_tensor", "stage_neighbours", "busy_wait", "DeviceTime", "run_training_schedule",
            "wait_all"]
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool]
 _MAX_DIMS = 6
+_HEADER = 8                 # int64 words: dtype, ndim, inline?, shape (up to 5 dims... see _MAX_DIMS)
+_INLINE_BYTES = 1 << 16     # activations up to 64 KiB travel in the same message as their header
+_TAG = 3                    # pipeline messages have their own tag: they never match another recv
+_posted: dict = {}          # (src, group) -> (work, buffer) of a receive posted ahead (prefetch)
 
 
 def send_tensor(tensor: torch.Tensor, dst: int, group=None) -> list:
-    """Start sending `tensor` to global rank `dst`: header [dtype, ndim, *shape], then the data.
+    """Start sending `tensor` to global rank `dst`; returns the `Work` handles (see `wait_all`).
 
-    Returns the `Work` handles; keep them (and so the tensors) alive until `wait_all(handles)`.
+    One message [header | data] when the data is small (the usual case here), else a header message and
+    a data message. The header says dtype and shape, because the receiver does not know them.
+    Note: gloo (like NCCL) moves the data only once the receiver has posted its receive; `isend` just
+    lets this rank go on meanwhile. That is why receivers post their next receive early (prefetch).
     """
-    if tensor.dim() > _MAX_DIMS:
-        raise ValueError(f"send_tensor handles at most {_MAX_DIMS} dimensions, got shape {tuple(tensor.shape)}")
+    if tensor.dim() > _HEADER - 3:
+        raise ValueError(f"send_tensor handles at most {_HEADER - 3} dimensions, got shape {tuple(tensor.shape)}")
     tensor = tensor.detach().contiguous()
-    header = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64)
-    header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
-    header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-    works = [dist.isend(header, dst, group=group), dist.isend(tensor, dst, group=group)]
-    works.append((header, tensor))  # keep both buffers alive until the sends complete
-    return works
+    nbytes = tensor.numel() * tensor.element_size()
+    header = torch.zeros(_HEADER, dtype=torch.int64)
+    header[0], header[1], header[2] = _DTYPES.index(tensor.dtype), tensor.dim(), int(nbytes <= _INLINE_BYTES)
+    header[3:3 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+    if nbytes <= _INLINE_BYTES:
+        message = torch.cat([header.view(torch.uint8), tensor.reshape(-1).view(torch.uint8)])
+        return [dist.isend(message, dst, group=group, tag=_TAG), message]   # keep the buffer alive
+    return [dist.isend(header.view(torch.uint8), dst, group=group, tag=_TAG),
+            dist.isend(tensor, dst, group=group, tag=_TAG), header, tensor]
 
 
-def recv_tensor(src: int, group=None) -> torch.Tensor:
-    """Receive a tensor sent by `send_tensor` from global rank `src` (blocks until it arrives)."""
-    header = torch.empty(2 + _MAX_DIMS, dtype=torch.int64)
-    dist.recv(header, src, group=group)
-    dtype, ndim = _DTYPES[int(header[0])], int(header[1])
-    out = torch.empty(header[2:2 + ndim].tolist(), dtype=dtype)
-    dist.recv(out, src, group=group)
+def _post(src, group):
+    buffer = torch.empty(_HEADER * 8 + _INLINE_BYTES, dtype=torch.uint8)
+    return dist.irecv(buffer, src, group=group, tag=_TAG), buffer
+
+
+def recv_tensor(src: int, group=None, prefetch: bool = False) -> torch.Tensor:
+    """Receive a tensor sent by `send_tensor` from global rank `src` (blocks until it arrives).
+
+    prefetch=True: after this one, post the receive of the NEXT tensor from `src` at once, so the sender's
+    data can flow while this rank computes. Only when another tensor from `src` will surely come (a posted
+    receive that is never matched would linger until the process ends).
+    """
+    work, buffer = _posted.pop((src, group), None) or _post(src, group)
+    work.wait()
+    header = buffer[:_HEADER * 8].view(torch.int64)
+    dtype, ndim, inline = _DTYPES[int(header[0])], int(header[1]), bool(header[2])
+    shape = header[3:3 + ndim].tolist()
+    if inline:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        out = buffer[_HEADER * 8:_HEADER * 8 + nbytes].clone().view(dtype).reshape(shape)
+    else:
+        out = torch.empty(shape, dtype=dtype)
+        dist.recv(out, src, group=group, tag=_TAG)
+    if prefetch:
+        _posted[(src, group)] = _post(src, group)
     return out
 
 
 def wait_all(handles: list) -> None:
-    """Wait for every `Work` in a list returned by `send_tensor` (buffers in it are just dropped)."""
+    """Wait for every `Work` in a list returned by `send_tensor` (the buffers in it are then dropped)."""
     for h in handles:
         if hasattr(h, "wait"):
             h.wait()
@@ -76,38 +104,46 @@ def busy_wait(seconds: float) -> None:
         pass
 
 
-class _Spin(torch.autograd.Function):
+def _hold(seconds: float, spin: bool) -> None:
+    if seconds > 0:
+        busy_wait(seconds) if spin else time.sleep(seconds)
+
+
+class _DeviceTime(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, forward_s, backward_s):
-        ctx.backward_s = backward_s
-        busy_wait(forward_s)
+    def forward(ctx, x, forward_s, backward_s, spin):
+        ctx.backward_s, ctx.spin = backward_s, spin
+        _hold(forward_s, spin)
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        busy_wait(ctx.backward_s)
-        return grad, None, None
+        _hold(ctx.backward_s, ctx.spin)
+        return grad, None, None, None
 
 
-class SpinWork(nn.Module):
-    """Identity whose forward (and backward) hold the rank busy for a fixed wall time.
+class DeviceTime(nn.Module):
+    """Identity whose forward (and backward) take a fixed wall time: the stage's "device time".
 
-    Why: a stage of a real pipeline owns its device. Here 4 ranks share 2 CPU cores (and other jobs), so
-    when 4 stages run real matmuls at once each gets about half a core and its work takes twice as long as
-    when it runs alone: the measured timeline no longer has the shape the pipeline theory describes. A
-    busy wait of fixed *wall* time takes the same time however many ranks run at once, like a kernel on
-    its own accelerator, so measured bubbles can be compared with (p-1)/(m+p-1).
+    Why: a stage of a real pipeline owns its accelerator, and its kernels take the same time whatever the
+    other stages do. Here 4 ranks share 2 CPU cores (and other people's jobs). With real matmuls, when 4
+    stages compute at once each gets about half a core and takes twice as long as alone, so the measured
+    timeline no longer has the shape pipeline theory describes. A fixed wall time does not stretch.
+
+    spin=False (default): the rank sleeps, as a host thread waits for its GPU; the cores stay free for the
+    sends and receives, whose latency is what the pipeline is sensitive to. spin=True: the rank busy-waits
+    (it computes, and competes for the cores like real compute would).
     """
 
-    def __init__(self, forward_ms: float, backward_ms: float = 0.0):
+    def __init__(self, forward_ms: float, backward_ms: float = 0.0, spin: bool = False):
         super().__init__()
-        self.forward_ms, self.backward_ms = forward_ms, backward_ms
+        self.forward_ms, self.backward_ms, self.spin = forward_ms, backward_ms, spin
 
     def forward(self, x):
-        return _Spin.apply(x, self.forward_ms / 1e3, self.backward_ms / 1e3)
+        return _DeviceTime.apply(x, self.forward_ms / 1e3, self.backward_ms / 1e3, self.spin)
 
     def extra_repr(self):
-        return f"forward_ms={self.forward_ms}, backward_ms={self.backward_ms}"
+        return f"forward_ms={self.forward_ms}, backward_ms={self.backward_ms}, spin={self.spin}"
 
 
 def run_training_schedule(module: nn.Module, actions, prev_rank: int | None, next_rank: int | None,
@@ -125,10 +161,13 @@ def run_training_schedule(module: nn.Module, actions, prev_rank: int | None, nex
     is_first, is_last = prev_rank is None, next_rank is None
     m = sum(1 for a in actions if a[0] == "F")
     inputs, outputs, pending, total = {}, {}, [], None
+    forwards_left, backwards_left = m, sum(1 for a in actions if a[0] == "B")
     for action in actions:
         kind, mb = action[0], action[1]
         if kind == "F":
-            x = micro_batches[mb] if is_first else recv_tensor(prev_rank, group).requires_grad_()
+            forwards_left -= 1
+            x = micro_batches[mb] if is_first else \
+                recv_tensor(prev_rank, group, prefetch=forwards_left > 0).requires_grad_()
             with _span(timeline, "F", mb):
                 y = module(x)
                 if is_last:
@@ -138,7 +177,8 @@ def run_training_schedule(module: nn.Module, actions, prev_rank: int | None, nex
             if not is_last:
                 pending += send_tensor(y, next_rank, group)
         elif kind == "B":
-            grad = None if is_last else recv_tensor(next_rank, group)
+            backwards_left -= 1
+            grad = None if is_last else recv_tensor(next_rank, group, prefetch=backwards_left > 0)
             with _span(timeline, "B", mb):
                 torch.autograd.backward(outputs.pop(mb), grad)
             x = inputs.pop(mb)

@@ -42,11 +42,13 @@ class PipelineStage:
     def is_last(self) -> bool:
         return self.next_rank is None
 
-    def forward(self, x: torch.Tensor | None = None, timeline=None, micro_batch: int | None = None):
+    def forward(self, x: torch.Tensor | None = None, timeline=None, micro_batch: int | None = None,
+                prefetch_next: bool = False):
         """Exercise 3.1 — receive, compute, send.
 
         First stage: compute on `x`. Other stages: ignore `x`, receive the input from `prev_rank`
-        (`recv_tensor`). Then run `self.module`. Last stage: return the output. Other stages: start
+        (`recv_tensor`; pass it `prefetch=prefetch_next`: when the caller knows another input will follow,
+        its receive is posted before this one is computed). Then run `self.module`. Last stage: return the output. Other stages: start
         sending it to `next_rank` with `send_tensor` (non-blocking: keep its handles in
         `self.pending_sends`, so this rank can go on with the next micro-batch) and return None.
         If `timeline` is given, record the computation and the start of the send (not the receive, which
@@ -66,7 +68,8 @@ def gpipe_forward(stage: PipelineStage, batch: torch.Tensor | None, num_micro_ba
     batch: [B, ...] on the first stage (ignored elsewhere); it is split along dim 0 into
     `num_micro_batches` consecutive micro-batches (torch.tensor_split: sizes differ by at most one).
     Every stage runs `stage.forward` once per micro-batch, micro-batch i with micro_batch=i (and the
-    timeline). The last stage returns the outputs concatenated in micro-batch order: [B, ...], equal to
+    timeline), and prefetch_next=True for all but the last (another input surely follows).
+    The last stage returns the outputs concatenated in micro-batch order: [B, ...], equal to
     the unsplit model's output. Other stages return None, after their sends have completed.
     """
     raise NotImplementedError("Exercise 3.2: gpipe_forward is not written yet (labs/pipeline_parallel.py)")

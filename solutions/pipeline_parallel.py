@@ -42,18 +42,20 @@ class PipelineStage:
     def is_last(self) -> bool:
         return self.next_rank is None
 
-    def forward(self, x: torch.Tensor | None = None, timeline=None, micro_batch: int | None = None):
+    def forward(self, x: torch.Tensor | None = None, timeline=None, micro_batch: int | None = None,
+                prefetch_next: bool = False):
         """Exercise 3.1 — receive, compute, send.
 
         First stage: compute on `x`. Other stages: ignore `x`, receive the input from `prev_rank`
-        (`recv_tensor`). Then run `self.module`. Last stage: return the output. Other stages: start
+        (`recv_tensor`; pass it `prefetch=prefetch_next`: when the caller knows another input will follow,
+        its receive is posted before this one is computed). Then run `self.module`. Last stage: return the output. Other stages: start
         sending it to `next_rank` with `send_tensor` (non-blocking: keep its handles in
         `self.pending_sends`, so this rank can go on with the next micro-batch) and return None.
         If `timeline` is given, record the computation and the start of the send (not the receive, which
         is waiting) as `timeline.span("F", micro_batch=micro_batch)`.
         """
         if not self.is_first:
-            x = recv_tensor(self.prev_rank, self.group)
+            x = recv_tensor(self.prev_rank, self.group, prefetch=prefetch_next)
         span = timeline.span("F", micro_batch=micro_batch) if timeline is not None else nullcontext()
         with span:   # the stage's own work: compute, and hand the output to the transport
             y = self.module(x)
@@ -73,7 +75,8 @@ def gpipe_forward(stage: PipelineStage, batch: torch.Tensor | None, num_micro_ba
     batch: [B, ...] on the first stage (ignored elsewhere); it is split along dim 0 into
     `num_micro_batches` consecutive micro-batches (torch.tensor_split: sizes differ by at most one).
     Every stage runs `stage.forward` once per micro-batch, micro-batch i with micro_batch=i (and the
-    timeline). The last stage returns the outputs concatenated in micro-batch order: [B, ...], equal to
+    timeline), and prefetch_next=True for all but the last (another input surely follows).
+    The last stage returns the outputs concatenated in micro-batch order: [B, ...], equal to
     the unsplit model's output. Other stages return None, after their sends have completed.
     """
     if num_micro_batches < 1:
@@ -84,7 +87,8 @@ def gpipe_forward(stage: PipelineStage, batch: torch.Tensor | None, num_micro_ba
         micro_batches = torch.tensor_split(batch, num_micro_batches)
     outputs = []
     for i in range(num_micro_batches):
-        y = stage.forward(micro_batches[i] if stage.is_first else None, timeline=timeline, micro_batch=i)
+        y = stage.forward(micro_batches[i] if stage.is_first else None, timeline=timeline, micro_batch=i,
+                          prefetch_next=i < num_micro_batches - 1)
         if stage.is_last:
             outputs.append(y)
     stage.wait_sends()

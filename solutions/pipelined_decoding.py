@@ -30,7 +30,8 @@ def pipelined_generate(stage, stage_ranks: list[int], prompt_groups: list[torch.
     the first stage, which feeds it back in for that group's next step. Groups are interleaved: step s of
     group 0, step s of group 1, ..., so up to G groups are in flight across the stages.
     Sends are non-blocking (`send_tensor`), receives block (`recv_tensor`); with one stage there is no
-    communication at all. If `timeline` is given record each stage computation as a span labelled
+    communication at all. Every stage receives G * max_new_tokens tensors in all (the first stage: tokens),
+    so all but the last receive can pass prefetch=True (faster, optional). If `timeline` is given record each stage computation as a span labelled
     "prefill" (step 0) or "decode", with micro_batch=group index.
     Returns, on the first stage, the G tensors [batch_g, prompt_len_g + max_new_tokens] (prompt + new
     tokens, the same ids as greedy decoding with the unsplit model); None on the other stages.
@@ -46,10 +47,18 @@ def pipelined_generate(stage, stage_ranks: list[int], prompt_groups: list[torch.
     local = [None] * num_groups     # one-stage pipeline: the "last stage" hands the token to itself
     pending: list = []
 
+    expected = num_groups * max_new_tokens      # tensors this stage receives in all (from prev, or tokens)
+    received = 0
+
+    def receive(src):
+        nonlocal received
+        received += 1
+        return recv_tensor(src, group, prefetch=received < expected)
+
     def next_token(g):
         if stage.is_last:           # first and last at once
             return local[g]
-        return recv_tensor(last_rank, group)
+        return receive(last_rank)
 
     for step in range(max_new_tokens):
         for g in range(num_groups):
@@ -62,7 +71,7 @@ def pipelined_generate(stage, stage_ranks: list[int], prompt_groups: list[torch.
                     x = next_token(g)
                     tokens[g] = torch.cat([tokens[g], x], dim=1)
             else:
-                x = recv_tensor(prev_rank, group)
+                x = receive(prev_rank)
             label = "prefill" if step == 0 else "decode"
             with timeline.span(label, micro_batch=g) if timeline is not None else nullcontext():
                 out = stage(x, caches[g], start_pos)
