@@ -194,3 +194,25 @@ def test_tracer_records_batch_isend_irecv():
     records = launch(_traced_batch, 2, show_output=False)
     for rank_records in records:
         assert rank_records == [("isend", 12, 12), ("irecv", 12, 0), ("all_reduce", 16, 16)]
+
+
+# ------------------------------------------------------------- chapter 1 helpers (not exercises)
+
+def test_busbw_factors_follow_nccl_tests():
+    from helpers.benchmarks.collectives import busbw_factor
+    assert busbw_factor("all_reduce", 4) == 1.5 and busbw_factor("ring_all_reduce", 8) == 2 * 7 / 8
+    assert busbw_factor("all_gather", 4) == 0.75 and busbw_factor("reduce_scatter", 2) == 0.5
+    assert busbw_factor("broadcast", 4) == 1.0
+
+
+def test_draw_collective_colours_cells_by_origin():
+    import matplotlib
+    matplotlib.use("Agg")
+    from helpers.collective_plots import COMBINED, RANK_COLORS, draw_collective
+    before = [torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0])]
+    fig = draw_collective("all_reduce", before, [torch.tensor([3.0, 3.0])] * 2)
+    after_colours = {tuple(p.get_facecolor()) for p in fig.axes[1].patches}
+    assert after_colours == {matplotlib.colors.to_rgba(COMBINED)}
+    fig = draw_collective("all_gather", before, [torch.tensor([1.0, 1.0, 2.0, 2.0])] * 2)
+    after_colours = {tuple(p.get_facecolor()) for p in fig.axes[1].patches}
+    assert after_colours == {matplotlib.colors.to_rgba(RANK_COLORS[0]), matplotlib.colors.to_rgba(RANK_COLORS[1])}

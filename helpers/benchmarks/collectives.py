@@ -129,9 +129,10 @@ def format_size(nbytes: int) -> str:
 
 def format_rows(rows: list[dict]) -> str:
     # Measured figures are not padded: a notebook's output must read the same once timings are masked.
-    lines = [f"{'op':<16} {'ranks':>5} {'size':>8}   time per call, algbw, busbw"]
+    width = max([16] + [len(r["op"]) for r in rows])
+    lines = [f"{'op':<{width}} {'ranks':>5} {'size':>8}   time per call, algbw, busbw"]
     for r in rows:
-        lines.append(f"{r['op']:<16} {r['ranks']:>5} {format_size(r['bytes']):>8}   {r['seconds'] * 1e3:.3f} ms, "
+        lines.append(f"{r['op']:<{width}} {r['ranks']:>5} {format_size(r['bytes']):>8}   {r['seconds'] * 1e3:.3f} ms, "
                      f"{r['algbw'] / 1e9:.3f} GB/s, {r['busbw'] / 1e9:.3f} GB/s")
     return "\n".join(lines)
 
