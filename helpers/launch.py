@@ -111,11 +111,13 @@ def rank_device() -> torch.device:
 
 
 def init_rank(backend: str, local_rank: int, local_world_size: int, threads: int | None = None) -> None:
-    """Per-rank setup shared by launch() and torchrun (helpers/run.py): device and thread count."""
+    """Per-rank setup shared by launch() and torchrun (helpers/run.py): device and thread count
+    (default: the cores divided among the ranks of this node)."""
     if backend == "nccl":
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # One pool of cores shared by all local ranks: more threads than cores only adds contention.
+    # (launch() passes threads=1: see its docstring on OpenMP and fork.)
     torch.set_num_threads(threads or max(1, cores // local_world_size))
 
 
@@ -238,11 +240,15 @@ def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None =
 
     backend: 'gloo' or 'nccl' (default: nccl if at least world_size GPUs are visible, else gloo).
     timeout: seconds before the job is declared hung; raises JobTimeout with every rank's stack.
-    threads: torch threads per rank (default: the cores divided among the ranks).
+    threads: torch threads per rank (default 1). Forked ranks use one thread because torch's OpenMP
+        runtime (libgomp) is not fork-safe: once the launching process has run a multi-threaded op, a
+        forked child's first multi-threaded op hangs. PyTorch's DataLoader workers use 1 for the same
+        reason. Pass more only from a process that has not computed with torch yet.
     show_output: print each rank's output after the job, as `[rank i] ...` lines in rank order.
     Raises RankFailed when a rank raises or dies; the other ranks are stopped either way.
     """
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    threads = 1 if threads is None else threads
     backend = _check_arguments(fn, world_size, backend, timeout)
 
     # Bind the rendezvous socket before forking: port 0 lets the OS pick a free port, and holding it open
