@@ -4,7 +4,8 @@
     result.summary()   # {'sent', 'ok', 'lost', 'p50', 'p90', 'p99' (s), 'req_per_s', 'tok_per_s'}
 
 Open loop: request i is sent at start + i / rate whatever happened to earlier ones (as users arrive),
-up to `max_inflight` at once. `rate=None` sends them all at once. The run stops by itself after
+up to `max_inflight` at once. `rate=None` sends them all at once. `prompts` and `max_tokens` (an int or a
+list) are cycled through, request i taking element i mod length. The run stops by itself after
 `n_requests` or `max_seconds`, whichever comes first; requests still open then are cancelled and counted
 as lost. `scrape_every` also GETs /metrics that often during the run (for plots over time).
 `load_test` runs its own event loop in a thread, so it works in a notebook cell as well as in a script.
@@ -97,7 +98,8 @@ async def run_load(url, n_requests=32, rate=None, max_inflight=64, max_seconds=3
     records, scrapes = [], []
 
     async def one(i):
-        body = {"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "temperature": temperature,
+        n_tokens = max_tokens[i % len(max_tokens)] if isinstance(max_tokens, (list, tuple)) else max_tokens
+        body = {"prompt": prompts[i % len(prompts)], "max_tokens": n_tokens, "temperature": temperature,
                 "return_token_ids": True}
         record = {"i": i, "status": None, "start": time.time() - started}
         records.append(record)
