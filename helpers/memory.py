@@ -1,0 +1,85 @@
+"""Memory arithmetic for inference: weights + KV cache, per GPU under tensor parallelism; and counting the
+bytes a real model or cache holds. Used by the tensor-parallel, pipeline and serving chapters.
+
+    weights   = parameters × bytes per parameter                         (2 B for fp16/bf16, 1 B for int8/fp8)
+    KV cache  = 2 (K and V) × layers × kv_heads × head_dim × bytes/value  per token, × tokens in flight
+    per GPU   = (weights + KV cache) / TP                                (ignoring replicated norms: tiny)
+
+GB here means 10^9 bytes (as GPU data sheets and the "70B needs 140 GB" rule of thumb use), GiB 2^30.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ModelShape", "MODELS", "kv_bytes_per_token", "inference_memory", "smallest_tp_that_fits",
+           "parameter_bytes", "tensor_bytes", "GB"]
+
+GB = 1e9
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the arithmetic needs to know about a decoder-only model."""
+    name: str
+    parameters: float          # count, e.g. 70e9
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+
+# Published shapes (config.json of each model).
+MODELS = {
+    "Llama-2-7B": ModelShape("Llama-2-7B", 6.74e9, 32, 32, 128),
+    "Llama-3-8B": ModelShape("Llama-3-8B", 8.03e9, 32, 8, 128),
+    "Llama-2-13B": ModelShape("Llama-2-13B", 13.0e9, 40, 40, 128),
+    "Llama-2-70B": ModelShape("Llama-2-70B", 69.0e9, 80, 8, 128),
+    "Llama-3-70B": ModelShape("Llama-3-70B", 70.6e9, 80, 8, 128),
+    "Llama-3.1-405B": ModelShape("Llama-3.1-405B", 405.8e9, 126, 8, 128),
+}
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bytes_per_value: float = 2) -> float:
+    """Bytes of K and V cached for one token in every layer."""
+    return 2 * layers * kv_heads * head_dim * bytes_per_value
+
+
+def inference_memory(parameters: float, bytes_per_param: float, kv_per_token: float = 0.0,
+                     tokens: int = 0, tp: int = 1) -> dict:
+    """Bytes per GPU for the weights and the KV cache of `tokens` cached tokens (summed over the batch),
+    split evenly over `tp` GPUs. Returns {"weights", "kv_cache", "total"} in bytes, per GPU."""
+    if tp < 1:
+        raise ValueError(f"tp={tp}: the tensor-parallel degree is at least 1")
+    weights = parameters * bytes_per_param / tp
+    kv = kv_per_token * tokens / tp
+    return {"weights": weights, "kv_cache": kv, "total": weights + kv}
+
+
+def smallest_tp_that_fits(parameters: float, bytes_per_param: float, gpu_bytes: float, kv_per_token: float = 0.0,
+                          tokens: int = 0, degrees=(1, 2, 4, 8, 16, 32), usable: float = 0.9) -> int | None:
+    """The smallest TP degree whose per-GPU weights + KV cache fit in `usable` × gpu_bytes (the rest is for
+    activations, the CUDA context and fragmentation), or None if even the largest degree does not fit."""
+    for tp in degrees:
+        if inference_memory(parameters, bytes_per_param, kv_per_token, tokens, tp)["total"] <= usable * gpu_bytes:
+            return tp
+    return None
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes held by an iterable of tensors (each storage counted once, so tied weights count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, as stored on this rank."""
+    return tensor_bytes(list(module.parameters()) + list(module.buffers()))
