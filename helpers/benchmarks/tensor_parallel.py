@@ -67,20 +67,26 @@ def _memory_job(rank, world_size, new_tokens):
     return parameter_bytes(model), kv, ids.shape[1] + new_tokens
 
 
-def run(tokens: int = TOKENS, repeats: int = 7):
+def run(tokens: int = TOKENS, repeats: int = 5, rounds: int = 3):
+    import os
     import transformers  # noqa: F401  (imported once here; the forked ranks inherit it)
+    load = os.getloadavg()[0]
     best = {}
-    for tp in (1, 2, 4):
-        times, comms = launch(_mlp_job, tp, tokens, repeats, threads=1, show_output=False, timeout=300)[0]
-        i = min(range(len(times)), key=times.__getitem__)
-        best[tp] = (times[i], statistics.median(c / t for c, t in zip(comms, times)))
+    # Rounds interleave TP=1/2/4 so that a burst of other work on the shared cores hits all of them alike.
+    for _ in range(rounds):
+        for tp in (1, 2, 4):
+            times, comms = launch(_mlp_job, tp, tokens, repeats, threads=1, show_output=False, timeout=300)[0]
+            i = min(range(len(times)), key=times.__getitem__)
+            if tp not in best or times[i] < best[tp][0]:
+                best[tp] = (times[i], statistics.median(c / t for c, t in zip(comms, times)))
     flops = 2 * 2 * tokens * HIDDEN * FFN
-    print(f"MLP forward, {tokens} tokens, {HIDDEN}->{FFN}->{HIDDEN}, 1 thread per rank, best of {repeats}:")
+    print(f"MLP forward, {tokens} tokens, {HIDDEN}->{FFN}->{HIDDEN}, 1 thread per rank, best of {rounds} x {repeats} "
+          f"(load average {load:.1f} on {os.cpu_count()} cores at the start):")
     for tp, (seconds, share) in best.items():
-        note = "  (4 ranks on 2 cores: over-subscribed)" if tp == 4 else ""
+        note = "  (4 ranks on 2 cores: over-subscribed)" if tp == 4 and (os.cpu_count() or 1) < 4 else ""
         print(f"  TP={tp}: {seconds * 1e3:7.1f} ms  {flops / seconds / 1e9:5.1f} GFLOP/s  "
               f"speed-up {best[1][0] / seconds:4.2f}x  communication {share:5.1%} of the forward{note}")
-    print(f"TP=2 speed-up over TP=1: {best[1][0] / best[2][0]:.2f}x (goal >= 1.6x)")
+    print(f"TP=2 speed-up over TP=1: {best[1][0] / best[2][0]:.2f}x (goal >= 1.6x; needs 2 idle cores)")
 
     print("\nPer-rank memory of helpers.tiny_llama, counted tensor by tensor (prompt + 32 new tokens cached):")
     base = None
