@@ -152,16 +152,22 @@ def gather_from_tensor_model_parallel_region(x, group=None):
 # ------------------------------------------------------------------------------------ the layers
 
 class ColumnParallelLinear(nn.Module):
-    """Exercise 2.1 — y = x Aᵀ + b with A split along its OUTPUT features (the columns of Aᵀ).
+    """Exercise 2.1 — y = x Wᵀ + b with W [out_features, in_features] (nn.Linear's layout) split along
+    the OUTPUT features: the columns of A = Wᵀ in Megatron's Y = XA, i.e. the rows of W.
 
-    Rank r holds rows [r·out/n, (r+1)·out/n) of the weight A [out_features, in_features] and the same
-    slice of the bias. x: [..., in_features] (full, on every rank) -> y: [..., out_features] if
+    Rank r holds rows [r·out/n, (r+1)·out/n) of W as `self.weight` [out_features / n, in_features] and the
+    same slice of the bias as `self.bias` (or None). x: [..., in_features] (full, on every rank) -> y: [..., out_features] if
     gather_output, else this rank's slice [..., out_features / world_size] (to feed a RowParallelLinear).
     forward: x -> copy_to_tensor_model_parallel_region -> local linear -> (gather_from_... if gather_output).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = True,
                  group=None, rank: int | None = None, world_size: int | None = None):
+        """An empty shard of the right shape (from_linear fills it). rank/world_size: this rank's place in
+        `group` (default: taken from the group; pass both when torch.distributed is not initialised).
+        Sets self.rank, self.world_size, self.group, self.gather_output, self.in_features,
+        self.out_features, self.out_per_rank. Raises ValueError("out_features=10 is not divisible by
+        world_size=4 ...") when the split is uneven."""
         raise NotImplementedError("Exercise 2.1: ColumnParallelLinear.__init__ is not written yet (labs/tensor_parallel.py)")
 
     @classmethod
@@ -179,10 +185,11 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """Exercise 2.2 — y = x Aᵀ + b with A split along its INPUT features (the rows of Aᵀ).
+    """Exercise 2.2 — y = x Wᵀ + b with W [out_features, in_features] split along the INPUT features: the
+    rows of A = Wᵀ in Megatron's Y = XA, i.e. the columns of W.
 
-    Rank r holds columns [r·in/n, (r+1)·in/n) of A [out_features, in_features]; the bias is whole on every
-    rank and added ONCE, after the all-reduce (adding it before would count it world_size times).
+    Rank r holds columns [r·in/n, (r+1)·in/n) of W as `self.weight` [out_features, in_features / n]; the
+    bias `self.bias` [out_features] (or None) is whole on every rank and added ONCE, after the all-reduce (adding it before would count it world_size times).
     x: [..., in_features / world_size] if input_is_parallel (e.g. a ColumnParallelLinear's output with
     gather_output=False), else the full [..., in_features], of which the layer keeps its own slice.
     y: [..., out_features], the same on every rank.
@@ -191,6 +198,10 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = False,
                  group=None, rank: int | None = None, world_size: int | None = None):
+        """An empty shard of the right shape (from_linear fills it); rank/world_size as in
+        ColumnParallelLinear. Sets self.rank, self.world_size, self.group, self.input_is_parallel,
+        self.in_features, self.out_features, self.in_per_rank. Raises ValueError("in_features=6 is not
+        divisible by world_size=4 ...") when the split is uneven."""
         raise NotImplementedError("Exercise 2.2: RowParallelLinear.__init__ is not written yet (labs/tensor_parallel.py)")
 
     @classmethod
