@@ -121,7 +121,7 @@ def init_rank(backend: str, local_rank: int, local_world_size: int, threads: int
     torch.set_num_threads(threads or max(1, cores // local_world_size))
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask Linux to kill this process if the launching process dies (no orphans after a kernel crash)."""
     if sys.platform.startswith("linux"):
         try:
@@ -144,7 +144,7 @@ def _to_cpu(value):
 def _rank_main(fn, rank, world_size, backend, listener, workdir, threads, timeout, args, kwargs):
     """Body of one forked rank. Never returns: it ends with os._exit so the parent's atexit handlers,
     open notebook sockets and buffered output are not touched by the child."""
-    _die_with_parent()
+    die_with_parent()
     log = os.open(os.path.join(workdir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(log, 1)
     os.dup2(log, 2)

@@ -14,7 +14,6 @@ front end stopped or died) and, on Linux, when its parent process dies.
 """
 from __future__ import annotations
 
-import ctypes
 import importlib
 import os
 import random
@@ -23,20 +22,14 @@ import stat
 import sys
 import time
 
+from helpers.launch import die_with_parent
+
 STATS_EVERY = 0.05  # seconds between load reports while busy
 
 
 def load_model_module(spec: str):
     """`spec` names a module with load_model(), encode(), decode() and CONFIG, e.g. helpers.tiny_llama."""
     return importlib.import_module(spec)
-
-
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
 
 
 def close_inherited_sockets(keep: int) -> None:
@@ -66,7 +59,7 @@ def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: in
     reads the pipe and broadcasts what arrived to the other ranks before every step, so all ranks make the
     same scheduling decisions and call the model with the same batch; the all-reduces inside the sharded
     model then pair up. Only rank 0 answers the front end."""
-    _die_with_parent()
+    die_with_parent()
     close_inherited_sockets(keep=conn.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the front end, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
