@@ -104,3 +104,9 @@ def test_engine_data_parallel(reference):
 def test_engine_tensor_parallel(reference):
     plan = load_impl("capstone.plan")
     _serve_and_check(plan.Plan(dp=1, pp=1, tp=2), reference, "least_outstanding")
+
+
+@pytest.mark.exercise("6.6", "pipeline-parallel plan: pp=2 stages serve the unsharded model's tokens")
+def test_engine_pipeline_parallel(reference):
+    plan = load_impl("capstone.plan")
+    _serve_and_check(plan.Plan(dp=1, pp=2, tp=1), reference, "least_outstanding")

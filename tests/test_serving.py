@@ -145,3 +145,21 @@ def test_stop_leaves_no_process():
     time.sleep(0.2)
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
+
+
+def test_pipeline_replica_pp2_tp2_gives_the_models_tokens():
+    """One replica of 2 pipeline stages × 2 TP ranks (helpers/serving/pipeline_replica.py): several requests
+    in one round, the unsharded model's greedy tokens, and a clear 400 for sampling (pipelines decode greedily)."""
+    from concurrent.futures import ThreadPoolExecutor
+    model = tiny_llama.load_model()
+    lengths = [10, 4, 7, 10]
+    reference = [tiny_llama.generate(model, tiny_llama.encode(p), n) for p, n in zip(PROMPTS, lengths)]
+    with start_server(replicas=1, pp=2, tp=2, max_batch=4, env={"COURSE_IMPL": "solutions"}) as s:
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda a: s.complete(prompt=a[0], max_tokens=a[1], temperature=0,
+                                                         return_token_ids=True), zip(PROMPTS, lengths)))
+        assert [r["choices"][0]["token_ids"] for r in replies] == reference
+        with pytest.raises(urllib.error.HTTPError) as err:
+            s.complete(prompt="A", max_tokens=3, temperature=0.7)
+        assert err.value.code == 400 and "greedily" in err.value.read().decode()
+        assert s.get("/health")["replicas_up"] == 1

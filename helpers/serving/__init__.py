@@ -2,6 +2,7 @@
 
     engine.py      one replica's continuous batching of decode steps (and static / no batching)
     replica.py     the replica worker process and its pipe protocol
+    pipeline_replica.py  a replica cut into pp pipeline stages (chapters 3 and 5's code), greedy
     balancer.py    round-robin vs least-outstanding-requests; retries when a replica dies; restarts
     protocol.py    the OpenAI-compatible /v1/completions request and response, and its errors
     server.py      the HTTP front end (asyncio, standard library), /metrics, /health, /replicas

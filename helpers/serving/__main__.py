@@ -1,6 +1,7 @@
 """Start the course's inference server on loopback:
 
     python -m helpers.serving --replicas 2 --batching continuous --policy least_outstanding --port 8000
+    python -m helpers.serving --replicas 1 --pp 2 --tp 2      # one replica: 2 pipeline stages × 2 TP ranks
     curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "It was the best of times", "max_tokens": 24, "temperature": 0}'
     curl -s 127.0.0.1:8000/metrics
@@ -33,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--replicas", type=int, default=2, help="data-parallel replicas (processes, or jobs of --tp ranks)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (chapter 2's shard_llama, "
                    "from COURSE_IMPL's tp_llama)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica, each of --tp ranks (chapter 3's "
+                   "pipelined_generate; greedy requests only)")
     p.add_argument("--choose", default=None, help="module:function replacing the balancing policy "
                    "(the capstone's), called as f(policy, outstanding, turn) -> replica index")
     p.add_argument("--batching", choices=BATCHING, default="continuous")
@@ -46,6 +49,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.host not in LOOPBACK:
         p.error(f"--host {args.host}: this teaching server listens on loopback only (127.0.0.1)")
+    for name in ("replicas", "tp", "pp"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)} must be at least 1")
     if not 0 <= args.port < 65536:
         p.error(f"--port {args.port} is not a TCP port")
     return args
@@ -60,12 +66,15 @@ def _import_function(spec):
 
 async def serve(args) -> None:
     module = load_model_module(args.model)
+    layers = module.CONFIG.num_hidden_layers
+    if layers % args.pp:
+        raise SystemExit(f"--pp {args.pp} does not divide the model's {layers} layers: each stage needs as many")
     metrics = ServingMetrics()
     family = socket.AF_INET6 if args.host == "::1" else socket.AF_INET
     sock = socket.create_server((args.host, args.port), family=family, backlog=512)
     balancer = Balancer(args.replicas, args.model, batching=args.batching, max_batch=args.max_batch,
                         policy=args.policy, max_retries=args.max_retries, restart=not args.no_restart,
-                        tp=args.tp, metrics=metrics, choose=_import_function(args.choose))
+                        tp=args.tp, pp=args.pp, metrics=metrics, choose=_import_function(args.choose))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -76,7 +85,7 @@ async def serve(args) -> None:
         server = await asyncio.start_server(front.handle, sock=sock)
         port = sock.getsockname()[1]
         print(f"serving {args.model_name} on http://127.0.0.1:{port} with {args.replicas} replica(s), "
-              f"tp={args.tp}, batching={args.batching}, max_batch={args.max_batch}, policy={args.policy}", flush=True)
+              f"pp={args.pp}, tp={args.tp}, batching={args.batching}, max_batch={args.max_batch}, policy={args.policy}", flush=True)
         await stop.wait()
         server.close()
         for task in list(front.connections):

@@ -31,12 +31,12 @@ _live: "weakref.WeakSet[ServerProcess]" = weakref.WeakSet()
 
 class ServerProcess:
     def __init__(self, replicas=2, batching="continuous", max_batch=8, policy="least_outstanding",
-                 max_retries=3, restart=True, model="helpers.tiny_llama", tp=1, choose=None,
+                 max_retries=3, restart=True, model="helpers.tiny_llama", tp=1, pp=1, choose=None,
                  startup_timeout=120.0, env=None):
         self.log_path = tempfile.mktemp(prefix="dil-server-", suffix=".log")
         argv = [sys.executable, "-m", "helpers.serving", "--port", "0", "--replicas", str(replicas),
                 "--batching", batching, "--max-batch", str(max_batch), "--policy", policy,
-                "--max-retries", str(max_retries), "--model", model, "--tp", str(tp)]
+                "--max-retries", str(max_retries), "--model", model, "--tp", str(tp), "--pp", str(pp)]
         argv += ([] if restart else ["--no-restart"]) + (["--choose", choose] if choose else [])
         environment = dict(os.environ, **(env or {}))
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))

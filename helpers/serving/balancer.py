@@ -64,13 +64,14 @@ class Balancer:
 
     def __init__(self, replicas: int, model_spec: str, batching: str = "continuous", max_batch: int = 8,
                  policy: str = "least_outstanding", max_retries: int = 3, restart: bool = True,
-                 threads_per_replica: int = 1, tp: int = 1, metrics=None, choose=None):
+                 threads_per_replica: int = 1, tp: int = 1, metrics=None, choose=None, pp: int = 1):
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: choose one of {', '.join(POLICIES)}")
         if replicas < 1:
             raise ValueError(f"replicas={replicas}: serving needs at least one replica")
         self.policy, self.max_retries, self.restart = policy, max_retries, restart
-        self.worker_args = (model_spec, batching, max_batch, threads_per_replica, tp)
+        self.worker_args = (model_spec, batching, max_batch, threads_per_replica, tp, pp)
+        self.pp = pp   # pipeline replicas decode greedily: the front end refuses sampling
         self.replicas = [ReplicaHandle(i) for i in range(replicas)]
         self.metrics = metrics
         self.custom_choose = choose     # the capstone plugs its own policy in here

@@ -51,22 +51,30 @@ def close_inherited_sockets(keep: int) -> None:
 
 
 def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: int, threads: int = 1,
-                 tp: int = 1) -> None:
+                 tp: int = 1, pp: int = 1) -> None:
     """Body of replica process `index`: load the model, then serve the pipe until it closes.
 
     tp > 1: the replica is itself a distributed job. This process launches `tp` ranks (helpers.launch);
     each shards the model with chapter 2's `shard_llama` and runs an identical Engine in lockstep. Rank 0
     reads the pipe and broadcasts what arrived to the other ranks before every step, so all ranks make the
     same scheduling decisions and call the model with the same batch; the all-reduces inside the sharded
-    model then pair up. Only rank 0 answers the front end."""
+    model then pair up. Only rank 0 answers the front end.
+
+    pp > 1: the replica is a pipeline of pp stages of tp ranks each (helpers/serving/pipeline_replica.py:
+    chapter 3's `pipelined_generate` over `LlamaStage`s, chapter 5's `build_hybrid_stage` when tp > 1)."""
     die_with_parent()
     close_inherited_sockets(keep=conn.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the front end, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from helpers.launch import launch
+    if pp > 1:
+        from helpers.serving.pipeline_replica import pipeline_rank
+        launch(pipeline_rank, pp * tp, conn, model_spec, batching, max_batch, pp, tp, timeout=10**7,
+               threads=threads, show_output=False, backend="gloo")
+        return
     if tp == 1:
         _serve(conn, _build_engine(model_spec, batching, max_batch, threads), group_size=1)
         return
-    from helpers.launch import launch
     # The replica lives as long as the server: no job timeout worth speaking of.
     launch(_tp_rank, tp, conn, model_spec, batching, max_batch, timeout=10**7, threads=threads,
            show_output=False, backend="gloo")

@@ -158,6 +158,9 @@ class CompletionServer:
             raise BadRequest(f"the body is not valid JSON: {e}") from None
         params = parse_completion(decoded, model_name=self.model_name, max_model_len=self.max_model_len,
                                   vocab_size=self.vocab_size, encode=self.encode)
+        if params["temperature"] > 0 and getattr(self.balancer, "pp", 1) > 1:
+            raise BadRequest(f"this server's replicas are pipelines (pp={self.balancer.pp}) that decode greedily: "
+                             "send 'temperature': 0", "temperature")
         rid, result = self.balancer.submit({k: params[k] for k in
                                             ("prompt", "max_tokens", "temperature", "top_p", "seed")})
         gone = asyncio.ensure_future(_client_gone(reader))

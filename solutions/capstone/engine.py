@@ -16,7 +16,7 @@ PACKAGE = __package__  # "solutions.capstone" or "labs.capstone": the server imp
 class CapstoneEngine:
     """Serve the course's tiny Llama with a (dp, pp, tp) plan behind a load balancer.
 
-        with CapstoneEngine(Plan(dp=2, tp=1)) as engine:
+        with CapstoneEngine(Plan(dp=2, pp=1, tp=1)) as engine:
             results = engine.generate(["Four score", "We hold"], max_tokens=16)
             # [{"tokens": [...], "replica": 0}, {"tokens": [...], "replica": 1}]
             engine.report()       # summarize() of the server's /metrics (exercise 6.3)
@@ -25,20 +25,18 @@ class CapstoneEngine:
     def __init__(self, plan: Plan, policy: str = "least_outstanding", batching: str = "continuous",
                  max_batch: int = 8):
         """Exercise 6.4a — check the plan (6.1) and keep the settings; start nothing yet.
-        pp > 1 is refused with a ValueError: this engine's replicas are tensor-parallel jobs (chapter 2);
-        serving through a pipeline is chapter 3's `pipelined_generate`, which takes fixed groups of requests."""
+        A plan the model cannot take raises check_plan's ValueError. With pp > 1 each replica is a pipeline
+        (exercise 6.6): the server decodes greedily in rounds of requests, chapter 3's `pipelined_generate`."""
         check_plan(plan, CONFIG)
-        if plan.pp != 1:
-            raise ValueError(f"pp={plan.pp}: this engine serves pp=1 (replicas of tp ranks); pipeline "
-                             "decoding of fixed request groups is chapter 3's pipelined_generate")
         self.plan, self.policy, self.batching, self.max_batch = plan, policy, batching, max_batch
         self.server = None
 
     def start(self) -> "CapstoneEngine":
         """Exercise 6.4b — start the server (helpers.serving.start_server) with plan.dp replicas of
-        plan.tp ranks each, the chosen batching and policy, and *your* router: pass
-        choose=f"{PACKAGE}.router:choose_replica". Return self once every replica is up."""
-        self.server = start_server(replicas=self.plan.dp, tp=self.plan.tp, batching=self.batching,
+        plan.pp pipeline stages × plan.tp ranks each (its `pp` and `tp` options), the chosen batching and
+        policy, and *your* router: pass choose=f"{PACKAGE}.router:choose_replica". Return self once every
+        replica is up."""
+        self.server = start_server(replicas=self.plan.dp, pp=self.plan.pp, tp=self.plan.tp, batching=self.batching,
                                    max_batch=self.max_batch, policy=self.policy,
                                    choose=f"{PACKAGE}.router:choose_replica")
         return self
