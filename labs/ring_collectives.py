@@ -20,17 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def chunk_bounds(numel: int, n: int) -> list[tuple[int, int]]:
-    """Split range(numel) into n contiguous chunks whose sizes differ by at most one (as torch.tensor_split):
-    chunk_bounds(10, 4) -> [(0, 3), (3, 6), (6, 8), (8, 10)]. Given: use it in your ring."""
-    base, extra = divmod(numel, n)
-    bounds, start = [], 0
-    for i in range(n):
-        stop = start + base + (i < extra)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
+from helpers.partition import chunk_bounds  # given: the even split of a tensor into n chunks
 
 
 def ring_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Chapter 2 — tensor parallelism, Megatron-style: exercises 2.1–2.5 (2.5 with labs/tp_llama.py).
 
 Run them from notebooks/02_tensor_parallel.ipynb; grade them with `make grade CHAPTER=2`.
-Given (read them first): the helpers, the four region operators, kv_heads_for_rank and
-ParallelTransformerBlock. To write: the classes and functions whose body raises NotImplementedError.
+Given (read them first): the four region operators and rank bookkeeping (helpers/tp_regions.py), which
+heads a rank owns (helpers/tp_heads.py), and ParallelTransformerBlock. To write: the classes and functions whose body raises NotImplementedError.
 
 Every layer is built FROM a full reference layer (`from_linear`, `from_mlp`, ...) and keeps only this
 rank's shard, so its output can be compared with the unsharded layer. Every layer takes an optional
@@ -34,6 +34,7 @@ __all__ = ["group_rank_and_size", "split_along_dim",
            "ParallelTransformerBlock", "VocabParallelEmbedding", "parallel_argmax"]
 
 
+from helpers.tp_heads import head_slice, kv_heads_for_rank  # given: which heads a rank owns
 from helpers.tp_regions import (  # given: the region operators and rank bookkeeping
     group_rank_and_size,
     split_along_dim,
@@ -131,26 +132,6 @@ class ParallelMLP(nn.Module):
         raise NotImplementedError("Exercise 2.3: ParallelMLP.forward is not written yet (labs/tensor_parallel.py)")
 
 
-def kv_heads_for_rank(num_heads: int, num_kv_heads: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Which KV heads rank `rank` needs: (first, count). Given code, used by ParallelAttention.
-
-    world_size divides num_kv_heads: each rank owns num_kv_heads / world_size of them (no copies).
-    num_kv_heads divides world_size: each KV head is REPLICATED on world_size / num_kv_heads ranks, each
-    rank keeping the one its query heads read (what vLLM does when TP > number of KV heads).
-    Anything else cannot be split by heads: a ValueError says so."""
-    if num_heads % world_size:
-        raise ValueError(f"num_heads={num_heads} is not divisible by world_size={world_size}: attention is "
-                         "split by heads, so the tensor-parallel degree must divide the number of heads")
-    if num_kv_heads % world_size == 0:
-        per_rank = num_kv_heads // world_size
-        return rank * per_rank, per_rank
-    if world_size % num_kv_heads == 0:
-        return rank // (world_size // num_kv_heads), 1
-    raise ValueError(f"num_kv_heads={num_kv_heads} is not divisible by world_size={world_size}, nor "
-                     f"world_size by num_kv_heads: KV heads can be neither split nor replicated evenly; "
-                     f"use a tensor-parallel degree that divides {num_kv_heads} or is a multiple of it")
-
-
 class ParallelAttention(nn.Module):
     """Exercise 2.4 — attention split by heads. Rank r keeps query heads [r·H/n, (r+1)·H/n) (q_proj
     column-parallel, no gather), the KV heads those query heads read (k_proj, v_proj: see
@@ -171,18 +152,6 @@ class ParallelAttention(nn.Module):
 
     def forward(self, x):
         raise NotImplementedError("Exercise 2.4: ParallelAttention.forward is not written yet (labs/tensor_parallel.py)")
-
-
-def _head_slice(linear: nn.Linear, first_head: int, heads: int, head_dim: int) -> nn.Linear:
-    """A plain nn.Linear holding output rows of heads [first_head, first_head + heads) of `linear`."""
-    rows = slice(first_head * head_dim, (first_head + heads) * head_dim)
-    out = nn.Linear(linear.in_features, heads * head_dim, bias=linear.bias is not None,
-                    dtype=linear.weight.dtype)
-    with torch.no_grad():
-        out.weight.copy_(linear.weight[rows])
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias[rows])
-    return out
 
 
 class ParallelTransformerBlock(nn.Module):

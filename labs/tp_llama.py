@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from labs.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                       group_rank_and_size, kv_heads_for_rank, _head_slice)
+                                       group_rank_and_size, kv_heads_for_rank, head_slice)
 
 __all__ = ["LLAMA_TP_PLAN", "shard_llama"]
 

@@ -6,16 +6,7 @@ server starts from (torch's DistributedSampler uses a strided split instead; bot
 import torch
 import torch.distributed as dist
 
-
-def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
-    """The indices of `num_items` requests that `rank` serves: a contiguous block, the first
-    `num_items % world_size` ranks taking one extra (uneven shards, no padding, nothing duplicated).
-
-    shard_indices(10, r, 4) -> [0, 1, 2], [3, 4, 5], [6, 7], [8, 9]
-    """
-    base, extra = divmod(num_items, world_size)
-    start = rank * base + min(rank, extra)
-    return list(range(start, start + base + (rank < extra)))
+from helpers.partition import shard_indices  # given: the contiguous block of requests each rank serves
 
 
 def gather_in_order(local_outputs: torch.Tensor, local_indices: torch.Tensor, num_items: int,

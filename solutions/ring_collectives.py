@@ -24,6 +24,8 @@ import collections
 import torch
 import torch.distributed as dist
 
+from helpers.partition import chunk_bounds  # given: the even split of a tensor into n chunks
+
 # The reductions a ring can do chunk by chunk: associative and commutative elementwise ops.
 _REDUCE = {
     dist.ReduceOp.SUM: lambda acc, x: acc.add_(x),
@@ -59,18 +61,6 @@ def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group)
     if recv.numel():
         ops.append(dist.P2POp(dist.irecv, recv, src, group))
     return dist.batch_isend_irecv(ops) if ops else []
-
-
-def chunk_bounds(numel: int, n: int) -> list[tuple[int, int]]:
-    """Split range(numel) into n contiguous chunks whose sizes differ by at most one (as torch.tensor_split):
-    chunk_bounds(10, 4) -> [(0, 3), (3, 6), (6, 8), (8, 10)]."""
-    base, extra = divmod(numel, n)
-    bounds, start = [], 0
-    for i in range(n):
-        stop = start + base + (i < extra)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
 
 
 # Pipelining. A chunk is cut into segments of at most SEGMENT_BYTES and up to IN_FLIGHT segments travel at

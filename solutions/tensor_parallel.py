@@ -30,6 +30,7 @@ __all__ = ["group_rank_and_size", "split_along_dim",
            "ParallelTransformerBlock", "VocabParallelEmbedding", "parallel_argmax"]
 
 
+from helpers.tp_heads import head_slice, kv_heads_for_rank  # given: which heads a rank owns
 from helpers.tp_regions import (  # given: the region operators and rank bookkeeping
     group_rank_and_size,
     split_along_dim,
@@ -164,26 +165,6 @@ class ParallelMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def kv_heads_for_rank(num_heads: int, num_kv_heads: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Which KV heads rank `rank` needs: (first, count). Given code, used by ParallelAttention.
-
-    world_size divides num_kv_heads: each rank owns num_kv_heads / world_size of them (no copies).
-    num_kv_heads divides world_size: each KV head is REPLICATED on world_size / num_kv_heads ranks, each
-    rank keeping the one its query heads read (what vLLM does when TP > number of KV heads).
-    Anything else cannot be split by heads: a ValueError says so."""
-    if num_heads % world_size:
-        raise ValueError(f"num_heads={num_heads} is not divisible by world_size={world_size}: attention is "
-                         "split by heads, so the tensor-parallel degree must divide the number of heads")
-    if num_kv_heads % world_size == 0:
-        per_rank = num_kv_heads // world_size
-        return rank * per_rank, per_rank
-    if world_size % num_kv_heads == 0:
-        return rank // (world_size // num_kv_heads), 1
-    raise ValueError(f"num_kv_heads={num_kv_heads} is not divisible by world_size={world_size}, nor "
-                     f"world_size by num_kv_heads: KV heads can be neither split nor replicated evenly; "
-                     f"use a tensor-parallel degree that divides {num_kv_heads} or is a multiple of it")
-
-
 class ParallelAttention(nn.Module):
     """Exercise 2.4 — attention split by heads. Rank r keeps query heads [r·H/n, (r+1)·H/n) (q_proj
     column-parallel, no gather), the KV heads those query heads read (k_proj, v_proj: see
@@ -204,7 +185,7 @@ class ParallelAttention(nn.Module):
         first_kv, kv_count = kv_heads_for_rank(attn.num_heads, attn.num_kv_heads, rank, world_size)
         q_proj = ColumnParallelLinear.from_linear(attn.q_proj, rank, world_size, group=group, gather_output=False)
         o_proj = RowParallelLinear.from_linear(attn.o_proj, rank, world_size, group=group, input_is_parallel=True)
-        k_proj, v_proj = (_head_slice(p, first_kv, kv_count, attn.head_dim) for p in (attn.k_proj, attn.v_proj))
+        k_proj, v_proj = (head_slice(p, first_kv, kv_count, attn.head_dim) for p in (attn.k_proj, attn.v_proj))
         return cls(q_proj, k_proj, v_proj, o_proj, attn.num_heads // world_size, kv_count, attn.head_dim)
 
     def forward(self, x):
@@ -214,18 +195,6 @@ class ParallelAttention(nn.Module):
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         out = causal_attention(q, k, v).transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(out)
-
-
-def _head_slice(linear: nn.Linear, first_head: int, heads: int, head_dim: int) -> nn.Linear:
-    """A plain nn.Linear holding output rows of heads [first_head, first_head + heads) of `linear`."""
-    rows = slice(first_head * head_dim, (first_head + heads) * head_dim)
-    out = nn.Linear(linear.in_features, heads * head_dim, bias=linear.bias is not None,
-                    dtype=linear.weight.dtype)
-    with torch.no_grad():
-        out.weight.copy_(linear.weight[rows])
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias[rows])
-    return out
 
 
 class ParallelTransformerBlock(nn.Module):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from solutions.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                       group_rank_and_size, kv_heads_for_rank, _head_slice)
+                                       group_rank_and_size, kv_heads_for_rank, head_slice)
 
 __all__ = ["LLAMA_TP_PLAN", "shard_llama"]
 
@@ -56,8 +56,8 @@ def shard_llama(model: nn.Module, rank: int | None = None, world_size: int | Non
             attn.k_proj = ColumnParallelLinear.from_linear(attn.k_proj, gather_output=False, **column)
             attn.v_proj = ColumnParallelLinear.from_linear(attn.v_proj, gather_output=False, **column)
         else:  # fewer KV heads than ranks: each rank keeps a copy of the one its query heads read
-            attn.k_proj = _head_slice(attn.k_proj, first_kv, kv_count, attn.head_dim)
-            attn.v_proj = _head_slice(attn.v_proj, first_kv, kv_count, attn.head_dim)
+            attn.k_proj = head_slice(attn.k_proj, first_kv, kv_count, attn.head_dim)
+            attn.v_proj = head_slice(attn.v_proj, first_kv, kv_count, attn.head_dim)
         attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, input_is_parallel=True, **column)
         attn.num_key_value_groups = (num_heads // world_size) // kv_count
         mlp.gate_proj = ColumnParallelLinear.from_linear(mlp.gate_proj, gather_output=False, **column)
