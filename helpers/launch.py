@@ -11,8 +11,8 @@
     results = launch(demo, world_size=4)      # return values, in rank order
 
 How it works, top to bottom:
-  * The parent (your notebook kernel, or pytest) binds a socket on a free port; rank 0 serves a `TCPStore`
-    on it, the rendezvous point every rank connects to. The OS picks the port, so jobs launched back to
+  * The parent (your notebook kernel, or pytest) binds a socket on a free port; a small store process
+    serves a `TCPStore` on it, the rendezvous point every rank connects to (as torchrun's agent does). The OS picks the port, so jobs launched back to
     back or at once never collide.
   * It forks one process per rank. Fork (not spawn) is what lets a function defined *in a notebook* run
     on every rank: the child already has it in memory, nothing is pickled.
@@ -156,19 +156,20 @@ def _rank_main(fn, rank, world_size, backend, listener, workdir, threads, timeou
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     port = listener.getsockname()[1]
-    if rank != 0:
-        listener.close()
+    listener.close()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     code, payload = 0, None
     try:
         init_rank(backend, rank, world_size, threads)
-        # Rank 0 hosts the rendezvous store, as under torchrun, on the socket the parent bound for it.
-        store = dist.TCPStore("127.0.0.1", port, is_master=rank == 0, wait_for_workers=False,
-                              master_listen_fd=listener.fileno() if rank == 0 else None,
-                              timeout=datetime.timedelta(seconds=timeout))
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
+        # Start the user's function only once every rank's process group is complete: a rank that fails at
+        # once must not vanish while a slower peer is still connecting (it would log connection errors).
+        if store.add("launch/ready", 1) == world_size:
+            store.set("launch/go", "1")
+        store.wait(["launch/go"])
         payload = ("ok", _to_cpu(fn(rank, world_size, *args, **kwargs)))
     except BaseException as exc:  # SystemExit and KeyboardInterrupt included: report them all
         code = 1
@@ -188,6 +189,23 @@ def _rank_main(fn, rank, world_size, backend, listener, workdir, threads, timeou
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _serve_store(listener, timeout):
+    """The rendezvous store's own process, alive for the whole job like torchrun's agent. Kept out of the
+    ranks so that a rank that dies early never takes the store down under the others (who would then
+    print connection errors), and out of the parent because forking beside a store thread can deadlock."""
+    die_with_parent()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    store = dist.TCPStore("127.0.0.1", listener.getsockname()[1], is_master=True, wait_for_workers=False,
+                          master_listen_fd=listener.fileno(), timeout=datetime.timedelta(seconds=timeout))
+    while True:  # serve until the parent stops the job
+        signal.pause()
+    del store
 
 
 def _user_traceback(exc: BaseException) -> str:
@@ -252,11 +270,11 @@ def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None =
     backend = _check_arguments(fn, world_size, backend, timeout)
 
     # Bind the rendezvous socket before forking: port 0 lets the OS pick a free port, and holding it open
-    # means no other job can take it. Rank 0 serves the store on it. (The parent runs no store thread of
-    # its own: forking while such a thread holds a lock is how fork-based launchers deadlock.)
+    # means no other job can take it. A store process serves the TCPStore on it (see _serve_store).
     listener = socket.create_server(("127.0.0.1", 0), backlog=max(128, 2 * world_size))
     workdir = tempfile.mkdtemp(prefix="dil-job-")
     ctx = mp.get_context("fork")
+    store_proc = ctx.Process(target=_serve_store, name="store", daemon=True, args=(listener, timeout))
     procs = [ctx.Process(target=_rank_main, name=f"rank{r}", daemon=True,
                          args=(fn, r, world_size, backend, listener, workdir, threads, timeout, args, kwargs))
              for r in range(world_size)]
@@ -264,6 +282,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None =
     sys.stdout.flush()
     sys.stderr.flush()
     try:
+        store_proc.start()
         for p in procs:
             p.start()
         listener.close()
@@ -280,7 +299,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None =
         results.outputs, results.seconds = outputs, seconds
         return results
     finally:
-        _stop(procs)
+        _stop(procs + [store_proc])
         listener.close()
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -43,8 +43,8 @@ def gantt(events: list[dict], title: str = "", ax=None, label_key: str | None = 
 
 
 def process_group_picture(world_size: int, backend: str = "gloo", ax=None):
-    """The ranks of one job: a process each, all joined to the rendezvous store that rank 0 serves, and
-    the process group (every rank can reach every other) that collectives run over."""
+    """The ranks of one job: a process each, every one connected to the rendezvous store (dashed), and the
+    process group (every rank can reach every other) that collectives run over."""
     import math
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 4))
@@ -56,9 +56,12 @@ def process_group_picture(world_size: int, backend: str = "gloo", ax=None):
     for r, (x, y) in pos.items():
         ax.add_patch(plt.Circle((x, y), 0.22, color=COLORS["F"], zorder=2))
         ax.text(x, y, f"rank {r}", ha="center", va="center", color="white", fontsize=9, zorder=3)
-    ax.annotate("TCPStore\n(rendezvous,\nserved by rank 0)", xy=pos[0], xytext=(0, 0), ha="center", va="center",
-                fontsize=8, arrowprops=dict(arrowstyle="->", color="#555555"))
-    ax.set_title(f"world_size={world_size}, backend={backend}: {world_size} processes, one process group")
+    for r, (x, y) in pos.items():
+        ax.annotate("", xy=(0.25 * x, 0.25 * y), xytext=(0.78 * x, 0.78 * y),
+                    arrowprops=dict(arrowstyle="->", color="#555555", linestyle="--"))
+    ax.text(0, 0, "TCPStore\n(rendezvous)", ha="center", va="center", fontsize=8,
+            bbox=dict(boxstyle="round", facecolor="white", edgecolor="#555555"), zorder=3)
+    ax.set_title(f"world_size={world_size}, backend={backend}\n{world_size} processes, one process group")
     ax.set_xlim(-1.4, 1.4)
     ax.set_ylim(-1.4, 1.4)
     ax.set_aspect("equal")

@@ -1,4 +1,5 @@
 """The launcher's contract: results and output in rank order, clear errors, no process left behind."""
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -93,6 +94,18 @@ def test_raising_rank_is_named_with_its_traceback(tmp_path):
     assert "helpers/launch.py" not in err.remote_traceback                 # not the launcher's frames
     assert time.monotonic() - start < 10
     assert len(_pids(tmp_path)) == 4 and not any(_alive(p) for p in _pids(tmp_path))
+    assert not multiprocessing.active_children()  # the store process is gone too
+
+
+def test_ranks_failing_at_once_print_nothing_but_their_error():
+    """Every rank raises the moment it starts: no rank may be caught mid-rendezvous and log connection
+    errors (the store outlives the ranks, and user code starts only once every rank is connected)."""
+    def job(rank, world_size):
+        raise NameError("name 'local_output' is not defined")
+    for _ in range(10):
+        with pytest.raises(RankFailed) as info:
+            launch(job, 4, show_output=False)
+        assert info.value.exc_type == "NameError" and info.value.outputs == [""] * 4
 
 
 def test_hang_is_stopped_with_every_ranks_stack(tmp_path):
