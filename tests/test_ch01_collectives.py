@@ -80,12 +80,17 @@ def _all_reduce_cases(rank, world_size, fn_name):
     return failures
 
 
+def _assert_no_failures(failures, world_size):
+    """Each rank returns the list of cases it got wrong; report the first few of the first failing rank."""
+    for rank, rank_failures in enumerate(failures):
+        assert not rank_failures, f"world_size={world_size}, rank {rank}: " + "\n".join(rank_failures[:5])
+
+
 @pytest.mark.exercise("1.1", "Ring all-reduce from send/recv")
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_ring_all_reduce(world_size):
     failures = launch(_all_reduce_cases, world_size, "ring_all_reduce", show_output=False)
-    for rank, rank_failures in enumerate(failures):
-        assert not rank_failures, f"world_size={world_size}, rank {rank}: " + "\n".join(rank_failures[:5])
+    _assert_no_failures(failures, world_size)
 
 
 # ------------------------------------------------------------------------------------- 1.2 all-gather
@@ -119,8 +124,7 @@ def _all_gather_cases(rank, world_size):
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_ring_all_gather(world_size):
     failures = launch(_all_gather_cases, world_size, show_output=False)
-    for rank, rank_failures in enumerate(failures):
-        assert not rank_failures, f"world_size={world_size}, rank {rank}: " + "\n".join(rank_failures[:5])
+    _assert_no_failures(failures, world_size)
 
 
 # --------------------------------------------------------------------------------- 1.3 reduce-scatter
@@ -162,8 +166,7 @@ def _reduce_scatter_cases(rank, world_size):
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_ring_reduce_scatter(world_size):
     failures = launch(_reduce_scatter_cases, world_size, show_output=False)
-    for rank, rank_failures in enumerate(failures):
-        assert not rank_failures, f"world_size={world_size}, rank {rank}: " + "\n".join(rank_failures[:5])
+    _assert_no_failures(failures, world_size)
 
 
 # ------------------------------------------------------------------------- 1.4 recursive doubling
@@ -172,8 +175,7 @@ def test_ring_reduce_scatter(world_size):
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_recursive_doubling_all_reduce(world_size):
     failures = launch(_all_reduce_cases, world_size, "recursive_doubling_all_reduce", show_output=False)
-    for rank, rank_failures in enumerate(failures):
-        assert not rank_failures, f"world_size={world_size}, rank {rank}: " + "\n".join(rank_failures[:5])
+    _assert_no_failures(failures, world_size)
 
 
 # ------------------------------------------------------------------------ the tracer (not an exercise)
