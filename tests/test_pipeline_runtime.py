@@ -71,3 +71,27 @@ def test_simulator_reports_deadlock():
         S.check_order(bad, 1)
     with pytest.raises(RuntimeError, match="deadlocks"):
         S.simulate(bad)
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 4])
+def test_llama_stages_run_one_after_another_equal_the_model(num_stages):
+    """The given stage cut (helpers.llama_stages): prefill then one cached decode step through every stage in
+    turn gives the full model's logits, in one process, before any pipeline sends anything."""
+    from helpers.llama_stages import split_llama
+    from helpers.tiny_llama import PROMPT, encode, load_model
+    model = load_model()
+    ids = torch.tensor([encode(PROMPT)])
+    with torch.no_grad():
+        full = model(ids).logits
+        next_id = full[:, -1:].argmax(-1)
+        full_step = model(torch.cat([ids, next_id], 1)).logits[:, -1:]
+    stages = split_llama(model, num_stages)
+    caches = [s.new_cache() for s in stages]
+    h = ids
+    for stage, cache in zip(stages, caches):
+        h = stage(h, cache, 0)
+    assert (h - full).abs().max() < 1e-5
+    h = next_id
+    for stage, cache in zip(stages, caches):
+        h = stage(h, cache, ids.shape[1])
+    assert (h - full_step).abs().max() < 1e-5
