@@ -1,7 +1,4 @@
 """Graders for chapter 3 (labs/pipeline_parallel.py, labs/pipeline_schedules.py, labs/pipelined_decoding.py).
-
-Every job runs with threads=1: the parent computes references with torch too, and a forked rank that
-starts an OpenMP pool after its parent used one can hang.
 """
 import functools
 
@@ -58,7 +55,7 @@ def _stage_job(rank, world_size, stage_ranks, use_group, micro_batches):
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_stage_forward(world_size):
     xs = [_input(5), _input(3)]
-    results = launch(_stage_job, world_size, list(range(world_size)), False, xs, show_output=False, threads=1)
+    results = launch(_stage_job, world_size, list(range(world_size)), False, xs, show_output=False)
     for rank, (outs, spans) in enumerate(results):
         assert spans == [("F", 0), ("F", 1)], f"rank {rank}: record one span 'F' per call with its micro_batch, got {spans}"
         if rank < world_size - 1:
@@ -74,7 +71,7 @@ def test_stage_forward(world_size):
 def test_stage_on_any_ranks(stage_ranks, use_group):
     """A pipeline that lives on some ranks of a bigger world, in any order (as inside a hybrid grid)."""
     xs = [_input(4)]
-    results = launch(_stage_job, 4, stage_ranks, use_group, xs, show_output=False, threads=1)
+    results = launch(_stage_job, 4, stage_ranks, use_group, xs, show_output=False)
     got = results[stage_ranks[-1]][0][0]
     want = _reference(xs[0], len(stage_ranks))
     assert torch.allclose(got, want, atol=1e-6), \
@@ -97,7 +94,7 @@ def _gpipe_job(rank, world_size, batch, m):
 @pytest.mark.parametrize("m", [1, 3, 4])
 def test_gpipe_forward(world_size, m):
     batch = _input(7)
-    results = launch(_gpipe_job, world_size, batch, m, show_output=False, threads=1)
+    results = launch(_gpipe_job, world_size, batch, m, show_output=False)
     for rank, (out, mbs) in enumerate(results):
         assert mbs == list(range(m)), f"rank {rank}: expected one forward per micro-batch 0..{m - 1} in order, got {mbs}"
         if rank < world_size - 1:
@@ -161,7 +158,7 @@ def _train_job(rank, world_size, m):
 @pytest.mark.exercise("3.3", "1F1B action order")
 @pytest.mark.parametrize("world_size,m", [(2, 4), (3, 2), (4, 4)])
 def test_one_f_one_b_runs_for_real(world_size, m):
-    results = launch(_train_job, world_size, m, show_output=False, threads=1)
+    results = launch(_train_job, world_size, m, show_output=False)
     modules = [_stage_module(i) for i in range(world_size)]
     out = _input(8)
     for mod in modules:
@@ -206,7 +203,7 @@ def _decode_job(rank, world_size, stage_ranks, groups, n):
 @pytest.mark.parametrize("stage_ranks", [[0], [0, 1], [1, 0], [0, 1, 2, 3]])
 def test_pipelined_generate(stage_ranks):
     groups, n = _prompt_groups(), 6
-    results = launch(_decode_job, len(stage_ranks), stage_ranks, groups, n, show_output=False, threads=1)
+    results = launch(_decode_job, len(stage_ranks), stage_ranks, groups, n, show_output=False)
     got = results[stage_ranks[0]]
     for rank in stage_ranks[1:]:
         assert results[rank] is None, f"rank {rank} is not the first stage: return None"

@@ -25,7 +25,7 @@ def _transport_job(rank, world_size, payloads):
 
 
 def test_send_recv_tensor_any_shape_dtype_with_prefetch():
-    got = launch(_transport_job, 2, PAYLOADS, show_output=False, threads=1)[1]
+    got = launch(_transport_job, 2, PAYLOADS, show_output=False)[1]
     for want, have in zip(PAYLOADS, got):
         assert have.dtype == want.dtype and have.shape == want.shape and torch.equal(have, want)
 
