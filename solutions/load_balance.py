@@ -29,7 +29,7 @@ def dynamic_work_queue(num_tasks: int, run_task: Callable[[int], Any],
     `store.add(key, 1)` atomically increments a counter shared by all ranks and returns the new value,
     so `store.add(key, 1) - 1` is a task id no other rank will get. Stop when it is >= num_tasks.
     Every task must run exactly once across the ranks. `key` names a fresh counter (use a new key for
-    each queue in the same job). End with dist.barrier(): under helpers.launch (and often elsewhere) rank 0
+    each queue in the same job). End with dist.barrier(): with env:// rendezvous (and in many servers) rank 0
     hosts the store, so it must not leave while another rank may still ask the store for work. Call it on every rank; returns [(task_id, run_task(task_id)), ...]
     for the tasks this rank ran, in the order it ran them.
     """
@@ -38,7 +38,7 @@ def dynamic_work_queue(num_tasks: int, run_task: Callable[[int], Any],
     while True:
         task = store.add(key, 1) - 1
         if task >= num_tasks:
-            dist.barrier()      # the store lives in rank 0: keep it up until every rank has asked its last
+            dist.barrier()      # the store may live in rank 0: keep it up until every rank has asked its last
             return done
         done.append((task, run_task(task)))
 
