@@ -28,16 +28,22 @@ class ModelShape:
     layers: int
     kv_heads: int
     head_dim: int
+    heads: int                 # query heads
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
 
 
-# Published shapes (config.json of each model).
+# Published shapes (config.json of each model). helpers/strategy.py's presets come from here too.
 MODELS = {
-    "Llama-2-7B": ModelShape("Llama-2-7B", 6.74e9, 32, 32, 128),
-    "Llama-3-8B": ModelShape("Llama-3-8B", 8.03e9, 32, 8, 128),
-    "Llama-2-13B": ModelShape("Llama-2-13B", 13.0e9, 40, 40, 128),
-    "Llama-2-70B": ModelShape("Llama-2-70B", 69.0e9, 80, 8, 128),
-    "Llama-3-70B": ModelShape("Llama-3-70B", 70.6e9, 80, 8, 128),
-    "Llama-3.1-405B": ModelShape("Llama-3.1-405B", 405.8e9, 126, 8, 128),
+    "Llama-3.2-1B": ModelShape("Llama-3.2-1B", 1.24e9, 16, 8, 64, 32),
+    "Llama-2-7B": ModelShape("Llama-2-7B", 6.74e9, 32, 32, 128, 32),
+    "Llama-3-8B": ModelShape("Llama-3-8B", 8.03e9, 32, 8, 128, 32),
+    "Llama-2-13B": ModelShape("Llama-2-13B", 13.0e9, 40, 40, 128, 40),
+    "Llama-2-70B": ModelShape("Llama-2-70B", 69.0e9, 80, 8, 128, 64),
+    "Llama-3-70B": ModelShape("Llama-3-70B", 70.6e9, 80, 8, 128, 64),
+    "Llama-3.1-405B": ModelShape("Llama-3.1-405B", 405.8e9, 126, 8, 128, 128),
 }
 
 

@@ -24,6 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from helpers.memory import MODELS, kv_bytes_per_token
+from helpers.tp_heads import kv_heads_for_rank
+
 GB = 1e9
 
 # Link figures. InfiniBand NDR: 400 Gb/s = 50 GB/s per port (the seeds' figure). NVLink 4 on H100:
@@ -45,14 +48,16 @@ class Model:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    # Size in billions -> the published model helpers.memory.MODELS describes.
+    PRESETS = {1: "Llama-3.2-1B", 8: "Llama-3-8B", 70: "Llama-3-70B", 405: "Llama-3.1-405B"}
+
     @staticmethod
     def llama(billions: int) -> "Model":
-        """Published shapes of Llama-2/3 style models: 1, 8, 70 and 405 billion parameters."""
-        shapes = {1: (1.24e9, 16, 2048, 32, 8), 8: (8.0e9, 32, 4096, 32, 8),
-                  70: (70.6e9, 80, 8192, 64, 8), 405: (405.8e9, 126, 16384, 128, 8)}
-        if billions not in shapes:
-            raise ValueError(f"no preset for {billions}B: use one of {sorted(shapes)} or build Model(...)")
-        return Model(*shapes[billions])
+        """Published shapes of Llama-3 models: 1, 8, 70 and 405 billion parameters."""
+        if billions not in Model.PRESETS:
+            raise ValueError(f"no preset for {billions}B: use one of {sorted(Model.PRESETS)} or build Model(...)")
+        m = MODELS[Model.PRESETS[billions]]
+        return Model(m.parameters, m.layers, m.hidden, m.heads, m.kv_heads)
 
 
 @dataclass(frozen=True)
@@ -107,19 +112,17 @@ def evaluate(model: Model, cluster: Cluster, dp: int, pp: int, tp: int, seq_len:
     problems = []
     if dp * pp * tp != cluster.gpus:
         problems.append(f"dp·pp·tp = {dp * pp * tp} != {cluster.gpus} GPUs")
-    if model.heads % tp:
-        problems.append(f"heads={model.heads} not divisible by tp={tp}")
-    if tp > model.kv_heads and tp % model.kv_heads:
-        problems.append(f"tp={tp} not a multiple of kv_heads={model.kv_heads}")
-    elif tp <= model.kv_heads and model.kv_heads % tp:
-        problems.append(f"kv_heads={model.kv_heads} not divisible by tp={tp}")
+    try:  # the same rule the tensor-parallel layers apply (split KV heads, or replicate them evenly)
+        kv_heads_for_rank(model.heads, model.kv_heads, 0, tp)
+    except ValueError as err:
+        problems.append(str(err).split(":")[0])
     if pp > model.layers:
         problems.append(f"pp={pp} > layers={model.layers}")
     layers_per_stage = math.ceil(model.layers / pp)
     weights = model.params * b / (tp * pp)
     kv_heads_per_gpu = max(model.kv_heads / tp, 1)
     seqs_per_replica = math.ceil(batch / dp)
-    kv = 2 * layers_per_stage * kv_heads_per_gpu * model.head_dim * seq_len * seqs_per_replica * b
+    kv = kv_bytes_per_token(layers_per_stage, kv_heads_per_gpu, model.head_dim, b) * seq_len * seqs_per_replica
     memory = weights + kv
     if memory > usable_fraction * cluster.gpu_memory_gb * GB:
         problems.append(f"{memory / GB:.0f} GB > {usable_fraction:.0%} of {cluster.gpu_memory_gb:g} GB")
