@@ -13,6 +13,7 @@ import datetime
 import importlib
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,10 @@ def main(argv=None):
     try:
         result = fn(rank, world_size, **json.loads(args.kwargs))
         if result is not None:
-            print(f"[rank {rank}] returned {result!r}", flush=True)
+            # One write per line: the ranks share torchrun's stdout pipe, and print() writes the text and
+            # its newline separately, so another rank's line could land in between.
+            sys.stdout.write(f"[rank {rank}] returned {result!r}\n")
+            sys.stdout.flush()
     finally:
         dist.destroy_process_group()
 
