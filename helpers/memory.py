@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ModelShape", "MODELS", "kv_bytes_per_token", "inference_memory", "smallest_tp_that_fits",
+__all__ = ["ModelShape", "MODELS", "kv_bytes_per_token", "kv_heads_per_rank", "inference_memory", "smallest_tp_that_fits",
            "parameter_bytes", "tensor_bytes", "GB"]
 
 GB = 1e9
@@ -50,6 +50,15 @@ MODELS = {
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bytes_per_value: float = 2) -> float:
     """Bytes of K and V cached for one token in every layer."""
     return 2 * layers * kv_heads * head_dim * bytes_per_value
+
+
+def kv_heads_per_rank(kv_heads: int, tp: int) -> float:
+    """KV heads each rank caches under tensor parallelism: kv_heads / tp while tp <= kv_heads; beyond that
+    every rank still holds (a copy of) one whole KV head, so the per-rank KV cache stops shrinking
+    (the GQA rule of chapter 2; helpers/tp_heads.py decides which head a rank holds)."""
+    if tp < 1:
+        raise ValueError(f"tp={tp}: the tensor-parallel degree is at least 1")
+    return max(kv_heads / tp, 1)
 
 
 def inference_memory(parameters: float, bytes_per_param: float, kv_per_token: float = 0.0,
