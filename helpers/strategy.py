@@ -5,9 +5,13 @@
         print(row)
 
 The arithmetic, for inference (decode) with Megatron-style sharding, `b` bytes per value:
-  * weights per GPU      = params · b / (tp · pp)
-  * KV cache per GPU     = 2 (K and V) · layers/pp · max(kv_heads/tp, 1) · head_dim · seq_len · batch/dp · b
-    (when tp > kv_heads, each KV head is copied to tp/kv_heads GPUs: GQA limits how far TP shards the cache)
+  * KV heads per GPU     = kv_heads_per_rank(kv_heads, tp) = kv_heads/tp, but at least 1  (helpers/memory.py:
+    the GQA rule of chapter 2; past tp = kv_heads each KV head is copied to tp/kv_heads GPUs)
+  * weights per GPU      = (params - kv_proj) · b / (tp · pp) + kv_proj · b · (KV heads per GPU / kv_heads) / pp
+    where kv_proj = 2 · layers · hidden · kv_heads · head_dim are the K and V projections: they are split by
+    KV head, so past tp = kv_heads they are copied too, like the cache they produce
+  * KV cache per GPU     = kv_bytes_per_token(layers/pp, KV heads per GPU, head_dim, b) · seq_len · batch/dp
+    (helpers/memory.py, the formula chapter 2 uses) — it stops shrinking at tp = kv_heads
   * TP traffic per token = layers/pp · 2 all-reduces · 2(tp-1)/tp · hidden · b   (ring all-reduce, per GPU)
   * PP traffic per token = hidden · b over each of the pp-1 stage boundaries
   * DP traffic           = none: replicas serve different requests (training would all-reduce gradients)
@@ -24,10 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from helpers.memory import MODELS, kv_bytes_per_token
+from helpers.memory import GB, MODELS, kv_bytes_per_token, kv_heads_per_rank
 from helpers.tp_heads import kv_heads_for_rank
-
-GB = 1e9
 
 # Link figures. InfiniBand NDR: 400 Gb/s = 50 GB/s per port (the seeds' figure). NVLink 4 on H100:
 # 900 GB/s per GPU both directions together, 450 GB/s each way (NVIDIA's datasheet).
@@ -47,6 +49,11 @@ class Model:
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
+
+    @property
+    def kv_proj_params(self) -> float:
+        """Parameters of the K and V projections (split by KV head under TP, so copied past tp = kv_heads)."""
+        return 2 * self.layers * self.hidden * self.kv_heads * self.head_dim
 
     # Size in billions -> the published model helpers.memory.MODELS describes.
     PRESETS = {1: "Llama-3.2-1B", 8: "Llama-3-8B", 70: "Llama-3-70B", 405: "Llama-3.1-405B"}
@@ -79,6 +86,8 @@ class Layout:
     tp: int
     weights_gb: float        # per GPU
     kv_cache_gb: float       # per GPU
+    kv_heads_per_gpu: float  # kv_heads / tp, at least 1 (GQA: past tp = kv_heads, KV heads are copied)
+    kv_copies: float         # on how many GPUs of a stage each KV head lives: 1, or tp / kv_heads beyond
     memory_gb: float         # per GPU, total
     fits: bool
     tp_bytes_per_token: float
@@ -92,6 +101,8 @@ class Layout:
 
     def __str__(self):
         flag = "fits" if self.fits else "NO: " + "; ".join(self.problems)
+        if self.kv_copies > 1:
+            flag += f" (each KV head on {self.kv_copies:g} GPUs: the KV cache stopped shrinking)"
         return (f"dp={self.dp:<3} pp={self.pp:<3} tp={self.tp:<2}  {self.memory_gb:7.1f} GB/GPU "
                 f"(weights {self.weights_gb:6.1f}, KV {self.kv_cache_gb:5.1f})  "
                 f"TP {self.tp_bytes_per_token / 1e3:7.1f} kB/token over {self.tp_link:<10} "
@@ -102,6 +113,21 @@ class Layout:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def weight_bytes_per_gpu(model: Model, tp: int, pp: int) -> float:
+    """Weight bytes on one GPU: everything split over tp · pp, except the K and V projections, which are
+    split by KV head and so stop shrinking past tp = kv_heads (each GPU keeps the KV head its queries read)."""
+    share = kv_heads_per_rank(model.kv_heads, tp) / model.kv_heads       # = 1/tp while tp <= kv_heads
+    return ((model.params - model.kv_proj_params) / tp + model.kv_proj_params * share) * model.bytes_per_value / pp
+
+
+def kv_cache_bytes_per_gpu(model: Model, tp: int, pp: int, tokens: int) -> float:
+    """KV-cache bytes on one GPU for `tokens` cached tokens of its replica: the layers of one stage
+    (ceil(layers / pp)), kv_heads_per_rank(kv_heads, tp) heads each (chapter 2's formula, helpers/memory.py)."""
+    layers_per_stage = math.ceil(model.layers / pp)
+    return kv_bytes_per_token(layers_per_stage, kv_heads_per_rank(model.kv_heads, tp), model.head_dim,
+                              model.bytes_per_value) * tokens
 
 
 def evaluate(model: Model, cluster: Cluster, dp: int, pp: int, tp: int, seq_len: int, batch: int,
@@ -119,10 +145,10 @@ def evaluate(model: Model, cluster: Cluster, dp: int, pp: int, tp: int, seq_len:
     if pp > model.layers:
         problems.append(f"pp={pp} > layers={model.layers}")
     layers_per_stage = math.ceil(model.layers / pp)
-    weights = model.params * b / (tp * pp)
-    kv_heads_per_gpu = max(model.kv_heads / tp, 1)
+    weights = weight_bytes_per_gpu(model, tp, pp)
+    kv_heads_per_gpu = kv_heads_per_rank(model.kv_heads, tp)
     seqs_per_replica = math.ceil(batch / dp)
-    kv = kv_bytes_per_token(layers_per_stage, kv_heads_per_gpu, model.head_dim, b) * seq_len * seqs_per_replica
+    kv = kv_cache_bytes_per_gpu(model, tp, pp, seq_len * seqs_per_replica)
     memory = weights + kv
     if memory > usable_fraction * cluster.gpu_memory_gb * GB:
         problems.append(f"{memory / GB:.0f} GB > {usable_fraction:.0%} of {cluster.gpu_memory_gb:g} GB")
@@ -158,7 +184,8 @@ def evaluate(model: Model, cluster: Cluster, dp: int, pp: int, tp: int, seq_len:
         prefill += tp_calls * (lat + seq_len * tp_bytes_per_call / bw[tp_link])
     if pp > 1:
         prefill += (pp - 1) * (lat + seq_len * model.hidden * b / bw[pp_link])
-    return Layout(dp, pp, tp, weights / GB, kv / GB, memory / GB, not problems, tp_bytes, pp_bytes,
+    return Layout(dp, pp, tp, weights / GB, kv / GB, kv_heads_per_gpu, tp * kv_heads_per_gpu / model.kv_heads,
+                  memory / GB, not problems, tp_bytes, pp_bytes,
                   tp_link, pp_link, seconds * 1e6, step * 1e3, prefill * 1e3, tuple(problems))
 
 

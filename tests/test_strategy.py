@@ -1,5 +1,6 @@
 """helpers/strategy.py: the strategy calculator's arithmetic and the seeds' rules of thumb."""
 import pytest
+import torch
 
 from helpers.strategy import Cluster, Model, best, evaluate, layouts, zero_bytes_per_gpu
 
@@ -39,3 +40,63 @@ def test_rules_of_thumb():
     huge = best(Model.llama(405), Cluster(gpus=64), 4096, 64)
     assert huge.dp > 1 and huge.pp > 1 and huge.tp == 8         # huge: hybrid, TP = one node, PP across
     assert huge.pp_link == "InfiniBand"
+
+
+def test_kv_cache_stops_shrinking_at_tp_equal_kv_heads():
+    # Llama-3-70B: 8 KV heads. Past tp = 8 each KV head is copied, so neither the cache nor the K/V projections
+    # shrink any further (the old calculator divided the K/V projection weights by tp all the way).
+    m = Model.llama(70)
+    rows = {tp: evaluate(m, Cluster(gpus=tp), dp=1, pp=1, tp=tp, seq_len=4096, batch=8) for tp in (4, 8, 16, 32)}
+    assert rows[16].kv_cache_gb == rows[8].kv_cache_gb == rows[32].kv_cache_gb == rows[4].kv_cache_gb / 2
+    assert (rows[8].kv_copies, rows[16].kv_copies, rows[32].kv_copies) == (1, 2, 4)
+    assert "stopped shrinking" in str(rows[16]) and "stopped shrinking" not in str(rows[8])
+    kv_proj = 2 * 80 * 8192 * 8 * 128
+    assert m.kv_proj_params == kv_proj
+    assert rows[16].weights_gb * 1e9 == pytest.approx(((m.params - kv_proj) / 16 + kv_proj / 8) * 2)
+    assert rows[16].weights_gb * 1e9 > m.params * 2 / 16        # not params/tp: the K/V weights are copied
+    # the same rule as chapter 2's memory arithmetic, in one place
+    from helpers.memory import kv_bytes_per_token, kv_heads_per_rank
+    for tp in (1, 2, 8, 16, 64):
+        got = evaluate(m, Cluster(gpus=tp), dp=1, pp=1, tp=tp, seq_len=100, batch=1).kv_cache_gb * 1e9
+        assert got == pytest.approx(kv_bytes_per_token(80, kv_heads_per_rank(8, tp), 128, 2) * 100)
+
+
+def _kv_job(rank, world_size, config, prompt):
+    """Shard a model over all ranks with the course's Llama TP plan, prefill, and count this rank's bytes."""
+    from transformers import LlamaForCausalLM
+
+    from helpers import load_impl
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    if world_size > 1:
+        load_impl("tp_llama").shard_llama(model)
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).past_key_values
+    kv_cache = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    attn = model.model.layers[0].self_attn
+    kv_weights = sum(p.numel() * p.element_size() for proj in (attn.k_proj, attn.v_proj) for p in proj.parameters())
+    return kv_cache, kv_weights
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_calculator_kv_figures_match_a_real_tp_run(tp, monkeypatch):
+    """The calculator's formulas against real shards: a Llama with 4 query heads and 2 KV heads on tp ranks
+    (tp=4 copies each KV head on 2 ranks) holds exactly the K/V weights and KV cache the calculator says."""
+    pytest.importorskip("solutions.tp_llama")
+    monkeypatch.setenv("COURSE_IMPL", "solutions")      # the reference TP plan (this is not an exercise)
+    from transformers import LlamaConfig
+
+    from helpers import launch
+    from helpers.strategy import kv_cache_bytes_per_gpu, weight_bytes_per_gpu
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    prompt = torch.arange(10).unsqueeze(0)
+    results = launch(_kv_job, tp, config, prompt, show_output=False)
+    spec = Model(params=0, layers=2, hidden=64, heads=4, kv_heads=2, bytes_per_value=4)
+    want_cache = kv_cache_bytes_per_gpu(spec, tp, 1, tokens=10)
+    want_kv_weights = weight_bytes_per_gpu(Model(spec.kv_proj_params, 2, 64, 4, 2, 4), tp, 1) / spec.layers
+    for rank, (kv_cache, kv_weights) in enumerate(results):
+        assert kv_cache == want_cache, f"tp={tp}: rank {rank} caches {kv_cache} B of K/V, calculator says {want_cache}"
+        assert kv_weights == want_kv_weights, \
+            f"tp={tp}: rank {rank} holds {kv_weights} B of K/V projection weights per layer, calculator says {want_kv_weights}"
