@@ -18,11 +18,13 @@ of micro-batches whose activations a rank holds. `draw` turns it into a Gantt ch
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = ["Action", "gpipe_order", "interleaved_1f1b_order", "zb_h1_order", "check_order", "simulate",
-           "SimResult", "draw", "explore", "theory_bubble", "from_torch_order"]
+           "SimResult", "draw", "explore", "theory_bubble", "formula_condition", "expected_bubble",
+           "bubble_verdict", "from_torch_order"]
 
 
 class Action(NamedTuple):
@@ -55,7 +57,8 @@ def _rounds(num_stages, num_micro_batches):
 def interleaved_1f1b_order(num_stages: int, num_micro_batches: int, virtual: int = 2) -> list[list[Action]]:
     """Interleaved 1F1B (Narayanan et al. 2021): each rank holds `virtual` chunks of layers; micro-batches
     go through chunk 0 of every rank, then chunk 1, ... The warm-up is longer, the bubble `virtual` times
-    shorter: (p-1) / (v*m + p-1). Same ordering as PyTorch's ScheduleInterleaved1F1B."""
+    shorter: (p-1) / (v*m + p-1) for m >= p; for m < p it is 1 - v*m / (v*p + m-1) (`formula_condition`).
+    Same ordering as PyTorch's ScheduleInterleaved1F1B."""
     p, m, v = num_stages, num_micro_batches, virtual
     per_round = _rounds(p, m)
     orders = []
@@ -125,11 +128,70 @@ def from_torch_order(pipeline_order: dict) -> list[list[Action]]:
 def theory_bubble(schedule: str, p: int, m: int, virtual: int = 1, f: float = 1, b: float = 1,
                   w: float = 1) -> float:
     """Idle fraction the papers give: (p-1)(F+B+W) / (m(F+B+W) + (p-1)(F+B+W)) for GPipe and 1F1B,
-    divided by v for interleaved, and (p-1)(F+B-W) of idle time for ZB-H1."""
+    divided by v for interleaved, and (p-1)(F+B-W) of idle time for ZB-H1.
+
+    Not every formula holds everywhere: see `formula_condition` (interleaved needs m >= p; ZB-H1's
+    analysis assumes m >= p, F = B and W <= F). `expected_bubble` gives what the schedule really has."""
     work = m * (f + b + w)
     idle = {"gpipe": (p - 1) * (f + b + w), "1f1b": (p - 1) * (f + b + w),
             "interleaved": (p - 1) * (f + b + w) / virtual, "zb-h1": (p - 1) * max(f + b - w, 0)}[schedule]
     return idle / (work + idle)
+
+
+FORMULAS = {"gpipe": "(p-1)/(m+p-1)", "1f1b": "(p-1)/(m+p-1)", "interleaved": "(p-1)/(v·m+p-1)",
+            "zb-h1": "(p-1)(F+B-W) of idle per rank"}
+
+
+def formula_condition(schedule: str, p: int, m: int, virtual: int = 1, f: float = 1, b: float = 1,
+                      w: float = 1) -> tuple[bool, str]:
+    """(holds, condition): whether `theory_bubble`'s formula describes this case, and when it does.
+
+    GPipe, 1F1B: any m and any F, B, W. Interleaved 1F1B: m >= p. Below it, a micro-batch comes back to
+    rank 0 for its next chunk after a trip through all p ranks, but rank 0 has only m < p micro-batches to
+    work on meanwhile: it idles, and the bubble is 1 - v·m/(v·p + m - 1) (= the formula at m = p; at
+    m = 1 it is (p-1)/p, no gain from interleaving). ZB-H1: the paper's count assumes m >= p, F = B and
+    W <= F (otherwise the postponed W's do not fit the idle slots exactly)."""
+    if schedule == "interleaved" and virtual > 1:
+        return m >= p, "m ≥ p"
+    if schedule == "zb-h1":
+        return (m >= p and f == b and w <= f), "m ≥ p, F = B and W ≤ F"
+    return True, "any m"
+
+
+def expected_bubble(schedule: str, p: int, m: int, virtual: int = 1, f: float = 1, b: float = 1,
+                    w: float = 1) -> float | None:
+    """The bubble the schedule has on ideal devices, where a closed form is known; None otherwise."""
+    holds, _ = formula_condition(schedule, p, m, virtual, f, b, w)
+    if holds:
+        return theory_bubble(schedule, p, m, virtual, f, b, w)
+    if schedule == "interleaved":
+        return 1 - virtual * m / (virtual * p + m - 1)
+    return None
+
+
+_EXACT = 64 * sys.float_info.epsilon   # the simulator adds up a few hundred small float costs
+
+
+def bubble_verdict(schedule: str, result: "SimResult", p: int, m: int, virtual: int = 1, f: float = 1,
+                   b: float = 1, w: float = 1) -> bool:
+    """Print (as a helpers.claims verdict) how the simulated bubble compares with the paper's formula:
+    equal where the formula's condition holds; where it does not, the simulated value is shown against
+    both the formula and (interleaved, m < p) the bubble the schedule really has."""
+    from helpers.claims import verdict
+    theory = theory_bubble(schedule, p, m, virtual, f, b, w)
+    holds, condition = formula_condition(schedule, p, m, virtual, f, b, w)
+    formula = FORMULAS[schedule]
+    if holds:
+        return verdict(abs(result.bubble - theory) <= _EXACT,
+                       f"simulated bubble {result.bubble:.3f} = paper's {formula} = {theory:.3f} (it holds for {condition})")
+    real = expected_bubble(schedule, p, m, virtual, f, b, w)
+    if real is not None:
+        return verdict(abs(result.bubble - real) <= _EXACT and abs(result.bubble - theory) > _EXACT,
+                       f"m={m} < p={p}: the paper's {formula} = {theory:.3f} does not hold (it needs {condition}); "
+                       f"simulated {result.bubble:.3f} = 1 - v·m/(v·p+m-1) = {real:.3f}")
+    return verdict(abs(result.bubble - theory) > _EXACT,
+                   f"the paper's {formula} = {theory:.3f} does not hold here (it needs {condition}): "
+                   f"simulated {result.bubble:.3f}")
 
 
 # ------------------------------------------------------------------------------------------ checking
@@ -251,9 +313,9 @@ def report(schedule: str, p: int, m: int, virtual: int = 2, f: float = 1, b: flo
     orders, v = build(schedule, p, m, virtual, one_f_one_b)
     res = simulate(orders, f, b, w, virtual=v)
     key = {"GPipe": "gpipe", "1F1B": "1f1b", "interleaved 1F1B": "interleaved", "ZB-H1": "zb-h1"}[schedule]
-    print(f"{schedule:17s} p={p} m={m}{f' v={v}' if v > 1 else ''}: bubble {res.bubble:.3f} "
-          f"(paper formula {theory_bubble(key, p, m, v, f, b, w):.3f}), "
+    print(f"{schedule:17s} p={p} m={m}{f' v={v}' if v > 1 else ''}: bubble {res.bubble:.3f}, "
           f"peak activations held per rank {res.peak_in_flight}")
+    bubble_verdict(key, res, p, m, v, f, b, w)
     draw(res, f"{schedule}: p={p}, m={m}" + (f", v={v}" if v > 1 else ""), ax=ax)
     if show:
         plt.show()
