@@ -49,11 +49,29 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["launch", "rank_device", "init_rank", "LaunchError", "RankFailed", "JobTimeout", "Results"]
+__all__ = ["launch", "rank_device", "init_rank", "default_timeout", "LaunchError", "RankFailed", "JobTimeout",
+           "Results"]
 
-# Seconds; a teaching job that runs longer than this is almost always a deadlock. COURSE_TIMEOUT overrides.
-DEFAULT_TIMEOUT = float(os.environ.get("COURSE_TIMEOUT", 60))
+# Seconds; a teaching job that runs longer than this is almost always a deadlock. COURSE_TIMEOUT overrides
+# it, read at each launch (not at import): the graders' conftest sets it after this module is imported.
+DEFAULT_TIMEOUT = 60.0
 _GRACE = 3.0            # seconds a rank gets to write its stack dump before it is killed
+# A rank's captured output keeps its first and last MiB: a runaway print cannot fill the disk or a notebook.
+_OUTPUT_HEAD = _OUTPUT_TAIL = 1 << 20
+
+
+def default_timeout() -> float:
+    """The job timeout when launch() is given none: COURSE_TIMEOUT seconds if set, else 60."""
+    value = os.environ.get("COURSE_TIMEOUT")
+    if value is None or value.strip() == "":
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise ValueError(f"COURSE_TIMEOUT={value!r} must be a positive number of seconds")
+    return seconds
 
 
 class LaunchError(RuntimeError):
@@ -67,14 +85,16 @@ class RankFailed(LaunchError):
     died without raising), message, remote_traceback, exitcode, outputs (every rank's captured output).
     """
 
-    def __init__(self, rank, exc_type, message, remote_traceback, exitcode, outputs):
+    def __init__(self, rank, exc_type, message, remote_traceback, exitcode, outputs, traceback_rank=None):
         self.rank, self.exc_type, self.message = rank, exc_type, message
         self.remote_traceback, self.exitcode, self.outputs = remote_traceback, exitcode, outputs
         if exc_type is not None:
             head = f"rank {rank} raised {exc_type}: {message}"
         else:
             head = f"rank {rank} {message}"
-        body = f"\n\n--- traceback of rank {rank} ---\n{remote_traceback.rstrip()}" if remote_traceback else ""
+        # traceback_rank: whose traceback it is, when it is not the blamed rank's (a peer left early).
+        whose = f"rank {rank}" if traceback_rank is None else f"rank {traceback_rank}, which waited for it"
+        body = f"\n\n--- traceback of {whose} ---\n{remote_traceback.rstrip()}" if remote_traceback else ""
         super().__init__(head + body + "\n\nThe other ranks were stopped.")
 
 
@@ -175,13 +195,11 @@ def _rank_main(fn, rank, world_size, backend, listener, workdir, threads, timeou
         code = 1
         payload = ("error", type(exc).__name__, str(exc), _user_traceback(exc), time.time())
     try:
-        with open(os.path.join(workdir, f"rank{rank}.result"), "wb") as f:
-            pickle.dump(payload, f)
+        _write_result(workdir, rank, payload)
     except Exception as exc:  # e.g. the function returned something that cannot be pickled
         code = 1
-        with open(os.path.join(workdir, f"rank{rank}.result"), "wb") as f:
-            pickle.dump(("error", "ResultNotPicklable",
-                         f"the return value of rank {rank} could not be sent back: {exc}", "", time.time()), f)
+        _write_result(workdir, rank, ("error", "ResultNotPicklable",
+                                      f"the return value of rank {rank} could not be sent back: {exc}", "", time.time()))
     try:
         if code == 0 and dist.is_initialized():
             dist.destroy_process_group()
@@ -189,6 +207,14 @@ def _rank_main(fn, rank, world_size, backend, listener, workdir, threads, timeou
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _write_result(workdir, rank, payload):
+    """Write then rename, so the parent never reads half a result (it may look while the rank still runs)."""
+    path = os.path.join(workdir, f"rank{rank}.result")
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(payload, f)
+    os.replace(path + ".tmp", path)
 
 
 def _serve_store(listener, timeout):
@@ -265,7 +291,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None =
     show_output: print each rank's output after the job, as `[rank i] ...` lines in rank order.
     Raises RankFailed when a rank raises or dies; the other ranks are stopped either way.
     """
-    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    timeout = default_timeout() if timeout is None else timeout
     threads = 1 if threads is None else threads
     backend = _check_arguments(fn, world_size, backend, timeout)
 
@@ -281,21 +307,29 @@ def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None =
     start = time.perf_counter()
     sys.stdout.flush()
     sys.stderr.flush()
+    logs = _Logs(workdir, world_size)
     try:
         store_proc.start()
         for p in procs:
             p.start()
         listener.close()
-        failure = _wait(procs, workdir, timeout, start)
+        failure = _wait(procs, workdir, timeout, start, logs)
         seconds = time.perf_counter() - start
-        outputs = [_read(os.path.join(workdir, f"rank{r}.log")) for r in range(world_size)]
+        outputs = [logs.read(r) for r in range(world_size)]
         if show_output:
             _print_outputs(outputs)
         if failure is not None:
             if failure[0] == "timeout":
                 raise JobTimeout(timeout, failure[1], outputs) from None
-            raise RankFailed(*failure, outputs=outputs) from None
-        results = Results(_load(workdir, r)[1] for r in range(world_size))
+            raise RankFailed(*failure[:5], outputs=outputs, traceback_rank=failure[5]) from None
+        results = Results()
+        for r in range(world_size):
+            try:
+                results.append(_load(workdir, r)[1])
+            except _Unloadable as exc:
+                raise RankFailed(r, None, f"returned a value that cannot be unpickled in the launching process "
+                                 f"({exc}); return tensors, numbers, strings or containers of them",
+                                 "", 0, outputs) from None
         results.outputs, results.seconds = outputs, seconds
         return results
     finally:
@@ -304,7 +338,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None =
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _wait(procs, workdir, timeout, start):
+def _wait(procs, workdir, timeout, start, logs):
     """Wait for every rank. Returns None on success, ("timeout", stacks) on a hang, or the arguments of
     RankFailed for the rank that failed first."""
     pending = {p.sentinel: r for r, p in enumerate(procs)}
@@ -319,13 +353,14 @@ def _wait(procs, workdir, timeout, start):
                 procs[rank].join()
                 if procs[rank].exitcode != 0:
                     failed[rank] = time.time()
+            logs.cap()
             if failed:
                 # Let ranks that fail in the same instant report too, then blame the root cause.
                 time.sleep(0.05)
                 for sentinel, rank in list(pending.items()):
                     if procs[rank].exitcode not in (None, 0):
                         failed[rank] = time.time()
-                return _describe_failure(procs, workdir, failed)
+                return _describe_failure(procs, workdir, failed, logs)
     except KeyboardInterrupt:
         _stop(procs)
         raise
@@ -336,22 +371,81 @@ def _wait(procs, workdir, timeout, start):
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
 
 
-def _describe_failure(procs, workdir, failed):
+def _describe_failure(procs, workdir, failed, logs):
+    """The arguments of RankFailed for the rank that caused the failure: a rank that raised or died on its
+    own, else a rank whose function returned while the failed ranks still waited for it in a collective."""
     reports = []
     for rank, noticed in failed.items():
-        result = _load(workdir, rank)
+        try:
+            result = _load(workdir, rank)
+        except _Unloadable:
+            result = None
         code = procs[rank].exitcode
         if result and result[0] == "error":
             _, exc_type, message, tb, when = result
         else:
-            exc_type, tb, when = None, "", noticed
+            exc_type, when = None, noticed
             if code is not None and code < 0:
                 message = f"was killed by signal {signal.Signals(-code).name}"
             else:
                 message = f"exited with code {code} before its function returned (os._exit or a crash)"
+            cause, tb = _crash_cause(logs.read(rank))
+            message += cause
         secondary = exc_type is not None and any(s in message for s in _PEER_GONE)
         reports.append(((secondary, when, rank), (rank, exc_type, message, tb, code)))
-    return min(reports)[1]
+    (secondary, _, victim), first = min(reports)
+    returned = [r for r in range(len(procs)) if r not in failed and _returned(workdir, r)]
+    if secondary and returned:
+        # The peer that "crashed" did not crash: its function ended, closing its connections, while this
+        # rank still waited for it in a collective. Blame the rank that left.
+        tb = first[3]
+        where = _collective_in(tb)
+        also = ", ".join(map(str, returned[1:]))
+        message = f"returned while rank {victim} waited in {where}" if not also else \
+            f"returned (so did rank{'s' if len(returned) > 2 else ''} {also}) while rank {victim} waited in {where}"
+        seen = next((s for s in _PEER_GONE if s in first[2]), first[2])
+        message += (f" (rank {victim} saw \"{seen}\"). Every rank must call the same collectives in the same "
+                    f"order: this rank's function ended without the {where} that rank {victim} was waiting in")
+        return returned[0], None, message, tb, 0, victim
+    return (*first, None)
+
+
+def _returned(workdir, rank) -> bool:
+    """Whether this rank's function returned normally (its result file says ok)."""
+    try:
+        result = _load(workdir, rank)
+    except _Unloadable:
+        return True  # it returned; only the value cannot be read here
+    return bool(result) and result[0] == "ok"
+
+
+def _collective_in(text: str) -> str:
+    """The torch.distributed call a rank was inside, from its traceback (outermost first)."""
+    calls = re.findall(r'distributed_c10d\.py", line \d+, in (\w+)', text)
+    return calls[-1] if calls else "a collective"
+
+
+def _crash_cause(log: str) -> tuple[str, str]:
+    """(": the reason", stack) for a rank that died without raising, from what it printed as it died:
+    a C++ exception's what() (gloo: "Received data size doesn't match expected size") and faulthandler's
+    dump of the Python stack. Both are in the rank's output, which graders do not show."""
+    cause = ""
+    what = re.findall(r"what\(\):\s*(.+)", log)
+    if what:
+        cause = re.sub(r"^\[enforce fail at [^\]]*\]\s*", "", what[-1].strip())
+    elif "Fatal Python error:" in log:
+        cause = log.split("Fatal Python error:")[-1].splitlines()[0].strip()
+    stack = ""
+    if "(most recent call first):" in log:
+        dump = log.split("(most recent call first):")[-1].split("\n\n")[0]
+        stack = _format_stack(dump)
+        calls = re.findall(r'distributed_c10d\.py", line \d+ in (\w+)', dump)
+        if calls:
+            cause = f"in {calls[0]}" + (f": {cause}" if cause else "")
+        stack = "Stack when it died (innermost call last):\n" + stack
+    if cause and "doesn't match expected size" in cause:
+        cause += " (the ranks passed tensors of different sizes to the same collective)"
+    return (f" {cause}" if cause.startswith("in ") else f": {cause}") if cause else "", stack
 
 
 def _dump_stacks(procs, workdir):
@@ -425,20 +519,65 @@ def _stop(procs):
                 p.join()
 
 
+class _Unloadable(Exception):
+    """A rank's result file exists but cannot be unpickled in this process."""
+
+
 def _load(workdir, rank):
+    """The rank's ("ok", value) or ("error", ...) record; None if it wrote none; _Unloadable if unreadable."""
     try:
         with open(os.path.join(workdir, f"rank{rank}.result"), "rb") as f:
             return pickle.load(f)
-    except (OSError, EOFError, pickle.UnpicklingError):
+    except FileNotFoundError:
         return None
+    except Exception as exc:  # unpickling runs the value's own code: any error can come out of it
+        raise _Unloadable(f"{type(exc).__name__}: {exc}") from None
 
 
-def _read(path):
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
+class _Logs:
+    """Each rank's output file, kept to its first and last _OUTPUT_HEAD/_OUTPUT_TAIL bytes. cap() runs while
+    the job runs: it saves the head, keeps the latest tail and empties the file (ranks append with O_APPEND,
+    so their next write lands at the new end)."""
+
+    def __init__(self, workdir, world_size):
+        self.paths = [os.path.join(workdir, f"rank{r}.log") for r in range(world_size)]
+        self.head: dict[int, bytes] = {}
+        self.tail: dict[int, bytes] = {}
+        self.omitted: dict[int, int] = {}
+
+    def cap(self):
+        for rank, path in enumerate(self.paths):
+            try:
+                if os.path.getsize(path) <= 2 * (_OUTPUT_HEAD + _OUTPUT_TAIL):
+                    continue
+                with open(path, "r+b") as f:
+                    data = f.read()
+                    f.truncate(0)
+            except OSError:
+                continue
+            if rank not in self.head:
+                self.head[rank], data = data[:_OUTPUT_HEAD], data[_OUTPUT_HEAD:]
+            kept = self.tail.get(rank, b"") + data
+            self.omitted[rank] = self.omitted.get(rank, 0) + max(0, len(kept) - _OUTPUT_TAIL)
+            self.tail[rank] = kept[-_OUTPUT_TAIL:]
+
+    def read(self, rank) -> str:
+        try:
+            with open(self.paths[rank], "rb") as f:
+                data = f.read()
+        except OSError:
+            data = b""
+        head, omitted = self.head.get(rank), self.omitted.get(rank, 0)
+        if head is None:
+            if len(data) <= _OUTPUT_HEAD + _OUTPUT_TAIL:
+                return data.decode(errors="replace")
+            head, data = data[:_OUTPUT_HEAD], data[_OUTPUT_HEAD:]
+        data = self.tail.get(rank, b"") + data
+        omitted += max(0, len(data) - _OUTPUT_TAIL)
+        data = data[-_OUTPUT_TAIL:]
+        note = (f"\n[... {omitted} bytes of this rank's output omitted: the launcher keeps the first and last "
+                f"{_OUTPUT_TAIL >> 20} MiB ...]\n")
+        return head.decode(errors="replace") + note + data.decode(errors="replace")
 
 
 def _print_outputs(outputs):

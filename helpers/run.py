@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from helpers.launch import DEFAULT_TIMEOUT, init_rank
+from helpers.launch import default_timeout, init_rank
 
 
 def resolve(target: str):
@@ -38,7 +38,8 @@ def main(argv=None):
     parser.add_argument("target", help="MODULE:FUNCTION taking (rank, world_size, **kwargs)")
     parser.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments for the function")
     parser.add_argument("--backend", choices=["gloo", "nccl"], default=None)
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="collective timeout, seconds")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="collective timeout, seconds (default: COURSE_TIMEOUT, else 60)")
     args = parser.parse_args(argv)
     if "RANK" not in os.environ:
         raise SystemExit("helpers.run is started by torchrun, e.g. "
@@ -50,7 +51,8 @@ def main(argv=None):
     backend = args.backend or ("nccl" if torch.cuda.is_available()
                                and torch.cuda.device_count() >= local_size else "gloo")
     init_rank(backend, local_rank, local_size)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
+    timeout = default_timeout() if args.timeout is None else args.timeout
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     try:
         result = fn(rank, world_size, **json.loads(args.kwargs))
         if result is not None:

@@ -157,6 +157,74 @@ def test_unpicklable_result_is_reported():
         launch(lambda rank, world_size: (lambda: None), 2)
 
 
+class _FailsToUnpickle:
+    def __reduce__(self):
+        return int, ("not a number",)  # pickles in the rank; raises ValueError when the parent unpickles it
+
+
+def test_result_that_cannot_be_unpickled_in_the_parent_names_the_rank():
+    def job(rank, world_size):
+        return _FailsToUnpickle() if rank == 1 else rank
+    with pytest.raises(RankFailed) as info:
+        launch(job, 2)
+    assert info.value.rank == 1 and "cannot be unpickled" in str(info.value)
+    assert "ValueError" in str(info.value)
+
+
+def test_rank_that_returns_while_a_peer_waits_in_a_collective_is_blamed():
+    """Rank 1 leaves without the all_reduce rank 0 waits in: gloo tells rank 0 "Connection closed by peer,
+    ... caused by a remote worker crashing"; the launcher names rank 1, which returned, and the collective."""
+    def job(rank, world_size):
+        if rank == 0:
+            dist.all_reduce(torch.zeros(4))
+        return rank
+    with pytest.raises(RankFailed) as info:
+        launch(job, 2, timeout=20, show_output=False)
+    err = info.value
+    assert err.rank == 1, str(err)
+    assert str(err).startswith("rank 1 returned while rank 0 waited in all_reduce"), str(err)
+    assert "dist.all_reduce(torch.zeros(4))" in err.remote_traceback  # where rank 0 waited
+
+
+def test_mismatched_shapes_report_gloos_explanation():
+    def job(rank, world_size):
+        dist.all_reduce(torch.zeros(4 if rank == 0 else 8))
+    with pytest.raises(RankFailed) as info:
+        launch(job, 2, timeout=20, show_output=False)
+    text = str(info.value)
+    assert "killed by signal SIGABRT" in text and "in all_reduce" in text, text
+    assert "size doesn't match" in text and "tensors of different sizes" in text, text
+    assert "dist.all_reduce(torch.zeros(4 if rank == 0 else 8))" in info.value.remote_traceback
+
+
+def test_runaway_output_is_capped_with_a_note(capsys):
+    def job(rank, world_size):
+        if rank == 1:
+            line = "x" * 99 + "\n"
+            for _ in range(100_000):  # 10 MB
+                sys.stdout.write(line)
+            print("last line")
+        return rank
+    results = launch(job, 2, timeout=30)
+    assert results == [0, 1]
+    out = results.outputs[1]
+    assert len(out) < 2.1e6 and "bytes of this rank's output omitted" in out
+    assert out.startswith("x" * 99) and out.endswith("last line\n")
+    assert len(capsys.readouterr().out) < 2.5e6
+
+
+def test_course_timeout_is_read_when_a_job_starts(monkeypatch):
+    """The graders' conftest sets COURSE_TIMEOUT after helpers.launch was imported; it must still apply."""
+    monkeypatch.setenv("COURSE_TIMEOUT", "1.5")
+    start = time.monotonic()
+    with pytest.raises(JobTimeout) as info:
+        launch(lambda rank, world_size: time.sleep(60), 1, show_output=False)
+    assert info.value.timeout == 1.5 and time.monotonic() - start < 15
+    monkeypatch.setenv("COURSE_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="COURSE_TIMEOUT"):
+        launch(print, 1)
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(fn=42, world_size=2), TypeError, "not callable"),
     (dict(fn=print, world_size=0), ValueError, "at least one process"),
