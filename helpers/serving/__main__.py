@@ -7,17 +7,23 @@
     curl -s 127.0.0.1:8000/metrics
 
 Ctrl-C (or SIGTERM) stops the front end and every replica process.
+
+On a machine shared by several users, anyone there can reach 127.0.0.1. Require a key, as vLLM does:
+    SERVING_API_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe())') python -m helpers.serving
+    curl -s 127.0.0.1:8000/v1/completions -H "Authorization: Bearer $SERVING_API_KEY" ...
+(--api-key KEY works too, but a command line is visible to every user in `ps`; the variable is not.)
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import importlib
+import os
 import signal
 import socket
 import sys
 
-from helpers.serving.balancer import POLICIES, Balancer
+from helpers.serving.balancer import POLICIES, STUCK_AFTER, Balancer
 from helpers.serving.engine import BATCHING
 from helpers.serving.metrics import ServingMetrics
 from helpers.serving.replica import load_model_module
@@ -43,6 +49,11 @@ def parse_args(argv=None):
     p.add_argument("--policy", choices=POLICIES, default="least_outstanding")
     p.add_argument("--max-retries", type=int, default=3, help="re-sends of a request after replica failures")
     p.add_argument("--no-restart", action="store_true", help="do not restart replicas that die")
+    p.add_argument("--stuck-after", type=float, default=STUCK_AFTER, help="seconds without a heartbeat "
+                   "after which a replica is taken for stuck, killed and replaced (0: never)")
+    p.add_argument("--api-key", default=os.environ.get("SERVING_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1 paths (default: $SERVING_API_KEY; "
+                   "/health, /metrics and /replicas stay open, as in vLLM)")
     p.add_argument("--model", default="helpers.tiny_llama",
                    help="module with load_model(), encode(), decode(), CONFIG")
     p.add_argument("--model-name", default="tiny-llama", help="the name clients send as 'model'")
@@ -52,6 +63,10 @@ def parse_args(argv=None):
     for name in ("replicas", "tp", "pp"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)} must be at least 1")
+    if args.api_key is not None and (not args.api_key.strip() or not args.api_key.isprintable()):
+        p.error("--api-key must be printable characters, not empty")
+    if args.stuck_after < 0:
+        p.error(f"--stuck-after {args.stuck_after:g} must be >= 0 (0 turns the watchdog off)")
     if not 0 <= args.port < 65536:
         p.error(f"--port {args.port} is not a TCP port")
     return args
@@ -74,18 +89,20 @@ async def serve(args) -> None:
     sock = socket.create_server((args.host, args.port), family=family, backlog=512)
     balancer = Balancer(args.replicas, args.model, batching=args.batching, max_batch=args.max_batch,
                         policy=args.policy, max_retries=args.max_retries, restart=not args.no_restart,
-                        tp=args.tp, pp=args.pp, metrics=metrics, choose=_import_function(args.choose))
+                        tp=args.tp, pp=args.pp, metrics=metrics, choose=_import_function(args.choose),
+                        stuck_after=args.stuck_after)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await balancer.start()
-        front = CompletionServer(balancer, metrics, module, args.model_name)
+        front = CompletionServer(balancer, metrics, module, args.model_name, api_key=args.api_key)
         server = await asyncio.start_server(front.handle, sock=sock)
         port = sock.getsockname()[1]
         print(f"serving {args.model_name} on http://127.0.0.1:{port} with {args.replicas} replica(s), "
-              f"pp={args.pp}, tp={args.tp}, batching={args.batching}, max_batch={args.max_batch}, policy={args.policy}", flush=True)
+              f"pp={args.pp}, tp={args.tp}, batching={args.batching}, max_batch={args.max_batch}, policy={args.policy}"
+              + (", API key required on /v1" if args.api_key else ""), flush=True)
         await stop.wait()
         server.close()
         for task in list(front.connections):

@@ -9,6 +9,9 @@
 The server runs in its own process group (`python -m helpers.serving ...`, the same command a learner
 types), so stop() can signal the front end and all its replicas at once; each replica also dies with its
 parent. An atexit hook stops servers a notebook forgot to stop when the kernel exits.
+
+`api_key="..."` starts the server with a key (passed in its environment, not on its command line, where
+`ps` would show it to everyone) and makes get() and complete() send it.
 """
 from __future__ import annotations
 
@@ -32,13 +35,18 @@ _live: "weakref.WeakSet[ServerProcess]" = weakref.WeakSet()
 class ServerProcess:
     def __init__(self, replicas=2, batching="continuous", max_batch=8, policy="least_outstanding",
                  max_retries=3, restart=True, model="helpers.tiny_llama", tp=1, pp=1, choose=None,
-                 startup_timeout=120.0, env=None):
+                 startup_timeout=120.0, env=None, stuck_after=None, api_key=None):
         self.log_path = tempfile.mktemp(prefix="dil-server-", suffix=".log")
         argv = [sys.executable, "-m", "helpers.serving", "--port", "0", "--replicas", str(replicas),
                 "--batching", batching, "--max-batch", str(max_batch), "--policy", policy,
                 "--max-retries", str(max_retries), "--model", model, "--tp", str(tp), "--pp", str(pp)]
         argv += ([] if restart else ["--no-restart"]) + (["--choose", choose] if choose else [])
+        argv += [] if stuck_after is None else ["--stuck-after", str(stuck_after)]
+        self.api_key = api_key
         environment = dict(os.environ, **(env or {}))
+        environment.pop("SERVING_API_KEY", None)
+        if api_key is not None:
+            environment["SERVING_API_KEY"] = api_key
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
         environment.setdefault("OMP_NUM_THREADS", "1")
         self._log = open(self.log_path, "wb")
@@ -70,16 +78,20 @@ class ServerProcess:
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
 
+    def _headers(self) -> dict:
+        return {} if self.api_key is None else {"Authorization": f"Bearer {self.api_key}"}
+
     def get(self, path: str, timeout: float = 10.0):
         """GET a path; returns the decoded JSON, or the text for /metrics."""
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+        request = urllib.request.Request(self.url + path, headers=self._headers())
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read().decode()
         return body if path == "/metrics" else json.loads(body)
 
     def complete(self, timeout: float = 60.0, **body) -> dict:
         """POST /v1/completions with `body` as JSON; returns the response JSON (raises HTTPError on 4xx/5xx)."""
         request = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json", **self._headers()})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
 

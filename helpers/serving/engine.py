@@ -16,15 +16,25 @@ KV cache instead of padding; the schedule is the point here, not the memory layo
     while engine.has_work:
         for seq in engine.step():          # the sequences that finished in this step
             print(seq.rid, seq.tokens)
+        for seq in engine.take_failed():   # sequences that raised (seq.error says why): only they stop
+            print(seq.rid, seq.error)
+
+One request's failure is that request's alone: an exception while prefilling or sampling a sequence, or
+a batched decode step that raises (then each sequence is retried alone to find the culprit), fails that
+sequence and the others carry on. A server answers a failed sequence with an error; the replica lives.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
+import traceback
 from collections import deque
 
 import torch
 from transformers import DynamicCache
+
+from helpers.serving.protocol import MIN_TEMPERATURE, SAMPLING_EPS
 
 BATCHING = ("none", "static", "continuous")
 
@@ -47,6 +57,7 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
         self.tokens: list[int] = []
         self.cache = None
+        self.error = self.traceback = None   # set when this sequence failed (Engine.take_failed)
         self.submitted = time.monotonic()
         self.started = self.first_token = self.finished = None
 
@@ -65,10 +76,16 @@ class Sequence:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
-    """Next token from logits [vocab]: greedy when temperature == 0, else temperature + nucleus (top_p)."""
-    if temperature == 0:
+    """Next token from logits [vocab]: greedy when temperature == 0, else temperature + nucleus (top_p).
+    Temperatures below SAMPLING_EPS are greedy and others at least MIN_TEMPERATURE (protocol.py), so the
+    division cannot overflow; logits that are not finite raise ValueError instead of a multinomial error."""
+    if not math.isfinite(temperature) or not math.isfinite(top_p):
+        raise ValueError(f"temperature={temperature} and top_p={top_p} must be finite")
+    if temperature < SAMPLING_EPS:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits.float() / max(temperature, MIN_TEMPERATURE), dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError("the model's logits are not finite (NaN or inf): no distribution to sample from")
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > top_p  # keep the smallest head >= top_p
@@ -89,6 +106,7 @@ class Engine:
         self.max_batch = 1 if batching == "none" else max_batch
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.failed: list[Sequence] = []   # failed since the last take_failed()
         self.busy_seconds = 0.0   # time spent computing (prefill + decode): the replica's utilisation
         self.steps = 0
         self.tokens_generated = 0
@@ -99,6 +117,20 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def take_failed(self) -> list[Sequence]:
+        """The sequences that failed since the last call (each with .error and .traceback), forgotten here."""
+        failed, self.failed = self.failed, []
+        return failed
+
+    def fail(self, seq: Sequence, error: BaseException) -> None:
+        """Take `seq` out of the engine as failed; the rest of the batch is untouched."""
+        seq.error, seq.traceback = f"{type(error).__name__}: {error}", traceback.format_exc()
+        seq.finished, seq.cache = time.monotonic(), None
+        for queue in (self.waiting, self.running):
+            if seq in queue:
+                queue.remove(seq)
+        self.failed.append(seq)
 
     def cancel(self, rid) -> bool:
         """Drop a request (its client went away). True if it was queued or running here."""
@@ -135,7 +167,11 @@ class Engine:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting.popleft()
             seq.started = time.monotonic()
-            self._prefill(seq)
+            try:
+                self._prefill(seq)
+            except Exception as e:  # this request's failure, not the replica's
+                self.fail(seq, e)
+                continue
             self.running.append(seq)
 
     def _prefill(self, seq: Sequence) -> None:
@@ -145,6 +181,19 @@ class Engine:
         seq.first_token = time.monotonic()
 
     def _decode(self, seqs: list[Sequence]) -> None:
+        try:
+            self._decode_batch(seqs)
+        except Exception as e:
+            if len(seqs) == 1:
+                self.fail(seqs[0], e)
+                return
+            for seq in seqs:  # find the sequence that breaks the batch: each alone, the culprit fails
+                try:
+                    self._decode_batch([seq])
+                except Exception as e:
+                    self.fail(seq, e)
+
+    def _decode_batch(self, seqs: list[Sequence]) -> None:
         lengths = [s.cache_length for s in seqs]
         longest = max(lengths)
         layers = []
@@ -165,7 +214,12 @@ class Engine:
         new = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         for i, (s, n) in enumerate(zip(seqs, lengths)):
             s.cache = [(k[i:i + 1, :, longest - n:], v[i:i + 1, :, longest - n:]) for k, v in new]
-            self._append(s, out.logits[i, -1])
+            try:
+                self._append(s, out.logits[i, -1])
+            except Exception as e:  # sampling failed for this sequence only
+                if len(seqs) == 1:
+                    raise
+                self.fail(s, e)
 
     def _append(self, seq: Sequence, logits: torch.Tensor) -> None:
         seq.tokens.append(sample(logits, seq.temperature, seq.top_p, seq.generator))

@@ -17,14 +17,43 @@ What a pipeline changes for serving, compared with the one-process Engine:
     between micro-batches instead). batching="none" serves one request per round.
   * greedy only: the last stage sends back argmax tokens. The front end answers temperature > 0 with 400.
   * a cancelled request leaves the queue, but not a round already running.
+  * a round is one long call: rank 0 reports its heartbeat from a thread meanwhile (`Heartbeat`), so the
+    front end can tell a long round from a stopped process.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 
-from helpers.serving.replica import STATS_EVERY, load_model_module
+from helpers.serving.replica import HEARTBEAT, STATS_EVERY, load_model_module
+
+
+class Heartbeat:
+    """`with Heartbeat(conn, stats):` sends ("stats", stats()) every HEARTBEAT seconds from a thread while
+    the block runs (a long pipeline round). Nothing else sends on conn meanwhile, so no lock is needed."""
+
+    def __init__(self, conn, stats):
+        self.conn, self.stats, self.stop = conn, stats, threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def _beat(self):
+        while not self.stop.wait(HEARTBEAT):
+            try:
+                self.conn.send(("stats", self.stats()))
+            except OSError:
+                return
+
+    def __enter__(self):
+        if self.conn is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
 
 
 def build_pipeline_stage(model, pp: int, tp: int):
@@ -65,7 +94,7 @@ def pipeline_rank(rank, world_size, conn, model_spec, batching, max_batch, pp, t
         while True:
             messages = []
             if conn is not None:
-                timeout = 0 if waiting else 1.0   # idle: wake every second so the broadcast never times out
+                timeout = 0 if waiting else HEARTBEAT   # idle: wake to report, and so the broadcast never times out
                 try:
                     while conn.poll(timeout):
                         messages.append(conn.recv())
@@ -81,6 +110,8 @@ def pipeline_rank(rank, world_size, conn, model_spec, batching, max_batch, pp, t
                 elif msg[0] == "cancel":
                     for seq in [s for s in waiting if s.rid == msg[1]]:
                         waiting.remove(seq)
+                    if conn is not None:   # rounds run whole: a request not waiting was already answered
+                        conn.send(("cancelled", msg[1]))
                 elif msg[0] == "stop":
                     return
             batch = [waiting.popleft() for _ in range(min(per_round, len(waiting)))]
@@ -89,8 +120,11 @@ def pipeline_rank(rank, world_size, conn, model_spec, batching, max_batch, pp, t
                 for seq in batch:
                     seq.started = time.monotonic()
                 timeline = Timeline(rank) if conn is not None else None
-                out = generate(stage, stage_ranks, [torch.tensor([s.prompt]) for s in batch],
-                               max(s.max_tokens for s in batch), group=group, timeline=timeline)
+                stats = {"busy_seconds": busy, "waiting": len(waiting), "running": len(batch), "steps": rounds,
+                         "tokens": tokens}
+                with Heartbeat(conn, lambda: stats):
+                    out = generate(stage, stage_ranks, [torch.tensor([s.prompt]) for s in batch],
+                                   max(s.max_tokens for s in batch), group=group, timeline=timeline)
                 busy += time.perf_counter() - start
                 rounds += 1
                 tokens += sum(s.max_tokens for s in batch)
@@ -107,7 +141,7 @@ def pipeline_rank(rank, world_size, conn, model_spec, batching, max_batch, pp, t
             if conn is None:
                 continue
             now = time.monotonic()
-            if batch or now - last_stats > STATS_EVERY or not waiting:
+            if batch or now - last_stats > (STATS_EVERY if waiting else HEARTBEAT * 0.8):
                 conn.send(("stats", {"busy_seconds": busy, "waiting": len(waiting), "running": 0,
                                      "steps": rounds, "tokens": tokens}))
                 last_stats = now

@@ -6,11 +6,16 @@ Messages (tuples, pickled by multiprocessing.Connection):
                            ("cancel", rid)           the client went away: stop computing it
     replica -> front end   ("ready", pid)            model loaded, accepting work
                            ("done", rid, tokens, timings)
-                           ("stats", {busy_seconds, waiting, running, steps, tokens})
+                           ("failed", rid, status, message)   this request failed here (400: it was
+                                                     invalid, 500: it hit a bug); the replica carries on
+                           ("cancelled", rid)        the cancel was handled: the replica holds rid no more
+                           ("stats", {busy_seconds, waiting, running, steps, tokens})   also the heartbeat
 
-The loop blocks on the pipe while idle and polls it between decode steps while busy, so new requests join
-the batch at the next step (continuous batching) without a thread. It exits when the pipe closes (the
-front end stopped or died) and, on Linux, when its parent process dies.
+The loop waits on the pipe while idle and polls it between decode steps while busy, so new requests join
+the batch at the next step (continuous batching) without a thread. It reports its load at least every
+HEARTBEAT seconds, idle or busy: the front end takes a replica that falls silent for longer than its
+`stuck_after` as stuck (stopped, hung), kills it and retries its requests elsewhere. It exits when the pipe
+closes (the front end stopped or died) and, on Linux, when its parent process dies.
 """
 from __future__ import annotations
 
@@ -21,10 +26,12 @@ import signal
 import stat
 import sys
 import time
+import traceback
 
 from helpers.launch import die_with_parent
 
 STATS_EVERY = 0.05  # seconds between load reports while busy
+HEARTBEAT = 0.5     # seconds between load reports while idle: the front end's sign of life
 
 
 def load_model_module(spec: str):
@@ -109,9 +116,9 @@ def _serve(conn, engine, group_size: int) -> None:
         while True:
             messages = []
             if conn is not None:
-                # Idle: sleep on the pipe (waking every second so the other ranks' broadcast never times
-                # out). Busy: take whatever arrived, then run the next step.
-                timeout = 0 if engine.has_work else (None if group_size == 1 else 1.0)
+                # Idle: sleep on the pipe, waking every HEARTBEAT to report (and so that the other ranks'
+                # broadcast never times out). Busy: take whatever arrived, then run the next step.
+                timeout = 0 if engine.has_work else HEARTBEAT
                 try:
                     while conn.poll(timeout):
                         msg = conn.recv()
@@ -125,22 +132,41 @@ def _serve(conn, engine, group_size: int) -> None:
                 box = [messages]
                 dist.broadcast_object_list(box, src=0)
                 messages = box[0]
+            failed = []   # (rid, HTTP status, message): requests that fail here, and only them
             for msg in messages:
                 if msg[0] == "submit":
                     _, rid, p = msg
-                    engine.submit(Sequence(rid, p["prompt"], p["max_tokens"], p.get("temperature", 0.0),
-                                           p.get("top_p", 1.0), p.get("seed")))
+                    try:
+                        engine.submit(Sequence(rid, p["prompt"], p["max_tokens"], p.get("temperature", 0.0),
+                                               p.get("top_p", 1.0), p.get("seed")))
+                    except (ValueError, TypeError, KeyError) as e:
+                        failed.append((rid, 400, f"invalid request: {type(e).__name__}: {e}"))
                 elif msg[0] == "cancel":
                     engine.cancel(msg[1])
+                    if conn is not None:
+                        conn.send(("cancelled", msg[1]))
                 elif msg[0] == "stop":
                     return  # the front end is gone
-            finished = engine.step() if engine.has_work else []
+            try:
+                finished = engine.step() if engine.has_work else []
+            except Exception as e:  # a bug outside any one sequence: fail the batch, keep the replica
+                finished = []
+                traceback.print_exc()
+                for seq in [*engine.running, *engine.waiting]:
+                    engine.fail(seq, e)
+            for seq in engine.take_failed():
+                if conn is not None:
+                    print(f"replica {os.getpid()}: request {seq.rid} failed:\n{seq.traceback}",
+                          file=sys.stderr, flush=True)
+                failed.append((seq.rid, 500, f"the engine failed on this request: {seq.error}"))
             if conn is None:
                 continue
+            for rid, status, message in failed:
+                conn.send(("failed", rid, status, message))
             for seq in finished:
                 conn.send(("done", seq.rid, seq.tokens, seq.timings()))
             now = time.monotonic()
-            if finished or now - last_stats > STATS_EVERY or not engine.has_work:
+            if finished or failed or now - last_stats > (STATS_EVERY if engine.has_work else HEARTBEAT * 0.8):
                 conn.send(("stats", {"busy_seconds": engine.busy_seconds, "waiting": len(engine.waiting),
                                      "running": len(engine.running), "steps": engine.steps,
                                      "tokens": engine.tokens_generated}))

@@ -14,18 +14,33 @@ between a router and its engines, Triton's KServe protocol) where its binary fra
 
 While a completion is computed the server keeps reading the client's socket: if the client disconnects,
 the request is cancelled on its replica (no compute wasted) and the server carries on.
+
+No request can take the server down: a malformed request gets a 4xx naming what is wrong; a request that
+fails inside a replica gets that replica's answer (400, or 500 for a bug it hit) and the replica carries
+on; any other exception is a 500 for that request alone. When the server answers before reading the whole
+body (413, 401, a bad header), it reads and discards what the client is still sending before it closes
+(a *lingering close*, as nginx and Apache do): closing a socket with unread data makes the kernel send a
+reset, which can reach the client before the answer does.
+
+API key (optional, as vLLM's `--api-key`): with one set, every path under /v1 needs the header
+`Authorization: Bearer <key>`, else 401. /health, /metrics and /replicas stay open, as vLLM leaves its
+non-/v1 paths open: probes and Prometheus scrapers carry no key, and they compute nothing.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 
-from helpers.serving.protocol import BadRequest, completion_body, error_body, parse_completion
+from helpers.serving.balancer import NoReplicaError, RequestFailed
+from helpers.serving.protocol import BadRequest, completion_body, decode_json, error_body, parse_completion
 
 MAX_BODY = 1 << 20          # bytes; a completion request is a few hundred
 HEADER_TIMEOUT = 10.0       # seconds a client gets to send its request
 REQUEST_TIMEOUT = 120.0     # seconds before a completion is answered 504
+LINGER_SECONDS = 10.0       # lingering close: how long to discard what a client still sends after our answer
+LINGER_BYTES = 64 << 20     # ... and how much of it at most
 
 
 ENDPOINTS = {"/v1/completions": "POST", "/v1/models": "GET", "/health": "GET", "/metrics": "GET",
@@ -33,18 +48,33 @@ ENDPOINTS = {"/v1/completions": "POST", "/v1/models": "GET", "/health": "GET", "
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
            413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
            504: "Gateway Timeout"}
 
 
-async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict, bytes]:
-    """Parse one HTTP/1.1 request: (method, path, headers with lower-case names, body)."""
+async def read_request(reader: asyncio.StreamReader, writer=None, check=None) -> tuple[str, str, dict, bytes]:
+    """Parse one HTTP/1.1 request: (method, path, headers with lower-case names, body). `check(method,
+    path, headers)` runs before the body is read (the API key); an HttpError it raises is the answer."""
+    method, path, headers, length = await read_head(reader)
+    if check is not None:
+        check(method, path, headers)
+    if writer is not None and length and headers.get("expect", "").lower() == "100-continue":
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for this before sending a large body
+    try:
+        body = await asyncio.wait_for(reader.readexactly(length), HEADER_TIMEOUT)
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError):
+        raise HttpError(400, f"the body is shorter than Content-Length={length}") from None
+    return method, path, headers, body
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[str, str, dict, int]:
+    """The request line and headers: (method, path, headers with lower-case names, Content-Length)."""
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEADER_TIMEOUT)
     except asyncio.LimitOverrunError:
@@ -63,20 +93,21 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict, by
             name, sep, value = line.partition(":")
             if not sep:
                 raise HttpError(400, f"malformed header line {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        raise HttpError(400, "chunked request bodies are not supported: send Content-Length")
-    try:
-        length = int(headers.get("content-length", "0"))
-    except ValueError:
-        raise HttpError(400, "Content-Length must be a whole number") from None
-    if length < 0 or length > MAX_BODY:
-        raise HttpError(413, f"request body of {length} bytes is over the limit of {MAX_BODY} bytes")
-    try:
-        body = await asyncio.wait_for(reader.readexactly(length), HEADER_TIMEOUT)
-    except (asyncio.IncompleteReadError, asyncio.TimeoutError):
-        raise HttpError(400, f"the body is shorter than Content-Length={length}") from None
-    return parts[0], parts[1].split("?")[0], headers, body
+            name, value = name.strip().lower(), value.strip()
+            if name == "content-length" and headers.get(name, value) != value:
+                raise HttpError(400, f"two different Content-Length headers ({headers[name][:20]!r}, "
+                                     f"{value[:20]!r}): send one")
+            headers[name] = value
+    if "transfer-encoding" in headers:
+        raise HttpError(400, "Transfer-Encoding (chunked request bodies) is not supported: send Content-Length")
+    declared = headers.get("content-length", "0")
+    # int() would also take "-5", "+5", " 5" and "1_000"; HTTP allows only digits (RFC 9110, 8.6)
+    if not (declared.isascii() and declared.isdigit()):
+        raise HttpError(400, f"Content-Length must be a whole number of bytes (digits only), got {declared[:20]!r}")
+    length = int(declared) if len(declared) <= 18 else MAX_BODY + 1
+    if length > MAX_BODY:
+        raise HttpError(413, f"request body of {declared[:20]} bytes is over the limit of {MAX_BODY} bytes")
+    return parts[0], parts[1].split("?")[0], headers, length
 
 
 def write_response(writer, status: int, payload, content_type="application/json", extra_headers=None):
@@ -87,9 +118,28 @@ def write_response(writer, status: int, payload, content_type="application/json"
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
 
 
+async def lingering_close(reader, writer) -> None:
+    """Close after answering a request whose body we did not read: shut our sending side (the client sees
+    the end of our answer), discard what it still sends until it closes, for at most LINGER_SECONDS and
+    LINGER_BYTES, then close. Closing at once would reset the connection and could lose the answer."""
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        loop = asyncio.get_running_loop()
+        deadline, discarded = loop.time() + LINGER_SECONDS, 0
+        while discarded < LINGER_BYTES and loop.time() < deadline:
+            chunk = await asyncio.wait_for(reader.read(1 << 16), deadline - loop.time())
+            if not chunk:
+                break
+            discarded += len(chunk)
+    except (OSError, RuntimeError, asyncio.TimeoutError):
+        pass
+
+
 class CompletionServer:
-    def __init__(self, balancer, metrics, model_module, model_name: str):
+    def __init__(self, balancer, metrics, model_module, model_name: str, api_key: str | None = None):
         self.balancer, self.metrics, self.model_name = balancer, metrics, model_name
+        self.api_key = api_key
         self.encode, self.decode = model_module.encode, model_module.decode
         config = model_module.CONFIG
         self.max_model_len, self.vocab_size = config.max_position_embeddings, config.vocab_size
@@ -99,25 +149,28 @@ class CompletionServer:
         task = asyncio.current_task()
         self.connections.add(task)
         status, path = 500, "?"
+        body = None   # stays None while the request's body is unread
         try:
             try:
-                method, target, headers, body = await read_request(reader)
+                method, target, headers, body = await read_request(reader, writer, self.authorize)
                 path = target if target in ENDPOINTS else "other"
                 status = await self.route(method, target, body, reader, writer)
             except HttpError as e:
                 status = e.status
-                write_response(writer, e.status, error_body(e.message, e.status))
+                write_response(writer, e.status, error_body(e.message, e.status), extra_headers=e.headers)
             except BadRequest as e:
                 status = e.status
                 write_response(writer, e.status, error_body(e.message, e.status, e.param))
             if status is not None:
                 self.metrics.requests.labels(endpoint=path, status=status).inc()
                 await writer.drain()
+            if body is None:
+                await lingering_close(reader, writer)
         except (ConnectionError, asyncio.CancelledError):
             pass  # the client left; nothing to answer
         except Exception as e:  # a bug: answer 500 and keep serving
             try:
-                write_response(writer, 500, error_body(f"internal error: {type(e).__name__}: {e}", 500))
+                write_response(writer, 500, error_body(f"internal error: {type(e).__name__}: {str(e)[:300]}", 500))
                 self.metrics.requests.labels(endpoint=path, status=500).inc()
                 await writer.drain()
             except Exception:
@@ -125,6 +178,18 @@ class CompletionServer:
         finally:
             self.connections.discard(task)
             writer.close()
+
+    def authorize(self, method, path, headers) -> None:
+        """With an API key set, every /v1 path needs `Authorization: Bearer <key>` (as vLLM's --api-key)."""
+        if self.api_key is None or not path.startswith("/v1"):
+            return
+        given = headers.get("authorization", "")
+        expected = "Bearer " + self.api_key
+        # compare_digest: the time taken does not tell how much of a guessed key was right
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8", "replace")):
+            message = ("wrong API key" if given else "this server needs an API key") + \
+                ": send the header 'Authorization: Bearer <key>'"
+            raise HttpError(401, message, headers={"WWW-Authenticate": "Bearer"})
 
     async def route(self, method, path, body, reader, writer):
         """Answers the request; returns its status, or None when the client disconnected."""
@@ -152,11 +217,7 @@ class CompletionServer:
 
     async def complete(self, body: bytes, reader, writer):
         received = time.perf_counter()
-        try:
-            decoded = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"the body is not valid JSON: {e}") from None
-        params = parse_completion(decoded, model_name=self.model_name, max_model_len=self.max_model_len,
+        params = parse_completion(decode_json(body), model_name=self.model_name, max_model_len=self.max_model_len,
                                   vocab_size=self.vocab_size, encode=self.encode)
         if params["temperature"] > 0 and getattr(self.balancer, "pp", 1) > 1:
             raise BadRequest(f"this server's replicas are pipelines (pp={self.balancer.pp}) that decode greedily: "
@@ -177,7 +238,11 @@ class CompletionServer:
             raise HttpError(504, f"no replica answered within {REQUEST_TIMEOUT:g} s")
         try:
             out = result.result()
-        except Exception as e:
+        except RequestFailed as e:  # this request failed on its replica (which carries on): not retried
+            write_response(writer, e.status, error_body(e.message, e.status),
+                           extra_headers={"X-Replica": e.replica})
+            return e.status
+        except NoReplicaError as e:
             write_response(writer, 503, error_body(str(e), 503))
             return 503
         self.metrics.latency.observe(time.perf_counter() - received)
