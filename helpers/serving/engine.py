@@ -78,9 +78,11 @@ class Sequence:
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
     """Next token from logits [vocab]: greedy when temperature == 0, else temperature + nucleus (top_p).
     Temperatures below SAMPLING_EPS are greedy and others at least MIN_TEMPERATURE (protocol.py), so the
-    division cannot overflow; logits that are not finite raise ValueError instead of a multinomial error."""
+    division cannot overflow; NaN logits raise ValueError (greedy too) instead of a multinomial error."""
     if not math.isfinite(temperature) or not math.isfinite(top_p):
         raise ValueError(f"temperature={temperature} and top_p={top_p} must be finite")
+    if bool(torch.isnan(logits).any()):  # argmax would quietly pick a NaN: answer an error, not garbage
+        raise ValueError("the model's logits hold NaN: no token to choose")
     if temperature < SAMPLING_EPS:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / max(temperature, MIN_TEMPERATURE), dim=-1)
