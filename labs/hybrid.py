@@ -29,7 +29,9 @@ def build_hybrid_stage(model, dp: int, pp: int, tp: int):
       cut stage number pp_idx of pp with helpers.llama_stages.LlamaStage
       stage = load_impl("pipeline_parallel").PipelineStage.from_ranks(module, grid.ranks["pp"],
                                                                        group=grid.groups["pp"])
-    Shard before cutting: the stage shares the (sharded) layers of the model.
+    Shard before cutting: the stage shares the (sharded) layers of the model, and it holds nothing else
+    (each rank keeps about 1/(tp·pp) of the weights). Raises ValueError, on every rank, when dp·pp·tp is not
+    the world size (build_groups does).
     """
     raise NotImplementedError("Exercise 5.2: build_hybrid_stage is not written yet (labs/hybrid.py)")
 
