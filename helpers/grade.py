@@ -1,31 +1,52 @@
-"""Grade the exercises: `make grade`, or `python -m helpers.grade [CHAPTER] [--impl labs] [--json FILE]`.
+"""Grade the exercises: `make grade`, or `python -m helpers.grade [CHAPTER] [--json FILE] [--submission DIR]`.
 
-Every grader test (in tests/test_chNN_*.py) carries `@pytest.mark.exercise("1.2", "Ring all-gather")`. This module runs
-those tests with pytest (in a subprocess, against COURSE_IMPL=labs unless told otherwise), sorts each
-exercise into passed / failed / not started, prints a table and a score, and exits non-zero unless every
-graded exercise passed.
+Every grader test (in tests/test_chNN_*.py) carries `@pytest.mark.exercise("1.2", "Ring all-gather")`. The
+grade is recorded by a parent process in which no learner code ever runs:
+
+  * The parent reads the grader files as text (`ast`), never importing them, and lists the tests each
+    exercise must report, with the number of parametrised cases where the file states them literally.
+  * Each grader file runs in a child pytest (this module is its plugin, `-p helpers.grade`), in a session
+    of its own, with `solutions/` unimportable unless the reference itself is graded. The child appends
+    one JSON line per event to a report file: collected, test started, test outcome, finished.
+  * The parent trusts only what it checks: an exercise passes when every test the parent expected reported
+    exactly once, all passed, and nothing else was reported. A child that dies (os._exit, a signal, the
+    OOM killer) fails the exercise whose test was running; the exercises it had not reached run again in a
+    new child. Every process a child started is killed before the parent reads the report, and only the
+    parent writes the table, the JSON report and the exit status.
 
 A stub raises `NotImplementedError("Exercise 1.2: ...")`; when that error reaches the test (directly, or
-from inside a rank via RankFailed) the exercise is "not started". A learner's code that hangs or kills a
-worker fails only its own exercise: the launcher's timeout and pytest-timeout stop it, the rest are graded.
+from inside a rank via RankFailed) the exercise is "not started".
+
+Instructors: `--submission DIR` grades DIR/labs alone against this course's graders at a commit
+(`--ref`, default HEAD), in a temporary checkout made with `git archive`, without `solutions/`.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import ctypes
+import io
 import json
 import os
 import pathlib
+import re
+import secrets
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
+import time
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PASSED, FAILED, NOT_STARTED = "passed", "failed", "not started"
+PASSED, FAILED, NOT_STARTED, SKIPPED = "passed", "failed", "not started", "skipped"
+_REASON_LIMIT = 1000   # characters of a failure reason kept in the table and the JSON report
 
 
-# ------------------------------------------------------------------ pytest plugin (runs inside pytest)
+# =============================================================== the child: a pytest plugin (`-p helpers.grade`)
 
 def _is_stub_error(excinfo) -> bool:
     from helpers.launch import RankFailed
@@ -35,8 +56,24 @@ def _is_stub_error(excinfo) -> bool:
     return isinstance(exc, RankFailed) and exc.exc_type == "NotImplementedError"
 
 
+def shorten(text: str, limit: int = _REASON_LIMIT) -> str:
+    """Fit a failure message in `limit` characters without losing the part that differs: long lists and
+    tensors inside it are cut in their middle first, then the message itself in its middle."""
+    def cut(match):
+        s = match.group(0)
+        return s[:60] + " … " + s[-40:]
+    for _ in range(3):
+        if len(text) <= limit:
+            break
+        text = re.sub(r"[\[(][^\[\]()]{160,}[\])]", cut, text)
+    if len(text) > limit:
+        half = (limit - 3) // 2
+        text = text[:half] + " … " + text[-half:]
+    return text
+
+
 def _reason(excinfo) -> str:
-    """The first useful line of a failure: the assertion message, or which rank failed and why."""
+    """The useful part of a failure: the assertion message, or which rank failed and why."""
     from helpers.launch import JobTimeout, RankFailed
     exc = excinfo.value
     if isinstance(exc, RankFailed):
@@ -45,113 +82,525 @@ def _reason(excinfo) -> str:
         text = f"hung: the job did not finish within {exc.timeout:g} s (ranks waiting on each other?)"
     elif excinfo.typename == "Failed" and "Timeout" in str(exc):
         text = "timed out (pytest-timeout): the exercise never returned"
+    elif isinstance(exc, AssertionError):
+        text = str(exc) or "assertion failed"
     else:
-        text = f"{excinfo.typename}: {exc}" if not isinstance(exc, AssertionError) else str(exc) or "assertion failed"
-    first = text.strip().splitlines()[0] if text.strip() else excinfo.typename
-    return first[:300]
+        text = f"{excinfo.typename}: {exc}"
+    lines = [line for line in text.strip().splitlines() if line.strip()] or [excinfo.typename]
+    first = lines[0]
+    if first.startswith("assert ") and len(lines) > 1:
+        first += " — " + lines[1].strip()  # a bare assert: pytest's next line says where the values differ
+    return shorten(first)
+
+
+class _NoReference:
+    """Import hook installed in the child before any learner code runs: the reference answers (solutions/)
+    cannot be imported while another package is graded (also not through the editable install's finder)."""
+
+    def __init__(self, impl):
+        self.impl = impl
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "solutions" or name.startswith("solutions."):
+            raise ModuleNotFoundError(
+                f"No module named {name!r}: the reference answers (solutions/) cannot be imported while "
+                f"{self.impl}/ is graded; the grade counts your own code", name=name)
+        return None
 
 
 class GradePlugin:
-    def __init__(self, report_path: str, chapter: str | None):
-        self.report_path, self.chapter, self.rows = report_path, chapter, []
+    def __init__(self, report_path: str, exercises: set[str] | None):
+        self.exercises = exercises
+        self.failed: set[str] = set()
+        self.fd = os.open(report_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def _emit(self, **event):
+        os.write(self.fd, (json.dumps(event) + "\n").encode())  # one write per line: lines never interleave
 
     @pytest.hookimpl
     def pytest_collection_modifyitems(self, config, items):
         keep, drop = [], []
         for item in items:
             mark = item.get_closest_marker("exercise")
-            ok = mark is not None and (self.chapter is None or str(mark.args[0]).split(".")[0] == self.chapter)
+            ok = mark is not None and (self.exercises is None or str(mark.args[0]) in self.exercises)
             (keep if ok else drop).append(item)
         items[:] = keep
         config.hook.pytest_deselected(items=drop)
+        self._emit(event="collected", tests=[item.nodeid for item in keep])
+
+    @pytest.hookimpl
+    def pytest_runtest_logstart(self, nodeid, location):
+        self._emit(event="start", test=nodeid)
 
     @pytest.hookimpl
     def pytest_runtest_setup(self, item):
         # The first failing test decides an exercise: skip the rest (a hanging stub costs one timeout, not ten).
         mark = item.get_closest_marker("exercise")
-        if mark is not None and any(r["exercise"] == str(mark.args[0]) and r["status"] != PASSED for r in self.rows):
+        if mark is not None and str(mark.args[0]) in self.failed:
             pytest.skip(f"exercise {mark.args[0]} already failed")
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
         report = yield
         mark = item.get_closest_marker("exercise")
-        if mark is None or not (report.when == "call" or report.failed or report.skipped):
+        if mark is None or report.when == "teardown" and report.passed:
             return report
-        if report.when != "call" and report.passed:
+        if report.when == "setup" and report.passed:
             return report
-        exercise, title = str(mark.args[0]), (mark.args[1] if len(mark.args) > 1 else "")
         if report.passed:
             status, reason = PASSED, ""
         elif report.skipped:
-            return report
+            status, reason = SKIPPED, str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
         elif call.excinfo is not None and _is_stub_error(call.excinfo):
             status, reason = NOT_STARTED, _reason(call.excinfo)
         else:
             status = FAILED
-            reason = _reason(call.excinfo) if call.excinfo is not None else str(report.longrepr)[:300]
-        self.rows.append({"exercise": exercise, "title": title, "test": item.nodeid,
-                          "status": status, "reason": reason})
+            reason = _reason(call.excinfo) if call.excinfo is not None else shorten(str(report.longrepr))
+        if status in (FAILED, NOT_STARTED):
+            self.failed.add(str(mark.args[0]))
+        self._emit(event="result", test=item.nodeid, when=report.when, status=status, reason=reason)
         return report
 
-    def pytest_sessionfinish(self, session):
-        with open(self.report_path, "w") as f:
-            json.dump(self.rows, f)
+    def pytest_sessionfinish(self, session, exitstatus):
+        self._emit(event="finished", exitstatus=int(exitstatus))
 
 
 def pytest_addoption(parser):
-    parser.addoption("--grade-report", default=None, help="write per-test grading rows (JSON) here")
-    parser.addoption("--grade-chapter", default=None, help="grade only this chapter's exercises")
+    parser.addoption("--grade-report", default=None, help="append grading events (JSON lines) to this file")
+    parser.addoption("--grade-exercises", default=None, help="comma-separated exercise ids to run")
+    parser.addoption("--grade-block-reference", default=None, metavar="IMPL",
+                     help="make solutions/ unimportable (IMPL, the package graded, names it in the error)")
 
 
 def pytest_configure(config):
+    impl = config.getoption("--grade-block-reference")
+    if impl:
+        sys.meta_path.insert(0, _NoReference(impl))
     path = config.getoption("--grade-report")
     if path:
-        config.pluginmanager.register(GradePlugin(path, config.getoption("--grade-chapter")), "grade-plugin")
+        ids = config.getoption("--grade-exercises")
+        config.pluginmanager.register(GradePlugin(path, set(ids.split(",")) if ids else None), "grade-plugin")
 
 
-# -------------------------------------------------------------------------------- the command line
+# ============================================================ the parent: what must be reported (read as text)
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """One row per exercise: passed if all its tests passed, not started if any test hit the stub."""
-    by_exercise: dict[str, dict] = {}
-    for row in rows:
-        ex = by_exercise.setdefault(row["exercise"], {"exercise": row["exercise"], "title": row["title"],
-                                                      "tests": 0, "passed": 0, "status": PASSED, "reason": ""})
-        ex["tests"] += 1
-        ex["passed"] += row["status"] == PASSED
-        if row["status"] == NOT_STARTED:
-            if ex["status"] != NOT_STARTED:
-                ex["status"], ex["reason"] = NOT_STARTED, row["reason"]
-        elif row["status"] == FAILED and ex["status"] == PASSED:
-            ex["status"], ex["reason"] = FAILED, f"{row['test'].split('::')[-1]}: {row['reason']}"
+class Exercise:
+    """One exercise as the grader files state it: id, title, grader file and its test functions with the
+    number of parametrised cases each must report (None where the file does not state it literally)."""
 
-    def key(ex_id):
-        return tuple(int(p) if p.isdigit() else p for p in ex_id.split("."))
-    return [by_exercise[k] for k in sorted(by_exercise, key=key)]
+    def __init__(self, exercise_id, title, file):
+        self.id, self.title, self.file = exercise_id, title, file
+        self.tests: dict[str, int | None] = {}
+
+    def __repr__(self):
+        return f"Exercise({self.id!r}, {self.file!r}, {self.tests})"
 
 
-def run(chapter: str | None = None, impl: str = "labs", timeout: int = 180, quiet: bool = True) -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        report = os.path.join(tmp, "rows.json")
-        env = dict(os.environ, COURSE_IMPL=impl, PYTHONDONTWRITEBYTECODE="1")
-        # Graders live in tests/test_chNN_*.py; collecting only those keeps a grading run light.
-        pattern = f"test_ch{int(chapter):02d}_*.py" if chapter is not None else "test_ch*.py"
-        files = sorted(str(p) for p in (ROOT / "tests").glob(pattern))
-        if not files:
-            return []
-        cmd = [sys.executable, "-m", "pytest", *files, "-p", "helpers.grade",
-               f"--grade-report={report}", f"--timeout={timeout}", "-q", "-rN", "--no-header", "-p", "no:warnings"]
-        if chapter is not None:
-            cmd.append(f"--grade-chapter={chapter}")
-        subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL if quiet else None,
-                       stderr=subprocess.DEVNULL if quiet else None, stdin=subprocess.DEVNULL)
-        if not os.path.exists(report):
-            raise SystemExit("the graders did not run (pytest could not start); run "
-                             f"`COURSE_IMPL={impl} python -m pytest tests -m exercise` to see why")
-        with open(report) as f:
-            return summarize(json.load(f))
+def _dotted(node) -> str:
+    if isinstance(node, ast.Attribute):
+        return _dotted(node.value) + "." + node.attr
+    return node.id if isinstance(node, ast.Name) else ""
 
+
+def _count(node, names, depth=0):
+    """How many values a parametrize argument holds, when the file states it literally."""
+    if depth > 5:
+        return None
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        return None if any(isinstance(e, ast.Starred) for e in node.elts) else len(node.elts)
+    if isinstance(node, ast.Dict):
+        return len(node.keys) if None not in node.keys else None
+    if isinstance(node, ast.Name) and node.id in names:
+        return _count(names[node.id], names, depth + 1)
+    if isinstance(node, ast.Call) and _dotted(node.func) in ("sorted", "list", "tuple") and len(node.args) == 1 \
+            and not node.keywords:
+        return _count(node.args[0], names, depth + 1)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and not node.args \
+            and node.func.attr in ("keys", "values", "items"):
+        return _count(node.func.value, names, depth + 1)
+    if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp)) and \
+            all(not g.ifs and not g.is_async for g in node.generators) and not isinstance(node, ast.SetComp):
+        total = 1
+        for g in node.generators:
+            n = _count(g.iter, names, depth + 1)
+            if n is None:
+                return None
+            total *= n
+        return total
+    return None
+
+
+def collect(root: pathlib.Path = ROOT, chapter: str | None = None) -> list[Exercise]:
+    """The exercises of the grader files under root/tests, read with ast (no grader or lab is imported)."""
+    pattern = f"test_ch{int(chapter):02d}_*.py" if chapter is not None else "test_ch*.py"
+    exercises: dict[str, Exercise] = {}
+    for path in sorted((root / "tests").glob(pattern)):
+        tree = ast.parse(path.read_text(), str(path))
+        names = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+                 for t in node.targets if isinstance(t, ast.Name)}
+        names.update({node.target.id: node.value for node in tree.body if isinstance(node, ast.AnnAssign)
+                      and isinstance(node.target, ast.Name) and node.value is not None})
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not node.name.startswith("test"):
+                continue
+            mark, count = None, 1
+            for dec in node.decorator_list:
+                if not isinstance(dec, ast.Call):
+                    continue
+                name = _dotted(dec.func)
+                if name.endswith("mark.exercise") and dec.args and isinstance(dec.args[0], ast.Constant):
+                    title = dec.args[1].value if len(dec.args) > 1 and isinstance(dec.args[1], ast.Constant) else ""
+                    mark = (str(dec.args[0].value), str(title))
+                elif name.endswith("mark.parametrize"):
+                    values = dec.args[1] if len(dec.args) > 1 else next(
+                        (k.value for k in dec.keywords if k.arg == "argvalues"), None)
+                    n = _count(values, names) if values is not None else None
+                    count = None if n is None or count is None else count * n
+            if mark is None:
+                continue
+            rel = path.relative_to(root).as_posix()
+            ex = exercises.setdefault(mark[0], Exercise(mark[0], mark[1], rel))
+            ex.tests[f"{rel}::{node.name}"] = count
+    return [exercises[k] for k in sorted(exercises, key=_exercise_key)]
+
+
+def _exercise_key(ex_id):
+    return tuple(int(p) if p.isdigit() else p for p in ex_id.split("."))
+
+
+def _function_of(nodeid: str) -> str:
+    """tests/test_ch00_warmup.py::test_sum_of_ranks[4] -> tests/test_ch00_warmup.py::test_sum_of_ranks"""
+    return nodeid.split("[", 1)[0]
+
+
+# ================================================== the parent: copying the reference is not an answer
+
+def borrowed_reference(root: pathlib.Path, impl: str) -> dict[str, str]:
+    """Modules of the graded package that use the reference answers: {module: "labs/x.py line N: ..."}."""
+    if impl == "solutions" or impl.startswith("solutions."):
+        return {}
+    package = root.joinpath(*impl.split("."))
+    found = {}
+    for path in sorted(package.rglob("*.py")) if package.is_dir() else []:
+        try:
+            tree = ast.parse(path.read_text(), str(path))
+        except (SyntaxError, ValueError, OSError):
+            continue
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            hit = None
+            if isinstance(node, ast.Import):
+                hit = next((a.name for a in node.names if a.name.split(".")[0] == "solutions"), None)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                hit = node.module if node.module.split(".")[0] == "solutions" else None
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                hit = node.value if re.match(r"\s*solutions([./:]|$)", node.value) else None
+            if hit:
+                module = ".".join(path.relative_to(package).with_suffix("").parts)
+                found[module] = f"{path.relative_to(root).as_posix()} line {node.lineno} uses the reference " \
+                                f"answers ({hit})"
+                break
+    return found
+
+
+def _modules_loaded(root: pathlib.Path, rel_file: str) -> set[str]:
+    """The modules a grader file loads with load_impl("...")."""
+    tree = ast.parse((root / rel_file).read_text())
+    return {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and _dotted(n.func).endswith("load_impl") and n.args and isinstance(n.args[0], ast.Constant)}
+
+
+def _imports_within(root: pathlib.Path, impl: str, module: str) -> set[str]:
+    """Modules of the graded package that `module` imports (one level), e.g. hybrid -> device_grid."""
+    path = root.joinpath(*impl.split("."), *module.split(".")).with_suffix(".py")
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError, ValueError):
+        return set()
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                out.update(a.name for a in node.names)
+                out.add(base)
+            elif base.startswith(impl + "."):
+                out.add(base[len(impl) + 1:])
+        elif isinstance(node, ast.Call) and _dotted(node.func).endswith("load_impl") and node.args \
+                and isinstance(node.args[0], ast.Constant):
+            out.add(node.args[0].value)
+    return {m for m in out if m}
+
+
+# ============================================================ the parent: children, and what is left of them
+
+_SUBREAPER = False          # set by the command line only: a library caller (pytest) has children of its own
+_OWN_CHILDREN: set[int] = set()
+
+
+def _set_subreaper():
+    """Orphans of the children (a lab that forks and lets its child linger, even under setsid and with its
+    environment scrubbed) become this process's children rather than init's, so _kill_leftovers finds them."""
+    global _SUBREAPER
+    if sys.platform.startswith("linux"):
+        try:
+            _SUBREAPER = ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1) == 0  # PR_SET_CHILD_SUBREAPER
+        except OSError:
+            pass
+
+
+def _kill_leftovers(session: int, marker: bytes):
+    """SIGKILL every process of the child's session, and every process carrying this grading run's marker
+    in its environment or left to us as an orphan, until none is left; reap those that are ours."""
+    try:
+        os.killpg(session, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if not os.path.isdir("/proc"):
+        return
+    me = os.getpid()
+    for _ in range(100):
+        victims = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == me:
+                continue
+            pid = int(entry)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read()
+                fields = stat[stat.rindex(")") + 2:].split()
+                state, ppid, session_of = fields[0], int(fields[1]), int(fields[3])
+                ours = session_of == session or (_SUBREAPER and ppid == me and pid not in _OWN_CHILDREN)
+                if not ours:
+                    with open(f"/proc/{pid}/environ", "rb") as f:
+                        ours = marker in f.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ours and state != "Z":
+                victims.append(pid)
+            if ours and ppid == me:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+        if not victims:
+            return
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
+def _read_events(path) -> list[dict]:
+    events = []
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return events
+    for line in data.split(b"\n"):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a dying child
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
+def _run_child(root, batch, impl, timeout, quiet, tmp, marker):
+    """Run the tests of `batch` (exercises of one grader file) in a child pytest; returns (events, how it
+    ended: None when pytest finished, else a sentence)."""
+    report = os.path.join(tmp, f"events-{secrets.token_hex(4)}.jsonl")
+    nodeids = [test for ex in batch for test in ex.tests]
+    env = dict(os.environ, COURSE_IMPL=impl, PYTHONDONTWRITEBYTECODE="1", GRADE_RUN=marker.decode().split("=")[1])
+    cmd = [sys.executable, "-m", "pytest", *nodeids, "-p", "helpers.grade", "-p", "no:nbval", "-p", "no:cacheprovider",
+           f"--grade-report={report}", f"--grade-exercises={','.join(ex.id for ex in batch)}",
+           f"--timeout={timeout}", "-q", "-rN", "--no-header", "-p", "no:warnings"]
+    if not (impl == "solutions" or impl.startswith("solutions.")):
+        cmd.append(f"--grade-block-reference={impl}")
+    out = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    _OWN_CHILDREN.add(proc.pid)
+    # pytest-timeout stops a test after `timeout` s; this is the backstop should learner code disarm it.
+    running_since, seen = time.monotonic(), 0
+    ended = None
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            events = _read_events(report)
+            if len(events) != seen:
+                seen, running_since = len(events), time.monotonic()
+            limit = timeout + 60 if seen else timeout + 120   # collecting (imports) gets longer
+            if time.monotonic() - running_since > limit:
+                ended = f"made no progress for {limit:g} s and was stopped"
+                proc.kill()
+                code = proc.wait()
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _kill_leftovers(proc.pid, marker)
+    events = _read_events(report)
+    if ended is None and not any(e.get("event") == "finished" for e in events):
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            ended = f"was killed by signal {name}" + (" (out of memory? the OOM killer sends SIGKILL)"
+                                                      if -code == signal.SIGKILL else "")
+        else:
+            ended = f"exited with code {code} before pytest finished (os._exit or sys.exit in the code under test?)"
+    return events, ended
+
+
+def _judge(batch, events, ended):
+    """Decide the exercises of one child from its events. Returns ({id: row}, [exercises to run again])."""
+    expected = {test: ex for ex in batch for test in ex.tests}
+    results: dict[str, list[dict]] = {ex.id: [] for ex in batch}
+    seen, stray, running = set(), [], None
+    for e in events:
+        if e.get("event") == "start":
+            running = e.get("test")
+        elif e.get("event") == "result":
+            test = str(e.get("test"))
+            ex = expected.get(_function_of(test))
+            if ex is None or (test, e.get("when")) in seen or e.get("status") not in (PASSED, FAILED, NOT_STARTED,
+                                                                                       SKIPPED):
+                stray.append(test)
+                continue
+            seen.add((test, e.get("when")))
+            results[ex.id].append({"test": test, "status": e["status"], "reason": str(e.get("reason", ""))})
+            if test == running and (e.get("when") == "call" or e["status"] != PASSED):
+                running = None  # the test is over (a teardown cannot change its outcome to passed)
+    rows, again = {}, []
+    if stray:
+        reason = (f"the grading process reported results it was not asked for ({shorten(', '.join(stray), 200)}): "
+                  "its report is not trusted")
+        return {ex.id: _row(ex, FAILED, reason, []) for ex in batch}, []
+    culprit = expected.get(_function_of(running)) if running and ended else None
+    for ex in batch:
+        tests = results[ex.id]
+        bad = next((t for t in tests if t["status"] in (NOT_STARTED, FAILED)), None)
+        if ex is culprit:
+            rows[ex.id] = _row(ex, FAILED, f"{running.split('::')[-1]}: the test process {ended}", tests)
+        elif bad is not None:
+            name = bad["test"].split("::")[-1]
+            reason = bad["reason"] if bad["status"] == NOT_STARTED else f"{name}: {bad['reason']}"
+            rows[ex.id] = _row(ex, bad["status"], reason, tests)
+        else:
+            missing = _missing(ex, tests)
+            if not missing:
+                rows[ex.id] = _row(ex, PASSED, "", tests)
+            elif ended and culprit:
+                again.append(ex)  # another exercise's test took the process down: run this one again
+            elif ended:
+                rows[ex.id] = _row(ex, FAILED, f"the test process {ended} outside any test (while importing "
+                                               "or collecting the graders?)", tests)
+            else:
+                rows[ex.id] = _row(ex, FAILED, "not every test of this exercise reported a result (" + missing +
+                                   "): the run was cut short or tampered with", tests)
+    return rows, again
+
+
+def _missing(ex, tests) -> str:
+    """'' when every test function of the exercise reported the expected number of results."""
+    counts = {}
+    for t in tests:
+        if t["status"] in (PASSED, SKIPPED):
+            counts[_function_of(t["test"])] = counts.get(_function_of(t["test"]), 0) + 1
+    if not any(t["status"] == PASSED for t in tests):
+        return "no test passed"
+    for function, expected in ex.tests.items():
+        got = counts.get(function, 0)
+        if (expected is None and got == 0) or (expected is not None and got != expected):
+            return f"{function.split('::')[-1]}: expected {expected or 'some'} results, got {got}"
+    return ""
+
+
+def _row(ex, status, reason, tests):
+    counts = list(ex.tests.values())
+    total = sum(counts) if None not in counts else len({t["test"] for t in tests})
+    return {"exercise": ex.id, "title": ex.title, "tests": total,
+            "passed": sum(t["status"] == PASSED for t in tests), "status": status, "reason": shorten(reason)}
+
+
+def run(chapter: str | None = None, impl: str = "labs", timeout: int = 180, quiet: bool = True,
+        root: pathlib.Path | str = ROOT) -> list[dict]:
+    """Grade `impl` against the graders under `root`: one row per exercise, in exercise order."""
+    root = pathlib.Path(root)
+    exercises = collect(root, chapter)
+    borrowed = borrowed_reference(root, impl)
+    marker = f"GRADE_RUN={secrets.token_hex(8)}".encode()
+    rows: dict[str, dict] = {}
+    files = list(dict.fromkeys(ex.file for ex in exercises))
+    with tempfile.TemporaryDirectory(prefix="dil-grade-") as tmp:
+        for rel in files:
+            batch = [ex for ex in exercises if ex.file == rel]
+            if borrowed:
+                uses = _modules_loaded(root, rel)
+                uses |= {m for u in list(uses) for m in _imports_within(root, impl, u)}
+                why = [borrowed[m] for m in sorted(uses) if m in borrowed]
+                if why:
+                    for ex in batch:
+                        rows[ex.id] = _row(ex, FAILED, why[0] + ": the grade counts only your own code", [])
+                    continue
+            while batch:
+                events, ended = _run_child(root, batch, impl, timeout, quiet, tmp, marker)
+                decided, again = _judge(batch, events, ended)
+                rows.update(decided)
+                if len(again) == len(batch):  # no progress (cannot happen: the culprit is decided); never loop
+                    rows.update({ex.id: _row(ex, FAILED, f"the test process {ended}", []) for ex in again})
+                    again = []
+                batch = again
+    return [rows[ex.id] for ex in exercises]
+
+
+# ================================================================= instructors: grade a learner's labs/ alone
+
+def checkout_for_submission(submission: str | pathlib.Path, dest: pathlib.Path, ref: str = "HEAD",
+                            course: pathlib.Path = ROOT) -> str:
+    """Make dest a clean copy of the course at `ref` (git archive: graders, helpers, tests as committed),
+    without solutions/, with the learner's labs/ (regular files only) in place of the stubs. Returns the
+    commit graded."""
+    labs = pathlib.Path(submission) / "labs"
+    if not labs.is_dir():
+        raise SystemExit(f"--submission {submission}: no labs/ folder there (give the learner's checkout)")
+    commit = subprocess.run(["git", "-C", str(course), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+                            capture_output=True, text=True)
+    if commit.returncode != 0:
+        raise SystemExit(f"--ref {ref}: not a commit of the course repository at {course} "
+                         f"({commit.stderr.strip() or 'is it a git checkout?'})")
+    archive = subprocess.run(["git", "-C", str(course), "archive", "--format=tar", commit.stdout.strip()],
+                             capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    for name in ("solutions", "labs"):
+        shutil.rmtree(dest / name, ignore_errors=True)
+    for path in sorted(labs.rglob("*")):
+        rel = path.relative_to(labs)
+        if "__pycache__" in rel.parts:
+            continue
+        if path.is_symlink():
+            raise SystemExit(f"--submission: labs/{rel} is a symbolic link; submit the file itself")
+        target = dest / "labs" / rel
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif path.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    return commit.stdout.strip()
+
+
+# ============================================================================================ command line
 
 def render(exercises: list[dict]) -> str:
     mark = {PASSED: "PASS", FAILED: "FAIL", NOT_STARTED: "TODO"}
@@ -162,9 +611,15 @@ def render(exercises: list[dict]) -> str:
                      f"{e['passed']:>3}/{e['tests']:<3}  {e['status']}")
         if e["reason"]:
             lines.append(f"{'':14}↳ {e['reason']}")
-    done = sum(e["status"] == PASSED for e in exercises)
-    lines.append(f"\nscore: {done}/{len(exercises)} exercises passed")
+    lines.append("\n" + summary_line(exercises))
     return "\n".join(lines)
+
+
+def summary_line(exercises: list[dict]) -> str:
+    done = sum(e["status"] == PASSED for e in exercises)
+    left = len(exercises) - done
+    return f"score: {done}/{len(exercises)} exercises passed" + \
+        (f"; {left} exercise{'s' if left != 1 else ''} left" if left else "; all done")
 
 
 def main(argv=None) -> int:
@@ -172,24 +627,41 @@ def main(argv=None) -> int:
     parser.add_argument("chapter", nargs="?", help="grade only this chapter, e.g. 1")
     parser.add_argument("--impl", default=os.environ.get("GRADE_IMPL", "labs"),
                         help="package to grade: labs (yours, default) or solutions (the reference)")
+    parser.add_argument("--submission", metavar="DIR",
+                        help="instructors: grade DIR/labs alone in a clean checkout of this course (git archive "
+                             "of --ref), without solutions/")
+    parser.add_argument("--ref", default="HEAD", help="with --submission: the course commit to grade against")
     parser.add_argument("--json", metavar="FILE", help="also write a machine-readable report here")
     parser.add_argument("--markdown", metavar="FILE", help="append a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY)")
     parser.add_argument("--timeout", type=int, default=180, help="seconds before one grader test is failed")
+    parser.add_argument("--exit-zero", action="store_true",
+                        help="exit 0 even when exercises are left (make grade for learners; CI keeps the status)")
     parser.add_argument("--verbose", action="store_true", help="show pytest's own output")
     args = parser.parse_args(argv)
-    exercises = run(args.chapter, args.impl, args.timeout, quiet=not args.verbose)
+    if args.chapter is not None and not args.chapter.isdigit():
+        parser.error(f"CHAPTER must be a chapter number such as 1, got {args.chapter!r}")
+    info = {"impl": args.impl}
+    with tempfile.TemporaryDirectory(prefix="dil-submission-") as tmp:
+        root = ROOT
+        if args.submission:
+            if args.impl != "labs":
+                parser.error("--submission grades the learner's labs/; leave --impl out")
+            root = pathlib.Path(tmp) / "course"
+            info.update(submission=str(args.submission),
+                        commit=checkout_for_submission(args.submission, root, args.ref))
+        exercises = run(args.chapter, args.impl, args.timeout, quiet=not args.verbose, root=root)
     if not exercises:
         print(f"no exercises found{' in chapter ' + args.chapter if args.chapter else ''}")
         return 2
-    print(render(exercises))
+    print(render(exercises), flush=True)
+    done = sum(e["status"] == PASSED for e in exercises)
     if args.json:
-        done = sum(e["status"] == PASSED for e in exercises)
         with open(args.json, "w") as f:
-            json.dump({"impl": args.impl, "score": done, "total": len(exercises), "exercises": exercises}, f, indent=2)
+            json.dump({**info, "score": done, "total": len(exercises), "exercises": exercises}, f, indent=2)
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write(markdown(exercises))
-    return 0 if all(e["status"] == PASSED for e in exercises) else 1
+    return 0 if done == len(exercises) or args.exit_zero else 1
 
 
 def markdown(exercises: list[dict]) -> str:
@@ -198,10 +670,11 @@ def markdown(exercises: list[dict]) -> str:
     rows = [f"## Score: {done}/{len(exercises)} exercises passed\n", "| | exercise | title | status | reason |",
             "| --- | --- | --- | --- | --- |"]
     for e in exercises:
-        reason = e["reason"].replace("|", "\\|")
+        reason = e["reason"].replace("|", "\\|").replace("\n", " ")
         rows.append(f"| {icon[e['status']]} | {e['exercise']} | {e['title']} | {e['status']} | {reason} |")
     return "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":
+    _set_subreaper()  # only as a command: a library caller (pytest) has children of its own
     sys.exit(main())

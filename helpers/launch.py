@@ -351,8 +351,8 @@ def _wait(procs, workdir, timeout, start, logs):
             for sentinel in mp.connection.wait(list(pending), timeout=min(left, 0.5)):
                 rank = pending.pop(sentinel)
                 procs[rank].join()
-                if procs[rank].exitcode != 0:
-                    failed[rank] = time.time()
+                if procs[rank].exitcode != 0 or not os.path.exists(os.path.join(workdir, f"rank{rank}.result")):
+                    failed[rank] = time.time()  # exit code 0 with no result: os._exit(0) in the user's code
             logs.cap()
             if failed:
                 # Let ranks that fail in the same instant report too, then blame the root cause.

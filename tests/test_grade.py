@@ -1,5 +1,15 @@
-"""The grader sorts exercises into passed / failed / not started, and survives hangs and crashes."""
+"""The grader sorts exercises into passed / failed / not started, survives hangs and crashes, and records a grade
+no learner code can take down or forge: learner code never runs in the recording process, a dead test process
+fails only its exercise, every process a grading run started is gone at the end, and the reference answers do
+not count as an answer. The hostile and careless lab modules are in tests/fixtures/."""
 import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
 
 from helpers import grade
 
@@ -7,6 +17,20 @@ from helpers import grade
 def by_id(exercises):
     return {e["exercise"]: e for e in exercises}
 
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------- outcomes and messages
 
 def test_wrong_answers_fail_with_the_assertion_message():
     result = by_id(grade.run("0", impl="tests.fixtures.broken"))
@@ -25,6 +49,7 @@ def test_a_hanging_exercise_fails_only_itself(monkeypatch):
     monkeypatch.setenv("COURSE_TIMEOUT", "2")
     result = by_id(grade.run("0", impl="tests.fixtures.hanging"))
     assert result["0.1"]["status"] == "failed" and "hung" in result["0.1"]["reason"]
+    assert "within 2 s" in result["0.1"]["reason"]
     assert result["0.2"]["status"] == "passed"
 
 
@@ -32,7 +57,8 @@ def test_stubs_are_not_started_and_name_the_exercise_exit_status_and_json(tmp_pa
     report = tmp_path / "grade.json"
     assert grade.main(["0", "--impl", "labs", "--json", str(report)]) == 1
     table = capsys.readouterr().out
-    assert "TODO  0.1" in table and "score: 0/2 exercises passed" in table
+    assert "TODO  0.1" in table
+    assert table.rstrip().splitlines()[-1] == "score: 0/2 exercises passed; 2 exercises left"
     data = json.loads(report.read_text())
     assert (data["score"], data["total"]) == (0, 2)
     result = by_id(data["exercises"])
@@ -46,3 +72,127 @@ def test_reference_solutions_pass_and_exit_zero(tmp_path):
     assert grade.main(["0", "--impl", "solutions", "--json", str(report)]) == 0
     result = by_id(json.loads(report.read_text())["exercises"])
     assert {k: v["status"] for k, v in result.items()} == {"0.1": "passed", "0.2": "passed"}
+
+
+def test_a_long_message_keeps_the_case_and_both_values():
+    """A reason used to be cut at 300 characters, before the part that differs."""
+    expected, got = list(range(200)), list(range(199)) + [-1]
+    message = f"world_size=4, shape=(200,): rank 3 expected {expected}, got {got}; look at the last chunk"
+    short = grade.shorten(message, 400)
+    assert len(short) <= 400
+    assert short.startswith("world_size=4, shape=(200,): rank 3 expected [0, 1, 2")
+    assert "198, -1]" in short and short.endswith("look at the last chunk")
+
+
+# ----------------------------------------------------------------- what must be reported is read as text
+
+def test_expected_tests_read_from_the_grader_files_match_pytests_collection():
+    """The recording process lists each exercise's tests without importing a grader; that list must agree
+    with what pytest collects (else an exercise could never pass, or pass with tests missing)."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "exercise", "-p", "no:nbval",
+                          *sorted(str(p) for p in (grade.ROOT / "tests").glob("test_ch*.py"))],
+                         cwd=grade.ROOT, capture_output=True, text=True, env=dict(os.environ, COURSE_IMPL="solutions"))
+    collected = {}
+    for line in out.stdout.splitlines():
+        if "::" in line:
+            function = line.split("[", 1)[0]
+            collected[function] = collected.get(function, 0) + 1
+    expected = {test: n for ex in grade.collect() for test, n in ex.tests.items()}
+    assert set(expected) == set(collected), out.stdout[-2000:] + out.stderr[-2000:]
+    for test, n in expected.items():
+        assert n is None or n == collected[test], f"{test}: read {n} cases from the file, pytest collected " \
+                                                  f"{collected[test]}"
+
+
+# ------------------------------------------------------------------------------ a grade that cannot be forged
+
+def test_a_forging_lab_module_gets_nothing(tmp_path, monkeypatch):
+    """tests/fixtures/forging/warmup.py claims a pass for every test of every chapter in the test process's
+    report, rewrites the final report from an atexit hook and from a detached process it leaves behind."""
+    target, pids = tmp_path / "grade-report.json", tmp_path / "pids"
+    monkeypatch.setenv("FORGE_TARGET", str(target))
+    monkeypatch.setenv("FORGE_PIDS", str(pids))
+    assert grade.main(["0", "--impl", "tests.fixtures.forging", "--json", str(target)]) == 1
+    written = target.read_text()
+    data = json.loads(written)
+    assert (data["score"], data["total"]) == (0, 2)
+    for ex in data["exercises"]:
+        assert ex["status"] == "failed" and "not trusted" in ex["reason"], ex
+    ran_in = [int(p) for p in pids.read_text().split()]
+    assert ran_in and os.getpid() not in ran_in                  # never in the recording process
+    assert "tests.fixtures.forging.warmup" not in sys.modules
+    assert not any(_alive(p) for p in ran_in)                    # the detached rewriter is gone ...
+    time.sleep(0.3)
+    assert target.read_text() == written                         # ... so the report stays the grader's
+
+
+def test_a_lab_that_exits_at_import_fails_and_the_report_survives(tmp_path):
+    report = tmp_path / "grade.json"
+    assert grade.main(["0", "--impl", "tests.fixtures.exiting", "--json", str(report)]) == 1
+    result = by_id(json.loads(report.read_text())["exercises"])
+    for ex in ("0.1", "0.2"):
+        assert result[ex]["status"] == "failed" and "exited with code 0" in result[ex]["reason"], result[ex]
+
+
+def test_a_test_process_killed_like_the_oom_killer_fails_only_its_exercise():
+    result = by_id(grade.run("0", impl="tests.fixtures.killed"))
+    assert result["0.1"]["status"] == "failed", result["0.1"]
+    assert "killed by signal SIGKILL" in result["0.1"]["reason"] and "test_sum_of_ranks[1]" in result["0.1"]["reason"]
+    assert result["0.2"]["status"] == "passed", result["0.2"]
+
+
+@pytest.mark.parametrize("impl,message", [
+    ("tests.fixtures.borrowing", "uses the reference answers (solutions.warmup)"),
+    ("tests.fixtures.hiding", "cannot be imported while tests.fixtures.hiding/ is graded"),
+])
+def test_the_reference_answers_are_not_an_answer(impl, message):
+    result = by_id(grade.run("0", impl=impl))
+    for ex in ("0.1", "0.2"):
+        assert result[ex]["status"] == "failed" and message in result[ex]["reason"], result[ex]
+
+
+# ------------------------------------------------------------------------- instructors: --submission DIR
+
+def _learner_checkout(tmp_path, fixture):
+    """A learner's fork as an instructor would receive it: labs/ (here: a fixture) and a doctored course."""
+    fork = tmp_path / "fork"
+    (fork / "labs").mkdir(parents=True)
+    (fork / "labs" / "__init__.py").write_text("")
+    (fork / "labs" / "warmup.py").write_text((grade.ROOT / "tests" / "fixtures" / fixture / "warmup.py").read_text())
+    (fork / "tests").mkdir()
+    (fork / "tests" / "conftest.py").write_text("import os\nos.environ['COURSE_IMPL'] = 'solutions'\n")
+    return fork
+
+
+def test_submission_checkout_holds_the_course_and_the_learners_labs_only(tmp_path):
+    fork = _learner_checkout(tmp_path, "borrowing")
+    dest = tmp_path / "course"
+    commit = grade.checkout_for_submission(fork, dest)
+    assert re.fullmatch(r"[0-9a-f]{40}", commit)
+    assert not (dest / "solutions").exists()
+    assert (dest / "labs" / "warmup.py").read_text() == (fork / "labs" / "warmup.py").read_text()
+    assert (dest / "tests" / "conftest.py").read_text() == \
+        subprocess.run(["git", "show", "HEAD:tests/conftest.py"], cwd=grade.ROOT, capture_output=True,
+                       text=True).stdout                         # the course's own, not the fork's
+    assert (dest / "tests" / "test_ch00_warmup.py").exists() and (dest / "helpers" / "grade.py").exists()
+    os.symlink(grade.ROOT / "solutions" / "warmup.py", fork / "labs" / "ring.py")
+    with pytest.raises(SystemExit, match="symbolic link"):
+        grade.checkout_for_submission(fork, tmp_path / "course2")
+
+
+def test_submission_is_graded_in_a_clean_checkout_and_no_process_lingers(tmp_path, monkeypatch):
+    """The learner's own answers pass in the instructor's clean checkout; the process that the lab module
+    leaves behind in a session of its own (tests/fixtures/lingering) is gone when grading ends."""
+    pid_file = tmp_path / "lingering.pid"
+    monkeypatch.setenv("LINGER_PID_FILE", str(pid_file))
+    fork = _learner_checkout(tmp_path, "lingering")
+    (fork / "labs" / "correct.py").write_text((grade.ROOT / "tests" / "fixtures" / "correct" / "warmup.py").read_text())
+    (fork / "labs" / "warmup.py").write_text((fork / "labs" / "warmup.py").read_text()
+                                             .replace("tests.fixtures.correct.warmup", "labs.correct"))
+    report = tmp_path / "grade.json"
+    assert grade.main(["0", "--submission", str(fork), "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["submission"] == str(fork) and re.fullmatch(r"[0-9a-f]{40}", data["commit"])
+    assert {e["exercise"]: e["status"] for e in data["exercises"]} == {"0.1": "passed", "0.2": "passed"}
+    pids = [int(p) for p in pid_file.read_text().split()]
+    assert pids and not any(_alive(p) for p in pids)

@@ -131,6 +131,7 @@ def test_hang_is_stopped_with_every_ranks_stack(tmp_path):
 @pytest.mark.parametrize("how,expected", [
     ("sys.exit", "raised SystemExit: 3"),
     ("os._exit", "exited with code 3"),
+    ("os._exit(0)", "exited with code 0 before its function returned"),
     ("SIGKILL", "was killed by signal SIGKILL"),
     ("SIGSEGV", "was killed by signal SIGSEGV"),
 ])
@@ -142,6 +143,8 @@ def test_rank_that_exits_or_is_killed(tmp_path, how, expected):
                 sys.exit(3)
             elif how == "os._exit":
                 os._exit(3)
+            elif how == "os._exit(0)":
+                os._exit(0)  # "success" without a result is still a failure
             else:
                 os.kill(os.getpid(), getattr(signal, how))
         dist.barrier()
