@@ -30,7 +30,9 @@ def ring_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> t
     elementwise reduction (op: SUM, AVG, PRODUCT, MAX or MIN) of all ranks' tensors, written into `tensor`,
     which is also returned. Any length works, including lengths not divisible by the group size (chunk
     sizes differ by one) and lengths smaller than it (some chunks are empty).
-    Phases: reduce-scatter (n-1 steps), then all-gather (n-1 steps).
+    Phases: reduce-scatter (n-1 steps), then all-gather (n-1 steps): each rank sends 2(n-1) messages, one
+    chunk each, only to its ring neighbour (r+1 or r-1 in the group), and receives only from the other.
+    Raise ValueError for any other op, and for AVG on a tensor that is not floating point.
 
     Hint: flatten (tensor.view(-1) of a contiguous tensor shares its memory), split with chunk_bounds.
     Reduce-scatter step s: rank r sends chunk (r-s) mod n to r+1, receives chunk (r-s-1) mod n from r-1
@@ -59,7 +61,8 @@ def ring_reduce_scatter(output: torch.Tensor, input: torch.Tensor, op=dist.Reduc
     input:  [n * m, *rest] on every rank.
     output: [m, *rest]; on return rank i's output is the reduction over ranks of input[i*m:(i+1)*m]. Returned.
     `input` is not modified (work on a copy). op: SUM, AVG, PRODUCT, MAX or MIN.
-    Raise ValueError if input's shape is not [n * m, *rest].
+    n - 1 steps of one block each, round the ring.
+    Raise ValueError if input's shape is not [n * m, *rest], for any other op, and for AVG on integers.
     """
     raise NotImplementedError("Exercise 1.3: ring_reduce_scatter is not written yet (labs/ring_collectives.py)")
 
@@ -71,7 +74,8 @@ def recursive_doubling_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, gr
     Latency: log2(n) messages instead of the ring's 2(n-1); bandwidth: log2(n)·S per rank instead of
     2(n-1)/n·S. So it wins for small messages and loses for large ones. Group sizes that are not a power
     of two: the `extra` ranks beyond the largest power of two p first fold their tensor into rank r - p,
-    sit out the exchange, and get the result back at the end.
+    sit out the exchange, and get the result back at the end. Any group size works.
+    Raise ValueError for an op other than SUM, AVG, PRODUCT, MAX, MIN, and for AVG on integers.
     """
     raise NotImplementedError("Exercise 1.4: recursive_doubling_all_reduce is not written yet "
                               "(labs/ring_collectives.py)")

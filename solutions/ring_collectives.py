@@ -15,7 +15,8 @@ receives one chunk at the same time (batch_isend_irecv), so every link is busy e
       straight into place.
 Both phases are pipelined: chunks travel in segments of at most 1 MB, two in flight (see _stream).
 Each rank sends 2(n-1)/n of the tensor in all — independent of n, which is why NCCL uses rings for
-large messages — but pays 2(n-1) message latencies, which is why small messages use trees.
+large messages — but pays 2(n-1) message latencies, which is why latency-bound sizes use other algorithms
+(trees across nodes; one-shot or NVLink-SHARP all-reduce inside a node, as serving engines do).
 """
 from __future__ import annotations
 
@@ -132,7 +133,9 @@ def ring_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> t
     elementwise reduction (op: SUM, AVG, PRODUCT, MAX or MIN) of all ranks' tensors, written into `tensor`,
     which is also returned. Any length works, including lengths not divisible by the group size (chunk
     sizes differ by one) and lengths smaller than it (some chunks are empty).
-    Phases: reduce-scatter (n-1 steps), then all-gather (n-1 steps).
+    Phases: reduce-scatter (n-1 steps), then all-gather (n-1 steps): each rank sends 2(n-1) messages, one
+    chunk each, only to its ring neighbour (r+1 or r-1 in the group), and receives only from the other.
+    Raise ValueError for any other op, and for AVG on a tensor that is not floating point.
     """
     _check_op(op, tensor.dtype)
     n = dist.get_world_size(group)
@@ -155,6 +158,7 @@ def ring_all_gather(output: torch.Tensor, input: torch.Tensor, group=None) -> to
     input:  [m, *rest] on every rank (the same shape everywhere).
     output: [n * m, *rest]; on return output[i*m:(i+1)*m] is rank i's input, on every rank. Returned.
     n - 1 steps: step s sends the block this rank received at step s - 1 (its own block at step 0).
+    Raise ValueError if output's shape is not [n * m, *rest].
     """
     n = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -178,7 +182,9 @@ def ring_reduce_scatter(output: torch.Tensor, input: torch.Tensor, op=dist.Reduc
 
     input:  [n * m, *rest] on every rank.
     output: [m, *rest]; on return rank i's output is the reduction over ranks of input[i*m:(i+1)*m]. Returned.
-    `input` is not modified (the ring works on a copy). op: SUM, AVG, PRODUCT, MAX or MIN.
+    `input` is not modified (work on a copy). op: SUM, AVG, PRODUCT, MAX or MIN.
+    n - 1 steps of one block each, round the ring.
+    Raise ValueError if input's shape is not [n * m, *rest], for any other op, and for AVG on integers.
     """
     _check_op(op, input.dtype)
     n = dist.get_world_size(group)
@@ -208,7 +214,8 @@ def recursive_doubling_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, gr
     Latency: log2(n) messages instead of the ring's 2(n-1); bandwidth: log2(n)·S per rank instead of
     2(n-1)/n·S. So it wins for small messages and loses for large ones. Group sizes that are not a power
     of two: the `extra` ranks beyond the largest power of two p first fold their tensor into rank r - p,
-    sit out the exchange, and get the result back at the end.
+    sit out the exchange, and get the result back at the end. Any group size works.
+    Raise ValueError for an op other than SUM, AVG, PRODUCT, MAX, MIN, and for AVG on integers.
     """
     _check_op(op, tensor.dtype)
     rank, n = dist.get_rank(group), dist.get_world_size(group)
