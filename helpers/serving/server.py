@@ -64,6 +64,9 @@ async def read_request(reader: asyncio.StreamReader, writer=None, check=None) ->
     method, path, headers, length = await read_head(reader)
     if check is not None:
         check(method, path, headers)
+    if length > MAX_BODY:
+        raise HttpError(413, f"request body of {headers['content-length'][:20]} bytes is over the limit of "
+                             f"{MAX_BODY} bytes")
     if writer is not None and length and headers.get("expect", "").lower() == "100-continue":
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for this before sending a large body
     try:
@@ -74,7 +77,8 @@ async def read_request(reader: asyncio.StreamReader, writer=None, check=None) ->
 
 
 async def read_head(reader: asyncio.StreamReader) -> tuple[str, str, dict, int]:
-    """The request line and headers: (method, path, headers with lower-case names, Content-Length)."""
+    """The request line and headers: (method, path, headers with lower-case names, Content-Length, which
+    may be over MAX_BODY: the caller checks, after the API key)."""
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEADER_TIMEOUT)
     except asyncio.LimitOverrunError:
@@ -105,8 +109,6 @@ async def read_head(reader: asyncio.StreamReader) -> tuple[str, str, dict, int]:
     if not (declared.isascii() and declared.isdigit()):
         raise HttpError(400, f"Content-Length must be a whole number of bytes (digits only), got {declared[:20]!r}")
     length = int(declared) if len(declared) <= 18 else MAX_BODY + 1
-    if length > MAX_BODY:
-        raise HttpError(413, f"request body of {declared[:20]} bytes is over the limit of {MAX_BODY} bytes")
     return parts[0], parts[1].split("?")[0], headers, length
 
 
