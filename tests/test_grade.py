@@ -5,6 +5,7 @@ not count as an answer. The hostile and careless lab modules are in tests/fixtur
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -196,3 +197,16 @@ def test_submission_is_graded_in_a_clean_checkout_and_no_process_lingers(tmp_pat
     assert {e["exercise"]: e["status"] for e in data["exercises"]} == {"0.1": "passed", "0.2": "passed"}
     pids = [int(p) for p in pid_file.read_text().split()]
     assert pids and not any(_alive(p) for p in pids)
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="needs make")
+def test_make_grade_ends_with_how_many_exercises_are_left():
+    """make grade's last line is the count of exercises left, not make's "Error 1" (learners: exit 0);
+    CHECK=1 keeps the exit status for CI."""
+    base = ["make", "-s", "-o", ".venv/.installed", "grade", "CHAPTER=0", f"PY={sys.executable}",
+            "GRADE_ARGS=--impl tests.fixtures.borrowing"]  # decided without a child: fast
+    learner = subprocess.run(base, cwd=grade.ROOT, capture_output=True, text=True)
+    assert learner.returncode == 0, learner.stderr
+    assert (learner.stdout + learner.stderr).rstrip().splitlines()[-1] == "score: 0/2 exercises passed; 2 exercises left"
+    check = subprocess.run(base + ["CHECK=1"], cwd=grade.ROOT, capture_output=True, text=True)
+    assert check.returncode != 0 and "score: 0/2" in check.stdout
