@@ -3,7 +3,13 @@ bytes a real model or cache holds. Used by the tensor-parallel, pipeline and ser
 
     weights   = parameters × bytes per parameter                         (2 B for fp16/bf16, 1 B for int8/fp8)
     KV cache  = 2 (K and V) × layers × kv_heads × head_dim × bytes/value  per token, × tokens in flight
-    per GPU   = (weights + KV cache) / TP                                (ignoring replicated norms: tiny)
+    per GPU   = weights / TP + KV cache × kv_heads_per_rank(kv_heads, TP) / kv_heads
+
+The KV cache follows the GQA rule of chapter 2: it shrinks as 1/TP only while TP <= kv_heads; beyond that
+every rank keeps (a copy of) one whole KV head, so it stops shrinking (8 KV heads: TP=16 holds what TP=8
+holds). Ignored: the replicated norms (tiny) and, beyond TP = kv_heads, the replicated K/V projection
+weights (Llama-3-70B: 1.3 B of its 70.6 B parameters are K/V projections; at TP=16 each rank holds 1/8
+of them instead of 1/16, 0.17 GB more in bf16).
 
 GB here means 10^9 bytes (as GPU data sheets and the "70B needs 140 GB" rule of thumb use), GiB 2^30.
 """
@@ -62,22 +68,40 @@ def kv_heads_per_rank(kv_heads: int, tp: int) -> float:
 
 
 def inference_memory(parameters: float, bytes_per_param: float, kv_per_token: float = 0.0,
-                     tokens: int = 0, tp: int = 1) -> dict:
-    """Bytes per GPU for the weights and the KV cache of `tokens` cached tokens (summed over the batch),
-    split evenly over `tp` GPUs. Returns {"weights", "kv_cache", "total"} in bytes, per GPU."""
+                     tokens: int = 0, tp: int = 1, kv_heads: int | None = None) -> dict:
+    """Bytes per GPU for the weights and the KV cache of `tokens` cached tokens (summed over the batch)
+    under tensor parallelism of degree `tp`. Returns {"weights", "kv_cache", "total"} in bytes, per GPU.
+
+    kv_per_token: the whole model's K and V bytes per token (`kv_bytes_per_token`); kv_heads: the model's
+    number of KV heads, required with a KV cache: each GPU caches kv_heads_per_rank(kv_heads, tp) of them,
+    so the cache stops shrinking once tp exceeds kv_heads."""
     if tp < 1:
         raise ValueError(f"tp={tp}: the tensor-parallel degree is at least 1")
     weights = parameters * bytes_per_param / tp
-    kv = kv_per_token * tokens / tp
+    kv = 0.0
+    if kv_per_token and tokens:
+        if kv_heads is None:
+            raise ValueError("pass kv_heads (the model's number of KV heads): the KV cache per GPU shrinks as 1/tp "
+                             "only while tp <= kv_heads")
+        kv = kv_per_token * tokens * kv_heads_per_rank(kv_heads, tp) / kv_heads
     return {"weights": weights, "kv_cache": kv, "total": weights + kv}
 
 
 def smallest_tp_that_fits(parameters: float, bytes_per_param: float, gpu_bytes: float, kv_per_token: float = 0.0,
-                          tokens: int = 0, degrees=(1, 2, 4, 8, 16, 32), usable: float = 0.9) -> int | None:
+                          tokens: int = 0, degrees=(1, 2, 4, 8, 16, 32), usable: float = 0.9,
+                          kv_heads: int | None = None, heads: int | None = None) -> int | None:
     """The smallest TP degree whose per-GPU weights + KV cache fit in `usable` × gpu_bytes (the rest is for
-    activations, the CUDA context and fragmentation), or None if even the largest degree does not fit."""
+    activations, the CUDA context and fragmentation), or None if even the largest degree does not fit.
+    kv_heads: as in inference_memory. heads (query heads, optional): skip degrees that cannot split the
+    heads (helpers/tp_heads.kv_heads_for_rank: tp must divide heads, and divide kv_heads or be a multiple)."""
+    from helpers.tp_heads import kv_heads_for_rank
     for tp in degrees:
-        if inference_memory(parameters, bytes_per_param, kv_per_token, tokens, tp)["total"] <= usable * gpu_bytes:
+        if heads is not None:
+            try:
+                kv_heads_for_rank(heads, kv_heads or heads, 0, tp)
+            except ValueError:
+                continue
+        if inference_memory(parameters, bytes_per_param, kv_per_token, tokens, tp, kv_heads)["total"] <= usable * gpu_bytes:
             return tp
     return None
 

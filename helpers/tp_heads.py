@@ -7,6 +7,11 @@ replicated on several ranks, as vLLM does.
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers.tp_regions import copy_to_tensor_model_parallel_region
+
+__all__ = ["kv_heads_for_rank", "head_slice", "HeadSliceLinear"]
 
 
 def kv_heads_for_rank(num_heads: int, num_kv_heads: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -29,11 +34,30 @@ def kv_heads_for_rank(num_heads: int, num_kv_heads: int, rank: int, world_size: 
                      f"use a tensor-parallel degree that divides {num_kv_heads} or is a multiple of it")
 
 
-def head_slice(linear: nn.Linear, first_head: int, heads: int, head_dim: int) -> nn.Linear:
-    """A plain nn.Linear holding output rows of heads [first_head, first_head + heads) of `linear`."""
+class HeadSliceLinear(nn.Linear):
+    """The output rows of some heads of a full projection, on a rank that holds the full input x.
+
+    forward: x -> copy_to_tensor_model_parallel_region (identity) -> x Wᵀ + b. Like ColumnParallelLinear,
+    this rank's heads see the full x but produce only part of dL/dx; the operator's backward all-reduces
+    that part over `group`, so every rank gets the whole dL/dx. Without it, dL/dx misses the other ranks'
+    share of K and V (and every layer before attention trains on a wrong gradient)."""
+
+    group = None        # the tensor-parallel group (None: all ranks); set by head_slice
+
+    def forward(self, x):
+        return F.linear(copy_to_tensor_model_parallel_region(x, self.group), self.weight, self.bias)
+
+
+def head_slice(linear: nn.Linear, first_head: int, heads: int, head_dim: int, group=None) -> HeadSliceLinear:
+    """A HeadSliceLinear holding output rows of heads [first_head, first_head + heads) of `linear`,
+    whose backward all-reduces its share of dL/dx over `group` (the tensor-parallel group; None: all ranks).
+    For K/V heads: split ones (each on one rank) and replicated ones (the same head on several ranks: each
+    replica's weight gradient then holds only its own query heads' part; the sum over the replicas is the
+    full gradient)."""
     rows = slice(first_head * head_dim, (first_head + heads) * head_dim)
-    out = nn.Linear(linear.in_features, heads * head_dim, bias=linear.bias is not None,
-                    dtype=linear.weight.dtype)
+    out = HeadSliceLinear(linear.in_features, heads * head_dim, bias=linear.bias is not None,
+                          dtype=linear.weight.dtype)
+    out.group = group
     with torch.no_grad():
         out.weight.copy_(linear.weight[rows])
         if linear.bias is not None:

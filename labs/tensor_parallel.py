@@ -137,8 +137,14 @@ class ParallelAttention(nn.Module):
     column-parallel, no gather), the KV heads those query heads read (k_proj, v_proj: see
     `kv_heads_for_rank`; replicated when world_size > num_kv_heads), and the matching input columns of
     o_proj (row-parallel, input_is_parallel=True). Each rank attends with its own heads; the single
-    all-reduce is o_proj's. Built from a `helpers.transformer_layers.Attention`. x, y: [batch, seq, hidden].
-    Replicated KV heads are for inference: their gradients would also need summing over the replicas."""
+    forward all-reduce is o_proj's. Built from a `helpers.transformer_layers.Attention`.
+    x, y: [batch, seq, hidden]. Raises ValueError (from kv_heads_for_rank) when the heads cannot be split.
+
+    Gradients equal the single-process ones: every projection that reads the full x goes through
+    copy_to_tensor_model_parallel_region (q_proj: inside ColumnParallelLinear; k_proj, v_proj: inside
+    `head_slice(..., group=group)`, or ColumnParallelLinear when world_size divides num_kv_heads), so the
+    backward pass sums every rank's share of dL/dx, K and V included. A replicated KV head's weight gradient
+    on each replica holds only its own query heads' part; the full gradient is the sum over the replicas."""
 
     def __init__(self, q_proj, k_proj, v_proj, o_proj, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()

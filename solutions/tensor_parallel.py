@@ -170,8 +170,14 @@ class ParallelAttention(nn.Module):
     column-parallel, no gather), the KV heads those query heads read (k_proj, v_proj: see
     `kv_heads_for_rank`; replicated when world_size > num_kv_heads), and the matching input columns of
     o_proj (row-parallel, input_is_parallel=True). Each rank attends with its own heads; the single
-    all-reduce is o_proj's. Built from a `helpers.transformer_layers.Attention`. x, y: [batch, seq, hidden].
-    Replicated KV heads are for inference: their gradients would also need summing over the replicas."""
+    forward all-reduce is o_proj's. Built from a `helpers.transformer_layers.Attention`.
+    x, y: [batch, seq, hidden]. Raises ValueError (from kv_heads_for_rank) when the heads cannot be split.
+
+    Gradients equal the single-process ones: every projection that reads the full x goes through
+    copy_to_tensor_model_parallel_region (q_proj: inside ColumnParallelLinear; k_proj, v_proj: inside
+    `head_slice(..., group=group)`, or ColumnParallelLinear when world_size divides num_kv_heads), so the
+    backward pass sums every rank's share of dL/dx, K and V included. A replicated KV head's weight gradient
+    on each replica holds only its own query heads' part; the full gradient is the sum over the replicas."""
 
     def __init__(self, q_proj, k_proj, v_proj, o_proj, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
@@ -185,7 +191,8 @@ class ParallelAttention(nn.Module):
         first_kv, kv_count = kv_heads_for_rank(attn.num_heads, attn.num_kv_heads, rank, world_size)
         q_proj = ColumnParallelLinear.from_linear(attn.q_proj, rank, world_size, group=group, gather_output=False)
         o_proj = RowParallelLinear.from_linear(attn.o_proj, rank, world_size, group=group, input_is_parallel=True)
-        k_proj, v_proj = (head_slice(p, first_kv, kv_count, attn.head_dim) for p in (attn.k_proj, attn.v_proj))
+        k_proj, v_proj = (head_slice(p, first_kv, kv_count, attn.head_dim, group=group)  # copy_to inside
+                          for p in (attn.k_proj, attn.v_proj))
         return cls(q_proj, k_proj, v_proj, o_proj, attn.num_heads // world_size, kv_count, attn.head_dim)
 
     def forward(self, x):

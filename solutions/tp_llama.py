@@ -56,8 +56,9 @@ def shard_llama(model: nn.Module, rank: int | None = None, world_size: int | Non
             attn.k_proj = ColumnParallelLinear.from_linear(attn.k_proj, gather_output=False, **column)
             attn.v_proj = ColumnParallelLinear.from_linear(attn.v_proj, gather_output=False, **column)
         else:  # fewer KV heads than ranks: each rank keeps a copy of the one its query heads read
-            attn.k_proj = head_slice(attn.k_proj, first_kv, kv_count, attn.head_dim)
-            attn.v_proj = head_slice(attn.v_proj, first_kv, kv_count, attn.head_dim)
+            # (head_slice's forward applies copy_to_tensor_model_parallel_region: dL/dx summed in backward)
+            attn.k_proj = head_slice(attn.k_proj, first_kv, kv_count, attn.head_dim, group=group)
+            attn.v_proj = head_slice(attn.v_proj, first_kv, kv_count, attn.head_dim, group=group)
         attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, input_is_parallel=True, **column)
         attn.num_key_value_groups = (num_heads // world_size) // kv_count
         mlp.gate_proj = ColumnParallelLinear.from_linear(mlp.gate_proj, gather_output=False, **column)
