@@ -18,7 +18,7 @@ def gather_in_order(local_outputs: torch.Tensor, local_indices: torch.Tensor, nu
                    DistributedSampler hands some requests to two ranks; any copy may be kept)
     num_items:     the size of the whole request set.
     Returns on `dst` a tensor [num_items, *feature] with row i = the result for request i; None elsewhere.
-    Raises ValueError on `dst` if some request index was answered by no rank.
+    Raises ValueError on `dst`, naming the missing indices, if some request index was answered by no rank.
 
     dist.gather needs the same shape on every rank: pad each shard to the largest, send the indices
     alongside (padding rows marked -1), and scatter the rows into place on `dst`.
