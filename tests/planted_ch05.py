@@ -156,6 +156,27 @@ def _whole_model_forward(stage, input_ids):
     return stage.model(ids).logits if stage.is_last else None
 
 
+_HIDDEN_MODELS = {}
+
+
+def _stage_with_hidden_model(model, dp, pp, tp):
+    """A proper-looking stage (right bytes in the stage object), with the whole sharded model kept aside."""
+    stage, grid = load_impl("hybrid").build_hybrid_stage(model, dp, pp, tp)
+    _HIDDEN_MODELS["model"] = model
+    return stage, grid
+
+
+@torch.no_grad()
+def _first_stage_runs_everything(stage, input_ids):
+    """...the first stage runs the whole model and sends the logits down the pipeline to the last."""
+    from helpers.pipeline_runtime import recv_tensor, send_tensor, wait_all
+    x = _HIDDEN_MODELS["model"](input_ids).logits if stage.is_first else recv_tensor(stage.prev_rank, stage.group)
+    if stage.is_last:
+        return x
+    wait_all(send_tensor(x, stage.next_rank, stage.group))
+    return None
+
+
 def _forward_then_world_barrier(stage, input_ids):
     out = load_impl("hybrid").hybrid_forward(stage, input_ids)
     dist.barrier()          # "make sure everyone is done": couples every replica and stage
@@ -212,6 +233,10 @@ MISTAKES = {
     "whole_model_on_last_stage": Variant("hybrid", "pipeline skipped: last stage runs the whole model", "hybrid",
                                          "parameter bytes", build_hybrid_stage=_whole_model_on_last_stage,
                                          hybrid_forward=_whole_model_forward),
+    "logits_sent_from_first_stage": Variant("hybrid", "whole model on the first stage (kept outside the stage "
+                                            "object), logits sent down the pipeline", "hybrid", "byte message",
+                                            build_hybrid_stage=_stage_with_hidden_model,
+                                            hybrid_forward=_first_stage_runs_everything),
     "world_barrier_after_forward": Variant("hybrid", "a world barrier after the forward", "hybrid",
                                            "outside its TP group", hybrid_forward=_forward_then_world_barrier),
     "logits_on_tp_rank0_only": Variant("hybrid", "only tp rank 0 of the last stage returns logits", "hybrid",

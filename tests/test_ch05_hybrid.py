@@ -22,6 +22,8 @@ What the graders catch (planted in tests/planted_ch05.py):
          (e.g. a world barrier after the forward): the dp replicas must never talk  (collectives)
        * point-to-point messages to anything but the neighbouring stage of the
          same dp replica, or a stage that never sends / receives                 (p2p peers)
+       * the whole model run on one stage (kept outside the stage object), its
+         logits sent down the pipeline instead of the hidden state               (p2p payload)
        * logits missing on a TP rank of the last stage, or wrong logits           (logits)
        * a grid that does not match the world size accepted                       (check_grid_size_error)
 Valid alternatives that must pass: groups from `init_device_mesh` instead of `new_group`, group lists
@@ -180,7 +182,7 @@ def _hybrid_job(rank, world_size, impl, shape, batches):
     held = tensor_bytes(_held_parameters(stage))
     with CommTracer() as trace:       # the input is given to the first stage only: the others must receive it
         logits = impl.hybrid_forward(stage, batches[d] if p == 0 else None)
-    records = [(r.op, tuple(r.ranks), getattr(r, "peer", None)) for r in trace.records]
+    records = [(r.op, tuple(r.ranks), getattr(r, "peer", None), r.payload) for r in trace.records]
     return logits, held, records
 
 
@@ -193,7 +195,9 @@ def check_hybrid(impl, shape):
     with torch.no_grad():
         expected = [load_model()(b).logits for b in batches]
     results = launch(_hybrid_job, world, impl, shape, batches, show_output=False)
-    layers_per_stage = load_model().config.num_hidden_layers // pp
+    config = load_model().config
+    layers_per_stage = config.num_hidden_layers // pp
+    hidden_bytes = batches[0].numel() * config.hidden_size * 4        # [batch, seq, hidden] float32
     for rank, (got, held, records) in enumerate(results):
         d, p, t = coords_of(rank, *shape)
         where = f"grid {shape}: rank {rank} (dp, pp, tp) = {(d, p, t)}"
@@ -216,7 +220,7 @@ def check_hybrid(impl, shape):
             f"of the model in the stage (labs/hybrid.py, build_hybrid_stage)"
         # collectives: only inside this rank's TP group; at least the two all-reduces of every layer when tp > 1
         tp_group = tuple(expected_groups(*shape)["tp"][rank // tp])
-        collectives = [(op, ranks) for op, ranks, _ in records if op not in P2P_OPS]
+        collectives = [(op, ranks) for op, ranks, _, _ in records if op not in P2P_OPS]
         outside = [(op, list(ranks)) for op, ranks in collectives if ranks != tp_group]
         assert not outside, \
             f"{where}: collectives outside its TP group {list(tp_group)} during a forward: {outside}. Only the " \
@@ -229,8 +233,13 @@ def check_hybrid(impl, shape):
                 f"{2 * layers_per_stage} (two per decoder layer of the stage): the stage is not sharded over its " \
                 f"TP group (labs/hybrid.py: shard_llama(model, group=grid.groups['tp']))"
         # point-to-point: only with the neighbouring stages of the same replica; every boundary is crossed
-        sent = [peer for op, _, peer in records if op in ("send", "isend")]
-        received = [peer for op, _, peer in records if op in ("recv", "irecv")]
+        sent = [peer for op, _, peer, _ in records if op in ("send", "isend")]
+        received = [peer for op, _, peer, _ in records if op in ("recv", "irecv")]
+        for op, _, peer, payload in records:
+            assert op not in ("send", "isend") or payload <= hidden_bytes + 1024, \
+                f"{where} sent a {payload:,d}-byte message to rank {peer}; between stages flows the hidden state " \
+                f"[batch, seq, hidden] = {hidden_bytes:,d} B (+ a small header). Is the stage sending something " \
+                f"else, e.g. logits computed by a whole model on one stage? (labs/hybrid.py)"
         next_stage = {r for r in range(world) if coords_of(r, *shape)[:2] == (d, p + 1)}
         prev_stage = {r for r in range(world) if coords_of(r, *shape)[:2] == (d, p - 1)}
         assert set(sent) <= next_stage, \
@@ -303,7 +312,8 @@ CHECKS = {
 
 @pytest.mark.parametrize("name", ["pp_fastest", "no_range_check", "transposed_groups", "world_group_for_every_kind",
                                   "grid_size_unchecked", "no_tp_sharding", "shard_after_cut",
-                                  "whole_model_on_last_stage", "world_barrier_after_forward",
+                                  "whole_model_on_last_stage", "logits_sent_from_first_stage",
+                                  "world_barrier_after_forward",
                                   "logits_on_tp_rank0_only", "tp_group_across_replicas"])
 def test_planted_mistakes_are_caught(name, monkeypatch):
     monkeypatch.setenv("COURSE_IMPL", "solutions")
