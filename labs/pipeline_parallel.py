@@ -71,5 +71,7 @@ def gpipe_forward(stage: PipelineStage, batch: torch.Tensor | None, num_micro_ba
     timeline), and prefetch_next=True for all but the last (another input surely follows).
     The last stage returns the outputs concatenated in micro-batch order: [B, ...], equal to
     the unsplit model's output. Other stages return None, after their sends have completed.
+    Raises ValueError if num_micro_batches < 1, or (first stage) if the batch has fewer rows than
+    num_micro_batches.
     """
     raise NotImplementedError("Exercise 3.2: gpipe_forward is not written yet (labs/pipeline_parallel.py)")

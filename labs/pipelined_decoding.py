@@ -35,5 +35,6 @@ def pipelined_generate(stage, stage_ranks: list[int], prompt_groups: list[torch.
     "prefill" (step 0) or "decode", with micro_batch=group index.
     Returns, on the first stage, the G tensors [batch_g, prompt_len_g + max_new_tokens] (prompt + new
     tokens, the same ids as greedy decoding with the unsplit model); None on the other stages.
+    Raises ValueError if max_new_tokens < 1 or this rank is not one of stage_ranks (before any message).
     """
     raise NotImplementedError("Exercise 3.4: pipelined_generate is not written yet (labs/pipelined_decoding.py)")

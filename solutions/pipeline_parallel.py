@@ -78,6 +78,8 @@ def gpipe_forward(stage: PipelineStage, batch: torch.Tensor | None, num_micro_ba
     timeline), and prefetch_next=True for all but the last (another input surely follows).
     The last stage returns the outputs concatenated in micro-batch order: [B, ...], equal to
     the unsplit model's output. Other stages return None, after their sends have completed.
+    Raises ValueError if num_micro_batches < 1, or (first stage) if the batch has fewer rows than
+    num_micro_batches.
     """
     if num_micro_batches < 1:
         raise ValueError(f"num_micro_batches={num_micro_batches} must be at least 1")

@@ -35,8 +35,13 @@ def pipelined_generate(stage, stage_ranks: list[int], prompt_groups: list[torch.
     "prefill" (step 0) or "decode", with micro_batch=group index.
     Returns, on the first stage, the G tensors [batch_g, prompt_len_g + max_new_tokens] (prompt + new
     tokens, the same ids as greedy decoding with the unsplit model); None on the other stages.
+    Raises ValueError if max_new_tokens < 1 or this rank is not one of stage_ranks (before any message).
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     rank = dist.get_rank()
+    if rank not in stage_ranks:
+        raise ValueError(f"rank {rank} is not one of the pipeline's stage ranks {stage_ranks}")
     index = stage_ranks.index(rank)
     prev_rank = stage_ranks[index - 1] if index > 0 else None
     next_rank = stage_ranks[index + 1] if index + 1 < len(stage_ranks) else None
