@@ -255,5 +255,5 @@ VALID = {
                                   checks=("coordinates", "group_ranks"), grid_coordinates=_arange_coordinates,
                                   group_ranks=_arange_group_ranks),
     "world_group_pipeline": Variant("hybrid", "pipeline point-to-point in the world group",
-                                    checks=("hybrid", "hybrid_dp"), build_hybrid_stage=_world_group_pipeline),
+                                    checks=("hybrid",), build_hybrid_stage=_world_group_pipeline),
 }

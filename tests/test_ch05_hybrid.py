@@ -29,6 +29,7 @@ What the graders catch (planted in tests/planted_ch05.py):
 Valid alternatives that must pass: groups from `init_device_mesh` instead of `new_group`, group lists
 computed by reshaping `torch.arange`, pipeline point-to-point in the world group instead of the pp group.
 """
+import functools
 import itertools
 
 import pytest
@@ -164,6 +165,7 @@ def _held_parameters(obj, depth=0, seen=None):
     return [p for item in items for p in _held_parameters(item, depth + 1, seen)]
 
 
+@functools.lru_cache(maxsize=None)
 def expected_stage_bytes(pp_idx, pp, tp):
     """Bytes of the parameters one rank of stage pp_idx should hold: every matrix of the stage split over
     tp (vocabulary, heads, MLP width), vectors (RMSNorm weights) replicated."""
