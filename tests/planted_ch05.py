@@ -225,7 +225,8 @@ MISTAKES = {
     "world_group_for_every_kind": Variant("device_grid", "right rank lists, world group objects", "build_groups",
                                           "group object is not the group", build_groups=_world_group_for_every_kind),
     "grid_size_unchecked": Variant("device_grid", "dp·pp·tp != world size not rejected", "grid_size",
-                                   "ValueError on EVERY rank|ValueError on every rank", build_groups=_grid_size_unchecked),
+                                   "(?i)ValueError on every rank",
+                                   build_groups=_grid_size_unchecked),
     "no_tp_sharding": Variant("hybrid", "stage never sharded over its TP group", "hybrid", "parameter bytes",
                               build_hybrid_stage=_no_tp_sharding),
     "shard_after_cut": Variant("hybrid", "stage cut before sharding: whole embedding and LM head", "hybrid",
@@ -243,7 +244,8 @@ MISTAKES = {
                                        "should return logits", build_hybrid_stage=_build_keeping_grid,
                                        hybrid_forward=_logits_on_tp_rank0_only),
     "tp_group_across_replicas": Variant("hybrid", "sharded over the dp group", "hybrid_dp",
-                                        "outside its TP group|differ from the full model", build_hybrid_stage=_tp_over_the_dp_group),
+                                        "outside its TP group|differ from the full model",
+                                        build_hybrid_stage=_tp_over_the_dp_group),
 }
 
 VALID = {

@@ -114,7 +114,8 @@ def check_build_groups(impl, shape):
                 f"grid {shape}: an all_reduce of the rank ids in rank {rank}'s grid.groups[{kind!r}] gave {total}, " \
                 f"expected {sum(mine)} (the sum over {mine}): the group object is not the group of those ranks " \
                 f"(labs/device_grid.py, build_groups: keep the dist.new_group(ranks) of the group this rank is in)"
-            assert mesh_ranks == mine, f"grid {shape}: init_device_mesh's {kind} group of rank {rank} is {mesh_ranks}, yours {ranks}"
+            assert mesh_ranks == mine, \
+                f"grid {shape}: init_device_mesh's {kind} group of rank {rank} is {mesh_ranks}, yours {ranks}"
 
 
 def _grid_size_job(rank, world_size, build, shape):
@@ -210,9 +211,11 @@ def check_hybrid(impl, shape):
                 f"{where} is on the last stage and should return logits {tuple(want.shape)}, got {got!r} " \
                 f"(labs/hybrid.py, hybrid_forward: every TP rank of the last stage has the gathered logits)"
             err, tol = (got - want).abs().max().item(), tolerance(want)
-            assert err <= tol, f"{where}: logits differ from the full model's by {err:.2e} > {tol:.1e} (64 float32 eps × scale)"
+            assert err <= tol, \
+                f"{where}: logits differ from the full model's by {err:.2e} > {tol:.1e} (64 float32 eps × scale)"
         else:
-            assert got is None, f"{where} is on stage {p}, not the last: hybrid_forward should return None, got {type(got).__name__}"
+            assert got is None, \
+                f"{where} is on stage {p}, not the last: hybrid_forward should return None, got {type(got).__name__}"
         # who holds which bytes: about 1/(tp·pp) of the model, this stage's layers split over the TP group
         want_bytes = expected_stage_bytes(p, pp, tp)
         assert abs(held - want_bytes) <= 0.05 * want_bytes, \

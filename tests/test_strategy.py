@@ -99,4 +99,5 @@ def test_calculator_kv_figures_match_a_real_tp_run(tp, monkeypatch):
     for rank, (kv_cache, kv_weights) in enumerate(results):
         assert kv_cache == want_cache, f"tp={tp}: rank {rank} caches {kv_cache} B of K/V, calculator says {want_cache}"
         assert kv_weights == want_kv_weights, \
-            f"tp={tp}: rank {rank} holds {kv_weights} B of K/V projection weights per layer, calculator says {want_kv_weights}"
+            f"tp={tp}: rank {rank} holds {kv_weights} B of K/V projection weights per layer, " \
+            f"calculator says {want_kv_weights}"
