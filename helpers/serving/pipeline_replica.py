@@ -17,8 +17,9 @@ What a pipeline changes for serving, compared with the one-process Engine:
     between micro-batches instead). batching="none" serves one request per round.
   * greedy only: the last stage sends back argmax tokens. The front end answers temperature > 0 with 400.
   * a cancelled request leaves the queue, but not a round already running.
-  * a round is one long call: rank 0 reports its heartbeat from a thread meanwhile (`Heartbeat`), so the
-    front end can tell a long round from a stopped process.
+  * a round is one long call: rank 0 reports its heartbeat from a thread meanwhile (`Heartbeat`), but
+    only while the round makes progress (rank 0's timeline gains spans), so the front end can tell a long
+    round from a stopped stage.
 """
 from __future__ import annotations
 
@@ -31,15 +32,23 @@ from helpers.serving.replica import HEARTBEAT, STATS_EVERY, load_model_module
 
 
 class Heartbeat:
-    """`with Heartbeat(conn, stats):` sends ("stats", stats()) every HEARTBEAT seconds from a thread while
-    the block runs (a long pipeline round). Nothing else sends on conn meanwhile, so no lock is needed."""
+    """`with Heartbeat(conn, stats, progress):` sends ("stats", stats()) every HEARTBEAT seconds from a
+    thread while the block runs (a long pipeline round), as long as progress() has grown since the last
+    beat: a round stuck on a stopped stage falls silent, and the front end's watchdog notices. (While
+    progress() is still 0 it beats regardless: an implementation may record nothing.) Nothing else sends
+    on conn meanwhile, so no lock is needed."""
 
-    def __init__(self, conn, stats):
-        self.conn, self.stats, self.stop = conn, stats, threading.Event()
+    def __init__(self, conn, stats, progress=lambda: 0):
+        self.conn, self.stats, self.progress, self.stop = conn, stats, progress, threading.Event()
         self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
     def _beat(self):
+        seen = 0
         while not self.stop.wait(HEARTBEAT):
+            now = self.progress()
+            if now and now == seen:
+                continue  # no step since the last beat: stay silent
+            seen = now
             try:
                 self.conn.send(("stats", self.stats()))
             except OSError:
@@ -122,7 +131,7 @@ def pipeline_rank(rank, world_size, conn, model_spec, batching, max_batch, pp, t
                 timeline = Timeline(rank) if conn is not None else None
                 stats = {"busy_seconds": busy, "waiting": len(waiting), "running": len(batch), "steps": rounds,
                          "tokens": tokens}
-                with Heartbeat(conn, lambda: stats):
+                with Heartbeat(conn, lambda: stats, lambda: len(timeline.events) if timeline else 0):
                     out = generate(stage, stage_ranks, [torch.tensor([s.prompt]) for s in batch],
                                    max(s.max_tokens for s in batch), group=group, timeline=timeline)
                 busy += time.perf_counter() - start
