@@ -160,7 +160,8 @@ def test_poison_requests_under_load_fail_alone(server):
     for (raw, status, words), (got, body) in zip(POISON * 2, answers):
         assert got == status, f"{raw.decode()}: expected HTTP {status}, got {got}: {body}"
         if words is not None:
-            assert words in body["error"]["message"], f"{raw.decode()}: {body['error']['message']!r} should say {words!r}"
+            message = body["error"]["message"]
+            assert words in message, f"{raw.decode()}: {message!r} should say {words!r}"
     greedy = _reference("Four", 4)
     for (raw, status, _), (got, body) in zip(POISON, answers):
         if status == 200 and b"1e-" in raw and b"seed" not in raw:  # below SAMPLING_EPS: greedy

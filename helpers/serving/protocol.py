@@ -46,8 +46,8 @@ class BadRequest(ValueError):
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict:
-    kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed", 413: "RequestTooLarge",
-            503: "ServiceUnavailable", 504: "Timeout"}.get(status, "InternalServerError")
+    kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
+            413: "RequestTooLarge", 503: "ServiceUnavailable", 504: "Timeout"}.get(status, "InternalServerError")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 

@@ -53,8 +53,8 @@ class HttpError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-           413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+           408: "Request Timeout", 413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
            504: "Gateway Timeout"}
 
 
