@@ -100,11 +100,11 @@ def parse_completion(body, *, model_name: str, max_model_len: int, vocab_size: i
     unknown = sorted(set(body) - ACCEPTED)
     if unknown:
         hints = "; ".join(f"'{k}': use {RENAMED[k]}" for k in unknown if k in RENAMED)
-        raise BadRequest(f"unknown parameter(s) {', '.join(repr(k) for k in unknown)}"
+        raise BadRequest(f"unknown parameter(s) {', '.join(_show(k) for k in unknown[:10])}"
                          + (f" ({hints})" if hints else "") + f". Accepted: {', '.join(sorted(ACCEPTED))}",
-                         unknown[0])
+                         unknown[0][:60])
     if "model" in body and body["model"] != model_name:
-        raise BadRequest(f"model {body['model']!r} is not served here; this server serves {model_name!r}",
+        raise BadRequest(f"model {_show(body['model'])} is not served here; this server serves {model_name!r}",
                          "model", status=404)
     if "prompt" not in body:
         raise BadRequest("'prompt' is required: a string, or a list of token ids", "prompt")
