@@ -1,0 +1,1 @@
+"""Given course code, by chapter."""

@@ -1,0 +1,76 @@
+"""Chapter 8, part A: mixture-of-experts routing and expert parallelism.
+
+Exercise 8.1  `expert_capacity`, `top_k_route`: which experts each token goes to, with what weight, and which
+              slots an expert with a capacity limit drops.
+Exercise 8.2  `ExpertParallelMoE`: the experts split over the ranks of a group; each rank routes its own
+              tokens, sends each kept slot to the rank holding its expert with `all_to_all` (the counts first,
+              then the variable-size rows), the experts compute, a second `all_to_all` brings the results back,
+              and the rank puts them back in its tokens' original order.
+
+The block, its `Routing` record and the helpers around it are given in helpers/course/moe.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers.course.moe import MoEBlock, Routing, experts_of_rank
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """The most slots one expert accepts from a batch (GShard / Switch Transformer):
+    ceil(capacity_factor × num_tokens × top_k / num_experts). At capacity_factor 1.0 a perfectly balanced
+    router fills every expert exactly; above 1.0 leaves slack for imbalance.
+
+    Raises ValueError when capacity_factor <= 0 or num_experts < 1 or top_k < 1 or num_tokens < 0.
+    """
+    raise NotImplementedError("Exercise 8.1: expert_capacity is not written yet (labs/expert_parallel.py)")
+
+
+def top_k_route(router_logits: torch.Tensor, top_k: int, capacity: int | None = None) -> Routing:
+    """Top-k routing as Mixtral does it, with an optional capacity limit per expert.
+
+    router_logits: [T, num_experts]. Softmax over ALL experts (in float32), keep the top_k probabilities per
+    token (highest first), renormalise those k to sum to 1: these are the gate weights.
+    capacity: None for dropless routing (every slot kept). Otherwise each expert keeps at most `capacity`
+    slots; slots are served first-choice first: every token's 1st choice in token order, then every token's
+    2nd choice in token order, and so on (a token's top choice beats another token's second choice, as in
+    GShard). A dropped slot has kept=False and weight 0; the kept weights are NOT renormalised again.
+
+    Returns Routing(expert_ids [T, k] int64, weights [T, k] float32, kept [T, k] bool).
+    Raises ValueError when router_logits is not 2-D, top_k is not in [1, num_experts], or capacity < 0.
+    """
+    raise NotImplementedError("Exercise 8.1: top_k_route is not written yet (labs/expert_parallel.py)")
+
+
+class ExpertParallelMoE(nn.Module):
+    """An MoE block with its experts split over the ranks of `group` (expert parallelism).
+
+    Rank r of n holds the router (replicated: every rank routes its own tokens) and experts
+    [r·E/n, (r+1)·E/n) only (helpers.course.moe.experts_of_rank), as `self.experts` (an nn.ModuleList of
+    those experts, in order) and `self.first_expert` (the global id of its first one).
+
+    forward(x, routing): x [T, hidden] are THIS rank's tokens (ranks may hold different numbers of tokens,
+    also 0), routing their Routing (from top_k_route). Inference only: no autograd through the collectives.
+      1. Sort the kept slots by expert; the dropped slots are not sent.
+      2. Counts first: an all_to_all of the per-expert slot counts, so each rank learns how many rows it will
+         receive from each rank for each of its experts.
+      3. Dispatch: an all_to_all of the token rows themselves, a different number to each rank.
+      4. Each local expert runs once, on all the rows it received.
+      5. Combine: an all_to_all sends the results back, in the order they came.
+      6. Multiply by the gate weights and add each slot to its token's row: the tokens' original order.
+    Returns [T, hidden], equal to MoEBlock(x, routing) on one process.
+
+    Raises ValueError when num_experts is not divisible by the group size, or x and routing disagree on the
+    number of tokens.
+    """
+
+    def __init__(self, block: MoEBlock, group=None):
+        raise NotImplementedError("Exercise 8.2: ExpertParallelMoE.__init__ is not written yet "
+                                  "(labs/expert_parallel.py)")
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        raise NotImplementedError("Exercise 8.2: ExpertParallelMoE.forward is not written yet "
+                                  "(labs/expert_parallel.py)")
