@@ -234,6 +234,8 @@ class Balancer:
             if pending is not None and not pending.future.done():
                 pending.future.set_result({"tokens": tokens, "replica": r.index, "retries": pending.attempts - 1,
                                            "replicas": pending.replicas, "timings": timings})
+                if self.metrics is not None and hasattr(self.metrics, "observe_timings"):
+                    self.metrics.observe_timings(timings, len(tokens))   # TTFT and time per output token
             self._gauge(r)
         elif kind == "failed":
             _, rid, status, message = msg

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class ServingMetrics:
@@ -32,8 +33,26 @@ class ServingMetrics:
         self.up = Gauge("serving_replica_up", "1 when the replica accepts work", ["replica"], registry=r)
         self.retries = Counter("serving_retries", "Requests re-sent to another replica after a failure", registry=r)
         self.restarts = Counter("serving_replica_restarts", "Replica processes restarted after dying", registry=r)
+        self.ttft = Histogram("serving_time_to_first_token_seconds", "Time from a request reaching its replica "
+                              "to its first token (vllm:time_to_first_token_seconds)", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.tpot = Histogram("serving_time_per_output_token_seconds", "(answered - first token) / (tokens - 1), "
+                              "requests of 2 tokens or more (vllm:time_per_output_token_seconds)",
+                              buckets=TOKEN_BUCKETS, registry=r)
         self.disconnects = Counter("serving_client_disconnects", "Requests cancelled because the client left",
                                    registry=r)
+
+    def observe_timings(self, timings: dict, n_tokens: int) -> None:
+        """Record a replica's timings of one answered request ({first_token, total} seconds from its arrival
+        at the replica, as Sequence.timings() gives them). A non-streaming server answers when the last token
+        is out, so the time per output token is measured to the answer (a static batch's answer waits for
+        its longest member, which shows here)."""
+        first, total = (timings or {}).get("first_token"), (timings or {}).get("total")
+        if first is None or total is None:
+            return
+        self.ttft.observe(max(0.0, first))
+        if n_tokens > 1:
+            self.tpot.observe(max(0.0, total - first) / (n_tokens - 1))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
