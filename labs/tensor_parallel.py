@@ -2,7 +2,8 @@
 
 Run them from notebooks/02_tensor_parallel.ipynb; grade them with `make grade CHAPTER=2`.
 Given (read them first): the four region operators and rank bookkeeping (helpers/tp_regions.py), which
-heads a rank owns (helpers/tp_heads.py), and ParallelTransformerBlock. To write: the classes and functions whose body raises NotImplementedError.
+heads a rank owns and `head_slice` (helpers/tp_heads.py: its forward applies
+copy_to_tensor_model_parallel_region, like ColumnParallelLinear's), and ParallelTransformerBlock. To write: the classes and functions whose body raises NotImplementedError.
 
 Every layer is built FROM a full reference layer (`from_linear`, `from_mlp`, ...) and keeps only this
 rank's shard, so its output can be compared with the unsharded layer. Every layer takes an optional
