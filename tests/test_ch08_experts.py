@@ -173,7 +173,8 @@ def check_route(impl):
                         "capacity=-1": (logits, 2, -1), "3-D logits": (logits[None], 1)}.items():
         try:
             ep.top_k_route(*args)
-            failures.append(f"[8.1] top_k_route with {label} raised no ValueError — the docstring promises one ({ROUTE})")
+            failures.append(f"[8.1] top_k_route with {label} raised no ValueError — the docstring promises one "
+                            f"({ROUTE})")
         except ValueError:
             pass
     return failures
@@ -287,8 +288,9 @@ def check_ep(impl, rank, world_size, group, label):
                             f"{want_bytes:,} B (the router and its {len(mine)} experts only) — it holds more than "
                             f"its experts ({EP}.__init__)")
         rows_seen = [0] * len(experts)
-        hooks = [m.register_forward_pre_hook(lambda mod, args, j=j: rows_seen.__setitem__(j, rows_seen[j] + args[0].shape[0]))
-                 for j, m in enumerate(experts)]
+        def count_rows(j):
+            return lambda mod, args: rows_seen.__setitem__(j, rows_seen[j] + args[0].shape[0])
+        hooks = [m.register_forward_pre_hook(count_rows(j)) for j, m in enumerate(experts)]
         with torch.no_grad(), CommTracer() as trace:
             y = _call(where, "forward", f"look at {EP}.forward", module, x, routing)
         for h in hooks:
