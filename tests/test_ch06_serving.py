@@ -486,3 +486,33 @@ def test_valid_engines_pass(name, reference, shared_server):
     cls = _planted().VALID_ENGINES[name]
     for group in ("init", "wiring", "live", "stop"):
         _engine_checks(cls, group, reference, shared_server)
+
+
+# ------------------------------------------------------------- the chapter's measuring tools (not graded)
+
+def test_balancer_choice_follows_the_router_contract():
+    from helpers.serving.loadtest import balancer_choice
+    check_router(balancer_choice)
+
+
+def test_replay_schedule_is_the_real_models():
+    """The virtual-clock replay gives the same timestamps with ScheduleOnlyLM as with the tiny Llama, and the
+    real model's tokens; static batching answers a batch together; TTFT ≤ latency for every request."""
+    from helpers.serving.device_time import DeviceCost, ScheduleOnlyLM
+    from helpers.serving.loadtest import poisson_arrivals, replay
+    ids = tiny_llama.encode(PROMPTS[0])
+    arrivals, lengths = poisson_arrivals(30, 12, seed=3), [2, 6, 3]
+    model = tiny_llama.load_model()
+    want = tiny_llama.generate(model, ids, max(lengths))
+    for batching in ("none", "static", "continuous"):
+        real = replay(model, batching, arrivals, lengths, ids)
+        shapes = replay(ScheduleOnlyLM(), batching, arrivals, lengths, ids)
+        assert [r["token_times"] for r in real.records] == [r["token_times"] for r in shapes.records], batching
+        assert [r["finished"] for r in real.records] == [r["finished"] for r in shapes.records], batching
+        for r in real.records:
+            assert r["tokens"] == want[:len(r["tokens"])], f"{batching}: request {r['i']} got other tokens"
+            assert r["arrival"] <= r["token_times"][0] <= r["token_times"][-1] <= r["finished"], (batching, r)
+    with pytest.raises(ValueError, match="decode_ms"):
+        DeviceCost(decode_ms=-1)
+    with pytest.raises(ValueError, match="increasing"):
+        replay(ScheduleOnlyLM(), "none", [1.0, 0.5], lengths, ids)

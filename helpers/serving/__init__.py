@@ -7,7 +7,8 @@
     protocol.py    the OpenAI-compatible /v1/completions request and response, and its errors
     server.py      the HTTP front end (asyncio, standard library), /metrics, /health, /replicas
     metrics.py     Prometheus metrics (prometheus-client) and a parser for scraped text
-    loadtest.py    a bounded load-test client on loopback
+    loadtest.py    a bounded load-test client on loopback; `replay`: an engine (or replicas) on a virtual clock
+    device_time.py modelled accelerator time of a forward (slept, or counted on a virtual clock)
     background.py  start_server(): the server as a background process that stops cleanly
     precision.py   bf16 weights, int8 weight quantization, all-reduce bytes
 
