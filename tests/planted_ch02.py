@@ -365,3 +365,83 @@ _PLANT = {
     "llama_head_replicated": _llama_head_replicated, "llama_kv_colwise": _llama_kv_colwise,
 }
 assert set(_PLANT) == set(VARIANTS)
+
+
+# ------------------------------------------------------------ valid alternatives: these must pass the graders
+
+ALTERNATIVES = {   # name -> (grading check, what differs from the reference)
+    "alt_col_gather_into_tensor": ("column", "gather_output=True through all_gather_into_tensor in an autograd Function"),
+    "alt_attn_one_copy_to": ("attention", "one copy_to on x, q/k/v computed with F.linear on the shards' weights"),
+    "alt_attn_colwise_kv": ("attention", "K/V as ColumnParallelLinear when world_size divides the KV heads"),
+    "alt_argmax_two_all_reduces": ("vocab", "parallel_argmax by all-reduce MAX of values, then MIN of the ids"),
+}
+
+
+def build_alternative(name: str):
+    impl = build(None)
+    tp = impl.tensor_parallel
+    import solutions.tensor_parallel as sol
+    if name == "alt_col_gather_into_tensor":
+        class _Gather(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, y, group):
+                ctx.group = group
+                n = dist.get_world_size(group)
+                y = y.contiguous()
+                out = torch.empty((n * y.shape[0],) + tuple(y.shape[1:]), dtype=y.dtype)   # ranks stacked on dim 0
+                dist.all_gather_into_tensor(out, y, group=group)
+                return torch.cat(out.chunk(n, dim=0), dim=-1)
+
+            @staticmethod
+            def backward(ctx, grad):
+                n, r = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+                return grad.chunk(n, dim=-1)[r].contiguous(), None
+
+        class Column(sol.ColumnParallelLinear):
+            def forward(self, x):
+                y = F.linear(sol.copy_to_tensor_model_parallel_region(x, self.group), self.weight, self.bias)
+                return _Gather.apply(y, self.group) if self.gather_output and self.world_size > 1 else y
+        tp.ColumnParallelLinear = Column
+    elif name == "alt_attn_one_copy_to":
+        class Attention(sol.ParallelAttention):
+            @classmethod
+            def from_attention(cls, attn, rank=None, world_size=None, group=None):
+                layer = super().from_attention(attn, rank, world_size, group)
+                layer.group = group
+                return layer
+
+            def forward(self, x):
+                from helpers.transformer_layers import causal_attention
+                b, s, _ = x.shape
+                x = sol.copy_to_tensor_model_parallel_region(x, self.group)      # one operator for q, k and v
+                q = F.linear(x, self.q_proj.weight).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+                k = F.linear(x, self.k_proj.weight).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+                v = F.linear(x, self.v_proj.weight).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+                return self.o_proj(causal_attention(q, k, v).transpose(1, 2).reshape(b, s, -1))
+        tp.ParallelAttention = Attention
+    elif name == "alt_attn_colwise_kv":
+        class Attention(sol.ParallelAttention):
+            @classmethod
+            def from_attention(cls, attn, rank=None, world_size=None, group=None):
+                layer = super().from_attention(attn, rank, world_size, group)
+                rank, world_size = sol.group_rank_and_size(rank, world_size, group)
+                if attn.num_kv_heads % world_size == 0:
+                    layer.k_proj, layer.v_proj = (
+                        sol.ColumnParallelLinear.from_linear(p, rank, world_size, group=group, gather_output=False)
+                        for p in (attn.k_proj, attn.v_proj))
+                return layer
+        tp.ParallelAttention = Attention
+    elif name == "alt_argmax_two_all_reduces":
+        def parallel_argmax(local_logits, group=None):
+            rank = dist.get_rank(group)
+            value, index = local_logits.max(dim=-1)
+            index = index + rank * local_logits.shape[-1]
+            best = value.clone()
+            dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
+            candidate = torch.where(value == best, index, torch.full_like(index, torch.iinfo(torch.int64).max))
+            dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
+            return candidate
+        tp.parallel_argmax = parallel_argmax
+    else:
+        raise KeyError(name)
+    return impl

@@ -761,6 +761,24 @@ def test_planted_mistakes_are_caught(planted_results, name):
         f"(expected one of {variant.points_at}): {failures[0]}")
 
 
+def _alternatives_job(rank, world_size):
+    from tests import planted_ch02
+    out = {}
+    for name, (check, _) in planted_ch02.ALTERNATIVES.items():
+        out[name] = _run_checks(rank, world_size, CHECKS[check], planted_ch02.build_alternative(name))
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_valid_alternatives_pass(world_size):
+    """Other correct answers (another gather, one fused copy_to, another argmax exchange) pass the graders."""
+    pytest.importorskip("solutions.tensor_parallel", reason="the reference answers are absent")
+    by_rank = launch(_alternatives_job, world_size, show_output=False, timeout=240)
+    failed = {name: [f for r in by_rank for f in r[name]] for name in by_rank[0]}
+    failed = {name: f[0] for name, f in failed.items() if f}
+    assert not failed, f"valid alternatives rejected by the graders: {failed}"
+
+
 def test_reference_passes_the_checks_the_planted_tests_use():
     # The planted test is only meaningful if the unmodified reference passes the same checks.
     pytest.importorskip("solutions.tensor_parallel", reason="the reference answers are absent")
