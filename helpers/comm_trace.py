@@ -140,6 +140,12 @@ class _C10dSpy(TorchDispatchMode):
         super().__init__()
         self.tracer = tracer
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # By default PyTorch wraps __torch_dispatch__ in torch._dynamo.disable, which imports torch._dynamo
+        # (~800 modules, seconds) on the first traced op of every forked rank. Nothing here is compiled.
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         namespace = getattr(func, "namespace", "")
