@@ -46,7 +46,7 @@ import torch.distributed as dist
 from helpers import launch, load_impl
 from helpers.claims import max_abs_diff, tolerance
 from helpers.comm_trace import CommTracer
-from helpers.course.moe import MoEBlock, Routing, experts_of_rank, skewed_router
+from helpers.course.moe import MoEBlock, Routing, experts_of_rank, skew_towards
 
 # Rounding budget (helpers.claims policy): the expert MLPs reduce over hidden/ffn ≤ 32 terms, and the two
 # computations differ only in how the rows are batched and in which order at most top_k slots are added.
@@ -206,13 +206,12 @@ def _ep_case(case, n):
     hidden, ffn, per_rank, k, tokens, factor, skew = case
     torch.manual_seed(8200 + hidden + per_rank)
     block = MoEBlock(hidden, ffn, per_rank * n, k)
-    if skew:
-        skewed_router(block, favourite=0, boost=2.0)
     xs, routings = [], []
     with torch.no_grad():
         for r in range(n):
             torch.manual_seed(8300 + r)
             x = torch.randn(tokens[r % len(tokens)], hidden)
+            x = skew_towards(x, block, 0, 2.0) if skew else x       # expert 0 everyone's favourite: drops
             capacity = None if factor is None else -(-int(factor * x.shape[0] * k) // block.num_experts)
             xs.append(x)
             routings.append(reference_route(block.router(x), k, capacity))

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["Routing", "Expert", "MoEBlock", "from_mixtral", "tiny_mixtral_block", "experts_of_rank",
-           "tokens_per_expert", "load_imbalance", "skewed_router", "ExpertDeviceTime", "TensorParallelMoE"]
+           "tokens_per_expert", "load_imbalance", "skew_towards", "ExpertDeviceTime", "TensorParallelMoE"]
 
 
 class Routing(NamedTuple):
@@ -125,13 +125,12 @@ def load_imbalance(counts: torch.Tensor) -> float:
     return float(counts.max() / counts.mean()) if counts.sum() > 0 else 1.0
 
 
-def skewed_router(block: MoEBlock, favourite: int = 0, boost: float = 3.0) -> MoEBlock:
-    """Bias `block`'s router towards expert `favourite` (as a router whose training collapsed onto a few
-    experts): adds `boost` × the mean token direction to that expert's row. Returns the same block."""
-    with torch.no_grad():
-        block.router.weight[favourite] += boost * block.router.weight.norm(dim=1).mean() * \
-            torch.ones(block.hidden) / math.sqrt(block.hidden)
-    return block
+def skew_towards(x: torch.Tensor, block: MoEBlock, expert: int = 0, logit_boost: float = 2.0) -> torch.Tensor:
+    """x shifted along router row `expert` so that every token's logit for that expert rises by `logit_boost`
+    (x + boost · w_e / |w_e|²): a batch of similar requests (all code, all one language) that the router sends
+    to the same expert. The other experts' logits move only by the small overlap of their rows with w_e."""
+    w = block.router.weight[expert].detach()
+    return x + logit_boost * w / w.dot(w)
 
 
 class ExpertDeviceTime:
