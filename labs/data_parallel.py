@@ -17,6 +17,8 @@ def gather_in_order(local_outputs: torch.Tensor, local_indices: torch.Tensor, nu
     local_indices: [n_local] int64 — the request index each row answers (duplicates allowed: a padded
                    DistributedSampler hands some requests to two ranks; any copy may be kept)
     num_items:     the size of the whole request set.
+    dst:           the global rank that receives the results (a member of `group`, as in dist.gather).
+    group:         the process group to gather over (default: the whole world); every collective runs in it.
     Returns on `dst` a tensor [num_items, *feature] with row i = the result for request i; None elsewhere.
     Raises ValueError on `dst`, naming the missing indices, if some request index was answered by no rank.
 

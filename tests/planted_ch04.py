@@ -110,6 +110,37 @@ def gather_without_missing_check(local_outputs, local_indices, num_items, dst=0,
     return _place(rows, idx, num_items, local_outputs, check_missing=False) if is_dst else None
 
 
+def gather_sized_by_world(local_outputs, local_indices, num_items, dst=0, group=None):
+    """WRONG: pads and counts over the whole world (dist.get_world_size() without `group`): inside a group
+    smaller than the world the gather gets the wrong number of buffers."""
+    count = torch.tensor([local_outputs.shape[0]], dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    rows, idx = _pad(local_outputs, local_indices, max(int(count.item()), 1))
+    world = dist.get_world_size()
+    is_dst = dist.get_rank() == dst
+    all_rows = [torch.empty_like(rows) for _ in range(world)] if is_dst else None
+    all_idx = [torch.empty_like(idx) for _ in range(world)] if is_dst else None
+    dist.gather(rows, all_rows, dst=dst, group=group)
+    dist.gather(idx, all_idx, dst=dst, group=group)
+    return _place(all_rows, all_idx, num_items, local_outputs) if is_dst else None
+
+
+def gather_counts_over_world(local_outputs, local_indices, num_items, dst=0, group=None):
+    """WRONG: the padding length is agreed over the whole world (all_reduce without `group`): it happens to
+    work here, but it is a collective outside the group (and it would hang if the other groups did not
+    make the same call)."""
+    count = torch.tensor([local_outputs.shape[0]], dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    rows, idx = _pad(local_outputs, local_indices, max(int(count.item()), 1))
+    world = dist.get_world_size(group)
+    is_dst = dist.get_rank() == dst
+    all_rows = [torch.empty_like(rows) for _ in range(world)] if is_dst else None
+    all_idx = [torch.empty_like(idx) for _ in range(world)] if is_dst else None
+    dist.gather(rows, all_rows, dst=dst, group=group)
+    dist.gather(idx, all_idx, dst=dst, group=group)
+    return _place(all_rows, all_idx, num_items, local_outputs) if is_dst else None
+
+
 # valid alternatives: the grader must accept them
 
 def gather_with_send_recv(local_outputs, local_indices, num_items, dst=0, group=None):
@@ -266,6 +297,8 @@ WRONG_GATHERS = {
     "result_on_every_rank": (gather_result_on_every_rank, "should return None"),
     "ignores_dst": (gather_ignores_dst, "dst=2"),
     "no_missing_check": (gather_without_missing_check, "ValueError"),
+    "sized_by_world": (gather_sized_by_world, "group"),
+    "counts_over_world": (gather_counts_over_world, "outside its group"),
 }
 VALID_GATHERS = {"send_recv": gather_with_send_recv, "packed_rows": gather_packed_rows}
 

@@ -12,6 +12,8 @@ What the graders catch (each one planted, see test_planted_mistakes_are_caught):
     dst needs them: a rank other than dst must receive no other rank's results (checked with CommTracer)
   - a result returned on every rank instead of None on the ranks other than dst
   - `dst` ignored (the result always lands on rank 0)
+  - `group` ignored: sizes or collectives taken from the whole world instead of the group (two groups of 2
+    gather at once; every traced collective must run in the rank's own group)
   - a request answered by no rank silently returned as zeros (the docstring promises a ValueError naming it)
 4.2 dynamic_work_queue
   - a static split dressed as a queue (round-robin, contiguous blocks): while one rank is stuck in a task,
@@ -34,6 +36,7 @@ from torch.distributed import distributed_c10d
 from torch.utils.data import DistributedSampler
 
 from helpers import launch, load_impl
+from helpers.launch import RankFailed
 from helpers.comm_trace import CommTracer
 from helpers.partition import shard_indices
 from helpers.requests import ideal_makespan, serve, skewed_costs
@@ -110,10 +113,22 @@ def _gather_job(rank, world_size, impl, num_items, feature, split, dst, unanswer
 ROW_BYTES_CHECKED = 256
 
 
+def _run(case, fn, world_size, *args):
+    """launch(), with a rank's crash reported as a failure of `case` (a stub's NotImplementedError is let
+    through: the grade reports it as "not started")."""
+    try:
+        return launch(fn, world_size, *args, show_output=False)
+    except RankFailed as exc:
+        if exc.exc_type == "NotImplementedError":
+            raise
+        what = f"raised {exc.exc_type}: {exc.message}" if exc.exc_type else exc.message
+        raise AssertionError(f"{case}: rank {exc.rank} {what}".strip()) from None
+
+
 def check_gather(impl, world_size, num_items, feature, split="contiguous", dst=0):
     """Rank dst holds every result at its request's index; the others return None and receive no results."""
     case = f"world_size={world_size}, {num_items} requests, {split} split, dst={dst}"
-    results = launch(_gather_job, world_size, impl, num_items, feature, split, dst, None, show_output=False)
+    results = _run(case, _gather_job, world_size, impl, num_items, feature, split, dst, None)
     for rank, r in enumerate(results):
         assert r["error"] is None, f"{case}: rank {rank} raised {r['error'][0]}: {r['error'][1]}"
     expected = _requests(num_items, feature) * 2 + 1
@@ -144,14 +159,47 @@ def check_gather(impl, world_size, num_items, feature, split="contiguous", dst=0
 def check_gather_reports_missing(impl, world_size=3, num_items=7, unanswered=4, dst=1):
     """A request that no rank answered: ValueError on dst naming it (the docstring's promise)."""
     case = f"world_size={world_size}, {num_items} requests, request {unanswered} answered by no rank, dst={dst}"
-    results = launch(_gather_job, world_size, impl, num_items, (3,), "contiguous", dst, unanswered,
-                     show_output=False)
+    results = _run(case, _gather_job, world_size, impl, num_items, (3,), "contiguous", dst, unanswered)
     error = results[dst]["error"]
-    assert error is not None, f"{case}: rank {dst} should raise ValueError naming request {unanswered}, " \
-                              f"but it returned {results[dst]['result']!r:.80}"
+    got = results[dst]["result"]
+    assert error is not None, f"{case}: rank {dst} should raise ValueError naming request {unanswered}, but it " \
+                              f"returned {tuple(got.shape) if isinstance(got, torch.Tensor) else got!r} " \
+                              f"(row {unanswered} left as zeros?)"
     assert error[0] == "ValueError", f"{case}: expected ValueError on dst, got {error[0]}: {error[1]}"
     assert str(unanswered) in error[1], f"{case}: the ValueError should name the missing request " \
                                         f"{unanswered}: {error[1]!r}"
+
+
+GROUPS = [[0, 1], [2, 3]]
+
+
+def _group_gather_job(rank, world_size, impl, num_items):
+    groups = [dist.new_group(members) for members in GROUPS]       # every rank creates both, in order
+    which = next(i for i, members in enumerate(GROUPS) if rank in members)
+    members = GROUPS[which]
+    indices = shard_indices(num_items, members.index(rank), len(members))
+    outputs = (_requests(num_items, (64,)) * 2 + 1 + 100 * which)[indices]
+    with CommTracer() as trace:
+        got = impl.gather_in_order(outputs, torch.tensor(indices, dtype=torch.int64), num_items,
+                                   dst=members[0], group=groups[which])
+    return {"result": got, "groups": sorted({tuple(r.ranks) for r in trace.records})}
+
+
+def check_gather_in_groups(impl, num_items=5):
+    """Two groups of 2 ranks gather at the same time, each to its first (global) rank."""
+    case = f"two groups {GROUPS} gathering {num_items} requests each to ranks 0 and 2 (group=...)"
+    results = _run(case, _group_gather_job, 4, impl, num_items)
+    for which, members in enumerate(GROUPS):
+        expected = _requests(num_items, (64,)) * 2 + 1 + 100 * which
+        got = results[members[0]]["result"]
+        assert isinstance(got, torch.Tensor) and torch.equal(got, expected), \
+            f"{case}: rank {members[0]} should hold group {members}'s {num_items} results in order; got " \
+            f"{got if not isinstance(got, torch.Tensor) else tuple(got.shape)} — are sizes taken from `group`?"
+        assert results[members[1]]["result"] is None, f"{case}: rank {members[1]} should return None"
+        for rank in members:
+            stray = [g for g in results[rank]["groups"] if g != tuple(members)]
+            assert not stray, f"{case}: rank {rank} communicated in {[list(g) for g in stray]}, outside its " \
+                              f"group {members}: pass `group` to every collective"
 
 
 GATHER_CASES = [  # world_size, num_items, feature, split, dst
@@ -174,6 +222,11 @@ def test_gather_in_order(world_size, num_items, feature, split, dst):
 
 
 @pytest.mark.exercise("4.1", "Ordered gather of data-parallel results")
+def test_gather_in_order_within_a_group():
+    check_gather_in_groups(load_impl("data_parallel"))
+
+
+@pytest.mark.exercise("4.1", "Ordered gather of data-parallel results")
 def test_gather_in_order_names_an_unanswered_request():
     check_gather_reports_missing(load_impl("data_parallel"))
 
@@ -183,6 +236,7 @@ def grade_gather(impl):
     for case in [(3, 10, (64,), "sampler", 0), (3, 8, (64,), "contiguous", 2), (4, 10, (256,), "sampler", 1)]:
         check_gather(impl, *case)
     check_gather_reports_missing(impl)
+    check_gather_in_groups(impl)
 
 
 # ------------------------------------------------------------------------------------------------ 4.2
