@@ -7,6 +7,8 @@
 * `stage_neighbours`: the global ranks before and after this rank in a list of stage ranks, so a pipeline
   can live on any ranks of a bigger grid (hybrid parallelism), not only on ranks 0..p-1.
 * `DeviceTime`: a stage's "device time" held fixed (see its docstring: why not real matmuls on 2 cores).
+  `DeviceStep`: the same for a step whose host work is real (the tiny Llama's layers): the work runs
+  inside the fixed time instead of before it.
 * `run_training_schedule`: executes one rank's list of F/B actions (from `helpers.schedule_sim` or your
   `pipeline_schedules.one_f_one_b_order`) with real forward and backward passes across ranks.
 """
@@ -16,10 +18,15 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.fx.experimental.symbolic_shapes  # noqa: F401 - see below
 from torch import nn
 
-__all__ = ["send_tensor", "recv_tensor", "stage_neighbours", "busy_wait", "DeviceTime", "run_training_schedule",
-           "wait_all"]
+# torch.autograd.backward(outputs, grad_tensors) imports symbolic_shapes (and sympy) on its first call in a
+# process: seconds, in every forked rank of every job that trains (run_training_schedule). Imported here,
+# in the parent, before launch() forks, it is paid once.
+
+__all__ = ["send_tensor", "recv_tensor", "stage_neighbours", "busy_wait", "DeviceTime", "DeviceStep",
+           "run_training_schedule", "wait_all"]
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool]
 _MAX_DIMS = 6
@@ -144,6 +151,32 @@ class DeviceTime(nn.Module):
 
     def extra_repr(self):
         return f"forward_ms={self.forward_ms}, backward_ms={self.backward_ms}, spin={self.spin}"
+
+
+class DeviceStep:
+    """`fn` as a stage step that takes `ms` of wall time in all, its own work included ("device time").
+
+        stage.forward = DeviceStep(stage.forward, 50)   # every call takes 50 ms, compute included
+
+    The step runs `fn`, then sleeps what is left of `ms` (a step whose work takes longer takes that long).
+    Unlike `DeviceTime`, which adds a fixed time after the work, the work here is hidden inside the fixed
+    time: when 4 ranks share 2 cores, a step's CPU work is slower while all 4 compute at once than while
+    one does, and with the work outside the fixed time that slowdown would change the timeline's shape for
+    reasons that are not the schedule's. `host_seconds` keeps how long `fn` itself took at each call.
+    """
+
+    def __init__(self, fn, ms: float):
+        self.fn, self.ms, self.host_seconds = fn, ms, []
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        done = time.perf_counter()
+        self.host_seconds.append(done - start)
+        left = start + self.ms / 1e3 - done
+        if left > 0:
+            time.sleep(left)
+        return out
 
 
 def run_training_schedule(module: nn.Module, actions, prev_rank: int | None, next_rank: int | None,
