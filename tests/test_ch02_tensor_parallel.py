@@ -45,7 +45,7 @@ Mistakes each grader catches (each one planted in tests/planted_ch02.py and asse
       llama_head_replicated lm_head kept whole on every rank
       llama_kv_colwise      K/V always column-split, ignoring the KV-head rule (no ValueError; half heads)
 """
-from types import SimpleNamespace
+import re
 
 import pytest
 import torch
@@ -102,8 +102,16 @@ def _call(where, what, hint, fn, *args, **kwargs):
                              f" — {hint}") from exc
 
 
+def _where_first(hint):
+    """'explanation (labs/x.py: Name.method)' -> 'look at labs/x.py: Name.method — explanation', so the place to
+    look survives a report that keeps only the first few hundred characters."""
+    m = re.match(r"^(.*) \((labs/[^()]*)\)$", hint, re.S)
+    return f"look at {m[2]}: {m[1]}" if m else hint
+
+
 def _close(failures, where, what, got, want, hint, factor=FACTOR) -> bool:
     """Append a failure naming the case, expected vs got, and where to look unless got ≈ want."""
+    hint = _where_first(hint)
     if got is None:
         failures.append(f"{where}: {what} is None, expected a tensor of shape {tuple(want.shape)} — {hint}")
         return False
@@ -112,8 +120,8 @@ def _close(failures, where, what, got, want, hint, factor=FACTOR) -> bool:
         return False
     diff, tol = max_abs_diff(got.detach(), want.detach()), tolerance(want, torch.float32, factor)
     if not diff <= tol:
-        failures.append(f"{where}: {what} differs from the single-process reference: max |diff| {diff:.2e} > "
-                        f"{tol:.1e} ({factor} eps × max|ref| {float(want.abs().max()):.2g}) — {hint}")
+        failures.append(f"{where}: {what} ≠ one process's: max |diff| {diff:.1e} > {tol:.1e} "
+                        f"({factor} eps × {float(want.abs().max()):.2g}) — {hint}")
         return False
     return True
 
@@ -121,6 +129,7 @@ def _close(failures, where, what, got, want, hint, factor=FACTOR) -> bool:
 def _holds(failures, where, params: dict, hint):
     """Who holds which bytes: each named parameter is exactly the expected slice of the full weight (shape,
     values), and the module holds nothing else (checked by the caller through parameter bytes)."""
+    hint = _where_first(hint)
     for name, (got, want) in params.items():
         if want is None:
             if got is not None:
@@ -138,6 +147,7 @@ def _holds(failures, where, params: dict, hint):
 
 def _bytes(failures, where, module, expected, hint):
     from helpers.memory import parameter_bytes
+    hint = _where_first(hint)
     got = parameter_bytes(module)
     if got != expected:
         failures.append(f"{where}: this rank holds {got:,} B of parameters, expected {expected:,} B (its shard "
@@ -149,16 +159,28 @@ def _collectives(failures, where, trace, expected, group, hint):
     order (e.g. [GATHERS]); every call must run in `group`. Not checked on one rank (nothing to exchange)."""
     if dist.get_world_size(group) == 1:
         return
+    hint = _where_first(hint)
     ranks = _group_ranks(group)
     got = [r.op for r in trace.records]
     ok = len(got) == len(expected) and all(op in accepted for op, accepted in zip(got, expected))
     if not ok:
-        want = " then ".join("/".join(sorted(s)) for s in expected) or "no collective"
-        failures.append(f"{where}: the forward pass called {got or 'no collective'}; expected {want} — {hint}")
+        want = _runs(["/".join(sorted(s)) for s in expected]) or "no collective"
+        failures.append(f"{where}: the forward pass called {_runs(got) or 'no collective'}; expected {want} — {hint}")
     wrong = sorted({r.ranks for r in trace.records if tuple(r.ranks) != ranks})
     if wrong:
         failures.append(f"{where}: collectives ran in group(s) {[list(w) for w in wrong]}, expected the layer's "
                         f"group {list(ranks)} — pass group=self.group to every collective and region operator")
+
+
+def _runs(ops):
+    """['all_reduce'] * 5 + ['all_gather'] -> '5 × all_reduce, then all_gather'."""
+    out = []
+    for op in ops:
+        if out and out[-1][0] == op:
+            out[-1][1] += 1
+        else:
+            out.append([op, 1])
+    return ", then ".join(f"{n} × {op}" if n > 1 else op for op, n in out)
 
 
 def _backward(where, hint, y, target):
