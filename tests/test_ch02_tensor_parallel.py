@@ -44,6 +44,12 @@ Mistakes each grader catches (each one planted in tests/planted_ch02.py and asse
       llama_kv_no_copy_to   replicated K/V heads without copy_to (issue 11's bug in the plan): wrong gradients
       llama_head_replicated lm_head kept whole on every rank
       llama_kv_colwise      K/V always column-split, ignoring the KV-head rule (no ValueError; half heads)
+
+Valid alternatives that must still pass (tests/planted_ch02.py ALTERNATIVES, `test_valid_alternatives_pass`):
+all_gather_into_tensor instead of all_gather for gather_output; one copy_to on x shared by q, k and v;
+ColumnParallelLinear K/V when world_size divides the KV heads; parallel_argmax by two all-reduces (MAX of
+the values, MIN of the winning ids). The backward collectives are not counted, so fused or per-projection
+copy_to both pass.
 """
 import re
 
