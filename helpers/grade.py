@@ -400,13 +400,18 @@ def _kill_leftovers(session: int, marker: bytes):
         time.sleep(0.05)
 
 
+_EVENTS_LIMIT = 64 << 20   # bytes of events read from one child: a report larger than this is flooded
+
+
 def _read_events(path) -> list[dict]:
     events = []
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(_EVENTS_LIMIT + 1)
     except OSError:
         return events
+    if len(data) > _EVENTS_LIMIT:
+        return [{"event": "result", "test": "(a flooded report)", "when": "call", "status": "flooded"}]
     for line in data.split(b"\n"):
         try:
             event = json.loads(line)
@@ -442,9 +447,9 @@ def _run_child(root, batch, impl, timeout, quiet, tmp, marker):
                 break
             except subprocess.TimeoutExpired:
                 pass
-            events = _read_events(report)
-            if len(events) != seen:
-                seen, running_since = len(events), time.monotonic()
+            size = os.path.getsize(report) if os.path.exists(report) else 0
+            if size != seen:  # the report grew: a test started or ended
+                seen, running_since = size, time.monotonic()
             limit = timeout + 60 if seen else timeout + 120   # collecting (imports) gets longer
             if time.monotonic() - running_since > limit:
                 ended = f"made no progress for {limit:g} s and was stopped"
@@ -505,11 +510,8 @@ def _judge(batch, events, ended):
             missing = _missing(ex, tests)
             if not missing:
                 rows[ex.id] = _row(ex, PASSED, "", tests)
-            elif ended and culprit:
-                again.append(ex)  # another exercise's test took the process down: run this one again
             elif ended:
-                rows[ex.id] = _row(ex, FAILED, f"the test process {ended} outside any test (while importing "
-                                               "or collecting the graders?)", tests)
+                again.append(ex)  # the process went down before this exercise finished: run it again
             else:
                 rows[ex.id] = _row(ex, FAILED, "not every test of this exercise reported a result (" + missing +
                                    "): the run was cut short or tampered with", tests)
@@ -562,8 +564,9 @@ def run(chapter: str | None = None, impl: str = "labs", timeout: int = 180, quie
                 events, ended = _run_child(root, batch, impl, timeout, quiet, tmp, marker)
                 decided, again = _judge(batch, events, ended)
                 rows.update(decided)
-                if len(again) == len(batch):  # no progress (cannot happen: the culprit is decided); never loop
-                    rows.update({ex.id: _row(ex, FAILED, f"the test process {ended}", []) for ex in again})
+                if len(again) == len(batch):  # nothing decided: it died outside any test; never loop
+                    rows.update({ex.id: _row(ex, FAILED, f"the test process {ended} outside any test (while "
+                                                         "importing or collecting the graders?)", []) for ex in again})
                     again = []
                 batch = again
     return [rows[ex.id] for ex in exercises]

@@ -18,11 +18,14 @@ How it works, top to bottom:
     on every rank: the child already has it in memory, nothing is pickled.
   * Each child points its stdout/stderr at a log file, calls `dist.init_process_group`, runs your function
     and writes its return value (or its exception and traceback) to a result file.
-  * The parent waits. When a rank fails it stops the others at once and raises `RankFailed` with that
-    rank's traceback; when the job outlives `timeout` it asks every rank for a stack dump (faulthandler on
-    SIGUSR1), stops them and raises `JobTimeout` showing where each rank was stuck.
+  * The parent waits. When a rank fails it stops the others at once and raises `RankFailed` naming the
+    rank that caused it, with its traceback: not a rank that only saw a peer vanish ("Connection closed by
+    peer"), but the peer, whether it crashed or its function returned while the others waited in a
+    collective; a rank killed by a signal is reported with what it printed as it died (gloo's reason for
+    aborting, its Python stack). When the job outlives `timeout` it asks every rank for a stack dump
+    (faulthandler on SIGUSR1), stops them and raises `JobTimeout` showing where each rank was stuck.
   * Finally it prints every rank's output, in rank order, prefixed `[rank i]`, so a cell prints the same
-    thing on every run.
+    thing on every run (at most the first and last MiB of each rank's output, with a note of what was cut).
 
 The same worker functions run unchanged under torchrun: see helpers/run.py.
 """
@@ -341,15 +344,17 @@ def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None =
 def _wait(procs, workdir, timeout, start, logs):
     """Wait for every rank. Returns None on success, ("timeout", stacks) on a hang, or the arguments of
     RankFailed for the rank that failed first."""
-    pending = {p.sentinel: r for r, p in enumerate(procs)}
+    pending = _exit_handles(procs)
     failed = {}  # rank -> wall-clock time its failure was noticed
     try:
         while pending:
             left = timeout - (time.perf_counter() - start)
             if left <= 0:
                 return "timeout", _dump_stacks(procs, workdir)
-            for sentinel in mp.connection.wait(list(pending), timeout=min(left, 0.5)):
-                rank = pending.pop(sentinel)
+            for handle in mp.connection.wait(list(pending), timeout=min(left, 0.5)):
+                rank = pending.pop(handle)
+                if isinstance(handle, int) and handle != procs[rank].sentinel:
+                    os.close(handle)
                 procs[rank].join()
                 if procs[rank].exitcode != 0 or not os.path.exists(os.path.join(workdir, f"rank{rank}.result")):
                     failed[rank] = time.time()  # exit code 0 with no result: os._exit(0) in the user's code
@@ -364,7 +369,27 @@ def _wait(procs, workdir, timeout, start, logs):
     except KeyboardInterrupt:
         _stop(procs)
         raise
+    finally:
+        for handle, rank in pending.items():
+            if handle != procs[rank].sentinel:
+                os.close(handle)
     return None
+
+
+def _exit_handles(procs):
+    """{waitable: rank}, ready when the rank's process ends. On Linux a pidfd: multiprocessing's sentinel is a
+    pipe that a child forked by the rank inherits, so a rank whose code forks (a lab module that leaves a
+    process behind) would look alive until that child exits."""
+    handles = {}
+    for rank, p in enumerate(procs):
+        handle = p.sentinel
+        if hasattr(os, "pidfd_open"):
+            try:
+                handle = os.pidfd_open(p.pid)
+            except OSError:
+                pass
+        handles[handle] = rank
+    return handles
 
 
 # Errors a rank sees only because a peer vanished: never the root cause when another rank failed too.

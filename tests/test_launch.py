@@ -259,3 +259,23 @@ def test_distributed_magic_runs_a_cell_on_every_rank(capsys):
     run_cell("t = torch.tensor([float(rank)]) * factor\ndist.all_reduce(t)\nprint(int(t.item()))", 3,
              {"factor": 10})
     assert capsys.readouterr().out.splitlines() == ["[rank 0] 30", "[rank 1] 30", "[rank 2] 30"]
+
+
+def test_a_rank_that_leaves_a_forked_process_behind_still_finishes(tmp_path):
+    """The forked child inherits the rank's end of multiprocessing's sentinel pipe; the launcher must see the
+    rank end anyway (it waits on the process itself), not report a hang."""
+    def job(rank, world_size):
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        (tmp_path / f"child{rank}").write_text(str(child))
+        return rank
+    try:
+        assert launch(job, 2, timeout=20) == [0, 1]
+    finally:
+        for p in tmp_path.glob("child*"):
+            try:
+                os.kill(int(p.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
