@@ -413,3 +413,11 @@ def test_draw_collective_colours_cells_by_origin():
     fig = draw_collective("all_gather", before, [torch.tensor([1.0, 1.0, 2.0, 2.0])] * 2)
     after_colours = {tuple(p.get_facecolor()) for p in fig.axes[1].patches}
     assert after_colours == {matplotlib.colors.to_rgba(RANK_COLORS[0]), matplotlib.colors.to_rgba(RANK_COLORS[1])}
+
+
+def test_sweep_takes_the_fastest_call_or_the_mean():
+    from helpers.benchmarks.collectives import sweep, time_collective
+    rows = sweep(2, ["all_reduce"], [4 << 10], repeats=2, statistic="min")
+    assert [(r["op"], r["ranks"], r["bytes"]) for r in rows] == [("all_reduce", 2, 4 << 10)] and rows[0]["seconds"] > 0
+    with pytest.raises(ValueError, match="statistic"):
+        time_collective(0, 1, ["all_reduce"], [4 << 10], statistic="median")
