@@ -10,7 +10,6 @@ single rank held (a sum, an average) is drawn dark: it was combined from several
 """
 from __future__ import annotations
 
-import math
 
 import matplotlib.pyplot as plt
 import torch
@@ -136,10 +135,19 @@ def plot_sweep(rows: list[dict], ceiling: float | None = None, title: str = ""):
     return fig
 
 
+def doubling_steps(n: int) -> int:
+    """Messages of S on recursive doubling's critical path (lab 1.4): log2 p exchanges among the largest
+    power of two p <= n, plus, when n is not a power of two, the fold into rank r - p and the result sent back."""
+    if n <= 1:
+        return 0
+    p = 1 << (n.bit_length() - 1)
+    return p.bit_length() - 1 + (2 if n != p else 0)
+
+
 def cost_model(n: int, nbytes: float, alpha: float, beta: float) -> dict:
     """alpha-beta time of an all-reduce of nbytes on n ranks: alpha = seconds per message,
-    beta = seconds per byte. Ring: 2(n-1) messages of S/n. Recursive doubling: log2 n messages of S."""
-    steps = math.ceil(math.log2(n)) if n > 1 else 0
+    beta = seconds per byte. Ring: 2(n-1) messages of S/n. Recursive doubling: doubling_steps(n) messages of S."""
+    steps = doubling_steps(n)
     return {"ring": 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes * beta,
             "recursive doubling": steps * alpha + steps * nbytes * beta}
 
@@ -153,7 +161,7 @@ def plot_cost_model(n: int = 4, alpha_us: float = 50.0, bandwidth_gbs: float = 1
     for algo, style in (("ring", "-"), ("recursive doubling", "--")):
         ax.loglog(sizes, [cost_model(n, s, alpha, beta)[algo] * 1e3 for s in sizes], style, label=algo)
     # Crossover: 2(n-1)a + 2(n-1)/n S b = L a + L S b  ->  S = a (2(n-1) - L) / (b (L - 2(n-1)/n))
-    steps = math.ceil(math.log2(n)) if n > 1 else 0
+    steps = doubling_steps(n)
     denominator = beta * (steps - 2 * (n - 1) / n)
     if n > 2 and denominator > 0:
         cross = alpha * (2 * (n - 1) - steps) / denominator

@@ -421,3 +421,10 @@ def test_sweep_takes_the_fastest_call_or_the_mean():
     assert [(r["op"], r["ranks"], r["bytes"]) for r in rows] == [("all_reduce", 2, 4 << 10)] and rows[0]["seconds"] > 0
     with pytest.raises(ValueError, match="statistic"):
         time_collective(0, 1, ["all_reduce"], [4 << 10], statistic="median")
+
+
+def test_cost_model_counts_the_doubling_steps_of_lab_1_4():
+    from helpers.collective_plots import cost_model, doubling_steps
+    assert [doubling_steps(n) for n in (1, 2, 3, 4, 6, 8)] == [0, 1, 3, 2, 4, 3]   # fold + unfold when n != 2^k
+    t = cost_model(4, 1000, alpha=1.0, beta=0.0)
+    assert t == {"ring": 6.0, "recursive doubling": 2.0}
