@@ -86,7 +86,8 @@ class ExpertParallelMoE(nn.Module):
       4. Each local expert runs once, on all the rows it received.
       5. Combine: an all_to_all sends the results back, in the order they came.
       6. Multiply by the gate weights and add each slot to its token's row: the tokens' original order.
-    Returns [T, hidden], equal to MoEBlock(x, routing) on one process.
+    Returns [T, hidden], equal to MoEBlock(x, routing) on one process. (On gloo, dist.all_to_all on lists
+    needs tensors of one size: send variable sizes with dist.all_to_all_single and its split sizes.)
 
     Raises ValueError when num_experts is not divisible by the group size, or x and routing disagree on the
     number of tokens.

@@ -46,12 +46,21 @@ VARIANTS = {
 }
 
 
+# Valid answers written differently: the graders must pass them (test_valid_alternatives_pass).
+ALTERNATIVES = {
+    "route_softmax_of_top_k": "gate weights as a softmax over the top-k logits (equal to renormalised probabilities)",
+    # (dist.all_to_all on lists needs equal-size tensors on gloo: fine for the counts, not for the rows)
+    "ep_list_all_to_all": "the counts exchanged with dist.all_to_all on lists of tensors",
+    "ep_counts_all_gather": "the whole count matrix all-gathered, rows with all_to_all_single",
+}
+
+
 def build(name: str | None):
     """The reference implementation with variant `name` planted (None: unmodified)."""
     import solutions.expert_parallel as sol
     ep = types.SimpleNamespace(**{k: v for k, v in vars(sol).items() if not k.startswith("__")})
     if name is not None:
-        _PLANT[name](sol, ep)
+        (_PLANT | _ALTERNATIVE)[name](sol, ep)
     return types.SimpleNamespace(expert_parallel=ep)
 
 
@@ -93,7 +102,7 @@ def _route(mistake):
 # ------------------------------------------------------------------------------------------- 8.2
 
 def _forward(mistake):
-    """The reference forward with one mistake switched on."""
+    """The reference forward with one mistake (or one valid alternative) switched on."""
     def forward(self, x, routing):
         n, per_rank, group = self.world_size, self.experts_per_rank, self.group
         kept = torch.ones_like(routing.kept) if mistake == "sends_dropped" else routing.kept
@@ -104,7 +113,17 @@ def _forward(mistake):
         token, slot, expert = token[order], slot[order], expert[order]
         send_counts = torch.bincount(expert, minlength=self.num_experts)
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        if mistake == "list_all_to_all":
+            parts = [torch.empty(per_rank, dtype=torch.long) for _ in range(n)]
+            dist.all_to_all(parts, list(send_counts.split(per_rank)), group=group)
+            recv_counts = torch.cat(parts)
+        elif mistake == "counts_all_gather":
+            matrix = [torch.empty_like(send_counts) for _ in range(n)]
+            dist.all_gather(matrix, send_counts, group=group)
+            rank = dist.get_rank(group)
+            recv_counts = torch.cat([m[rank * per_rank:(rank + 1) * per_rank] for m in matrix])
+        else:
+            dist.all_to_all_single(recv_counts, send_counts, group=group)
         send_splits = send_counts.view(n, per_rank).sum(1).tolist()
         recv_splits = recv_counts.view(n, per_rank).sum(1).tolist()
         rows = x[token]
@@ -210,4 +229,21 @@ _PLANT = {
     "ep_all_experts": _ep_all_experts,
     "ep_unweighted": _ep_forward("unweighted"),
     "ep_floor_split": _ep_floor_split,
+}
+
+
+def _route_softmax_of_top_k(sol, ep):
+    def top_k_route(router_logits, top_k, capacity=None):
+        from helpers.course.moe import Routing
+        reference = sol.top_k_route(router_logits, top_k, capacity)
+        top_logits = router_logits.float().gather(-1, reference.expert_ids)
+        weights = F.softmax(top_logits, dim=-1) * reference.kept
+        return Routing(reference.expert_ids, weights, reference.kept)
+    ep.top_k_route = top_k_route
+
+
+_ALTERNATIVE = {
+    "route_softmax_of_top_k": _route_softmax_of_top_k,
+    "ep_list_all_to_all": _ep_forward("list_all_to_all"),
+    "ep_counts_all_gather": _ep_forward("counts_all_gather"),
 }
