@@ -24,7 +24,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  (CommTracer's first tensor op imports it: once here, inherited by the ranks)
 import torch.distributed as dist
 from torch._C._distributed_c10d import ProcessGroup
 

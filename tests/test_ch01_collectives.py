@@ -33,16 +33,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  (see below)
 import torch.distributed as dist
 
 from helpers import launch, load_impl
 from helpers.comm_trace import CommTracer
 from helpers.partition import chunk_bounds
 
-# Under CommTracer (a TorchDispatchMode) the first tensor op in a process imports torch._dynamo (torch's
-# _disable_dynamo wrapper does it lazily): 4 s per rank on a quiet machine, 10-30 s on a loaded one, in every
-# forked rank. Imported once here, in the process that forks the ranks, it is inherited by all of them.
 P2P_ONLY = {"send", "recv", "isend", "irecv"}
 f32, f64, i64, i32, bf16, f16 = torch.float32, torch.float64, torch.int64, torch.int32, torch.bfloat16, torch.float16
 # (shape, dtype) pairs: every dtype, lengths divisible by 4 ranks, not divisible, shorter than the group, empty.

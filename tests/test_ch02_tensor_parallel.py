@@ -55,8 +55,7 @@ import re
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  CommTracer's dispatch mode imports it on first use: import it once here, so
-import torch.distributed as dist  # the forked ranks inherit it instead of each paying seconds to import it
+import torch.distributed as dist
 import torch.nn as nn
 
 from helpers import launch, load_impl
