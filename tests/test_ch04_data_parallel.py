@@ -30,7 +30,6 @@ import time
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401 — CommTracer's dispatch mode imports it on first use: once here, not per rank
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 from torch.utils.data import DistributedSampler
