@@ -172,16 +172,7 @@ def _check_overlap(case: str, calls_by_rank: list[list[tuple]], device_s: float,
             f"{best * 1e3:.0f} ms (a step takes {device_s * 1e3:.0f} ms). {what}"]
 
 
-@functools.lru_cache(maxsize=None)
-def _warm_tracer():
-    """The tracer's first op in a process costs seconds (its dispatch mode's first use); pay it once here,
-    before launch() forks the ranks, instead of once in every rank of every job."""
-    with CommTracer(), torch.no_grad():
-        torch.ones(1) + 1
-
-
 def _run(fn, world_size, *args):
-    _warm_tracer()
     return launch(fn, world_size, *args, show_output=False)
 
 
