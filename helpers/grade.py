@@ -427,7 +427,9 @@ def _run_child(root, batch, impl, timeout, quiet, tmp, marker):
     ended: None when pytest finished, else a sentence)."""
     report = os.path.join(tmp, f"events-{secrets.token_hex(4)}.jsonl")
     nodeids = [test for ex in batch for test in ex.tests]
-    env = dict(os.environ, COURSE_IMPL=impl, PYTHONDONTWRITEBYTECODE="1", GRADE_RUN=marker.decode().split("=")[1])
+    # COURSE_FALLBACK=0: a graded exercise never runs the reference in place of a stub (helpers/impl.py).
+    env = dict(os.environ, COURSE_IMPL=impl, COURSE_FALLBACK="0", PYTHONDONTWRITEBYTECODE="1",
+               GRADE_RUN=marker.decode().split("=")[1])
     cmd = [sys.executable, "-m", "pytest", *nodeids, "-p", "helpers.grade", "-p", "no:nbval", "-p", "no:cacheprovider",
            f"--grade-report={report}", f"--grade-exercises={','.join(ex.id for ex in batch)}",
            f"--timeout={timeout}", "-q", "-rN", "--no-header", "-p", "no:warnings"]
