@@ -12,8 +12,8 @@
 
 How it works, top to bottom:
   * The parent (your notebook kernel, or pytest) binds a socket on a free port; a small store process
-    serves a `TCPStore` on it, the rendezvous point every rank connects to (as torchrun's agent does). The OS picks the port, so jobs launched back to
-    back or at once never collide.
+    serves a `TCPStore` on it, the rendezvous point every rank connects to (as torchrun's agent does).
+    The OS picks the port, so jobs launched back to back or at once never collide.
   * It forks one process per rank. Fork (not spawn) is what lets a function defined *in a notebook* run
     on every rank: the child already has it in memory, nothing is pickled.
   * Each child points its stdout/stderr at a log file, calls `dist.init_process_group`, runs your function
@@ -202,7 +202,8 @@ def _rank_main(fn, rank, world_size, backend, listener, workdir, threads, timeou
     except Exception as exc:  # e.g. the function returned something that cannot be pickled
         code = 1
         _write_result(workdir, rank, ("error", "ResultNotPicklable",
-                                      f"the return value of rank {rank} could not be sent back: {exc}", "", time.time()))
+                                      f"the return value of rank {rank} could not be sent back: {exc}", "",
+                                      time.time()))
     try:
         if code == 0 and dist.is_initialized():
             dist.destroy_process_group()

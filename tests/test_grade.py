@@ -208,6 +208,7 @@ def test_make_grade_ends_with_how_many_exercises_are_left():
             "GRADE_ARGS=--impl tests.fixtures.borrowing"]  # decided without a child: fast
     learner = subprocess.run(base, cwd=grade.ROOT, capture_output=True, text=True)
     assert learner.returncode == 0, learner.stderr
-    assert (learner.stdout + learner.stderr).rstrip().splitlines()[-1] == "score: 0/2 exercises passed; 2 exercises left"
+    last = (learner.stdout + learner.stderr).rstrip().splitlines()[-1]
+    assert last == "score: 0/2 exercises passed; 2 exercises left", last
     check = subprocess.run(base + ["CHECK=1"], cwd=grade.ROOT, capture_output=True, text=True)
     assert check.returncode != 0 and "score: 0/2" in check.stdout
