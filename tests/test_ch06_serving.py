@@ -501,7 +501,7 @@ def test_replay_schedule_is_the_real_models():
     from helpers.serving.device_time import DeviceCost, ScheduleOnlyLM
     from helpers.serving.loadtest import poisson_arrivals, replay
     ids = tiny_llama.encode(PROMPTS[0])
-    arrivals, lengths = poisson_arrivals(30, 12, seed=3), [2, 6, 3]
+    arrivals, lengths = poisson_arrivals(30, 8, seed=3), [2, 5, 3]
     model = tiny_llama.load_model()
     want = tiny_llama.generate(model, ids, max(lengths))
     for batching in ("none", "static", "continuous"):
