@@ -70,7 +70,8 @@ def check_plan_rules(impl):
         except ValueError as e:
             raise AssertionError(f"6.1 check_plan({plan}) must accept {what}; it raised ValueError: {e} "
                                  "(labs/capstone/plan.py)") from None
-        assert got == plan, f"6.1 check_plan({plan}) must return the plan it accepts, got {got!r} (labs/capstone/plan.py)"
+        assert got == plan, f"6.1 check_plan({plan}) must return the plan it accepts, got {got!r} " \
+                            "(labs/capstone/plan.py)"
     invalid = [(P(0, 1, 1), cfg, "dp", "dp=0 is below 1"),
                (P(True, 1, 1), cfg, "dp", "dp=True: bool is not a number here"),
                (P(2.0, 1, 1), cfg, "dp", "dp=2.0: degrees are whole numbers (int)"),
@@ -79,7 +80,8 @@ def check_plan_rules(impl):
                (P(1, 1, 3), _config(heads=12, kv=8, inter=384, vocab=384), "num_key_value_heads",
                 "tp=3 neither divides 8 KV heads nor is a multiple of them"),
                (P(1, 1, 4), _config(vocab=250), "vocab_size", "tp=4 does not divide vocab_size=250"),
-               (P(1, 1, 8), _config(kv=8, inter=300), "intermediate_size", "tp=8 does not divide intermediate_size=300"),
+               (P(1, 1, 8), _config(kv=8, inter=300), "intermediate_size",
+                "tp=8 does not divide intermediate_size=300"),
                (P(1, 3, 1), cfg, "num_hidden_layers", "pp=3 does not divide 4 layers")]
     for plan, config, name, why in invalid:
         try:
@@ -184,7 +186,8 @@ def check_summarize(summarize):
         f"/v1/completions and status 200 only; /metrics answered 7 more), got {report['requests']} {where}"
     assert report["errors"] == 3, f"6.3 errors: expected 3 (completions answered 400 ×2 and 500 ×1; the 503s of " \
         f"/health are not completions), got {report['errors']} {where}"
-    assert report["tokens"] == 64, f"6.3 tokens: expected 64 (serving_generated_tokens_total), got {report['tokens']} {where}"
+    assert report["tokens"] == 64, \
+        f"6.3 tokens: expected 64 (serving_generated_tokens_total), got {report['tokens']} {where}"
     assert report["busy_seconds"] == {0: 1.5, 1: 0.25} and all(type(k) is int for k in report["busy_seconds"]), \
         f"6.3 busy_seconds: expected {{0: 1.5, 1: 0.25}} keyed by the replica index as an int, got " \
         f"{report['busy_seconds']!r} {where}"
@@ -192,7 +195,8 @@ def check_summarize(summarize):
     for q, key in ((0.5, "p50"), (0.99, "p99")):
         want = histogram_quantile(samples, "serving_request_latency_seconds", q)
         assert math.isclose(report[key], want, rel_tol=1e-9), f"6.3 {key}: expected {want:.6g} s (PromQL's " \
-            f"histogram_quantile interpolates linearly inside the bucket the rank falls in), got {report[key]!r} {where}"
+            f"histogram_quantile interpolates linearly inside the bucket the rank falls in), got {report[key]!r} " \
+            f"{where}"
     empty = summarize("")
     assert empty["requests"] == 0 and empty["errors"] == 0 and math.isnan(empty["p50"]) and math.isnan(empty["p99"]), \
         f"6.3 with no request: requests 0, errors 0 and NaN quantiles expected, got {empty} {where}"
@@ -293,7 +297,8 @@ def check_generate(engine, server, reference, dp, pp=1):
         f"{dp} replica(s) served them: read each answer's X-Replica header (labs/capstone/engine.py)"
     steps = _replica_steps(server) - before_steps
     one_at_a_time = len(PROMPTS) * (1 if pp > 1 else MAX_TOKENS - 1)
-    assert steps < 0.75 * one_at_a_time, f"6.4 generate: the replicas ran {steps} {'rounds' if pp > 1 else 'decode steps'} " \
+    unit = "rounds" if pp > 1 else "decode steps"
+    assert steps < 0.75 * one_at_a_time, f"6.4 generate: the replicas ran {steps} {unit} " \
         f"for {len(PROMPTS)} prompts; one at a time takes {one_at_a_time}. Send them concurrently (one thread " \
         "per prompt) so that they share batches (labs/capstone/engine.py)"
     report = engine.report()
