@@ -278,8 +278,10 @@ def queue_returns_sorted(num_tasks, run_task, key="work_queue"):
 # valid alternative
 
 def queue_counting_from_one(num_tasks, run_task, key="work_queue"):
-    """VALID: its own key under `key`, counts 1..num_tasks, ends with an all_reduce instead of a barrier."""
+    """VALID: starts together (a barrier), its own key under `key`, counts 1..num_tasks, ends with an
+    all_reduce instead of a barrier."""
     store, done = distributed_c10d._get_default_store(), []
+    dist.barrier()
     while True:
         ticket = store.add(f"{key}/next", 1)         # 1, 2, 3, ... across all ranks
         if ticket > num_tasks:

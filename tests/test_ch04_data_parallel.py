@@ -268,21 +268,20 @@ class _StoreRecorder:
         return False
 
 
-class _EnteredCollective:
-    """Counts, in the store, the ranks that have entered a collective (their closing barrier, usually)."""
+class _CollectiveEntries:
+    """Counts, in the store, every entry of a rank into a collective (its closing barrier, usually: a rank
+    waiting there has no more work)."""
     NAMES = ("barrier", "all_reduce", "all_gather", "broadcast", "gather", "reduce", "all_gather_object")
 
     def __init__(self, store):
-        self.store, self.entered, self._saved = store, False, {}
+        self.store, self._saved = store, {}
 
     def __enter__(self):
         for name in self.NAMES:
             fn = self._saved[name] = getattr(dist, name)
 
             def wrapped(*args, _fn=fn, **kwargs):
-                if not self.entered:
-                    self.entered = True
-                    self.store.add("__grader_entered", 1)
+                self.store.add("__grader_entries", 1)
                 return _fn(*args, **kwargs)
             setattr(dist, name, wrapped)
         return self
@@ -295,7 +294,7 @@ class _EnteredCollective:
 
 def _queue_job(rank, world_size, impl, num_tasks, key, stuck_seconds):
     """The first task to start gets stuck until every other task is done, or every other rank has entered a
-    collective (its closing barrier: it has no more work), or `stuck_seconds` pass. With a dynamic queue the
+    collective since (its closing barrier: it has no more work), or `stuck_seconds` pass. With a dynamic queue the
     other ranks take all the remaining tasks meanwhile; with a static split they cannot."""
     store = distributed_c10d._get_default_store()
     ran, stuck = [], []
@@ -305,14 +304,15 @@ def _queue_job(rank, world_size, impl, num_tasks, key, stuck_seconds):
         if store.add("__grader_started", 1) == 1:       # the very first task, on whichever rank starts it
             stuck.append(task)
             deadline = time.monotonic() + stuck_seconds
+            entries = store.add("__grader_entries", 0)       # collectives entered before (e.g. a starting barrier)
             while store.add("__grader_done", 0) < num_tasks - 1 and \
-                    store.add("__grader_entered", 0) < world_size - 1 and time.monotonic() < deadline:
+                    store.add("__grader_entries", 0) - entries < world_size - 1 and time.monotonic() < deadline:
                 time.sleep(0.002)
         else:
             store.add("__grader_done", 1)
         return f"result of {task}"
 
-    with CommTracer() as trace, _StoreRecorder(trace) as recorder, _EnteredCollective(store):
+    with CommTracer() as trace, _StoreRecorder(trace) as recorder, _CollectiveEntries(store):
         done = impl.dynamic_work_queue(num_tasks, run_task, key=key)
     collectives = [(r.op, len(r.ranks)) for r in trace.records]
     return {"done": done, "ran": ran, "stuck": stuck[0] if stuck else None,
