@@ -408,12 +408,13 @@ def test_planted_mistakes_are_caught(planted_results, name):
 
 
 def test_reference_and_valid_alternatives_pass():
-    """The unmodified reference, and other correct ways to write it, pass every check at 3 and 4 ranks."""
+    """Other correct ways to write the exercises pass the checks the planted mistakes fail."""
     pytest.importorskip("solutions.context_parallel", reason="the reference answers are absent")
     from tests import planted_ch08_long_context as planted
-    for name, checks in [(None, list(CHECKS)), ("alt_into_tensor", ["sp"]),
-                         ("alt_separate_kv_reverse_ring", ["ring"])]:
-        for world_size in (3, 4):
+    # The unmodified reference is graded by the exercise tests themselves (COURSE_IMPL=solutions in CI).
+    for name, checks, sizes in [(None, ["sp_errors", "ring_errors"], (2,)), ("alt_into_tensor", ["sp"], (4,)),
+                                ("alt_separate_kv_reverse_ring", ["ring"], (3, 4))]:
+        for world_size in sizes:
             results = launch(_job, world_size, checks, planted.build(name), show_output=False, timeout=120)
             failures = [f for rank_failures in results for f in rank_failures]
             assert not failures, f"valid alternative {name!r} failed:\n" + "\n".join(failures[:5])
