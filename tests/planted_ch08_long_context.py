@@ -41,6 +41,7 @@ VARIANTS = {
     "ring_local_mask": Variant("8.4", "ring", "causal mask by local row index", ("GLOBAL position",)),
     "ring_no_skip": Variant("8.4", "ring", "masked-out chunk pairs computed anyway", ("skip every",)),
     "ring_forward_last": Variant("8.4", "ring", "the last block forwarded too", ("cp-1",)),
+    "ring_send_after_compute": Variant("8.4", "ring", "block sent after computing with it", ("BEFORE computing",)),
     "ring_ignores_order": Variant("8.4", "ring", "zigzag treated as contiguous", ("layout `order`",)),
     "ring_no_errors": Variant("8.4", "ring_errors", "unknown order accepted", ("ValueError",)),
 }
@@ -189,6 +190,8 @@ def _ring_attention(q, k, v, group, causal, order, mistake):
         requests, incoming = [], None
         if mistake == "ring_all_gather":
             kv = blocks[owner]
+        elif mistake == "ring_send_after_compute":
+            pass
         elif step < cp - 1 or (mistake == "ring_forward_last" and cp > 1):
             incoming = torch.empty_like(kv)
             if reverse:
@@ -224,6 +227,10 @@ def _ring_attention(q, k, v, group, causal, order, mistake):
                 l[:, rows] = l[:, rows] * correction + p.sum(dim=-1, keepdim=True)
                 o[:, rows] = o[:, rows] * correction + p @ kv[1, :, cols]
                 m[:, rows] = m_new
+        if mistake == "ring_send_after_compute" and step < cp - 1:
+            incoming = torch.empty_like(kv)
+            requests = dist.batch_isend_irecv([dist.P2POp(dist.isend, kv, to_rank, group),
+                                               dist.P2POp(dist.irecv, incoming, from_rank, group)])
         for request in requests:
             request.wait()
         if incoming is not None:

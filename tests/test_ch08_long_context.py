@@ -19,7 +19,9 @@ What the graders check:
       (zigzag and contiguous layouts, causal and not, and with scores in the hundreds where an exponential
       without the running max overflows), tolerance from float32's eps; the K/V ring (CommTracer): only
       point-to-point messages, to one ring neighbour and from the other, exactly cp-1 K/V blocks sent and
-      nothing else, no collective; the causal work (FlopCounterMode): no more matmul FLOPs than the
+      nothing else, no collective; the transfer posted before the compute it overlaps (the first
+      point-to-point operator reaches the dispatcher before the first matmul); the causal work
+      (FlopCounterMode): no more matmul FLOPs than the
       (query chunk, key chunk) pairs the mask does not hide entirely (helpers.course.ring_attention.
       causal_work); the promised ValueErrors.
 
@@ -36,6 +38,7 @@ Mistakes each grader catches (each one planted in tests/planted_ch08_long_contex
       ring_local_mask            causal mask by local row index instead of global position
       ring_no_skip               masked-out chunk pairs computed anyway: right output, unbalanced work
       ring_forward_last          the last block forwarded too: cp blocks sent instead of cp-1
+      ring_send_after_compute    each block sent only after computing with it: no overlap
       ring_ignores_order         the zigzag layout treated as contiguous
       ring_no_errors             an unknown order accepted without ValueError
 """
@@ -45,6 +48,7 @@ import pytest
 import torch
 import torch._dynamo  # noqa: F401  CommTracer's dispatch mode imports it on first use: import it once here
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import launch, load_impl
@@ -216,6 +220,23 @@ def _attention_inputs(seq, seed, scale=1.0):
     return [_seeded(seed + i, HEADS, seq, HEAD_DIM) * scale for i in range(3)]
 
 
+class _OpOrder(TorchDispatchMode):
+    """The order in which matmuls and point-to-point c10d operators reach the dispatcher."""
+    MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in self.MATMULS:
+            self.ops.append("matmul")
+        elif name in ("c10d::send", "c10d::recv_"):
+            self.ops.append("p2p")
+        return func(*args, **(kwargs or {}))
+
+
 def check_ring(impl, rank, world_size, group=None, label="WORLD"):
     """ring_attention in `group`: values against full attention, the K/V ring, the causal work."""
     cp_mod, failures = _cp(impl), []
@@ -229,8 +250,8 @@ def check_ring(impl, rank, world_size, group=None, label="WORLD"):
         q, k, v = _attention_inputs(seq, 7, scale)
         positions = positions_of_rank(seq, r, n, order)
         local = [t[:, positions].contiguous() for t in (q, k, v)]
-        flops = FlopCounterMode(display=False)
-        with CommTracer() as trace, flops:
+        flops, order_log = FlopCounterMode(display=False), _OpOrder()
+        with CommTracer() as trace, flops, order_log:
             try:
                 out = cp_mod.ring_attention(*local, group=group, causal=causal, order=order)
             except NotImplementedError:
@@ -246,6 +267,11 @@ def check_ring(impl, rank, world_size, group=None, label="WORLD"):
         if not diff <= tol:
             wrong[(order, causal, scale)] = (where, diff, tol)
         failures += _ring_messages(where, trace.records, ranks, r, n, local[1].numel() * 4 * 2)
+        ops = order_log.ops
+        if n > 1 and "p2p" in ops and "matmul" in ops and ops.index("matmul") < ops.index("p2p"):
+            failures.append(f"{where}: the first matmul ran before the first K/V message was posted — post each "
+                            f"step's isend/irecv BEFORE computing with the block you hold, so the transfer "
+                            f"overlaps the compute ({RING})")
         if causal and scale == 1:
             pair_flops = 2 * 2 * HEADS * CHUNK * CHUNK * HEAD_DIM      # q·kᵀ and p·v of one chunk pair
             allowed = causal_work(seq, n, order)[r] * pair_flops
