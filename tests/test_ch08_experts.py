@@ -40,7 +40,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  CommTracer's dispatch mode imports it on first use: import it once here
 import torch.distributed as dist
 
 from helpers import launch, load_impl

@@ -46,7 +46,6 @@ import math
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  CommTracer's dispatch mode imports it on first use: import it once here
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
