@@ -1,6 +1,6 @@
 """Grade the exercises: `make grade`, or `python -m helpers.grade [CHAPTER] [--json FILE] [--submission DIR]`.
 
-Every grader test (in tests/test_chNN_*.py) carries `@pytest.mark.exercise("1.2", "Ring all-gather")`. The
+Every grader test (in tests/graders/test_chNN_*.py) carries `@pytest.mark.exercise("1.2", "Ring all-gather")`. The
 grade is recorded by a parent process in which no learner code ever runs:
 
   * The parent reads the grader files as text (`ast`), never importing them, and lists the tests each
@@ -236,10 +236,10 @@ def _count(node, names, depth=0):
 
 
 def collect(root: pathlib.Path = ROOT, chapter: str | None = None) -> list[Exercise]:
-    """The exercises of the grader files under root/tests, read with ast (no grader or lab is imported)."""
+    """The exercises of the grader files under root/tests/graders, read with ast (no grader or lab is imported)."""
     pattern = f"test_ch{int(chapter):02d}_*.py" if chapter is not None else "test_ch*.py"
     exercises: dict[str, Exercise] = {}
-    for path in sorted((root / "tests").glob(pattern)):
+    for path in sorted((root / "tests" / "graders").glob(pattern)):
         tree = ast.parse(path.read_text(), str(path))
         names = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
                  for t in node.targets if isinstance(t, ast.Name)}
@@ -274,7 +274,7 @@ def _exercise_key(ex_id):
 
 
 def _function_of(nodeid: str) -> str:
-    """tests/test_ch00_warmup.py::test_sum_of_ranks[4] -> tests/test_ch00_warmup.py::test_sum_of_ranks"""
+    """tests/graders/test_ch00_warmup.py::test_sum_of_ranks[4] -> tests/graders/test_ch00_warmup.py::test_sum_of_ranks"""
     return nodeid.split("[", 1)[0]
 
 

@@ -6,7 +6,7 @@ server starts from (torch's DistributedSampler uses a strided split instead; bot
 import torch
 import torch.distributed as dist
 
-from helpers.partition import shard_indices  # given: the contiguous block of requests each rank serves
+from helpers.course.partition import shard_indices  # given: the contiguous block of requests each rank serves
 
 
 def gather_in_order(local_outputs: torch.Tensor, local_indices: torch.Tensor, num_items: int,

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from helpers.pipeline_runtime import recv_tensor, send_tensor, stage_neighbours, wait_all
+from helpers.course.pipeline_runtime import recv_tensor, send_tensor, stage_neighbours, wait_all
 
 
 class PipelineStage:

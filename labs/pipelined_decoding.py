@@ -12,14 +12,14 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from helpers.pipeline_runtime import recv_tensor, send_tensor, wait_all
+from helpers.course.pipeline_runtime import recv_tensor, send_tensor, wait_all
 
 
 def pipelined_generate(stage, stage_ranks: list[int], prompt_groups: list[torch.Tensor], max_new_tokens: int,
                        group=None, timeline=None) -> list[torch.Tensor] | None:
     """Exercise 3.4 — greedy decoding of several request groups through a pipeline of ranks.
 
-    stage: this rank's `helpers.llama_stages.LlamaStage` (`stage(x, cache, start_pos)`; it knows
+    stage: this rank's `helpers.course.llama_stages.LlamaStage` (`stage(x, cache, start_pos)`; it knows
         `stage.is_first` / `stage.is_last`, and `stage.new_cache()` makes an empty KV cache).
     stage_ranks: global ranks of the stages in order (stage_ranks[i] holds stage i); this rank is one.
     prompt_groups: G tensors of token ids [batch_g, prompt_len_g], the same on every rank (only the first

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from helpers.partition import chunk_bounds  # given: the even split of a tensor into n chunks
+from helpers.course.partition import chunk_bounds  # given: the even split of a tensor into n chunks
 
 
 def ring_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from helpers import load_impl
-from helpers.llama_stages import LlamaStage
+from helpers.course.llama_stages import LlamaStage
 
 
 def build_hybrid_stage(model, dp: int, pp: int, tp: int):
@@ -26,7 +26,7 @@ def build_hybrid_stage(model, dp: int, pp: int, tp: int):
 
       grid  = load_impl("device_grid").build_groups(dp, pp, tp)            (exercise 5.1)
       shard the model in place over grid.groups["tp"]                      (load_impl("tp_llama").shard_llama)
-      cut stage number pp_idx of pp with helpers.llama_stages.LlamaStage
+      cut stage number pp_idx of pp with helpers.course.llama_stages.LlamaStage
       stage = load_impl("pipeline_parallel").PipelineStage.from_ranks(module, grid.ranks["pp"],
                                                                        group=grid.groups["pp"])
     Shard before cutting: the stage shares the (sharded) layers of the model, and it holds nothing else

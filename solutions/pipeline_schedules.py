@@ -1,5 +1,5 @@
 """Chapter 3 pipeline schedules — reference solutions."""
-from helpers.schedule_sim import Action
+from helpers.course.schedule_sim import Action
 
 
 def one_f_one_b_order(num_stages: int, num_micro_batches: int) -> list[list[Action]]:

@@ -25,7 +25,7 @@ import collections
 import torch
 import torch.distributed as dist
 
-from helpers.partition import chunk_bounds  # given: the even split of a tensor into n chunks
+from helpers.course.partition import chunk_bounds  # given: the even split of a tensor into n chunks
 
 # The reductions a ring can do chunk by chunk: associative and commutative elementwise ops.
 _REDUCE = {

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers.transformer_layers import causal_attention
+from helpers.course.transformer_layers import causal_attention
 
 __all__ = ["group_rank_and_size", "split_along_dim",
            "copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region",
@@ -30,8 +30,8 @@ __all__ = ["group_rank_and_size", "split_along_dim",
            "ParallelTransformerBlock", "VocabParallelEmbedding", "parallel_argmax"]
 
 
-from helpers.tp_heads import head_slice, kv_heads_for_rank  # given: which heads a rank owns
-from helpers.tp_regions import (  # given: the region operators and rank bookkeeping
+from helpers.course.tp_heads import head_slice, kv_heads_for_rank  # given: which heads a rank owns
+from helpers.course.tp_regions import (  # given: the region operators and rank bookkeeping
     group_rank_and_size,
     split_along_dim,
     copy_to_tensor_model_parallel_region,
@@ -148,7 +148,7 @@ class RowParallelLinear(nn.Module):
 class ParallelMLP(nn.Module):
     """Exercise 2.3 — the Megatron MLP: fc1 column-parallel (gather_output=False) -> GELU on the local
     slice -> fc2 row-parallel (input_is_parallel=True). ONE all-reduce per forward pass, none between the
-    two layers. Built from a `helpers.transformer_layers.MLP` (attributes fc1, fc2). x, y: [..., hidden]."""
+    two layers. Built from a `helpers.course.transformer_layers.MLP` (attributes fc1, fc2). x, y: [..., hidden]."""
 
     def __init__(self, fc1: ColumnParallelLinear, fc2: RowParallelLinear):
         super().__init__()
@@ -170,7 +170,7 @@ class ParallelAttention(nn.Module):
     column-parallel, no gather), the KV heads those query heads read (k_proj, v_proj: see
     `kv_heads_for_rank`; replicated when world_size > num_kv_heads), and the matching input columns of
     o_proj (row-parallel, input_is_parallel=True). Each rank attends with its own heads; the single
-    forward all-reduce is o_proj's. Built from a `helpers.transformer_layers.Attention`.
+    forward all-reduce is o_proj's. Built from a `helpers.course.transformer_layers.Attention`.
     x, y: [batch, seq, hidden]. Raises ValueError (from kv_heads_for_rank) when the heads cannot be split.
 
     Gradients equal the single-process ones: every projection that reads the full x goes through

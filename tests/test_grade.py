@@ -92,7 +92,7 @@ def test_expected_tests_read_from_the_grader_files_match_pytests_collection():
     """The recording process lists each exercise's tests without importing a grader; that list must agree
     with what pytest collects (else an exercise could never pass, or pass with tests missing)."""
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "exercise", "-p", "no:nbval",
-                          *sorted(str(p) for p in (grade.ROOT / "tests").glob("test_ch*.py"))],
+                          *sorted(str(p) for p in (grade.ROOT / "tests" / "graders").glob("test_ch*.py"))],
                          cwd=grade.ROOT, capture_output=True, text=True, env=dict(os.environ, COURSE_IMPL="solutions"))
     collected = {}
     for line in out.stdout.splitlines():
@@ -176,7 +176,7 @@ def test_submission_checkout_holds_the_course_and_the_learners_labs_only(tmp_pat
     assert (dest / "tests" / "conftest.py").read_text() == \
         subprocess.run(["git", "show", "HEAD:tests/conftest.py"], cwd=grade.ROOT, capture_output=True,
                        text=True).stdout                         # the course's own, not the fork's
-    assert (dest / "tests" / "test_ch00_warmup.py").exists() and (dest / "helpers" / "grade.py").exists()
+    assert (dest / "tests" / "graders" / "test_ch00_warmup.py").exists() and (dest / "helpers" / "grade.py").exists()
     os.symlink(grade.ROOT / "solutions" / "warmup.py", fork / "labs" / "ring.py")
     with pytest.raises(SystemExit, match="symbolic link"):
         grade.checkout_for_submission(fork, tmp_path / "course2")

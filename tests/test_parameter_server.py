@@ -1,11 +1,11 @@
-"""helpers/parameter_server.py on real processes: synchronous all-reduce SGD equals single-process SGD;
+"""helpers/course/parameter_server.py on real processes: synchronous all-reduce SGD equals single-process SGD;
 the asynchronous parameter server applies every pushed gradient, records sane staleness, and converges.
 Nothing here depends on timing (the straggler's delay only changes the order of updates)."""
 import torch
 
 from helpers import launch
 from helpers.claims import tolerance
-from helpers.parameter_server import (async_sgd, full_batch_sgd, least_squares_problem, loss, replay_async,
+from helpers.course.parameter_server import (async_sgd, full_batch_sgd, least_squares_problem, loss, replay_async,
                                       sync_sgd)
 
 LR, STEPS, DELAYS_MS = 0.05, 10, [1, 1, 1, 4]

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from helpers import launch
-from helpers import schedule_sim as S
+from helpers.course import schedule_sim as S
 from helpers.claims import max_abs_diff, tolerance
 
 EXACT = 64 * sys.float_info.epsilon     # the simulator adds a few hundred small float costs: exact up to rounding
-from helpers.pipeline_runtime import recv_tensor, send_tensor, stage_neighbours, wait_all
+from helpers.course.pipeline_runtime import recv_tensor, send_tensor, stage_neighbours, wait_all
 
 PAYLOADS = [torch.arange(6.0).reshape(2, 3), torch.arange(5), torch.ones(3, 1, 2, dtype=torch.float64),
             torch.randn(300, 100),                      # 120 KB: header and data in two messages
@@ -113,10 +113,10 @@ def test_simulator_reports_deadlock():
 
 @pytest.mark.parametrize("num_stages", [1, 2, 4])
 def test_llama_stages_run_one_after_another_equal_the_model(num_stages):
-    """The given stage cut (helpers.llama_stages): prefill then one cached decode step through every stage in
+    """The given stage cut (helpers.course.llama_stages): prefill then one cached decode step through every stage in
     turn gives the full model's logits, in one process, before any pipeline sends anything."""
-    from helpers.llama_stages import split_llama
-    from helpers.tiny_llama import PROMPT, encode, load_model
+    from helpers.course.llama_stages import split_llama
+    from helpers.course.tiny_llama import PROMPT, encode, load_model
     model = load_model()
     ids = torch.tensor([encode(PROMPT)])
     with torch.no_grad():

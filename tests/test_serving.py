@@ -1,4 +1,4 @@
-"""The chapter 6 server (helpers/serving): batching policies give the model's tokens, bad requests get clear
+"""The chapter 6 server (helpers/course/serving): batching policies give the model's tokens, bad requests get clear
 400s and leave the server healthy, a client that disconnects is cancelled, a killed replica loses no request,
 and stopping leaves no process behind."""
 import json
@@ -11,11 +11,11 @@ import urllib.error
 import pytest
 import torch
 
-from helpers import tiny_llama
-from helpers.serving import start_server
-from helpers.serving.engine import Engine, Sequence
-from helpers.serving.loadtest import load_test
-from helpers.serving.metrics import parse, value
+from helpers.course import tiny_llama
+from helpers.course.serving import start_server
+from helpers.course.serving.engine import Engine, Sequence
+from helpers.course.serving.loadtest import load_test
+from helpers.course.serving.metrics import parse, value
 
 PROMPTS = ["Four score and seven years ago", "We hold these", "A", "The fox and the grapes"]
 
@@ -148,7 +148,7 @@ def test_stop_leaves_no_process():
 
 
 def test_pipeline_replica_pp2_tp2_gives_the_models_tokens():
-    """One replica of 2 pipeline stages × 2 TP ranks (helpers/serving/pipeline_replica.py): several requests
+    """One replica of 2 pipeline stages × 2 TP ranks (helpers/course/serving/pipeline_replica.py): several requests
     in one round, the unsharded model's greedy tokens, and a clear 400 for sampling (pipelines decode greedily)."""
     from concurrent.futures import ThreadPoolExecutor
     model = tiny_llama.load_model()

@@ -1,4 +1,4 @@
-"""No request can kill a replica, and a stuck replica is noticed (helpers/serving, issue 12 §3).
+"""No request can kill a replica, and a stuck replica is noticed (helpers/course/serving, issue 12 §3).
 
 This module is also a model module for the server (`--model tests.test_serving_faults`): the course's tiny
 Llama with two planted faults, so that "a bug inside the engine, hit by one request" can be sent over HTTP:
@@ -22,11 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from helpers import tiny_llama
-from helpers.serving import start_server
-from helpers.serving.engine import Engine, Sequence, sample
-from helpers.serving.loadtest import load_test
-from helpers.serving.metrics import parse, value
+from helpers.course import tiny_llama
+from helpers.course.serving import start_server
+from helpers.course.serving.engine import Engine, Sequence, sample
+from helpers.course.serving.loadtest import load_test
+from helpers.course.serving.metrics import parse, value
 
 RAISES_IN_PREFILL, NAN_LOGITS, RAISES_AT_POSITION = 0, 1, 200
 CONFIG, encode, decode, PROMPT = tiny_llama.CONFIG, tiny_llama.encode, tiny_llama.decode, tiny_llama.PROMPT

@@ -1,6 +1,6 @@
 """The server's HTTP edge: hostile bodies and headers get a 4xx (never a 500), an answer sent before the
 body is read reaches the client, the optional API key, and the outstanding count a cancel leaves behind
-(helpers/serving/server.py, balancer.py; issue 12 §3)."""
+(helpers/course/serving/server.py, balancer.py; issue 12 §3)."""
 import json
 import os
 import signal
@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from helpers import tiny_llama
-from helpers.serving import start_server
-from helpers.serving.metrics import parse, value
+from helpers.course import tiny_llama
+from helpers.course.serving import start_server
+from helpers.course.serving.metrics import parse, value
 
 KEY = "course-test-key-7f3a"
 

@@ -1,8 +1,8 @@
-"""helpers/strategy.py: the strategy calculator's arithmetic and the seeds' rules of thumb."""
+"""helpers/course/strategy.py: the strategy calculator's arithmetic and the seeds' rules of thumb."""
 import pytest
 import torch
 
-from helpers.strategy import Cluster, Model, best, evaluate, layouts, zero_bytes_per_gpu
+from helpers.course.strategy import Cluster, Model, best, evaluate, layouts, zero_bytes_per_gpu
 
 
 def test_zero_memory_matches_the_paper():
@@ -55,7 +55,7 @@ def test_kv_cache_stops_shrinking_at_tp_equal_kv_heads():
     assert rows[16].weights_gb * 1e9 == pytest.approx(((m.params - kv_proj) / 16 + kv_proj / 8) * 2)
     assert rows[16].weights_gb * 1e9 > m.params * 2 / 16        # not params/tp: the K/V weights are copied
     # the same rule as chapter 2's memory arithmetic, in one place
-    from helpers.memory import kv_bytes_per_token, kv_heads_per_rank
+    from helpers.course.memory import kv_bytes_per_token, kv_heads_per_rank
     for tp in (1, 2, 8, 16, 64):
         got = evaluate(m, Cluster(gpus=tp), dp=1, pp=1, tp=tp, seq_len=100, batch=1).kv_cache_gb * 1e9
         assert got == pytest.approx(kv_bytes_per_token(80, kv_heads_per_rank(8, tp), 128, 2) * 100)
@@ -87,7 +87,7 @@ def test_calculator_kv_figures_match_a_real_tp_run(tp, monkeypatch):
     from transformers import LlamaConfig
 
     from helpers import launch
-    from helpers.strategy import kv_cache_bytes_per_gpu, weight_bytes_per_gpu
+    from helpers.course.strategy import kv_cache_bytes_per_gpu, weight_bytes_per_gpu
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=False)

@@ -12,7 +12,7 @@ from helpers import grade
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAB_FILES = sorted(p.relative_to(ROOT / "labs") for p in (ROOT / "labs").rglob("*.py") if p.name != "__init__.py")
-EXERCISE_MARKS = {m for f in (ROOT / "tests").glob("test_ch*.py")
+EXERCISE_MARKS = {m for f in (ROOT / "tests" / "graders").glob("test_ch*.py")
                   for m in re.findall(r'pytest\.mark\.exercise\(\s*"([\d.]+)"', f.read_text())}
 
 

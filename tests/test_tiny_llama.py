@@ -1,14 +1,14 @@
-"""The course's shared model (helpers/tiny_llama.py): shapes every parallel split relies on, the byte
+"""The course's shared model (helpers/course/tiny_llama.py): shapes every parallel split relies on, the byte
 tokenizer, a silent and deterministic load, and the committed checkpoint's greedy continuation of PROMPT."""
 import json
 
 import pytest
 import torch
 
-from helpers import tiny_llama
-from helpers.tiny_llama import CONFIG, MODEL_DIR, PROMPT, build_model, decode, encode, generate, load_model
+from helpers.course import tiny_llama
+from helpers.course.tiny_llama import CONFIG, MODEL_DIR, PROMPT, build_model, decode, encode, generate, load_model
 
-# Greedy continuation of PROMPT by the committed checkpoint. Retraining (python -m helpers.tiny_llama train)
+# Greedy continuation of PROMPT by the committed checkpoint. Retraining (python -m helpers.course.tiny_llama train)
 # changes these: update them, and re-execute the notebooks that print generated tokens.
 EXPECTED_IDS = [32, 111, 117, 114, 32, 102, 97, 116, 104, 101, 114, 115, 32, 98, 114, 111, 117, 103, 104, 116,
                 32, 102, 111, 114, 116, 104, 32, 111, 110, 32, 116, 104]        # " our fathers brought forth on th"

@@ -6,7 +6,7 @@ import os
 import time
 
 from helpers import launch
-from helpers.requests import serve, skewed_costs
+from helpers.course.workloads import serve, skewed_costs
 
 
 def _balance_job(rank, world_size, costs, unit, dynamic):
@@ -21,7 +21,7 @@ def _balance_job(rank, world_size, costs, unit, dynamic):
 
 
 def _hybrid_job(rank, world_size, prompt, new_tokens):
-    from helpers.tiny_llama import load_model
+    from helpers.course.tiny_llama import load_model
     from solutions import hybrid
     stage, grid = hybrid.build_hybrid_stage(load_model(), 2, 2, 2)
     return hybrid.hybrid_generate(stage, grid, prompt, new_tokens)
@@ -45,7 +45,7 @@ def run(world_size: int = 4, num_tasks: int = 32, unit: float = 0.01, repeats: i
             static = min(seconds)
     print(f"dynamic queue finishes {static / dyn:.2f}x sooner than round-robin on this skewed load")
 
-    from helpers.tiny_llama import PROMPT, encode, generate, load_model
+    from helpers.course.tiny_llama import PROMPT, encode, generate, load_model
     prompt = encode(PROMPT)
     expected = generate(load_model(), prompt, new_tokens)
     start = time.perf_counter()

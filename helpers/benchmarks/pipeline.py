@@ -16,7 +16,7 @@ from torch import nn
 
 from helpers import launch
 from helpers.impl import load_impl
-from helpers.pipeline_runtime import DeviceTime
+from helpers.course.pipeline_runtime import DeviceTime
 from helpers.timeline import Timeline, busy_fraction
 
 P, STAGE_MS, HIDDEN, REPEATS = 4, 40.0, 64, 3
@@ -46,8 +46,8 @@ def measure_bubble(m, ms=STAGE_MS, spin=False, repeats=REPEATS, p=P):
 
 
 def _decode_job(rank, world_size, groups, n, stage_ms):
-    from helpers.llama_stages import LlamaStage
-    from helpers.tiny_llama import load_model
+    from helpers.course.llama_stages import LlamaStage
+    from helpers.course.tiny_llama import load_model
     dec = load_impl("pipelined_decoding")
     stage = LlamaStage(load_model(), rank, world_size)
     if stage_ms:
@@ -61,7 +61,7 @@ def _decode_job(rank, world_size, groups, n, stage_ms):
 
 
 def decode_tokens_per_s(num_groups, stage_ms=0.0, n=16, per_group=2, p=P):
-    from helpers.tiny_llama import encode
+    from helpers.course.tiny_llama import encode
     texts = ["Four score and seven years ago", "We hold these truths to be self-evident",
              "A Fox one day fell into a deep well", "The Tortoise and the Hare"]
     groups = [torch.tensor([encode(texts[(g * per_group + j) % len(texts)][:12]) for j in range(per_group)])

@@ -4,18 +4,18 @@ requests lost when a replica is killed under load (goal: 0) with the time the re
 import threading
 import time
 
-from helpers import tiny_llama
-from helpers.serving import start_server
-from helpers.serving.device_time import ScheduleOnlyLM
-from helpers.serving.loadtest import load_test, poisson_arrivals, replay
+from helpers.course import tiny_llama
+from helpers.course.serving import start_server
+from helpers.course.serving.device_time import ScheduleOnlyLM
+from helpers.course.serving.loadtest import load_test, poisson_arrivals, replay
 
 PROMPT = "Four score and seven years ago"
 LENGTHS = [2, 24, 4, 16, 8]
-MODEL = "helpers.serving.device_time"   # the tiny Llama whose forwards also sleep their modelled device time
+MODEL = "helpers.course.serving.device_time"   # the tiny Llama whose forwards also sleep their modelled device time
 
 
 def replayed(rates=(3, 12, 24), n_requests=300):
-    """Each batching policy on the virtual clock (helpers.serving.loadtest.replay)."""
+    """Each batching policy on the virtual clock (helpers.course.serving.loadtest.replay)."""
     ids = tiny_llama.encode(PROMPT)
     for rate in rates:
         arrivals = poisson_arrivals(rate, n_requests)

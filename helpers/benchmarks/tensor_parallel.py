@@ -8,7 +8,7 @@
    machine is shared: the minimum is the least disturbed run). Goal: TP=2 >= 1.6x faster than TP=1.
 2. Communication share: the time inside the all-reduce (CommTracer) over the forward's time, at TP=2 and
    TP=4. With 2 cores, TP=4 runs 4 single-thread ranks on 2 cores: it shows over-subscription, not scaling.
-3. Memory per rank of the course's Llama (helpers.tiny_llama) sharded with shard_llama at TP=1/2/4,
+3. Memory per rank of the course's Llama (helpers.course.tiny_llama) sharded with shard_llama at TP=1/2/4,
    measured by counting the bytes of the tensors each rank holds: parameters, and the KV cache after a
    prompt + 32 generated tokens.
 """
@@ -27,7 +27,7 @@ HIDDEN, FFN, TOKENS = 1024, 4096, 256
 
 def _mlp_job(rank, world_size, tokens, repeats):
     from helpers.comm_trace import CommTracer
-    from helpers.transformer_layers import MLP
+    from helpers.course.transformer_layers import MLP
     from solutions.tensor_parallel import ParallelMLP
     torch.manual_seed(0)
     full = MLP(HIDDEN, FFN)
@@ -52,8 +52,8 @@ def _mlp_job(rank, world_size, tokens, repeats):
 
 
 def _memory_job(rank, world_size, new_tokens):
-    from helpers.memory import parameter_bytes, tensor_bytes
-    from helpers.tiny_llama import PROMPT, encode, load_model
+    from helpers.course.memory import parameter_bytes, tensor_bytes
+    from helpers.course.tiny_llama import PROMPT, encode, load_model
     from solutions.tp_llama import shard_llama
     from transformers import DynamicCache
     model = shard_llama(load_model()) if world_size > 1 else load_model()
@@ -88,7 +88,7 @@ def run(tokens: int = TOKENS, repeats: int = 5, rounds: int = 3):
               f"speed-up {best[1][0] / seconds:4.2f}x  communication {share:5.1%} of the forward{note}")
     print(f"TP=2 speed-up over TP=1: {best[1][0] / best[2][0]:.2f}x (goal >= 1.6x; needs 2 idle cores)")
 
-    print("\nPer-rank memory of helpers.tiny_llama, counted tensor by tensor (prompt + 32 new tokens cached):")
+    print("\nPer-rank memory of helpers.course.tiny_llama, counted tensor by tensor (prompt + 32 new tokens cached):")
     base = None
     for tp in (1, 2, 4):
         params, kv, cached = launch(_memory_job, tp, 32, show_output=False)[0]

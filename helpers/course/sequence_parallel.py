@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers.tp_regions import (copy_to_tensor_model_parallel_region, group_rank_and_size,
+from helpers.course.tp_regions import (copy_to_tensor_model_parallel_region, group_rank_and_size,
                                 reduce_from_tensor_model_parallel_region, split_along_dim)
 
 __all__ = ["NormMLP", "ParallelNormMLP", "SavedActivations"]

@@ -5,8 +5,8 @@ import json
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from helpers.serving import start_server
-from helpers.tiny_llama import CONFIG
+from helpers.course.serving import start_server
+from helpers.course.tiny_llama import CONFIG
 
 from .plan import Plan, check_plan
 
@@ -30,7 +30,7 @@ class CapstoneEngine:
         raise NotImplementedError("Exercise 6.4: __init__ is not written yet (labs/capstone/engine.py)")
 
     def start(self) -> "CapstoneEngine":
-        """Exercise 6.4b — start the server (helpers.serving.start_server) with plan.dp replicas of
+        """Exercise 6.4b — start the server (helpers.course.serving.start_server) with plan.dp replicas of
         plan.pp pipeline stages × plan.tp ranks each (its `pp` and `tp` options), the chosen batching and
         policy, and *your* router: pass choose=f"{PACKAGE}.router:choose_replica". Return self once every
         replica is up."""

@@ -5,8 +5,8 @@ import json
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from helpers.serving import start_server
-from helpers.tiny_llama import CONFIG
+from helpers.course.serving import start_server
+from helpers.course.tiny_llama import CONFIG
 
 from .plan import Plan, check_plan
 
@@ -32,7 +32,7 @@ class CapstoneEngine:
         self.server = None
 
     def start(self) -> "CapstoneEngine":
-        """Exercise 6.4b — start the server (helpers.serving.start_server) with plan.dp replicas of
+        """Exercise 6.4b — start the server (helpers.course.serving.start_server) with plan.dp replicas of
         plan.pp pipeline stages × plan.tp ranks each (its `pp` and `tp` options), the chosen batching and
         policy, and *your* router: pass choose=f"{PACKAGE}.router:choose_replica". Return self once every
         replica is up."""

@@ -1,7 +1,7 @@
 """Capstone, exercise 6.3 — a performance report from the server's Prometheus metrics: reference solution."""
 from __future__ import annotations
 
-from helpers.serving.metrics import histogram_quantile, parse
+from helpers.course.serving.metrics import histogram_quantile, parse
 
 
 def summarize(metrics_text: str) -> dict:
@@ -12,7 +12,7 @@ def summarize(metrics_text: str) -> dict:
          "busy_seconds": {replica index (int): serving_replica_busy_seconds_total of that replica},
          "p50": , "p99": latency quantiles in seconds from serving_request_latency_seconds (as PromQL's
                 histogram_quantile interpolates; NaN with no request)}
-    Use helpers.serving.metrics.parse / histogram_quantile, or prometheus_client's parser.
+    Use helpers.course.serving.metrics.parse / histogram_quantile, or prometheus_client's parser.
     """
     samples = parse(metrics_text)
     ok = errors = 0.0

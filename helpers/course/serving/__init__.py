@@ -1,0 +1,19 @@
+"""Chapter 6: a real inference server in front of the course's tiny Llama.
+
+    engine.py      one replica's continuous batching of decode steps (and static / no batching)
+    replica.py     the replica worker process and its pipe protocol
+    pipeline_replica.py  a replica cut into pp pipeline stages (chapters 3 and 5's code), greedy
+    balancer.py    round-robin vs least-outstanding-requests; retries when a replica dies; restarts
+    protocol.py    the OpenAI-compatible /v1/completions request and response, and its errors
+    server.py      the HTTP front end (asyncio, standard library), /metrics, /health, /replicas
+    metrics.py     Prometheus metrics (prometheus-client) and a parser for scraped text
+    loadtest.py    a bounded load-test client on loopback; `replay`: an engine (or replicas) on a virtual clock
+    device_time.py modelled accelerator time of a forward (slept, or counted on a virtual clock)
+    background.py  start_server(): the server as a background process that stops cleanly
+    precision.py   bf16 weights, int8 weight quantization, all-reduce bytes
+
+Start it with one command: `python -m helpers.course.serving --replicas 2 --port 8000` (see __main__.py).
+"""
+from helpers.course.serving.background import ServerProcess, start_server
+
+__all__ = ["start_server", "ServerProcess"]

@@ -1,0 +1,392 @@
+"""The load balancer: N replica processes behind one front end, a policy that picks one per request, and
+the fault tolerance that makes a dying replica invisible to clients.
+
+Policies
+    round_robin          replica 0, 1, 2, 0, 1, ... among those up: simple, blind to load
+    least_outstanding    the replica with the fewest requests sent and not yet answered (ties go round
+                         robin): a slow or busy replica gets less work. Envoy calls it LEAST_REQUEST, the
+                         vLLM production-stack router and llm-d do the same with queue lengths.
+
+Fault tolerance
+    A replica's death shows up as end-of-file on its pipe. Every request it held is sent again to another
+    replica (at most `max_retries` times); while no replica is up, requests wait in a backlog. Generation is
+    deterministic per request (greedy, or sampled with the request's own seed), so a retried request returns
+    exactly what the first attempt would have. A new process is started in the dead one's place and takes
+    work once it reports "ready".
+
+    A replica that is alive but stuck (stopped with SIGSTOP, hung in a step, starved) sends no EOF. Every
+    replica reports at least every replica.HEARTBEAT seconds; a watchdog takes one that stays silent for
+    `stuck_after` seconds out of rotation, kills it (and its ranks) and then treats it as dead: its requests
+    are retried elsewhere and a new process is started.
+
+    A request that fails *on its own* — the replica answers ("failed", rid, status, message): invalid for the
+    engine (400) or it raised inside the engine (500) — is not retried: it would fail the same way on every
+    replica. Only the death of a replica, which says nothing about the request, sends a request elsewhere.
+
+Outstanding requests
+    A replica's outstanding count is what it still holds: requests sent and not answered, plus requests
+    cancelled by the front end (client gone, timeout) whose cancel the replica has not yet acknowledged.
+    A replica that cannot even read its cancels does not look idle to least-outstanding balancing.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections import deque
+
+from helpers.course.serving.replica import HEARTBEAT, replica_main
+
+POLICIES = ("round_robin", "least_outstanding")
+MAX_FAILED_STARTS = 3
+STUCK_AFTER = 5.0   # seconds of silence after which a ready replica is taken for stuck (10 heartbeats)
+
+
+class NoReplicaError(RuntimeError):
+    """A request failed on every attempt (all replicas down for longer than its timeout, or too many retries)."""
+
+
+class RequestFailed(RuntimeError):
+    """The replica answered that this request failed there (status 400: invalid, 500: a bug it hit). Not
+    retried: the same request would fail the same way on any replica."""
+
+    def __init__(self, status: int, message: str, replica: int):
+        super().__init__(message)
+        self.status, self.message, self.replica = status, message, replica
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (a tp/pp replica's ranks), from /proc; empty where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it (SIGKILL also ends a process stopped by SIGSTOP)."""
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Pending:
+    """A request the balancer owns until a replica answers it."""
+
+    def __init__(self, rid: int, params: dict, future: asyncio.Future):
+        self.rid, self.params, self.future = rid, params, future
+        self.attempts = 0
+        self.replicas: list[int] = []  # every replica it was sent to, in order
+
+
+class ReplicaHandle:
+    def __init__(self, index: int):
+        self.index = index
+        self.process = self.conn = None
+        self.state = "stopped"       # starting -> ready -> dead -> starting ...
+        self.inflight: dict[int, Pending] = {}
+        self.cancelling: set[int] = set()   # cancelled here, not yet acknowledged by the replica
+        self.last_heard = 0.0               # time.monotonic() of its last message
+        self.stuck = 0                      # times it was found stuck and killed
+        self.stats = {"busy_seconds": 0.0, "waiting": 0, "running": 0, "steps": 0, "tokens": 0}
+        self.started_at = self.ready_at = self.died_at = None
+        self.restarts = self.served = 0
+        self.failed_starts = 0       # deaths before "ready" in a row: a crash loop is not restarted for ever
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.inflight) + len(self.cancelling)
+
+    def describe(self) -> dict:
+        return {"index": self.index, "pid": self.process.pid if self.process else None, "state": self.state,
+                "outstanding": self.outstanding, "served": self.served, "restarts": self.restarts,
+                "stuck": self.stuck,
+                "started_at": self.started_at, "ready_at": self.ready_at, "died_at": self.died_at, **self.stats}
+
+
+class Balancer:
+    """Owns the replica processes. All methods run on one asyncio event loop (the front end's)."""
+
+    def __init__(self, replicas: int, model_spec: str, batching: str = "continuous", max_batch: int = 8,
+                 policy: str = "least_outstanding", max_retries: int = 3, restart: bool = True,
+                 threads_per_replica: int = 1, tp: int = 1, metrics=None, choose=None, pp: int = 1,
+                 stuck_after: float = STUCK_AFTER):
+        if policy not in POLICIES:
+            raise ValueError(f"policy={policy!r}: choose one of {', '.join(POLICIES)}")
+        if replicas < 1:
+            raise ValueError(f"replicas={replicas}: serving needs at least one replica")
+        if stuck_after and stuck_after < 4 * HEARTBEAT:
+            raise ValueError(f"stuck_after={stuck_after:g} s is too short: a replica reports every "
+                             f"{HEARTBEAT:g} s; give it at least {4 * HEARTBEAT:g} s (0 turns the watchdog off)")
+        self.policy, self.max_retries, self.restart = policy, max_retries, restart
+        self.stuck_after = stuck_after
+        self._watchdog = None
+        self.worker_args = (model_spec, batching, max_batch, threads_per_replica, tp, pp)
+        self.pp = pp   # pipeline replicas decode greedily: the front end refuses sampling
+        self.replicas = [ReplicaHandle(i) for i in range(replicas)]
+        self.metrics = metrics
+        self.custom_choose = choose     # the capstone plugs its own policy in here
+        self.backlog: deque[Pending] = deque()
+        self._ids = itertools.count()
+        self._rr = itertools.count()
+        self._ready_event = None
+        self.stopping = False
+
+    # ------------------------------------------------------------------ processes
+    async def start(self, timeout: float = 60.0) -> None:
+        self._ready_event = asyncio.Event()
+        for r in self.replicas:
+            self._spawn(r)
+        if self.stuck_after:
+            self._watchdog = asyncio.ensure_future(self._watch())
+        await self.wait_ready(len(self.replicas), timeout)
+
+    async def wait_ready(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(r.state == "ready" for r in self.replicas) < n:
+            failed = [r.index for r in self.replicas if r.state == "failed"]
+            if failed:
+                raise RuntimeError(f"replica(s) {failed} died {MAX_FAILED_STARTS} times before becoming ready; "
+                                   "their tracebacks are printed above")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {sum(r.state == 'ready' for r in self.replicas)} of {n} replicas "
+                                   f"became ready within {timeout:g} s: {[r.describe() for r in self.replicas]}")
+            self._ready_event.clear()
+            try:
+                await asyncio.wait_for(self._ready_event.wait(), max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+
+    def _spawn(self, r: ReplicaHandle) -> None:
+        ours, theirs = mp.Pipe()
+        r.process = mp.get_context("fork").Process(
+            target=replica_main, name=f"replica{r.index}", daemon=False,  # a tp replica has children
+            args=(theirs, r.index, *self.worker_args))
+        r.process.start()
+        theirs.close()  # only the child holds its end now: its death means EOF on ours
+        r.conn, r.state, r.started_at = ours, "starting", time.time()
+        r.last_heard = time.monotonic()
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable, r)
+        self._gauge(r)
+
+    def _on_readable(self, r: ReplicaHandle) -> None:
+        try:
+            while r.conn is not None and r.conn.poll():
+                self._on_message(r, r.conn.recv())
+        except (EOFError, OSError):
+            self._on_death(r)
+
+    async def _watch(self) -> None:
+        """The watchdog: every HEARTBEAT, a ready replica silent for stuck_after seconds is stuck."""
+        while not self.stopping:
+            await asyncio.sleep(HEARTBEAT)
+            for r in self.replicas:
+                if r.state != "ready":
+                    continue
+                self._on_readable(r)  # read what is waiting first: a late loop is not a silent replica
+                silent = time.monotonic() - r.last_heard
+                if r.state == "ready" and silent > self.stuck_after:
+                    self._on_stuck(r, silent)
+
+    def _on_stuck(self, r: ReplicaHandle, silent: float) -> None:
+        print(f"replica {r.index} (pid {r.process.pid}) sent nothing for {silent:.1f} s (heartbeat every "
+              f"{HEARTBEAT:g} s): taken for stuck, killed, its {len(r.inflight)} request(s) retried elsewhere",
+              flush=True)
+        r.state, r.stuck = "stuck", r.stuck + 1   # out of rotation at once
+        self._gauge(r)
+        kill_tree(r.process.pid)
+        self._on_death(r)
+
+    def _on_message(self, r: ReplicaHandle, msg) -> None:
+        r.last_heard = time.monotonic()
+        kind = msg[0]
+        if kind == "ready":
+            r.state, r.ready_at, r.failed_starts = "ready", time.time(), 0
+            self._gauge(r)
+            self._ready_event.set()
+            while self.backlog and r.state == "ready":
+                self._dispatch(self.backlog.popleft())
+        elif kind == "done":
+            _, rid, tokens, timings = msg
+            pending = r.inflight.pop(rid, None)
+            r.cancelling.discard(rid)
+            r.served += 1
+            if pending is not None and not pending.future.done():
+                pending.future.set_result({"tokens": tokens, "replica": r.index, "retries": pending.attempts - 1,
+                                           "replicas": pending.replicas, "timings": timings})
+                if self.metrics is not None and hasattr(self.metrics, "observe_timings"):
+                    self.metrics.observe_timings(timings, len(tokens))   # TTFT and time per output token
+            self._gauge(r)
+        elif kind == "failed":
+            _, rid, status, message = msg
+            pending = r.inflight.pop(rid, None)
+            r.cancelling.discard(rid)
+            if pending is not None and not pending.future.done():
+                pending.future.set_exception(RequestFailed(status, message, r.index))
+            self._gauge(r)
+        elif kind == "cancelled":
+            r.cancelling.discard(msg[1])
+            self._gauge(r)
+        elif kind == "stats":
+            stats = msg[1]
+            if self.metrics is not None:
+                # busy_seconds restarts at 0 in a new process: count only what it added since last report
+                previous = r.stats["busy_seconds"] if stats["busy_seconds"] >= r.stats["busy_seconds"] else 0.0
+                self.metrics.busy.labels(replica=r.index).inc(stats["busy_seconds"] - previous)
+            r.stats = stats
+            self._gauge(r)
+
+    def _on_death(self, r: ReplicaHandle) -> None:
+        if r.conn is None:
+            return
+        asyncio.get_running_loop().remove_reader(r.conn.fileno())
+        r.conn.close()
+        if r.state == "starting":
+            r.failed_starts += 1
+        r.conn, r.state, r.died_at = None, "dead", time.time()
+        r.process.join(timeout=1.0)
+        r.stats = dict(r.stats, busy_seconds=0.0, waiting=0, running=0)
+        orphans, r.inflight, r.cancelling = list(r.inflight.values()), {}, set()
+        self._gauge(r)
+        for pending in orphans:
+            if pending.future.done():
+                continue
+            if self.metrics is not None:
+                self.metrics.retries.inc()
+            self._dispatch(pending)
+        if r.failed_starts >= MAX_FAILED_STARTS:
+            r.state = "failed"  # it cannot even start (a bug, a missing file): say so, don't loop
+            self._ready_event.set()
+        elif self.restart and not self.stopping:
+            r.restarts += 1
+            if self.metrics is not None:
+                self.metrics.restarts.inc()
+            delay = 0.0 if r.failed_starts == 0 else 0.5 * 2 ** r.failed_starts
+            asyncio.get_running_loop().call_later(delay, self._respawn, r)
+
+    def _respawn(self, r: ReplicaHandle) -> None:
+        if not self.stopping and r.state == "dead":
+            self._spawn(r)
+
+    async def stop(self) -> None:
+        """Stop every replica and fail what is still pending. Leaves no process behind."""
+        self.stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        loop = asyncio.get_running_loop()
+        for r in self.replicas:
+            if r.conn is not None:
+                loop.remove_reader(r.conn.fileno())
+                r.conn.close()
+                r.conn = None
+            if r.process is not None and r.process.is_alive():
+                r.process.terminate()
+        for r in self.replicas:
+            if r.process is not None:
+                r.process.join(timeout=2.0)
+                if r.process.is_alive():
+                    r.process.kill()
+                    r.process.join()
+            r.state = "stopped"
+            for pending in r.inflight.values():
+                if not pending.future.done():
+                    pending.future.set_exception(NoReplicaError("the server is shutting down"))
+        for pending in self.backlog:
+            if not pending.future.done():
+                pending.future.set_exception(NoReplicaError("the server is shutting down"))
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, params: dict) -> tuple[int, asyncio.Future]:
+        """Queue one request; returns (request id, future of {tokens, replica, retries, ...})."""
+        pending = Pending(next(self._ids), params, asyncio.get_running_loop().create_future())
+        self._dispatch(pending)
+        return pending.rid, pending.future
+
+    def cancel(self, rid: int) -> None:
+        """Forget a request whose client went away, and tell its replica to stop computing it."""
+        for r in self.replicas:
+            pending = r.inflight.pop(rid, None)
+            if pending is not None:
+                pending.future.cancel()
+                try:
+                    r.conn.send(("cancel", rid))
+                    r.cancelling.add(rid)   # still the replica's until it acknowledges
+                except (OSError, AttributeError):
+                    pass
+                self._gauge(r)
+        for pending in list(self.backlog):
+            if pending.rid == rid:
+                self.backlog.remove(pending)
+                pending.future.cancel()
+
+    def choose(self) -> ReplicaHandle | None:
+        """The replica the next request goes to, or None while none is up."""
+        ready = [r for r in self.replicas if r.state == "ready"]
+        if not ready:
+            return None
+        if self.custom_choose is not None:
+            outstanding = [r.outstanding if r.state == "ready" else None for r in self.replicas]
+            return self.replicas[self.custom_choose(self.policy, outstanding, next(self._rr))]
+        turn = next(self._rr)
+        if self.policy == "round_robin":
+            return ready[turn % len(ready)]
+        fewest = min(r.outstanding for r in ready)
+        tied = [r for r in ready if r.outstanding == fewest]
+        return tied[turn % len(tied)]
+
+    def _dispatch(self, pending: Pending) -> None:
+        if pending.attempts > self.max_retries:
+            pending.future.set_exception(NoReplicaError(
+                f"request failed on {pending.attempts} replicas ({pending.replicas}); giving up"))
+            return
+        r = self.choose()
+        if r is None:
+            self.backlog.append(pending)  # sent when a replica reports ready
+            self._backlog_gauge()
+            return
+        pending.attempts += 1
+        pending.replicas.append(r.index)
+        r.inflight[pending.rid] = pending
+        self._gauge(r)
+        try:
+            r.conn.send(("submit", pending.rid, pending.params))
+        except OSError:
+            self._on_death(r)  # re-dispatches what r held, this request included
+
+    # ------------------------------------------------------------------ metrics
+    def _gauge(self, r: ReplicaHandle) -> None:
+        if self.metrics is None:
+            return
+        m = self.metrics
+        m.outstanding.labels(replica=r.index).set(r.outstanding)
+        m.queue_depth.labels(replica=r.index).set(r.stats.get("waiting", 0))
+        m.running.labels(replica=r.index).set(r.stats.get("running", 0))
+        m.up.labels(replica=r.index).set(1 if r.state == "ready" else 0)
+        self._backlog_gauge()
+
+    def _backlog_gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(replica="balancer").set(len(self.backlog))
+
+    def describe(self) -> list[dict]:
+        return [r.describe() for r in self.replicas]
