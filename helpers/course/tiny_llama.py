@@ -1,4 +1,4 @@
-"""The course's small language model: a real `transformers.LlamaForCausalLM`, 0.66 M parameters, trained.
+"""The course's small language model: a real `transformers.LlamaForCausalLM`, 0.85 M parameters, trained.
 
     from helpers.course.tiny_llama import PROMPT, decode, encode, generate, load_model
 
@@ -7,7 +7,7 @@
     print(decode(new_ids))                                 # " our fathers brought forth on this ..."
 
 What it is. The same architecture as Llama 2/3 (RMSNorm, rotary positions, grouped-query attention, SwiGLU
-MLP), only tiny: 4 layers, hidden size 128, 8 query heads sharing 4 key/value heads of size 16, MLP width
+MLP), only tiny: 4 layers, hidden size 128, 8 query heads sharing 4 key/value heads of size 32, MLP width
 256. Every size divides by 1, 2 and 4, so the model splits over tensor-parallel degree 1, 2 or 4 (heads,
 key/value heads, MLP width, vocabulary) and over 2 or 4 pipeline stages (layers). Its "tokenizer" is the
 identity on bytes: token id = byte value of the UTF-8 text, so the vocabulary is 256 and `encode` /
@@ -23,7 +23,7 @@ poems). It has more or less memorised that text, so it continues a prompt with v
 each token chosen by a clear margin from the whole prefix: a mistake in any layer, head or cached key
 shows up as different text. Still compare logits (max |difference|) as well as tokens.
 
-The checkpoint (config.json + model.safetensors, float32, ~2.6 MB) is committed, so no one downloads
+The checkpoint (config.json + model.safetensors, float32, ~3.4 MB) is committed, so no one downloads
 anything and every chapter sees the same weights. Training is reproducible (fixed seed, one thread,
 deterministic algorithms: the same bytes on every run on the same kind of CPU); to retrain it:
 
@@ -56,8 +56,9 @@ CONFIG = LlamaConfig(
     hidden_size=128,
     intermediate_size=256,
     num_hidden_layers=4,            # 4 layers: 2 or 4 pipeline stages
-    num_attention_heads=8,          # head_dim = 128 / 8 = 16
+    num_attention_heads=8,
     num_key_value_heads=4,          # grouped-query attention: 2 query heads per key/value head
+    head_dim=32,                    # set, not 128 / 8 = 16: vLLM's CPU attention needs a head size of at least 32
     max_position_embeddings=256,
     tie_word_embeddings=False,      # embedding and lm_head are separate weights, sharded separately
     rms_norm_eps=1e-5,
