@@ -19,6 +19,8 @@ Chapter → module (helpers/course/...):
     5  hybrid parallelism    strategy.py            choosing (dp, pp, tp): memory and communication per GPU
     6  serving               serving/               the HTTP server, balancer, replicas and continuous-batching engine
                                                     (`python -m helpers.course.serving`)
+    7  serving engine        kv_cache.py            KV pools of fixed-size blocks read through block tables; OutOfBlocks
+                             paged_llama.py         the tiny Llama on the paged cache: prefill chunks, batched decode
     8  experts, long context moe.py, ring_attention.py, sequence_parallel.py
 
     all chapters             tiny_llama.py          the course's trained 4-layer Llama (checkpoint in data/)
