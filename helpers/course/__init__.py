@@ -21,6 +21,7 @@ Chapter → module (helpers/course/...):
                                                     (`python -m helpers.course.serving`)
     7  serving engine        kv_cache.py            KV pools of fixed-size blocks read through block tables; OutOfBlocks
                              paged_llama.py         the tiny Llama on the paged cache: prefill chunks, batched decode
+                             roofline.py            prefill vs decode: FLOPs, bytes, arithmetic intensity, measured roofline
     8  experts, long context moe.py, ring_attention.py, sequence_parallel.py
 
     all chapters             tiny_llama.py          the course's trained 4-layer Llama (checkpoint in data/)

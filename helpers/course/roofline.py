@@ -1,0 +1,178 @@
+"""Prefill vs decode: FLOPs, bytes, arithmetic intensity, and a roofline measured on this machine.
+
+A forward step of a decoder multiplies every token it processes by every weight matrix. Per step it does
+
+    FLOPs ≈ 2 × (tokens in the step) × (matmul parameters) + attention (4 × heads × head_dim per token and
+            context position)
+    bytes ≈ (every weight, read once) + (the KV cache it attends to, read) + (the new K/V, written)
+
+* Prefill: one sequence, n prompt tokens in one step: n × 2 FLOPs per weight read once. Intensity grows with
+  n: compute-bound. Its time is the time to first token (TTFT).
+* Decode: b sequences, one new token each per step: b × 2 FLOPs per weight. At small b the step reads far more
+  bytes than it has FLOPs to hide them behind: memory-bound, and the step takes the same time whether it
+  carries 1 or a few tokens. Its time is the inter-token latency (ITL). Batching decodes is how a serving
+  engine buys throughput (and why the paged KV cache, which fits more sequences, matters).
+
+The roofline: attainable FLOP/s = min(peak FLOP/s, intensity × bandwidth). The ridge point peak / bandwidth
+(FLOP per byte) separates the two regimes, and a decode batch stops being memory-bound where its intensity
+reaches the ridge.
+
+    from helpers.course.roofline import step_cost, ROOFLINE_CONFIG, measure_linear_steps, ceilings
+    step_cost(CONFIG, tokens=1, batch=8, context=100)        # one decode step of 8 sequences: StepCost
+    rows = measure_linear_steps(ROOFLINE_CONFIG, [1, 2, 4, ..., 512])
+
+Why a larger model for the measurement. The course's tiny Llama has 3.4 MB of weights: they live in this
+CPU's caches, and a step is dominated by Python and kernel-launch overhead, not by memory. ROOFLINE_CONFIG
+is a Llama config of ~100 MB of float32 weights (more than the last-level cache of common x86 CPUs), from
+which `linear_weights` builds the weight matrices (random, fixed seed: their values do not change the
+time). The measurement times the matmuls of one forward step on one thread (`x @ W.T` for every projection of
+every layer), which is where both prefill and decode spend their time; the attention over the KV cache adds
+bytes to decode (counted by `step_cost`) and makes it more memory-bound still.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig
+
+__all__ = ["StepCost", "step_cost", "ROOFLINE_CONFIG", "linear_shapes", "linear_weights", "measure_linear_steps",
+           "Ceilings", "ceilings", "memory_bound_batch"]
+
+# A Llama layer shape (hidden 1024, 16 heads of 64, 8 KV heads, SwiGLU 2816) with 2 layers: 23 M matmul
+# parameters, 93 MB in float32.
+ROOFLINE_CONFIG = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                              num_attention_heads=16, num_key_value_heads=8, head_dim=64,
+                              max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def linear_shapes(config) -> list[tuple[int, int]]:
+    """(out_features, in_features) of every matmul weight of one forward: q, k, v, o, gate, up, down per
+    layer, then lm_head."""
+    h, d, f = config.hidden_size, _head_dim(config), config.intermediate_size
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    layer = [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)]
+    return layer * config.num_hidden_layers + [(config.vocab_size, h)]
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """FLOPs and bytes of one forward step (float32 unless `bytes_per_value` says otherwise)."""
+    flops: float
+    weight_bytes: float
+    kv_bytes: float
+    activation_bytes: float
+
+    @property
+    def bytes(self) -> float:
+        return self.weight_bytes + self.kv_bytes + self.activation_bytes
+
+    @property
+    def intensity(self) -> float:
+        """Arithmetic intensity, FLOP per byte moved."""
+        return self.flops / self.bytes
+
+
+def step_cost(config, tokens: int, batch: int = 1, context: int = 0, bytes_per_value: int = 4) -> StepCost:
+    """One forward of `batch` sequences, each feeding `tokens` new tokens after `context` cached ones.
+
+    Prefill of an n-token prompt: tokens=n, batch=1, context=0. A decode step: tokens=1, context=length so far.
+    Counts the matmuls (2 FLOPs per multiply-add), attention scores and weighted sums (causal: new token i sees
+    context + i + 1 positions), weights read once, the KV cache read and the new K/V written, and each
+    matmul's input and output activations. Norms, rotary and softmax are left out (a few FLOPs per value).
+    """
+    if tokens < 1 or batch < 1 or context < 0:
+        raise ValueError(f"tokens={tokens} and batch={batch} must be >= 1, context={context} >= 0")
+    n = tokens * batch
+    shapes = linear_shapes(config)
+    params = sum(o * i for o, i in shapes)
+    d, layers = _head_dim(config), config.num_hidden_layers
+    seen = batch * (tokens * context + tokens * (tokens + 1) // 2)      # (new token, visible position) pairs
+    attention_flops = 4 * config.num_attention_heads * d * seen * layers
+    kv_per_token = 2 * layers * config.num_key_value_heads * d * bytes_per_value
+    return StepCost(flops=2 * n * params + attention_flops,
+                    weight_bytes=params * bytes_per_value,
+                    kv_bytes=batch * (context + tokens) * kv_per_token,
+                    activation_bytes=n * sum(o + i for o, i in shapes) * bytes_per_value)
+
+
+def linear_weights(config, seed: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
+    """One weight tensor per entry of linear_shapes(config), random from `seed` (values do not change timings)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(o, i, generator=g, dtype=dtype) * i ** -0.5 for o, i in linear_shapes(config)]
+
+
+def _step(weights, x):
+    for w in weights:
+        torch.mm(x[:, :w.shape[1]], w.t())
+
+
+def measure_linear_steps(config, batches, repeats: int = 5, weights=None, threads: int = 1) -> list[dict]:
+    """Time the matmuls of one forward step for each number of tokens in `batches` (on `threads` threads).
+
+    Returns one dict per entry: tokens, seconds (median of `repeats`), flops, bytes (the matmul part of
+    step_cost: weights + activations), intensity, flop_per_s, bytes_per_s.
+    """
+    weights = weights if weights is not None else linear_weights(config)
+    h = max(i for _, i in linear_shapes(config))
+    params = sum(w.numel() for w in weights)
+    elt = weights[0].element_size()
+    act = sum(w.shape[0] + w.shape[1] for w in weights)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    try:
+        with torch.no_grad():
+            for b in batches:
+                x = torch.randn(b, h, dtype=weights[0].dtype)
+                _step(weights, x)                                   # warm-up (allocations, kernel choice)
+                runs = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    _step(weights, x)
+                    runs.append(time.perf_counter() - start)
+                seconds = statistics.median(runs)
+                flops, nbytes = 2.0 * b * params, (params + b * act) * elt
+                rows.append({"tokens": b, "seconds": seconds, "flops": flops, "bytes": nbytes,
+                             "intensity": flops / nbytes, "flop_per_s": flops / seconds,
+                             "bytes_per_s": nbytes / seconds})
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """The two roofs measured on this machine: peak FLOP/s (the best step) and memory bandwidth (bytes/s
+    of the one-token step, which streams every weight once and does almost nothing with it)."""
+    peak_flop_per_s: float
+    bandwidth: float
+
+    @property
+    def ridge(self) -> float:
+        """FLOP per byte where the roofs meet: below it a step is memory-bound."""
+        return self.peak_flop_per_s / self.bandwidth
+
+    def attainable(self, intensity):
+        return torch.minimum(torch.as_tensor(intensity, dtype=torch.float64) * self.bandwidth,
+                             torch.tensor(self.peak_flop_per_s, dtype=torch.float64))
+
+
+def ceilings(rows: list[dict]) -> Ceilings:
+    one = min(rows, key=lambda r: r["tokens"])
+    return Ceilings(peak_flop_per_s=max(r["flop_per_s"] for r in rows), bandwidth=one["bytes_per_s"])
+
+
+def memory_bound_batch(config, roofs: Ceilings, context: int = 0, limit: int = 1 << 16) -> int:
+    """The smallest decode batch whose step (step_cost, tokens=1) reaches the ridge: up to it, adding a sequence
+    to the batch costs almost no time."""
+    b = 1
+    while b < limit and step_cost(config, 1, batch=b, context=context).intensity < roofs.ridge:
+        b += 1
+    return b
