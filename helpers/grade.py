@@ -645,7 +645,7 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", metavar="FILE", help="append a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY)")
     parser.add_argument("--timeout", type=int, default=180, help="seconds before one grader test is failed")
     parser.add_argument("--exit-zero", action="store_true",
-                        help="exit 0 even when exercises are left (make grade for learners; CI keeps the status)")
+                        help="exit 0 even when exercises are left (make grade GRADE_ARGS=--exit-zero)")
     parser.add_argument("--verbose", action="store_true", help="show pytest's own output")
     args = parser.parse_args(argv)
     if args.chapter is not None and not args.chapter.isdigit():

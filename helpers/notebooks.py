@@ -1,13 +1,20 @@
-"""Execute chapter notebooks top to bottom and store their outputs (what nbval later compares).
+"""Execute chapter notebooks top to bottom: store their outputs (what nbval later compares), or time them.
 
     python -m helpers.notebooks notebooks/00_processes_and_ranks.ipynb   # one
     python -m helpers.notebooks                                          # all of them
 
 Runs with COURSE_IMPL=solutions, like CI, in a fresh kernel from this environment, so the stored outputs
-are exactly what a fresh "Restart and Run All" prints with finished exercises.
+are exactly what a fresh "Restart and Run All" prints with finished exercises. `run(path, impl="labs")` is
+the learner's Run All instead (labs/ as it is, unwritten exercises falling back to the reference answers):
+tests/test_learner_path.py uses it, and `make bench` times every notebook with `run(path)`.
 """
+from __future__ import annotations
+
+import dataclasses
+import datetime
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -17,19 +24,78 @@ from nbclient import NotebookClient
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def execute(path: pathlib.Path, timeout: int = 600) -> float:
-    os.environ["COURSE_IMPL"] = "solutions"
+@dataclasses.dataclass
+class NotebookRun:
+    notebook: nbformat.NotebookNode     # the notebook with the outputs of this run
+    seconds: float                      # Run All, wall time, kernel start-up included
+    cell_seconds: dict[int, float]      # code cell index -> its execution time
+    stopped: str | None = None          # why Run All stopped early (an error cell, a cell timeout), else None
+
+    def slowest_cell(self) -> tuple[int, float]:
+        return max(self.cell_seconds.items(), key=lambda item: item[1], default=(-1, 0.0))
+
+
+def notebook_paths() -> list[pathlib.Path]:
+    return sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def run(path, impl: str = "solutions", timeout: int = 600) -> NotebookRun:
+    """Run All of one notebook in a fresh kernel with COURSE_IMPL=`impl` ("labs": the learner's default, with
+    the fallback of helpers/impl.py). The kernel stops at the first error, like Run All in JupyterLab; the
+    error is in the returned notebook's outputs and `stopped` says why (nothing is raised)."""
+    path = pathlib.Path(path).resolve()
     nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:               # a cell Run All never reaches keeps no stale output
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+            cell.metadata.pop("execution", None)
+    env = {k: v for k, v in os.environ.items() if k not in ("COURSE_IMPL", "COURSE_FALLBACK")}
+    if impl != "labs":
+        env["COURSE_IMPL"] = impl
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=False,
+                            resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
-                   ).execute()
-    nb.metadata.pop("widgets", None)  # widget state is random model ids: not worth storing
-    nbformat.write(nb, path)
-    return time.perf_counter() - start
+    stopped = None
+    try:
+        client.execute(env=env)
+    except Exception as exc:    # CellExecutionError, CellTimeoutError: Run All stops there, as in JupyterLab
+        last = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines() or [""]      # without ANSI colours
+        stopped = f"{type(exc).__name__}: {last[-1]}"
+    seconds = time.perf_counter() - start
+    return NotebookRun(nb, seconds, _cell_seconds(nb), stopped)
+
+
+def _cell_seconds(nb) -> dict[int, float]:
+    found = {}
+    for index, cell in enumerate(nb.cells):
+        timing = cell.get("metadata", {}).get("execution", {})
+        if cell.cell_type == "code" and "iopub.execute_input" in timing and "shell.execute_reply" in timing:
+            begin, end = (datetime.datetime.fromisoformat(timing[k].replace("Z", "+00:00"))
+                          for k in ("iopub.execute_input", "shell.execute_reply"))
+            found[index] = (end - begin).total_seconds()
+    return found
+
+
+def error_outputs(nb) -> list[tuple[int, str]]:
+    """(cell index, "ename: evalue") of every error output of an executed notebook."""
+    return [(index, f"{out.get('ename')}: {out.get('evalue')}")
+            for index, cell in enumerate(nb.cells) if cell.cell_type == "code"
+            for out in cell.get("outputs", []) if out.get("output_type") == "error"]
+
+
+def execute(path: pathlib.Path, timeout: int = 600) -> float:
+    """Run All with the reference answers and store the outputs in the notebook; an error cell raises."""
+    path = pathlib.Path(path).resolve()
+    result = run(path, impl="solutions", timeout=timeout)
+    if result.stopped:
+        raise RuntimeError(f"{path.name}: Run All stopped ({result.stopped}); outputs not stored")
+    result.notebook.metadata.pop("widgets", None)  # widget state is random model ids: not worth storing
+    nbformat.write(result.notebook, path)
+    return result.seconds
 
 
 def main(argv=None):
-    args = (argv if argv is not None else sys.argv[1:]) or sorted(str(p) for p in (ROOT / "notebooks").glob("*.ipynb"))
+    args = (argv if argv is not None else sys.argv[1:]) or [str(p) for p in notebook_paths()]
     for name in args:
         seconds = execute(pathlib.Path(name).resolve())
         print(f"{name}: executed in {seconds:.1f} s")

@@ -1,14 +1,25 @@
 """The learner's path in a real Jupyter kernel (labs mode): an unwritten exercise does not stop the chapter
 (one line says which exercise and that the reference answer ran), and an edit in labs/ is used the next time
-the cell runs, without a kernel restart. Graders never fall back (tests/test_stubs.py, tests/test_grade.py)."""
+the cell runs, without a kernel restart. Graders never fall back (tests/test_stubs.py, tests/test_grade.py).
+
+Run All in labs mode, notebook by notebook (`test_run_all_in_labs_mode`): nbval already runs every notebook
+once with the reference answers, and a second Run All of all of them would add about as much again to
+`make test`. So `make test` runs the chapters in LABS_RUN_IN_MAKE_TEST (chosen to cover every way a stub is
+reached: functions and classes, in the kernel and inside ranks, exercises of earlier chapters and exercises
+called by given code), and `make test-labs` runs every notebook (COURSE_LABS_RUN_ALL=1)."""
 import os
 import pathlib
+import re
 import shutil
 import sys
 import textwrap
 import time
 
+import nbformat
 import pytest
+
+from helpers import notebooks
+from helpers.impl import unwritten_exercises
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -83,3 +94,57 @@ def test_unwritten_exercise_falls_back_then_an_edit_is_picked_up(kernel):
     assert "Exercise 0.1" not in second, f"0.1 is written now; only 0.2 may fall back:\n{second}"
     assert "Exercise 0.2 not written yet" in second
     assert "results [1, 1]" in second
+
+
+# Chapter 5 loads exercises of chapters 2, 3 and 5, some of them only through other exercises' code inside 8
+# ranks; chapter 8 falls back for classes and functions, in the kernel and in the ranks. Both are quick.
+LABS_RUN_IN_MAKE_TEST = {"05_hybrid_parallel", "08_experts_and_long_context"}
+RUN_ALL = os.environ.get("COURSE_LABS_RUN_ALL") not in (None, "", "0")
+FALLBACK_LINE = re.compile(r"(\[rank 0\] )?((Exercise \d+\.\d+)(, Exercise \d+\.\d+)*) not written yet in "
+                           r"labs/([\w/]+)\.py: this run uses the reference answer \(solutions/\)\.")
+
+
+def _streams(cell, name):
+    return "".join(out.get("text", "") for out in cell.get("outputs", [])
+                   if out.get("output_type") == "stream" and out.get("name") == name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", notebooks.notebook_paths(), ids=lambda p: p.stem)
+def test_run_all_in_labs_mode(path):
+    """Restart and Run All with labs/ as it is: every cell runs, no error; each unwritten exercise the notebook
+    reaches is announced in one line (which exercises, which file), never silently replaced."""
+    if not RUN_ALL and path.stem not in LABS_RUN_IN_MAKE_TEST:
+        pytest.skip("labs-mode Run All of this notebook runs in `make test-labs` (COURSE_LABS_RUN_ALL=1)")
+    result = notebooks.run(path, impl="labs")
+    nb = result.notebook
+    assert not notebooks.error_outputs(nb) and not result.stopped, \
+        f"{path.name} stopped in labs mode: {result.stopped} {notebooks.error_outputs(nb)}"
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    assert all(nb.cells[i].get("execution_count") for i in code), "Run All did not reach every code cell"
+
+    stored = nbformat.read(path, as_version=4)
+    announced = {}
+    for i in code:
+        for line in (_streams(nb.cells[i], "stdout") + _streams(nb.cells[i], "stderr")).splitlines():
+            if "not written yet" in line:
+                match = FALLBACK_LINE.fullmatch(line)
+                assert match, f"cell {i}: the fallback must be one line from rank 0 in the usual words: {line!r}"
+                announced.setdefault(match[5], set()).update(re.findall(r"\d+\.\d+", match[2]))
+        # The fallback adds nothing to stderr (no warning, no traceback) where the reference run wrote nothing.
+        if _streams(nb.cells[i], "stderr").strip() and not _streams(stored.cells[i], "stderr").strip():
+            raise AssertionError(f"cell {i} writes to stderr in labs mode only:\n{_streams(nb.cells[i], 'stderr')}")
+
+    stubs = {}
+    for module in set(re.findall(r'load_impl\("([\w.]+)"\)', "".join(c.source for c in nb.cells))):
+        file = ROOT / "labs" / (module.replace(".", "/") + ".py")
+        found = {re.match(r"Exercise (\d+\.\d+)", m)[1] for m in unwritten_exercises(file).values()}
+        if found:
+            stubs[module.replace(".", "/")] = found
+    for module, exercises in announced.items():
+        assert module in stubs or (ROOT / "labs" / f"{module}.py").exists(), f"labs/{module}.py does not exist"
+        file_stubs = {re.match(r"Exercise (\d+\.\d+)", m)[1]
+                      for m in unwritten_exercises(ROOT / "labs" / f"{module}.py").values()}
+        assert exercises == file_stubs, f"labs/{module}.py: announced {exercises}, unwritten {file_stubs}"
+    silent = {module: found for module, found in stubs.items() if module not in announced}
+    assert not silent, f"{path.name} used the reference for {silent} without saying so"
