@@ -22,6 +22,7 @@ Chapter → module (helpers/course/...):
     7  serving engine        kv_cache.py            KV pools of fixed-size blocks read through block tables; OutOfBlocks
                              paged_llama.py         the tiny Llama on the paged cache: prefill chunks, batched decode
                              roofline.py            prefill vs decode: FLOPs, bytes, arithmetic intensity, measured roofline
+                             disaggregated.py       prefill and decode workers on real ranks, KV blocks between them
     8  experts, long context moe.py, ring_attention.py, sequence_parallel.py
 
     all chapters             tiny_llama.py          the course's trained 4-layer Llama (checkpoint in data/)
