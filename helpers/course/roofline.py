@@ -39,7 +39,8 @@ import torch
 from transformers import LlamaConfig
 
 __all__ = ["StepCost", "step_cost", "ROOFLINE_CONFIG", "linear_shapes", "linear_weights", "measure_linear_steps",
-           "Ceilings", "ceilings", "memory_bound_batch"]
+           "Ceilings", "ceilings", "memory_bound_batch",
+           "decode_intensity_limit"]
 
 # A Llama layer shape (hidden 1024, 16 heads of 64, 8 KV heads, SwiGLU 2816) with 2 layers: 23 M matmul
 # parameters, 93 MB in float32.
@@ -169,10 +170,21 @@ def ceilings(rows: list[dict]) -> Ceilings:
     return Ceilings(peak_flop_per_s=max(r["flop_per_s"] for r in rows), bandwidth=one["bytes_per_s"])
 
 
-def memory_bound_batch(config, roofs: Ceilings, context: int = 0, limit: int = 1 << 16) -> int:
+def memory_bound_batch(config, roofs: Ceilings, context: int = 0, limit: int = 1 << 14) -> int | None:
     """The smallest decode batch whose step (step_cost, tokens=1) reaches the ridge: up to it, adding a sequence
-    to the batch costs almost no time."""
+    to the batch costs almost no time. None if no batch up to `limit` does: with a long context every sequence
+    brings its own KV cache to read, so the intensity tends to a ceiling (`decode_intensity_limit`) that may
+    stay below the ridge however large the batch."""
     b = 1
-    while b < limit and step_cost(config, 1, batch=b, context=context).intensity < roofs.ridge:
-        b += 1
+    while step_cost(config, 1, batch=b, context=context).intensity < roofs.ridge:
+        if b >= limit:
+            return None
+        b = b + 1 if b < 64 else b * 2 if b * 2 <= limit else limit
     return b
+
+
+def decode_intensity_limit(config, context: int) -> float:
+    """FLOP per byte of a decode step as the batch grows without bound: per sequence, its FLOPs over its KV
+    bytes and activations (the weights, read once, no longer count)."""
+    big = 1 << 30
+    return step_cost(config, 1, batch=big, context=context).intensity
