@@ -10,10 +10,11 @@
     loadtest.py    a bounded load-test client on loopback; `replay`: an engine (or replicas) on a virtual clock
     device_time.py modelled accelerator time of a forward (slept, or counted on a virtual clock)
     background.py  start_server(): the server as a background process that stops cleanly
+    launcher.py    imports torch once and forks each server from there (start_server's fast start)
     precision.py   bf16 weights, int8 weight quantization, all-reduce bytes
 
 Start it with one command: `python -m helpers.course.serving --replicas 2 --port 8000` (see __main__.py).
 """
-from helpers.course.serving.background import ServerProcess, start_server
+from helpers.course.serving.background import ServerProcess, start_launcher, start_server
 
-__all__ = ["start_server", "ServerProcess"]
+__all__ = ["start_server", "start_launcher", "ServerProcess"]

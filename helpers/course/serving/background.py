@@ -12,6 +12,13 @@ parent. An atexit hook stops servers a notebook forgot to stop when the kernel e
 
 `api_key="..."` starts the server with a key (passed in its environment, not on its command line, where
 `ps` would show it to everyone) and makes get() and complete() send it.
+
+Starting fast. `python -m helpers.course.serving` spends about 6 CPU seconds importing torch and transformers
+before it serves. So the first start_server() starts a launcher (launcher.py) that imports them once, and
+every server is then forked from it: the same `main(argv)`, command line, environment and working directory,
+its own session and log, in under a second. SERVING_LAUNCHER=0 in the environment starts each server as a
+plain `python -m helpers.course.serving` process instead. The launcher is replaced when the server's code
+changes on disk, and it exits with the process that started it.
 """
 from __future__ import annotations
 
@@ -23,12 +30,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import weakref
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]   # the repository
 _live: "weakref.WeakSet[ServerProcess]" = weakref.WeakSet()
 
 
@@ -50,8 +58,11 @@ class ServerProcess:
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
         environment.setdefault("OMP_NUM_THREADS", "1")
         self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                        env=environment, start_new_session=True)
+        launcher = _launcher() if environment.get("SERVING_LAUNCHER", "1") != "0" else None
+        self.process = launcher.start(argv[3:], environment, self.log_path) if launcher is not None else None
+        if self.process is None:   # no launcher: a process of its own, which imports everything itself
+            self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                            env=environment, start_new_session=True)
         _live.add(self)
         self.url = None
         try:
@@ -148,6 +159,135 @@ class ServerProcess:
         return f"ServerProcess({self.url}, running={self.process.poll() is None})"
 
 
+class LaunchedProcess:
+    """A server forked by the launcher, with the part of subprocess.Popen's interface that ServerProcess uses.
+    It is the launcher's child, not ours: the launcher reports its exit status."""
+
+    def __init__(self, pid: int, launcher: "Launcher"):
+        self.pid, self._launcher, self.returncode = pid, launcher, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._launcher.exit_code(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"server pid {self.pid}", timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+
+class Launcher:
+    """The launcher process (launcher.py) and a thread that reads its answers."""
+
+    def __init__(self, environment: dict):
+        self.stamp = _source_stamp()
+        self.process = subprocess.Popen([sys.executable, "-m", "helpers.course.serving.launcher"], cwd=ROOT,
+                                        env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        start_new_session=True)
+        self._lock, self._answer = threading.Lock(), threading.Condition()
+        self._started: list[int] = []
+        self._exits: dict[int, int] = {}
+        self.alive = True
+        threading.Thread(target=self._read, name="server-launcher", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            message = json.loads(line)
+            with self._answer:
+                if "started" in message:
+                    self._started.append(message["started"])
+                elif "exited" in message:
+                    self._exits[message["exited"]] = message["code"]
+                self._answer.notify_all()
+        with self._answer:
+            self.alive = False
+            self._answer.notify_all()
+
+    def start(self, argv: list[str], environment: dict, log_path: str) -> LaunchedProcess | None:
+        """Fork a server running `python -m helpers.course.serving argv`; None if the launcher is gone."""
+        command = {"argv": argv, "env": environment, "cwd": str(ROOT), "log": log_path}
+        with self._lock:   # one command at a time, so the next "started" answer is this one's
+            try:
+                self.process.stdin.write((json.dumps(command) + "\n").encode())
+                self.process.stdin.flush()
+            except (OSError, ValueError):
+                return None
+            with self._answer:
+                while not self._started and self.alive:
+                    self._answer.wait()
+                return LaunchedProcess(self._started.pop(0), self) if self._started else None
+
+    def exit_code(self, pid: int) -> int | None:
+        with self._answer:
+            if pid in self._exits:
+                return self._exits[pid]
+            if self.alive:
+                return None
+        return None if _alive(pid) else -1   # the launcher is gone and cannot tell: only whether it lives
+
+    def stop(self) -> None:
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+_launchers: list[Launcher] = []
+_launcher_lock = threading.Lock()
+
+
+def _source_stamp() -> float:
+    """Newest modification time of the code the launcher preloads: a newer one means start a new launcher."""
+    files = [*(ROOT / "helpers" / "course" / "serving").glob("*.py"), ROOT / "helpers" / "course" / "tiny_llama.py"]
+    return max(f.stat().st_mtime for f in files if f.exists())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+    except OSError:
+        return True
+
+
+def _launcher() -> Launcher | None:
+    """The launcher, started on first use (or again after the server's code changed); None where there is none."""
+    if not os.path.isdir("/proc") or not hasattr(os, "fork"):
+        return None
+    with _launcher_lock:
+        current = _launchers[-1] if _launchers else None
+        if current is not None and current.alive and current.stamp == _source_stamp():
+            return current
+        if current is not None:
+            current.stop()   # servers it started live on: they are in their own sessions
+        environment = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        environment.pop("SERVING_API_KEY", None)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+        try:
+            _launchers[:] = [Launcher(environment)]
+        except OSError:
+            return None
+        return _launchers[0]
+
+
+def start_launcher() -> None:
+    """Start the launcher now, without waiting for it: it imports torch and transformers while the caller
+    does other work, so the first start_server() need not wait for that. (start_server starts it anyway.)"""
+    if os.environ.get("SERVING_LAUNCHER", "1") != "0":
+        _launcher()
+
+
 def start_server(**options) -> ServerProcess:
     """Start `python -m helpers.course.serving` with these options in the background; returns when it serves."""
     return ServerProcess(**options)
@@ -157,3 +297,5 @@ def start_server(**options) -> ServerProcess:
 def _stop_all():
     for server in list(_live):
         server.stop(timeout=2.0)
+    for launcher in _launchers:
+        launcher.stop()
