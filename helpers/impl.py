@@ -10,17 +10,26 @@ Two things make the learner's path smooth in a notebook (and only there):
   * An exercise not written yet does not stop the chapter. In a Jupyter kernel, a labs/ function or class
     whose code still raises `NotImplementedError("Exercise N.M: ...")` is replaced by the reference answer
     from solutions/, and rank 0 prints one line saying so (which exercise, which file). Once the learner
-    writes it, their code runs. Graders never fall back: they run under pytest, not in a kernel, and the
-    grader makes solutions/ unimportable. COURSE_FALLBACK=0 turns the fallback off in a kernel too.
+    writes it, their code runs. The processes a notebook starts (chapter 6's server, torchrun workers) fall
+    back too: the kernel sets COURSE_FALLBACK=1 in its environment, which they inherit. Graders never fall
+    back: they run under pytest with COURSE_FALLBACK=0, and the grader makes solutions/ unimportable.
+    COURSE_FALLBACK=0 turns the fallback off in a kernel too.
+
+A fallback is never silent. In the kernel the line is printed at once. A process the kernel started (a
+launched rank whose output the cell does not show, a server replica, a torchrun worker) cannot print into
+the cell, so it appends its line to a notes file the kernel named in COURSE_FALLBACK_NOTES, and the kernel
+prints each new line once at the end of the cell that was running.
 """
 from __future__ import annotations
 
 import ast
+import atexit
 import importlib
 import importlib.util
 import os
 import pathlib
 import sys
+import tempfile
 
 DEFAULT = "labs"
 REFERENCE = "solutions"
@@ -51,6 +60,56 @@ def _fallback_enabled() -> bool:
     if setting is not None:
         return setting not in ("0", "", "false", "no")
     return "ipykernel" in sys.modules          # a notebook kernel (and the ranks it forks), never pytest
+
+
+def announce(line: str) -> None:
+    """Say that a reference answer runs in place of an unwritten exercise, where the learner sees it: printed
+    in the kernel (or any process the kernel did not start), otherwise appended to the kernel's notes file."""
+    notes = os.environ.get("COURSE_FALLBACK_NOTES")
+    if not notes or os.environ.get("COURSE_FALLBACK_KERNEL") == str(os.getpid()):
+        print(line, flush=True)
+        return
+    try:
+        with open(notes, "a") as f:           # one short append: atomic with O_APPEND
+            f.write(line + "\n")
+    except OSError:
+        print(line, flush=True)
+
+
+def _watch_notes_in_kernel() -> None:
+    """In a notebook kernel: export the fallback to the processes it starts (`python -m
+    helpers.course.serving`, torchrun's workers are no kernel, but still the learner's Run All), name the notes
+    file they write to, and print its new lines at the end of each cell."""
+    try:
+        from IPython import get_ipython
+        shell = get_ipython()
+    except ImportError:
+        return
+    if shell is None or "COURSE_FALLBACK_NOTES" in os.environ:
+        return
+    os.environ.setdefault("COURSE_FALLBACK", "1")
+    fd, path = tempfile.mkstemp(prefix="course-fallback-", suffix=".txt")
+    os.close(fd)
+    os.environ["COURSE_FALLBACK_NOTES"], os.environ["COURSE_FALLBACK_KERNEL"] = path, str(os.getpid())
+    read = {"offset": 0}
+
+    def show_new_notes(*_):
+        try:
+            with open(path) as f:
+                f.seek(read["offset"])
+                text = f.read()
+                read["offset"] = f.tell()
+        except OSError:
+            return
+        for line in dict.fromkeys(line for line in text.splitlines() if line):     # each line once, in order
+            print(line)
+
+    shell.events.register("post_run_cell", show_new_notes)
+    atexit.register(lambda: os.path.exists(path) and os.remove(path))
+
+
+if "ipykernel" in sys.modules:
+    _watch_notes_in_kernel()
 
 
 def _import_fresh(name: str):
@@ -103,8 +162,8 @@ def _with_reference_for_stubs(mod, module: str):
             used.append(message.split(":")[0])
     if used and _is_rank_zero():
         exercises = ", ".join(sorted(set(used)))
-        print(f"{exercises} not written yet in labs/{module.replace('.', '/')}.py: "
-              f"this run uses the reference answer (solutions/).")
+        announce(f"{exercises} not written yet in labs/{module.replace('.', '/')}.py: "
+                 f"this run uses the reference answer (solutions/).")
     return mod
 
 

@@ -49,7 +49,7 @@ def run(path, impl: str = "solutions", timeout: int = 600) -> NotebookRun:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
             cell.metadata.pop("execution", None)
-    env = {k: v for k, v in os.environ.items() if k not in ("COURSE_IMPL", "COURSE_FALLBACK")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COURSE_IMPL", "COURSE_FALLBACK"))}
     if impl != "labs":
         env["COURSE_IMPL"] = impl
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=False,

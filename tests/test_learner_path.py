@@ -67,7 +67,7 @@ def kernel(tmp_path):
     labs.mkdir()
     (labs / "__init__.py").write_text("")
     shutil.copy(ROOT / "labs" / "warmup.py", labs / "warmup.py")
-    env = {k: v for k, v in os.environ.items() if k not in ("COURSE_IMPL", "COURSE_FALLBACK")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COURSE_IMPL", "COURSE_FALLBACK"))}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])   # this copy of labs/ shadows the repo's
     manager, client = start_new_kernel(kernel_name="python3", cwd=str(tmp_path), env=env)
     try:
@@ -101,7 +101,7 @@ def test_unwritten_exercise_falls_back_then_an_edit_is_picked_up(kernel):
 LABS_RUN_IN_MAKE_TEST = {"05_hybrid_parallel", "08_experts_and_long_context"}
 RUN_ALL = os.environ.get("COURSE_LABS_RUN_ALL") not in (None, "", "0")
 FALLBACK_LINE = re.compile(r"(\[rank 0\] )?((Exercise \d+\.\d+)(, Exercise \d+\.\d+)*) not written yet in "
-                           r"labs/([\w/]+)\.py: this run uses the reference answer \(solutions/\)\.")
+                           r"labs/([\w/]+)\.py: this \w+ (uses|balances with) the reference answer \(solutions/\)\.")
 
 
 def _streams(cell, name):
@@ -131,6 +131,10 @@ def test_run_all_in_labs_mode(path):
                 match = FALLBACK_LINE.fullmatch(line)
                 assert match, f"cell {i}: the fallback must be one line from rank 0 in the usual words: {line!r}"
                 announced.setdefault(match[5], set()).update(re.findall(r"\d+\.\d+", match[2]))
+        # With the reference answers in place of the stubs, every claim holds as in the stored run.
+        failed = [line for line in _streams(nb.cells[i], "stdout").splitlines()
+                  if re.match(r"(\[rank \d+\] )?✗", line)]
+        assert not failed, f"cell {i}: a claim fails in labs mode: {failed}"
         # The fallback adds nothing to stderr (no warning, no traceback) where the reference run wrote nothing.
         if _streams(nb.cells[i], "stderr").strip() and not _streams(stored.cells[i], "stderr").strip():
             raise AssertionError(f"cell {i} writes to stderr in labs mode only:\n{_streams(nb.cells[i], 'stderr')}")

@@ -1,0 +1,41 @@
+"""Run All of every chapter notebook with the reference answers (COURSE_IMPL=solutions): wall time per notebook
+(kernel start-up included) and its slowest cell, against the course's budget of 60 s per notebook and 20 s per
+cell on the 2-core machine. Nothing is stored: the notebooks on disk keep their outputs.
+
+    python -m helpers.bench notebooks                      # every notebook
+    python -m helpers.benchmarks.notebooks notebooks/05_hybrid_parallel.ipynb   # some
+"""
+import sys
+
+from helpers import notebooks
+
+NOTEBOOK_BUDGET_S, CELL_BUDGET_S = 60, 20
+
+
+def _first_line(cell) -> str:
+    line = next((l for l in cell.source.splitlines() if l.strip() and not l.lstrip().startswith("#")), "")
+    return line.strip()[:48]
+
+
+def run(paths=None):
+    paths = paths or notebooks.notebook_paths()
+    print(f"{'notebook':34} {'Run All':>8} {'slowest cell':>13}  first line of the slowest cell")
+    total, over = 0.0, []
+    for path in paths:
+        result = notebooks.run(path, impl="solutions")
+        index, seconds = result.slowest_cell()
+        name = getattr(path, "stem", str(path))
+        status = f"  STOPPED: {result.stopped}" if result.stopped else ""
+        print(f"{name:34} {result.seconds:7.1f} s {seconds:8.1f} s [{index:>2}]  "
+              f"{_first_line(result.notebook.cells[index]) if index >= 0 else ''}{status}", flush=True)
+        total += result.seconds
+        if result.seconds > NOTEBOOK_BUDGET_S or seconds > CELL_BUDGET_S or result.stopped:
+            over.append(name)
+    print(f"{'all notebooks':34} {total:7.1f} s")
+    print(f"over the budget ({NOTEBOOK_BUDGET_S} s per notebook, {CELL_BUDGET_S} s per cell, on the 2-core machine): "
+          f"{', '.join(over) if over else 'none'}")
+
+
+if __name__ == "__main__":
+    import pathlib
+    run([pathlib.Path(p) for p in sys.argv[1:]] or None)
