@@ -1,0 +1,344 @@
+"""Wrong answers to chapter 7's paged KV cache exercises (7.1-7.3), planted in the reference solution, for
+tests/graders/test_ch07_kv_cache.py::test_planted_mistakes_are_caught; and valid answers written differently,
+for test_valid_alternatives_pass.
+
+Several mistakes give the RIGHT tokens on an easy workload (a leaked block, a block with two owners, MRU
+eviction, a referenced block freed): only a grader that checks which blocks each sequence holds, the ref
+counts and what stays cached catches them. `build(name)` returns an implementation object (`.paged_kv_cache`,
+`.prefix_cache`) that the graders' check functions accept in place of load_impl.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from helpers.course.kv_cache import OutOfBlocks
+
+
+@dataclass(frozen=True)
+class Variant:
+    exercise: str
+    checks: tuple       # names in test_ch07_kv_cache.CHECKS, run in order in one launched rank
+    what: str
+    points_at: tuple = ()   # the first failure message must contain one of these
+
+
+VARIANTS = {
+    "append_every_token": Variant("7.1", ("manager",), "append_slot takes a new block for every token",
+                                  ("only when the last one is full",)),
+    "free_leaks_last": Variant("7.1", ("manager",), "free forgets the last block", ("leaked",)),
+    "half_allocated": Variant("7.1", ("manager",), "allocate keeps the blocks it took before OutOfBlocks",
+                              ("unchanged",)),
+    "floor_blocks": Variant("7.1", ("manager",), "floor(tokens / block_size) blocks", ("ceil(",)),
+    "shared_free_block": Variant("7.1", ("manager",), "free ids read without being removed",
+                                 ("held by two sequences",)),
+    "attn_past_context": Variant("7.2", ("attention",), "reads the whole of every gathered block",
+                                 ("first context_len positions",)),
+    "attn_drop_partial": Variant("7.2", ("attention",), "ignores the last, partial block", ("partial block",)),
+    "attn_gqa_modulo": Variant("7.2", ("attention",), "query head h reads KV head h % kv_heads", ("h // ",)),
+    "attn_no_scale": Variant("7.2", ("attention",), "no 1/sqrt(head_dim)", ("sqrt(head_dim)",)),
+    "hash_no_parent": Variant("7.3", ("hashes",), "each block hashed alone", ("parent",)),
+    "hash_partial": Variant("7.3", ("hashes",), "a partial block gets a hash", ("FULL block",)),
+    "whole_prompt_hit": Variant("7.3", ("prefix",), "the last token's block reused", ("last token",)),
+    "cache_partial": Variant("7.3", ("prefix",), "a prompt's partial block registered in the cache",
+                             ("partial block is never cached",)),
+    "free_referenced": Variant("7.3", ("prefix",), "free frees blocks other sequences hold", ("still",)),
+    "no_ref_on_hit": Variant("7.3", ("prefix",), "a hit does not take a reference", ("one reference per",)),
+    "evict_mru": Variant("7.3", ("prefix",), "the most recently freed block evicted first", ("LEAST recently",)),
+    "half_allocated_prefix": Variant("7.3", ("prefix",), "hits taken before OutOfBlocks", ("unchanged",)),
+    "hits_counted_free": Variant("7.3", ("prefix",), "evictable hits also counted as free",
+                                 ("NOT among this prompt's hits",)),
+}
+
+# Valid answers written differently: the graders must pass them (test_valid_alternatives_pass).
+ALTERNATIVES = {
+    "lifo_free_list": Variant("7.1", ("manager",), "a LIFO free list (the most recently freed block "
+                                                              "is handed out first)"),
+    "attn_sdpa": Variant("7.2", ("attention",), "gather with index tensors, then PyTorch's "
+                                                           "scaled_dot_product_attention with enable_gqa"),
+    "sha256_hashes": Variant("7.3", ("hashes", "prefix", "prefix_llama"), "a SHA-256 hash chain (as vLLM "
+                                                                           "offers) instead of Python's hash"),
+    "prefix_lifo": Variant("7.3", ("prefix",), "prefix caching on a LIFO free list"),
+}
+
+
+def build(name: str | None):
+    """The reference implementation with variant `name` planted (None: unmodified)."""
+    import solutions.paged_kv_cache as pkv_sol
+    import solutions.prefix_cache as pc_sol
+    pkv = types.SimpleNamespace(**{k: v for k, v in vars(pkv_sol).items() if not k.startswith("__")})
+    pc = types.SimpleNamespace(**{k: v for k, v in vars(pc_sol).items() if not k.startswith("__")})
+    if name is not None:
+        _PLANT[name](pkv_sol, pc_sol, pkv, pc)
+    return types.SimpleNamespace(paged_kv_cache=pkv, prefix_cache=pc)
+
+
+def _manager(**methods):
+    """Plant methods into a subclass of the reference BlockManager."""
+    def plant(pkv_sol, pc_sol, pkv, pc):
+        pkv.BlockManager = type("BlockManager", (pkv_sol.BlockManager,), methods)
+    return plant
+
+
+def _prefix(**methods):
+    def plant(pkv_sol, pc_sol, pkv, pc):
+        pc.PrefixCachingBlockManager = type("PrefixCachingBlockManager", (pc_sol.PrefixCachingBlockManager,), methods)
+    return plant
+
+
+# ------------------------------------------------------------------------------------------------ 7.1
+
+def _append_every_token(self, seq_id):
+    table, position = self.tables[seq_id], self.num_tokens[seq_id]
+    if not self.free_blocks:
+        raise OutOfBlocks("no free block")
+    table.append(self.free_blocks.popleft())
+    self.num_tokens[seq_id] = position + 1
+    return table[-1], position % self.block_size
+
+
+def _free_leaks_last(self, seq_id):
+    table = self.block_table(seq_id)
+    self.free_blocks.extend(table[:-1])
+    del self.tables[seq_id], self.num_tokens[seq_id]
+
+
+def _allocate_half(self, seq_id, num_tokens):
+    if seq_id in self.tables or num_tokens < 1:
+        raise ValueError("bad request")
+    self.tables[seq_id], self.num_tokens[seq_id] = [], num_tokens
+    for _ in range(self.blocks_needed(num_tokens)):
+        if not self.free_blocks:
+            raise OutOfBlocks(f"{seq_id!r} needs {self.blocks_needed(num_tokens)} blocks, the free list ran out")
+        self.tables[seq_id].append(self.free_blocks.popleft())
+    return list(self.tables[seq_id])
+
+
+def _allocate_floor(self, seq_id, num_tokens):
+    if seq_id in self.tables or num_tokens < 1:
+        raise ValueError("bad request")
+    needed = max(1, num_tokens // self.block_size)
+    if needed > len(self.free_blocks):
+        raise OutOfBlocks(f"needs {needed} blocks, {len(self.free_blocks)} free")
+    self.tables[seq_id] = [self.free_blocks.popleft() for _ in range(needed)]
+    self.num_tokens[seq_id] = num_tokens
+    return list(self.tables[seq_id])
+
+
+def _allocate_shared(self, seq_id, num_tokens):
+    if seq_id in self.tables or num_tokens < 1:
+        raise ValueError("bad request")
+    needed = self.blocks_needed(num_tokens)
+    if needed > len(self.free_blocks):
+        raise OutOfBlocks(f"needs {needed} blocks, {len(self.free_blocks)} free")
+    self.tables[seq_id] = [self.free_blocks[i] for i in range(needed)]       # read, not taken
+    self.num_tokens[seq_id] = num_tokens
+    return list(self.tables[seq_id])
+
+
+def _lifo_allocate(self, seq_id, num_tokens):
+    if seq_id in self.tables:
+        raise ValueError(f"sequence {seq_id!r} is live")
+    if num_tokens < 1:
+        raise ValueError("num_tokens < 1")
+    needed = math.ceil(num_tokens / self.block_size)
+    if needed > len(self.free_blocks):
+        raise OutOfBlocks(f"{seq_id!r}: needs {needed} blocks, {len(self.free_blocks)} free")
+    self.tables[seq_id] = [self.free_blocks.pop() for _ in range(needed)]
+    self.num_tokens[seq_id] = num_tokens
+    return list(self.tables[seq_id])
+
+
+def _lifo_append(self, seq_id):
+    table, position = self.tables[seq_id], self.num_tokens[seq_id]
+    if position % self.block_size == 0:
+        if not self.free_blocks:
+            raise OutOfBlocks("0 free blocks")
+        table.append(self.free_blocks.pop())
+    self.num_tokens[seq_id] += 1
+    return table[-1], position % self.block_size
+
+
+# ------------------------------------------------------------------------------------------------ 7.2
+
+def _attention(mistake):
+    def paged_attention(q, k_pool, v_pool, block_table, context_len):
+        heads, head_dim = q.shape
+        _, block_size, kv_heads, _ = k_pool.shape
+        if heads % kv_heads or not 1 <= context_len <= len(block_table) * block_size:
+            raise ValueError("bad shapes")
+        n_blocks = context_len // block_size if mistake == "drop_partial" else -(-context_len // block_size)
+        used = torch.as_tensor(list(block_table[:n_blocks]), dtype=torch.long)
+        k = k_pool[used].reshape(-1, kv_heads, head_dim)
+        v = v_pool[used].reshape(-1, kv_heads, head_dim)
+        if mistake != "past_context":
+            k, v = k[:context_len], v[:context_len]
+        group = heads // kv_heads
+        if mistake == "gqa_modulo":
+            k, v = k.repeat(1, group, 1), v.repeat(1, group, 1)
+        else:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,thd->ht", q, k) / (1.0 if mistake == "no_scale" else math.sqrt(head_dim))
+        return torch.einsum("ht,thd->hd", torch.softmax(scores.float(), -1).to(q.dtype), v)
+    return lambda pkv_sol, pc_sol, pkv, pc: setattr(pkv, "paged_attention", paged_attention)
+
+
+def _attention_sdpa(pkv_sol, pc_sol, pkv, pc):
+    def paged_attention(q, k_pool, v_pool, block_table, context_len):
+        heads, head_dim = q.shape
+        _, block_size, kv_heads, _ = k_pool.shape
+        if heads % kv_heads:
+            raise ValueError(f"heads={heads} not a multiple of kv_heads={kv_heads}")
+        if not 0 < context_len <= len(block_table) * block_size:
+            raise ValueError(f"context_len={context_len} out of range")
+        positions = torch.arange(context_len)
+        blocks = torch.tensor(block_table)[positions // block_size]
+        k = k_pool[blocks, positions % block_size].transpose(0, 1)              # [kv_heads, context, d]
+        v = v_pool[blocks, positions % block_size].transpose(0, 1)
+        out = F.scaled_dot_product_attention(q[:, None], k, v, enable_gqa=True)  # [heads, 1, d]
+        return out[:, 0]
+    pkv.paged_attention = paged_attention
+
+
+# ------------------------------------------------------------------------------------------------ 7.3
+
+def _hashes(mistake):
+    def block_hashes(token_ids, block_size):
+        ids, out, parent = [int(t) for t in token_ids], [], 0
+        stop = len(ids) if mistake == "partial" else len(ids) - block_size + 1
+        for start in range(0, stop, block_size):
+            block = tuple(ids[start:start + block_size])
+            parent = hash(block) if mistake == "no_parent" else hash((parent, block))
+            out.append(parent)
+        return out
+    return lambda pkv_sol, pc_sol, pkv, pc: setattr(pc, "block_hashes", block_hashes)
+
+
+def _sha256_hashes(pkv_sol, pc_sol, pkv, pc):
+    def block_hashes(token_ids, block_size):
+        ids, out, parent = [int(t) for t in token_ids], [], b""
+        for start in range(0, len(ids) - block_size + 1, block_size):
+            digest = hashlib.sha256(parent + repr(ids[start:start + block_size]).encode()).digest()
+            out.append(int.from_bytes(digest[:8], "little"))
+            parent = digest
+        return out
+    pc.block_hashes = block_hashes
+    # the manager must use this module's block_hashes: plant a subclass whose allocate looks it up here
+    base = pc_sol.PrefixCachingBlockManager
+
+    class Sha256Manager(base):
+        def allocate(self, seq_id, token_ids):
+            original = pc_sol.block_hashes
+            pc_sol.block_hashes = block_hashes
+            try:
+                return base.allocate(self, seq_id, token_ids)
+            finally:
+                pc_sol.block_hashes = original
+    pc.PrefixCachingBlockManager = Sha256Manager
+
+
+def _prefix_allocate(mistake):
+    """The reference allocate with one mistake switched on."""
+    def allocate(self, seq_id, token_ids):
+        token_ids = [int(t) for t in token_ids]
+        if seq_id in self.tables or not token_ids:
+            raise ValueError("bad request")
+        bs = self.block_size
+        from solutions.prefix_cache import block_hashes
+        hashes = block_hashes(token_ids, bs)
+        limit = len(hashes) if mistake == "whole_prompt_hit" else (len(token_ids) - 1) // bs
+        hits = []
+        for h in hashes[:limit]:
+            if h not in self.cached:
+                break
+            hits.append(self.cached[h])
+        needed = self.blocks_needed(len(token_ids)) - len(hits)
+        if mistake == "half_allocated":
+            for block in hits:
+                self.evictable.pop(block, None)
+                self.ref_counts[block] = self.ref_counts.get(block, 0) + 1
+        if mistake == "hits_counted_free":
+            available = self.num_free_blocks
+        else:
+            available = len(self.free_blocks) + sum(1 for b in self.evictable if b not in hits)
+        if needed > available:
+            raise OutOfBlocks(f"needs {needed} new blocks, {available} free")
+        if mistake != "half_allocated":
+            for block in hits:
+                self.evictable.pop(block, None)
+                self.ref_counts[block] = 1 if mistake == "no_ref" else self.ref_counts.get(block, 0) + 1
+        table = list(hits)
+        for i in range(len(hits), len(hits) + needed):
+            block = self._take_block()
+            self.ref_counts[block] = 1
+            table.append(block)
+            key = hashes[i] if i < len(hashes) else None
+            if key is None and mistake == "cache_partial":
+                key = hash((hashes[-1] if hashes else 0, tuple(token_ids[i * bs:])))
+            if key is not None and key not in self.cached:
+                self.cached[key] = block
+                self.hash_of_block[block] = key
+        self.tables[seq_id] = table
+        self.num_tokens[seq_id] = len(token_ids)
+        self.query_tokens += len(token_ids)
+        self.hit_tokens += len(hits) * bs
+        return len(hits) * bs
+    return allocate
+
+
+def _free_referenced(self, seq_id):
+    for block in reversed(self.block_table(seq_id)):
+        self.ref_counts.pop(block, None)
+        if block in self.hash_of_block:
+            self.evictable[block] = None
+        else:
+            self.free_blocks.append(block)
+    del self.tables[seq_id], self.num_tokens[seq_id]
+
+
+def _take_block_mru(self):
+    if self.free_blocks:
+        return self.free_blocks.popleft()
+    block, _ = self.evictable.popitem(last=True)
+    del self.cached[self.hash_of_block.pop(block)]
+    return block
+
+
+def _take_block_lifo(self):
+    if self.free_blocks:
+        return self.free_blocks.pop()
+    block, _ = self.evictable.popitem(last=False)
+    del self.cached[self.hash_of_block.pop(block)]
+    return block
+
+
+_PLANT = {
+    "append_every_token": _manager(append_slot=_append_every_token),
+    "free_leaks_last": _manager(free=_free_leaks_last),
+    "half_allocated": _manager(allocate=_allocate_half),
+    "floor_blocks": _manager(allocate=_allocate_floor),
+    "shared_free_block": _manager(allocate=_allocate_shared),
+    "attn_past_context": _attention("past_context"),
+    "attn_drop_partial": _attention("drop_partial"),
+    "attn_gqa_modulo": _attention("gqa_modulo"),
+    "attn_no_scale": _attention("no_scale"),
+    "hash_no_parent": _hashes("no_parent"),
+    "hash_partial": _hashes("partial"),
+    "whole_prompt_hit": _prefix(allocate=_prefix_allocate("whole_prompt_hit")),
+    "cache_partial": _prefix(allocate=_prefix_allocate("cache_partial")),
+    "free_referenced": _prefix(free=_free_referenced),
+    "no_ref_on_hit": _prefix(allocate=_prefix_allocate("no_ref")),
+    "evict_mru": _prefix(_take_block=_take_block_mru),
+    "half_allocated_prefix": _prefix(allocate=_prefix_allocate("half_allocated")),
+    "hits_counted_free": _prefix(allocate=_prefix_allocate("hits_counted_free")),
+    # valid alternatives
+    "lifo_free_list": _manager(allocate=_lifo_allocate, append_slot=_lifo_append),
+    "attn_sdpa": _attention_sdpa,
+    "sha256_hashes": _sha256_hashes,
+    "prefix_lifo": _prefix(_take_block=_take_block_lifo),
+}

@@ -1,0 +1,894 @@
+"""Graders for chapter 7's paged KV cache (labs/paged_kv_cache.py) and prefix caching (labs/prefix_cache.py).
+
+Each exercise has check functions that return a list of failures: the graders run them on the implementation
+under test (COURSE_IMPL) inside a launched rank (learner code never runs in the grading process), and
+tests/graders/planted_ch07_kv_cache.py runs the same functions on wrong answers planted in the reference
+(`test_planted_mistakes_are_caught`, no exercise marker). The graders read the managers only through their
+methods and the state their docstrings promise, never through one choice of block ids: any free-list order
+passes.
+
+What the graders check:
+  7.1 BlockManager: WHICH BLOCKS EACH SEQUENCE HOLDS — ceil(tokens / block_size) blocks on allocate, distinct
+      and held by no other sequence; append_slot returns the slot of the next position through the block
+      table and takes a new block only when the last one is full; free gives back exactly the sequence's
+      blocks (after freeing everything all blocks are free and a pool-sized sequence fits); OutOfBlocks (a
+      RuntimeError naming the blocks needed and free) leaves the manager exactly as it was; the promised
+      KeyError / ValueError; the invariants again after a seeded random mix of operations. End to end: the
+      tiny Llama on the paged cache (helpers/course/paged_llama.py) with a pool small enough to preempt
+      generates the same tokens as transformers' cache.
+  7.2 paged_attention: equal to the grader's own loop over heads of contiguous attention (GQA, KV head
+      h // (heads / kv_heads)) on pools full of garbage elsewhere, shuffled block tables longer than needed,
+      a partial last block, an exactly full one, context 1, MQA; the pools untouched; the promised
+      ValueErrors. End to end: logits of a prefill + decode equal transformers'.
+  7.3 block_hashes: one int per FULL block, chained (equal prefixes -> equal hashes, the same block after a
+      different prefix -> a different hash), deterministic. PrefixCachingBlockManager: leading full blocks
+      shared (ref counts), never the block of the last prompt token, never a partial block cached; a block a
+      live sequence holds is never handed out again; freed cached blocks stay findable and are evicted least
+      recently used first (a re-used block is recent again); OutOfBlocks with the manager unchanged (hits in
+      the evictable list are not counted as free); hit/query counters. End to end: shared-prefix prompts give
+      the same tokens, and the engine computes exactly the prompt tokens that were not cached.
+
+Mistakes each grader catches (each one planted in tests/graders/planted_ch07_kv_cache.py and asserted caught):
+  7.1 append_every_token   append_slot takes a new block for every token
+      free_leaks_last      free forgets to return the last block
+      half_allocated       allocate takes blocks one by one and raises OutOfBlocks half-way, keeping them
+      floor_blocks         allocate gives floor(tokens / block_size) blocks: the prompt's tail has no block
+      shared_free_block    allocate reads ids off the free list without removing them (two owners)
+  7.2 attn_past_context    reads every position of the blocks it gathers (past context_len)
+      attn_drop_partial    ignores the last, partial block
+      attn_gqa_modulo      query head h reads KV head h % kv_heads (repeat, not repeat_interleave)
+      attn_no_scale        forgets the 1/sqrt(head_dim) scale
+  7.3 hash_no_parent       each block hashed alone: the same block after different prefixes shares a hash
+      hash_partial         a trailing partial block gets a hash
+      whole_prompt_hit     the block of the prompt's last token is reused: nothing left to compute
+      cache_partial        the manager registers a prompt's partial last block in the cache
+      free_referenced      free returns every block to the free list, even one another sequence holds
+      no_ref_on_hit        a shared block's ref count is not incremented
+      evict_mru            the most recently freed block is evicted first
+      half_allocated_prefix  hits taken (ref counts, evictable list) before OutOfBlocks is raised
+      hits_counted_free    hit blocks in the evictable list also counted as free: allocate crashes
+"""
+from __future__ import annotations
+
+import math
+import random
+import types
+
+import pytest
+import torch
+
+from helpers import launch, load_impl
+from helpers.claims import max_abs_diff, tolerance
+from helpers.course.kv_cache import OutOfBlocks
+
+# Rounding budget (helpers.claims policy): a dot product over head_dim ≤ 32 and a softmax over ≤ 64 positions,
+# computed in another order than the grader's loop; the model's logits go through 4 such layers and matmuls of
+# ≤ 256 terms.
+FACTOR = 64
+MANAGER = "labs/paged_kv_cache.py: BlockManager"
+ATTENTION = "labs/paged_kv_cache.py: paged_attention"
+HASHES = "labs/prefix_cache.py: block_hashes"
+PREFIX = "labs/prefix_cache.py: PrefixCachingBlockManager"
+
+
+def _impl(impl):
+    if impl is not None:
+        return impl
+    return types.SimpleNamespace(paged_kv_cache=load_impl("paged_kv_cache"), prefix_cache=load_impl("prefix_cache"))
+
+
+def _call(failures, where, fn, *args, expect=None, **kwargs):
+    """Run learner code. Returns (ok, value). An unexpected exception becomes a failure saying where."""
+    try:
+        return True, fn(*args, **kwargs)
+    except NotImplementedError:
+        raise
+    except Exception as exc:
+        if expect is not None and isinstance(exc, expect):
+            return False, exc
+        failures.append(f"{where} raised {type(exc).__name__}: {exc}")
+        return False, exc
+
+
+def _holdings(m, live):
+    """{seq: block table} of the live sequences, through the public method."""
+    return {s: m.block_table(s) for s in live}
+
+
+def _check_invariants(failures, where, m, live, lengths, what):
+    """Each live sequence holds ceil(len / block_size) distinct blocks, no block has two owners, and the
+    free count is what is left."""
+    tables = _holdings(m, live)
+    owner = {}
+    for s, table in tables.items():
+        want = -(-lengths[s] // m.block_size)
+        if len(table) != want:
+            hint = ("a new block only when the last one is full" if len(table) > want else
+                    "ceil(num_tokens / block_size) blocks: the tail of the last block needs one too")
+            failures.append(f"{where}: sequence {s!r} of {lengths[s]} tokens holds {len(table)} blocks {table}, "
+                            f"expected {want} — {hint} ({what})")
+            return False
+        for b in table:
+            if not 0 <= b < m.num_blocks:
+                failures.append(f"{where}: block id {b} of sequence {s!r} is not in 0..{m.num_blocks - 1} ({what})")
+                return False
+            if b in owner:
+                failures.append(f"{where}: block {b} is held by two sequences, {owner[b]!r} and {s!r}: take a free "
+                                f"block OFF the free list when you hand it out ({what})")
+                return False
+            owner[b] = s
+    held = sum(len(t) for t in tables.values())
+    if m.num_free_blocks != m.num_blocks - held:
+        failures.append(f"{where}: num_free_blocks = {m.num_free_blocks}, but live sequences hold {held} of "
+                        f"{m.num_blocks} blocks: free must give back exactly the sequence's blocks — blocks leaked "
+                        f"or returned twice ({what})")
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------- 7.1 block manager
+
+def check_block_manager(impl=None):
+    pkv, failures = _impl(impl).paged_kv_cache, []
+    W = "[7.1]"
+    m = pkv.BlockManager(10, 4)
+    live, lengths = [], {}
+    ok, table = _call(failures, f"{W} allocate('a', 5)", m.allocate, "a", 5)
+    if not ok:
+        return failures
+    live.append("a")
+    lengths["a"] = 5
+    if list(table) != m.block_table("a"):
+        failures.append(f"{W} allocate('a', 5) returned {table}, but block_table('a') is {m.block_table('a')} "
+                        f"({MANAGER}.allocate)")
+    ok, _ = _call(failures, f"{W} allocate('b', 4)", m.allocate, "b", 4)
+    if not ok:
+        return failures
+    live.append("b")
+    lengths["b"] = 4
+    if not _check_invariants(failures, f"{W} after allocate('a', 5), allocate('b', 4)", m, live, lengths,
+                             f"{MANAGER}.allocate"):
+        return failures
+    # append into a's partial last block: positions 5, 6, 7 stay in its 2nd block; 8 needs a 3rd
+    for position in range(5, 10):
+        free_before = m.num_free_blocks
+        ok, slot = _call(failures, f"{W} append_slot('a') for position {position}", m.append_slot, "a")
+        if not ok:
+            return failures
+        lengths["a"] += 1
+        took = free_before - m.num_free_blocks
+        if took != (1 if position % 4 == 0 else 0):
+            failures.append(f"{W} append_slot('a') for position {position} took {took} new blocks: take a new block "
+                            f"only when the last one is full (position % block_size == 0), none otherwise "
+                            f"({MANAGER}.append_slot)")
+            return failures
+        table = m.block_table("a")
+        want = (table[position // 4], position % 4) if len(table) > position // 4 else None
+        if tuple(slot) != want:
+            failures.append(f"{W} append_slot('a') for position {position} returned {slot}, expected (block, offset) "
+                            f"= {want}: block table[{position} // 4] = {want and want[0]}, offset {position} % 4 "
+                            f"(table {table}) ({MANAGER}.append_slot)")
+            return failures
+    if not _check_invariants(failures, f"{W} after append_slot", m, live, lengths, f"{MANAGER}.append_slot"):
+        return failures
+    # b is exactly full: its next token needs a new block at offset 0
+    ok, slot = _call(failures, f"{W} append_slot('b') on a full last block", m.append_slot, "b")
+    if not ok:
+        return failures
+    lengths["b"] += 1
+    if tuple(slot) != (m.block_table("b")[-1], 0) or len(m.block_table("b")) != 2:
+        failures.append(f"{W} append_slot('b') after 4 tokens (block_size 4) returned {slot} with table "
+                        f"{m.block_table('b')}: expected a new, 2nd block at offset 0 ({MANAGER}.append_slot)")
+        return failures
+    # out of blocks: 10 - 3 - 2 = 5 free; 21 tokens need 6
+    snapshot = (m.num_free_blocks, _holdings(m, live))
+    ok, exc = _call(failures, f"{W} allocate('c', 21) with 5 free blocks", m.allocate, "c", 21, expect=OutOfBlocks)
+    if ok:
+        failures.append(f"{W} allocate('c', 21) with only 5 of 10 blocks free raised nothing: it needs 6, raise "
+                        f"OutOfBlocks ({MANAGER}.allocate)")
+        return failures
+    if not isinstance(exc, OutOfBlocks):
+        return failures
+    if (m.num_free_blocks, _holdings(m, live)) != snapshot or "c" in getattr(m, "tables", {}):
+        failures.append(f"{W} after OutOfBlocks the manager changed: free {snapshot[0]} -> {m.num_free_blocks}, "
+                        f"tables {snapshot[1]} -> {_holdings(m, live)}: check that enough blocks are free BEFORE "
+                        f"taking any, so a failed allocate leaves the manager unchanged ({MANAGER}.allocate)")
+        return failures
+    if "6" not in str(exc) or "5" not in str(exc):
+        failures.append(f"{W} OutOfBlocks message {str(exc)!r} should name the blocks needed (6) and free (5) "
+                        f"({MANAGER}.allocate)")
+    ok, _ = _call(failures, f"{W} allocate('c', 20) with 5 free blocks (after a failed allocate)", m.allocate, "c", 20)
+    if not ok:
+        return failures
+    live.append("c")
+    lengths["c"] = 20
+    # the pool is full now; b's last block has room, a's (10 tokens) too; c (20 tokens) is exactly full
+    ok, exc = _call(failures, f"{W} append_slot('c') with no free block", m.append_slot, "c", expect=OutOfBlocks)
+    if ok:
+        failures.append(f"{W} append_slot('c') with 0 free blocks and a full last block raised nothing: raise "
+                        f"OutOfBlocks ({MANAGER}.append_slot)")
+        return failures
+    if not isinstance(exc, OutOfBlocks):
+        return failures
+    if not _check_invariants(failures, f"{W} after append_slot raised OutOfBlocks", m, live, lengths,
+                             f"{MANAGER}.append_slot"):
+        return failures
+    for bad, args, exc_type in (("allocate('a', 3) of a live sequence", ("a", 3), ValueError),
+                                ("allocate('z', 0)", ("z", 0), ValueError)):
+        try:
+            m.allocate(*args)
+            failures.append(f"{W} {bad} raised no {exc_type.__name__} — the docstring promises one "
+                            f"({MANAGER}.allocate)")
+        except exc_type:
+            pass
+    ok, _ = _call(failures, f"{W} free('b')", m.free, "b")
+    if not ok:
+        return failures
+    live.remove("b")
+    ok, slot = _call(failures, f"{W} append_slot('c') after free('b')", m.append_slot, "c")
+    if not ok:
+        return failures
+    lengths["c"] += 1
+    if tuple(slot) != (m.block_table("c")[-1], 0):
+        failures.append(f"{W} append_slot('c') for position 20 returned {slot}, expected (new block, 0) — a failed "
+                        f"append_slot must not count the position ({MANAGER}.append_slot)")
+    if not _check_invariants(failures, f"{W} after free('b')", m, live, lengths, f"{MANAGER}.free"):
+        return failures
+    for s in list(live):
+        ok, _ = _call(failures, f"{W} free({s!r})", m.free, s)
+        if not ok:
+            return failures
+        live.remove(s)
+    if m.num_free_blocks != m.num_blocks:
+        failures.append(f"{W} after freeing every sequence num_free_blocks = {m.num_free_blocks}, expected "
+                        f"{m.num_blocks}: blocks leaked — free must give back every block of the sequence "
+                        f"({MANAGER}.free)")
+        return failures
+    ok, _ = _call(failures, f"{W} allocate('all', 40) of all 10 blocks after freeing everything", m.allocate, "all", 40)
+    if not ok:
+        return failures
+    for bad, fn in (("free('a') of a freed sequence", lambda: m.free("a")),
+                    ("append_slot('zz') of an unknown sequence", lambda: m.append_slot("zz"))):
+        try:
+            fn()
+            failures.append(f"{W} {bad} raised no KeyError — the docstring promises one ({MANAGER})")
+        except KeyError:
+            pass
+    failures += _random_mix(pkv)
+    return failures
+
+
+def _random_mix(pkv):
+    """A seeded mix of allocate / append_slot / free on 3 pools, invariants after every operation."""
+    failures = []
+    for seed, (blocks, size) in enumerate(((12, 4), (7, 16), (30, 1))):
+        rng = random.Random(700 + seed)
+        m = pkv.BlockManager(blocks, size)
+        live, lengths = [], {}
+        for step in range(120):
+            where = f"[7.1] random mix (num_blocks={blocks}, block_size={size}, seed {700 + seed}) step {step}"
+            action = rng.random()
+            if action < 0.35 or not live:
+                s, n = f"s{step}", rng.randint(1, 3 * size)
+                ok, exc = _call(failures, f"{where}: allocate({s!r}, {n})", m.allocate, s, n, expect=OutOfBlocks)
+                if not ok and not isinstance(exc, OutOfBlocks):
+                    return failures
+                if ok:
+                    live.append(s)
+                    lengths[s] = n
+            elif action < 0.8:
+                s = rng.choice(live)
+                ok, value = _call(failures, f"{where}: append_slot({s!r})", m.append_slot, s, expect=OutOfBlocks)
+                if not ok and not isinstance(value, OutOfBlocks):
+                    return failures
+                if ok:
+                    lengths[s] += 1
+                    table = m.block_table(s)
+                    p = lengths[s] - 1
+                    if tuple(value) != (table[p // size], p % size):
+                        failures.append(f"{where}: append_slot({s!r}) returned {value}, expected the slot of position "
+                                        f"{p}: ({table[p // size]}, {p % size}) ({MANAGER}.append_slot)")
+                        return failures
+            else:
+                s = live.pop(rng.randrange(len(live)))
+                ok, _ = _call(failures, f"{where}: free({s!r})", m.free, s)
+                if not ok:
+                    return failures
+            if not _check_invariants(failures, where, m, live, lengths, MANAGER):
+                return failures
+    return failures
+
+
+# ---------------------------------------------------------------------------------------- 7.2 paged attention
+
+def reference_attention(q, k, v, scale=True, kv_of=None):
+    """The grader's loop: for each query head h, softmax(q_h · K_g / sqrt(d)) · V_g with g = kv_of(h).
+    q [heads, d]; k, v contiguous [context, kv_heads, d]."""
+    heads, d = q.shape
+    group = heads // k.shape[1]
+    kv_of = kv_of or (lambda h: h // group)
+    rows = []
+    for h in range(heads):
+        g = kv_of(h)
+        scores = (k[:, g].double() @ q[h].double()) / (math.sqrt(d) if scale else 1.0)
+        rows.append(torch.softmax(scores, dim=0) @ v[:, g].double())
+    return torch.stack(rows).to(q.dtype)
+
+
+ATTENTION_CASES = [  # heads, kv_heads, head_dim, block_size, num_blocks, context_len, extra blocks in the table
+    (8, 4, 32, 16, 9, 37, 2),       # the tiny Llama's shapes, a partial last block
+    (6, 2, 8, 4, 12, 16, 1),        # exactly full last block; 3 query heads per KV head
+    (4, 4, 8, 4, 5, 1, 0),          # context 1
+    (8, 1, 16, 8, 7, 23, 1),        # multi-query attention
+    (4, 2, 8, 1, 20, 13, 3),        # block_size 1
+]
+
+
+def check_paged_attention(impl=None):
+    pkv, failures = _impl(impl).paged_kv_cache, []
+    for i, (heads, kv_heads, d, size, num_blocks, context, extra) in enumerate(ATTENTION_CASES):
+        gen = torch.Generator().manual_seed(7200 + i)
+        # garbage everywhere, much larger than the real entries: reading a wrong position shows
+        k_pool = torch.randn(num_blocks, size, kv_heads, d, generator=gen) * 30
+        v_pool = torch.randn(num_blocks, size, kv_heads, d, generator=gen) * 30
+        used = -(-context // size)
+        table = torch.randperm(num_blocks, generator=gen)[:used + extra].tolist()
+        k = torch.randn(context, kv_heads, d, generator=gen)
+        v = torch.randn(context, kv_heads, d, generator=gen)
+        pos = torch.arange(context)
+        blocks = torch.tensor(table)[pos // size]
+        k_pool[blocks, pos % size] = k
+        v_pool[blocks, pos % size] = v
+        q = torch.randn(heads, d, generator=gen)
+        where = (f"[7.2] heads={heads} kv_heads={kv_heads} head_dim={d} block_size={size} context_len={context} "
+                 f"block table {table}")
+        before = (k_pool.clone(), v_pool.clone())
+        ok, out = _call(failures, f"{where}: paged_attention", pkv.paged_attention, q, k_pool, v_pool, table, context)
+        if not ok:
+            continue
+        want = reference_attention(q, k, v)
+        if not torch.equal(k_pool, before[0]) or not torch.equal(v_pool, before[1]):
+            failures.append(f"{where}: paged_attention changed the pools: it only reads them ({ATTENTION})")
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (heads, d) or out.dtype != q.dtype:
+            failures.append(f"{where}: returned {getattr(out, 'shape', type(out).__name__)} "
+                            f"{getattr(out, 'dtype', '')}, expected [{heads}, {d}] {q.dtype} ({ATTENTION})")
+            continue
+        diff, tol = max_abs_diff(out, want), tolerance(want, torch.float32, FACTOR)
+        if diff <= tol:
+            continue
+        failures.append(f"{where}: output differs from contiguous attention by {diff:.2e} > {tol:.1e} — "
+                        f"{_attention_hint(out, q, k_pool, v_pool, table, context, tol)} ({ATTENTION})")
+    pools = lambda blocks, kv_heads: (torch.zeros(blocks, 4, kv_heads, 8), torch.zeros(blocks, 4, kv_heads, 8))
+    for label, args in (("heads=6, kv_heads=4", (torch.randn(6, 8), *pools(2, 4), [0, 1], 3)),
+                        ("context_len=0", (torch.randn(4, 8), *pools(2, 2), [0], 0)),
+                        ("context_len=9 > 2 blocks of 4", (torch.randn(4, 8), *pools(3, 2), [2, 0], 9))):
+        try:
+            pkv.paged_attention(*args)
+            failures.append(f"[7.2] paged_attention with {label} raised no ValueError — the docstring promises one "
+                            f"({ATTENTION})")
+        except NotImplementedError:
+            raise
+        except ValueError:
+            pass
+        except Exception as exc:
+            failures.append(f"[7.2] paged_attention with {label} raised {type(exc).__name__}, expected ValueError "
+                            f"({ATTENTION})")
+    return failures
+
+
+def _attention_hint(out, q, k_pool, v_pool, table, context, tol):
+    size, kv_heads = k_pool.shape[1], k_pool.shape[2]
+    heads = q.shape[0]
+
+    def contiguous(n_blocks, length):
+        k = k_pool[table[:n_blocks]].reshape(-1, kv_heads, q.shape[1])[:length]
+        v = v_pool[table[:n_blocks]].reshape(-1, kv_heads, q.shape[1])[:length]
+        return k, v
+    used = -(-context // size)
+    k, v = contiguous(used, context)
+    guesses = [
+        ("read only the first context_len positions: the tail of the last block (and any block after it) is "
+         "not this sequence's yet", [contiguous(used, used * size), contiguous(len(table), len(table) * size)], {}),
+        ("read the last, partial block too: ceil(context_len / block_size) blocks",
+         [contiguous(context // size, (context // size) * size)] if context >= size else [], {}),
+        ("query head h reads KV head h // (heads // kv_heads), not h % kv_heads (repeat_interleave, as "
+         "transformers' repeat_kv)", [(k, v)], {"kv_of": lambda h: h % kv_heads}),
+        ("scale the scores by 1 / sqrt(head_dim)", [(k, v)], {"scale": False}),
+    ]
+    for hint, candidates, options in guesses:
+        for gk, gv in candidates:
+            if gk.shape[0] and max_abs_diff(out, reference_attention(q, gk, gv, **options)) <= tol:
+                return hint
+    return (f"gather positions 0..context_len-1 through the block table, query head h with KV head "
+            f"h // {heads // kv_heads}, softmax(q·kᵀ / sqrt(head_dim)) in float32")
+
+
+# ------------------------------------------------------------------------- end to end: the tiny Llama on the cache
+
+PROMPTS = ["Four score and seven years ago", "We hold these truths", "The", "A Fox"]
+NEW_TOKENS = 12
+
+
+class _GraderBlockManager:
+    """The grader's own block manager (7.1's contract, written plainly), so that 7.2's end-to-end check does
+    not depend on the learner's 7.1."""
+
+    def __init__(self, num_blocks, block_size):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free_list, self.tables, self.lengths = list(range(num_blocks))[::-1], {}, {}
+
+    num_free_blocks = property(lambda self: len(self.free_list))
+
+    def block_table(self, seq_id):
+        return list(self.tables[seq_id])
+
+    def seq_len(self, seq_id):
+        return self.lengths[seq_id]
+
+    def allocate(self, seq_id, num_tokens):
+        needed = -(-num_tokens // self.block_size)
+        if needed > len(self.free_list):
+            raise OutOfBlocks(f"{needed} needed, {len(self.free_list)} free")
+        self.tables[seq_id] = [self.free_list.pop() for _ in range(needed)]
+        self.lengths[seq_id] = num_tokens
+        return self.block_table(seq_id)
+
+    def append_slot(self, seq_id):
+        position = self.lengths[seq_id]
+        if position == len(self.tables[seq_id]) * self.block_size:
+            if not self.free_list:
+                raise OutOfBlocks("0 free")
+            self.tables[seq_id].append(self.free_list.pop())
+        self.lengths[seq_id] = position + 1
+        return self.tables[seq_id][position // self.block_size], position % self.block_size
+
+    def free(self, seq_id):
+        self.free_list.extend(self.tables.pop(seq_id))
+        del self.lengths[seq_id]
+
+
+def _grader_paged_attention(q, k_pool, v_pool, block_table, context_len):
+    """The grader's own paged attention (7.2's contract), so that 7.1's and 7.3's end-to-end checks do not
+    depend on the learner's 7.2."""
+    positions = torch.arange(context_len)
+    blocks = torch.tensor(list(block_table), dtype=torch.long)[positions // k_pool.shape[1]]
+    group = q.shape[0] // k_pool.shape[2]
+    k = k_pool[blocks, positions % k_pool.shape[1]].repeat_interleave(group, dim=1)     # [context, heads, d]
+    v = v_pool[blocks, positions % k_pool.shape[1]].repeat_interleave(group, dim=1)
+    probs = torch.softmax(torch.einsum("hd,thd->ht", q, k).float() / math.sqrt(q.shape[1]), dim=-1)
+    return torch.einsum("ht,thd->hd", probs.to(q.dtype), v)
+
+
+def _engine(impl, graded, **kwargs):
+    """A PagedLlama running `impl`'s code for the exercise `graded` ("7.1", "7.2" or "7.3") and the grader's
+    own code for the others."""
+    from helpers.course.paged_llama import PagedLlama
+    impl = _impl(impl)
+    engine = PagedLlama(_model(), **kwargs)
+    blocks, size = kwargs.get("num_blocks", 64), kwargs.get("block_size", 16)
+    attention = impl.paged_kv_cache.paged_attention if graded == "7.2" else _grader_paged_attention
+    engine.paged = types.SimpleNamespace(paged_attention=attention)
+    if graded == "7.3":
+        engine.manager = impl.prefix_cache.PrefixCachingBlockManager(blocks, size)
+    elif graded == "7.1":
+        engine.manager = impl.paged_kv_cache.BlockManager(blocks, size)
+    else:
+        engine.manager = _GraderBlockManager(blocks, size)
+    return engine
+
+
+_MODEL = {}
+
+
+def _model():
+    if "model" not in _MODEL:
+        from helpers.course.tiny_llama import load_model
+        _MODEL["model"] = load_model()
+    return _MODEL["model"]
+
+
+def _reference_tokens(prompts, n):
+    from helpers.course.tiny_llama import generate
+    return [generate(_model(), p, n) for p in prompts]
+
+
+def check_paged_llama_logits(impl=None):
+    """The tiny Llama on the paged cache (paged_attention in every decode step): a prefill in two chunks and
+    one decode step give transformers' logits."""
+    from helpers.course.paged_llama import check_against_transformers
+    from helpers.course.tiny_llama import encode
+    failures = []
+    engine = _engine(impl, "7.2", num_blocks=16, block_size=8)
+    ids = encode(PROMPTS[1] + ", that all men")
+    ok, result = _call(failures, f"[7.2] the tiny Llama on the paged cache: prefill of {len(ids)} tokens in chunks "
+                       f"of 21 + {len(ids) - 21}, then one decode step", check_against_transformers, engine, ids, 21)
+    if not ok:
+        return failures
+    diff, want = result
+    if diff > tolerance(want, torch.float32, FACTOR):
+        failures.append(f"[7.2] the tiny Llama on the paged cache: logits differ from transformers' by "
+                        f"{diff:.2e} > {tolerance(want, torch.float32, FACTOR):.1e} ({ATTENTION})")
+    return failures
+
+
+def check_paged_llama_tokens(impl=None):
+    """The tiny Llama on the paged cache generates transformers' greedy tokens with a pool small enough that the
+    engine must preempt (recompute) a sequence, and gives every block back at the end."""
+    from helpers.course.tiny_llama import encode
+    failures = []
+    prompts = [encode(p) for p in PROMPTS]
+    want = _reference_tokens(prompts, NEW_TOKENS)
+    engine = _engine(impl, "7.1", num_blocks=7, block_size=8)
+    ok, got = _call(failures, "[7.1] generate on a pool of 7 blocks of 8 (preempts)", engine.generate,
+                    prompts, NEW_TOKENS)
+    if not ok:
+        return failures
+    if got != want:
+        bad = next(i for i in range(len(prompts)) if got[i] != want[i])
+        failures.append(f"[7.1] prompt {PROMPTS[bad]!r}: paged generation gave {got[bad]}, transformers' cache "
+                        f"{want[bad]} ({MANAGER})")
+    elif engine.stats["preemptions"] < 1:
+        failures.append(f"[7.1] 4 prompts on 7 blocks of 8 never ran out of blocks: append_slot should take "
+                        f"blocks only as sequences grow, and raise OutOfBlocks when none is free ({MANAGER})")
+    if engine.manager.num_free_blocks != 7:
+        failures.append(f"[7.1] after every sequence finished, {engine.manager.num_free_blocks} of 7 blocks "
+                        f"are free: blocks leaked ({MANAGER}.free)")
+    return failures
+
+
+# ---------------------------------------------------------------------------------------- 7.3 prefix caching
+
+def check_block_hashes(impl=None):
+    pc, failures = _impl(impl).prefix_cache, []
+    W = "[7.3] block_hashes"
+    gen = random.Random(730)
+    a = [gen.randrange(256) for _ in range(37)]
+    ok, h = _call(failures, f"{W}(37 tokens, 16)", pc.block_hashes, a, 16)
+    if not ok:
+        return failures
+    if not isinstance(h, list) or len(h) != 2 or not all(isinstance(x, int) for x in h):
+        failures.append(f"{W}: 37 tokens in blocks of 16 gave {h!r}; expected a list of 2 ints: one per FULL block, "
+                        f"none for the partial 3rd block ({HASHES})")
+        return failures
+    checks = [
+        (pc.block_hashes(a, 16) == h, "the same tokens gave different hashes on a second call: must be "
+                                      "deterministic"),
+        (pc.block_hashes(a[:32], 16) == h, "37 and 32 tokens with the same first 32 gave different hashes: hash only "
+                                           "the FULL blocks"),
+        (pc.block_hashes(a[:15], 16) == [], "15 tokens in blocks of 16 must give no hash: a partial block has none"),
+        (pc.block_hashes(a[:20], 4)[:4] == pc.block_hashes(a, 4)[:4], "equal first 16 tokens must give equal first "
+                                                                     "4 hashes (block_size 4)"),
+    ]
+    b = a[:16] + [(t + 1) % 256 for t in a[16:32]]
+    c = [(t + 1) % 256 for t in a[:16]] + a[16:32]
+    hb, hc = pc.block_hashes(b, 16), pc.block_hashes(c, 16)
+    checks += [
+        (hb[0] == h[0] and hb[1] != h[1], "the same first block must give the same first hash, a different second "
+                                          "block a different second hash"),
+        (hc[0] != h[0] and hc[1] != h[1], "the same second block after a DIFFERENT first block got the same hash: "
+                                          "chain each block's hash to its parent's, hash((parent, tokens))"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            failures.append(f"{W}: {message} ({HASHES})")
+            return failures
+    return failures
+
+
+def _prompt(seed, n):
+    rng = random.Random(seed)
+    return [rng.randrange(256) for _ in range(n)]
+
+
+def check_prefix_manager(impl=None):
+    pc, failures = _impl(impl).prefix_cache, []
+    W = "[7.3]"
+    m = pc.PrefixCachingBlockManager(8, 4)
+    p = _prompt(1, 10)
+    ok, cached = _call(failures, f"{W} allocate('a', 10 tokens) on an empty cache", m.allocate, "a", p)
+    if not ok:
+        return failures
+    if cached != 0:
+        failures.append(f"{W} the first prompt found {cached} tokens in an empty cache ({PREFIX}.allocate)")
+        return failures
+    a = m.block_table("a")
+    if len(a) != 3 or m.num_free_blocks != 5:
+        failures.append(f"{W} allocate('a', 10 tokens) with block_size 4: table {a}, {m.num_free_blocks} free; "
+                        f"expected 3 blocks and 5 free ({PREFIX}.allocate)")
+        return failures
+    cached_entries = len(getattr(m, "cached", {}))
+    if cached_entries != 2:
+        failures.append(f"{W} after allocate('a', 10 tokens) the cache holds {cached_entries} blocks, expected its 2 "
+                        f"FULL blocks: a partial block is never cached (its contents still change) "
+                        f"({PREFIX}.allocate)")
+        return failures
+    ok, cached = _call(failures, f"{W} allocate('b', first 8 of a's tokens + 3 others)", m.allocate, "b",
+                       p[:8] + [7, 8, 9])
+    if not ok:
+        return failures
+    b = m.block_table("b")
+    if cached != 8 or b[:2] != a[:2] or b[2] in a:
+        failures.append(f"{W} 'b' shares a's first 8 tokens (2 full blocks): allocate returned {cached} cached tokens "
+                        f"with table {b} (a's is {a}); expected 8, a's first 2 blocks shared and a new 3rd "
+                        f"({PREFIX}.allocate)")
+        return failures
+    refs = getattr(m, "ref_counts", {})
+    if refs.get(a[0]) != 2 or refs.get(a[1]) != 2 or refs.get(a[2]) != 1:
+        failures.append(f"{W} blocks {a[:2]} are held by 'a' and 'b', {a[2]} by 'a' only: ref_counts are "
+                        f"{ {x: refs.get(x) for x in a} } — count one reference per sequence holding the block "
+                        f"({PREFIX}.allocate)")
+        return failures
+    ok, cached = _call(failures, f"{W} allocate('c', a's first 8 tokens)", m.allocate, "c", p[:8])
+    if not ok:
+        return failures
+    if cached != 4:
+        failures.append(f"{W} 'c' is exactly a's first 8 tokens (2 full cached blocks): allocate returned {cached}; "
+                        f"expected 4 — the block holding the prompt's last token is computed again (its logits give "
+                        f"the next token), so at most the blocks before the last token can hit ({PREFIX}.allocate)")
+        return failures
+    ok, _ = _call(failures, f"{W} free('a')", m.free, "a")
+    if not ok:
+        return failures
+    live = {"b": m.block_table("b"), "c": m.block_table("c")}
+    if m.num_free_blocks != 8 - len(set(live["b"]) | set(live["c"])):
+        failures.append(f"{W} after free('a'), 'b' holds {live['b']} and 'c' {live['c']}, but num_free_blocks = "
+                        f"{m.num_free_blocks}: a block some sequence still holds is not free; the others are "
+                        f"({PREFIX}.free)")
+        return failures
+    # exhaust the pool with new prompts: no block of b or c may be handed out
+    held = set(live["b"]) | set(live["c"])
+    for i in range(10):
+        ok, exc = _call(failures, f"{W} allocate('new{i}', 4 new tokens)", m.allocate, f"new{i}", _prompt(100 + i, 4),
+                        expect=OutOfBlocks)
+        if not ok:
+            if isinstance(exc, OutOfBlocks):
+                break
+            return failures
+        got = m.block_table(f"new{i}")
+        if set(got) & held:
+            failures.append(f"{W} allocate('new{i}') got block(s) {sorted(set(got) & held)} that 'b' or 'c' still "
+                            f"hold (b {live['b']}, c {live['c']}): a block is free only when its ref count is 0 — "
+                            f"never free a block still referenced ({PREFIX}.free / allocate)")
+            return failures
+        held |= set(got)
+    failures += _check_lru(pc)
+    if not failures:
+        failures += _check_out_of_blocks(pc)
+    if not failures:
+        failures += _check_counters(pc)
+    return failures
+
+
+def _check_lru(pc):
+    failures, W = [], "[7.3] LRU"
+    m = pc.PrefixCachingBlockManager(6, 4)
+    x, y, z = _prompt(2, 9), _prompt(3, 9), _prompt(4, 13)
+    for step in (("allocate", "x", x), ("allocate", "y", y), ("free", "x"), ("free", "y"),
+                 ("allocate", "x2", x), ("free", "x2")):          # x used again after y: y is now the LRU
+        ok, _ = _call(failures, f"{W}: {step[0]}{step[1:2]}", getattr(m, step[0]), *step[1:])
+        if not ok:
+            return failures
+    if m.num_free_blocks != 6:
+        failures.append(f"{W}: with no sequence alive num_free_blocks = {m.num_free_blocks}, expected 6 (cached "
+                        f"blocks no one holds count as free) ({PREFIX}.num_free_blocks / free)")
+        return failures
+    ok, _ = _call(failures, f"{W}: allocate('z', 13 new tokens) needing 4 blocks (2 free + 2 evicted)",
+                  m.allocate, "z", z)
+    if not ok:
+        return failures
+    ok, _ = _call(failures, f"{W}: free('z')", m.free, "z")
+    if not ok:
+        return failures
+    ok, hit_x = _call(failures, f"{W}: allocate('x3', x)", m.allocate, "x3", x)
+    if not ok:
+        return failures
+    if hit_x != 8:
+        failures.append(f"{W}: x was used after y, so y's 2 cached blocks were the least recently used and should "
+                        f"have been evicted for 'z'; but x's prompt now finds {hit_x} cached tokens, not 8 — evict "
+                        f"the LEAST recently used block (the front of `evictable`; a re-used block goes to the back "
+                        f"when it is freed again) ({PREFIX}._take_block / free)")
+    return failures
+
+
+def _state(m, live):
+    return (m.num_free_blocks, {s: m.block_table(s) for s in live}, dict(getattr(m, "ref_counts", {})),
+            len(getattr(m, "cached", {})), list(getattr(m, "evictable", {})))
+
+
+def _check_out_of_blocks(pc):
+    failures, W = [], "[7.3] OutOfBlocks"
+    m = pc.PrefixCachingBlockManager(4, 4)
+    x = _prompt(5, 9)
+    for step in (("allocate", "x", x), ("free", "x")):
+        ok, _ = _call(failures, f"{W}: {step[0]}{step[1:2]}", getattr(m, step[0]), *step[1:])
+        if not ok:
+            return failures
+    before = _state(m, [])
+    # 2 of x's blocks hit; 20 tokens need 3 more; only the 2 uncached blocks are free
+    ok, exc = _call(failures, f"{W}: allocate('y', x's first 8 tokens + 12 more) needing 3 new blocks with 2 free",
+                    m.allocate, "y", x[:8] + _prompt(6, 12), expect=OutOfBlocks)
+    if ok:
+        failures.append(f"{W}: allocate('y') needing 3 new blocks with only 2 free (and its 2 hits) raised no "
+                        f"OutOfBlocks — a hit block in the evictable list is not free for the same request "
+                        f"({PREFIX}.allocate)")
+        return failures
+    if not isinstance(exc, OutOfBlocks):
+        failures[-1] += (" — count as available only free blocks and evictable blocks that are NOT among this "
+                         f"prompt's hits ({PREFIX}.allocate)")
+        return failures
+    if _state(m, []) != before:
+        failures.append(f"{W}: after OutOfBlocks the manager changed: (free, tables, ref_counts, cached, evictable) "
+                        f"{before} -> {_state(m, [])}: check the count BEFORE taking the hits, so a failed allocate "
+                        f"leaves the manager unchanged ({PREFIX}.allocate)")
+        return failures
+    ok, cached = _call(failures, f"{W}: allocate('y', x) after the failed allocate", m.allocate, "y", x)
+    if ok and cached != 8:
+        failures.append(f"{W}: x's blocks should still be cached after the failed allocate; allocate('y', x) found "
+                        f"{cached} tokens, expected 8 ({PREFIX}.allocate)")
+    return failures
+
+
+def _check_counters(pc):
+    failures, W = [], "[7.3] counters"
+    m = pc.PrefixCachingBlockManager(16, 4)
+    system = _prompt(7, 12)
+    total = hits = 0
+    for i in range(4):
+        prompt = system + _prompt(200 + i, 5)
+        ok, cached = _call(failures, f"{W}: allocate('r{i}')", m.allocate, f"r{i}", prompt)
+        if not ok:
+            return failures
+        total, hits = total + len(prompt), hits + cached
+    if (getattr(m, "query_tokens", None), getattr(m, "hit_tokens", None)) != (total, hits) or hits != 36:
+        failures.append(f"{W}: 4 prompts of 17 tokens sharing 12 (3 blocks of 4): query_tokens "
+                        f"{getattr(m, 'query_tokens', None)}, hit_tokens {getattr(m, 'hit_tokens', None)}, cached "
+                        f"{hits}; expected {total}, 36 and 36 ({PREFIX}.allocate)")
+    return failures
+
+
+def check_prefix_llama(impl=None):
+    """Shared-prefix prompts on the tiny Llama with prefix caching: the same tokens, and the engine computes
+    exactly the prompt tokens that were not cached."""
+    from helpers.course.tiny_llama import encode
+    failures = []
+    system = encode("We hold these truths to be self-evident, that all men are created equal, that ")
+    prompts = [system + encode(x) for x in ("they are", "Four", "life, Liberty")]
+    want = _reference_tokens(prompts, 8)
+    engine = _engine(impl, "7.3", num_blocks=24, block_size=16, prefix_caching=True)
+    ok, got = _call(failures, "[7.3] generate with prefix caching", engine.generate, prompts, 8)
+    if not ok:
+        return failures
+    shared = (len(system) // 16) * 16
+    if got != want:
+        bad = next(i for i in range(len(prompts)) if got[i] != want[i])
+        failures.append(f"[7.3] prompt {bad} with prefix caching gave {got[bad]}, without {want[bad]}: a shared block "
+                        f"must hold exactly the same tokens at the same positions ({PREFIX})")
+    elif engine.stats["cached_tokens"] != 2 * shared or \
+            engine.stats["prefill_tokens"] != sum(map(len, prompts)) - 2 * shared:
+        failures.append(f"[7.3] 3 prompts sharing {len(system)} tokens ({shared} in full blocks of 16): "
+                        f"{engine.stats['cached_tokens']} tokens found cached, {engine.stats['prefill_tokens']} "
+                        f"computed; expected {2 * shared} and {sum(map(len, prompts)) - 2 * shared} ({PREFIX})")
+    if engine.manager.num_free_blocks != 24:
+        failures.append(f"[7.3] after every sequence finished {engine.manager.num_free_blocks} of 24 blocks are free "
+                        f"(free or evictable): blocks leaked ({PREFIX}.free)")
+    return failures
+
+
+# ---------------------------------------------------------------------------------------- the graded tests
+
+def _run(rank, world_size, names, impl=None):
+    """Run the named checks in this rank (learner code runs only here, never in the grading process)."""
+    return [f for name in names for f in CHECKS[name](impl)]
+
+
+CHECKS = {
+    "manager": check_block_manager,
+    "attention": check_paged_attention,
+    "llama_71": check_paged_llama_tokens,
+    "llama_72": check_paged_llama_logits,
+    "hashes": check_block_hashes,
+    "prefix": check_prefix_manager,
+    "prefix_llama": check_prefix_llama,
+}
+
+
+def _graded(*names):
+    failures = launch(_run, 1, list(names), show_output=False)[0]
+    assert not failures, "\n".join(failures[:6])
+
+
+@pytest.mark.exercise("7.1", "Block manager")
+def test_block_manager():
+    _graded("manager")
+
+
+@pytest.mark.exercise("7.1", "Block manager")
+def test_block_manager_runs_the_tiny_llama():
+    _graded("llama_71")
+
+
+@pytest.mark.exercise("7.2", "Paged attention")
+def test_paged_attention():
+    _graded("attention")
+
+
+@pytest.mark.exercise("7.2", "Paged attention")
+def test_paged_attention_runs_the_tiny_llama():
+    _graded("llama_72")
+
+
+@pytest.mark.exercise("7.3", "Prefix caching")
+def test_block_hashes():
+    _graded("hashes")
+
+
+@pytest.mark.exercise("7.3", "Prefix caching")
+def test_prefix_caching_block_manager():
+    _graded("prefix")
+
+
+@pytest.mark.exercise("7.3", "Prefix caching")
+def test_prefix_caching_runs_the_tiny_llama():
+    _graded("prefix_llama")
+
+
+# ------------------------------------------------------------- planted wrong answers (not an exercise)
+
+def _planted_job(rank, world_size, names):
+    from tests.graders import planted_ch07_kv_cache as planted
+    out = {}
+    for name in names:
+        variant, impl = {**planted.VARIANTS, **planted.ALTERNATIVES}[name], planted.build(name)
+        try:
+            out[name] = [f for check in variant.checks for f in CHECKS[check](impl)]
+        except NotImplementedError:
+            raise
+        except Exception as exc:
+            out[name] = [f"{type(exc).__name__}: {exc}"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def planted_results():
+    pytest.importorskip("solutions.prefix_cache", reason="the reference answers are absent (instructor grading)")
+    from tests.graders import planted_ch07_kv_cache as planted
+    return launch(_planted_job, 1, list(planted.VARIANTS), show_output=False, timeout=120)[0]
+
+
+def _variant_names():
+    import ast
+    import pathlib
+    tree = ast.parse((pathlib.Path(__file__).parent / "planted_ch07_kv_cache.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "VARIANTS":
+            return [k.value for k in node.value.keys]
+    return []
+
+
+@pytest.mark.parametrize("name", _variant_names())
+def test_planted_mistakes_are_caught(planted_results, name):
+    from tests.graders import planted_ch07_kv_cache as planted
+    variant = planted.VARIANTS[name]
+    failures = planted_results[name]
+    assert failures, f"planted mistake {name!r} ({variant.what}) passed the {variant.checks} checks"
+    assert any(word in failures[0] for word in variant.points_at), (
+        f"planted mistake {name!r} ({variant.what}) was caught, but the first message does not point at it "
+        f"(expected one of {variant.points_at}): {failures[0]}")
+
+
+def test_valid_alternatives_pass():
+    """Answers written differently (another free-list order, SDPA, another hash function) pass the same checks:
+    the graders grade the mechanism, not one way of writing it."""
+    pytest.importorskip("solutions.prefix_cache", reason="the reference answers are absent")
+    from tests.graders import planted_ch07_kv_cache as planted
+    results = launch(_planted_job, 1, list(planted.ALTERNATIVES), show_output=False, timeout=120)[0]
+    for name, failures in results.items():
+        assert not failures, f"valid alternative {name!r} ({planted.ALTERNATIVES[name].what}) failed: {failures[0]}"
+
+
+def test_reference_passes_every_check():
+    pytest.importorskip("solutions.prefix_cache", reason="the reference answers are absent")
+    from tests.graders import planted_ch07_kv_cache as planted
+    cheap = [name for name in CHECKS if "llama" not in name]       # the graded tests run the model checks
+    failures = launch(_run, 1, cheap, planted.build(None), show_output=False, timeout=120)[0]
+    assert not failures, "\n".join(failures[:6])
