@@ -67,7 +67,8 @@ def transfer_bytes(num_tokens: int, num_layers: int, kv_heads: int, head_dim: in
 @dataclass
 class DisaggregatedRun:
     """tokens[i]: the new ids of prompt i (max_new_tokens of them, the first from the prefill worker);
-    transfers[i]: {"prompt", "decode_rank", "tokens", "blocks", "bytes", "peers", "ops"} as rank 0 saw them;
+    transfers[i]: {"prompt", "decode_rank", "tokens", "blocks", "bytes", "peers", "ops", "seconds"} as rank 0 saw
+    them (seconds: wall time of its sends);
     outputs: every rank's printed text."""
     tokens: list
     transfers: list
@@ -100,7 +101,7 @@ def disaggregated_worker(rank, world_size, prompts, max_new_tokens: int, num_blo
                 disaggregation.send_kv(engine.pool, table, len(prompt), first, dst)
             transfers.append({"prompt": i, "decode_rank": dst, "tokens": len(prompt), "blocks": len(table),
                               "bytes": trace.total_bytes(), "peers": sorted({r.peer for r in trace.records}),
-                              "ops": len(trace.records)})
+                              "ops": len(trace.records), "seconds": sum(r.seconds for r in trace.records)})
             engine.free(i)                                 # the KV now lives on the decode rank
             print(f"prompt {i}: {len(prompt)} tokens, blocks {table} -> rank {dst}: {trace.total_bytes():,d} B")
         return transfers
@@ -276,11 +277,15 @@ def plot_tradeoff(rows: list[dict]):
     fig, ax = plt.subplots(figsize=(8.5, 3.8), constrained_layout=True)
     labels = [f"{r['prompt_len']} tok\n{r['link']}" for r in rows]
     x = torch.arange(len(rows)).float()
-    ax.bar(x - 0.2, [r["colocated_itl_p99"] * 1e3 for r in rows], 0.4, label="colocated (1 device)",
-           color="tab:red")
-    ax.bar(x + 0.2, [r["disaggregated_itl_p99"] * 1e3 for r in rows], 0.4,
-           label="disaggregated (prefill + decode device)", color="tab:green")
+    for offset, key, label, colour in ((-0.2, "colocated_itl_p99", "colocated (1 device)", "tab:red"),
+                                       (0.2, "disaggregated_itl_p99", "disaggregated\n(prefill + decode device)",
+                                        "tab:green")):
+        values = [r[key] * 1e3 for r in rows]
+        bars = ax.bar(x + offset, values, 0.4, label=label, color=colour)
+        ax.bar_label(bars, [f"{v:.0f}" for v in values], fontsize=7, padding=1)
+    ax.set_yscale("log")
+    ax.set_ylim(top=max(max(r["colocated_itl_p99"], r["disaggregated_itl_p99"]) for r in rows) * 1e3 * 3)
     ax.set_xticks(x.tolist(), labels, fontsize=8)
-    ax.set_ylabel("ITL p99 of running decodes (ms)")
+    ax.set_ylabel("ITL p99, running decodes (ms)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return fig
