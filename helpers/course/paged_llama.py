@@ -7,7 +7,8 @@
 
     engine = PagedLlama(num_blocks=32, block_size=16, prefix_caching=True)
     new_ids = engine.generate(prompts, max_new_tokens=20)
-    engine.stats            # {"prefill_tokens": computed, "cached_tokens": found in the prefix cache, ...}
+    engine.stats            # {"prefill_tokens": computed, "cached_tokens": found in the prefix cache,
+                            #  "preemptions", "peak_blocks_used", "peak_running": the largest decode batch, ...}
     engine.manager          # the block manager (exercise 7.1, or 7.3 with prefix_caching=True)
     engine.pool             # the KV pools (helpers/course/kv_cache.py)
 
@@ -78,7 +79,7 @@ class PagedLlama:
         else:
             self.manager = self.paged.BlockManager(num_blocks, block_size)
         self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "decode_tokens": 0, "decode_steps": 0,
-                      "preemptions": 0, "peak_blocks_used": 0}
+                      "preemptions": 0, "peak_blocks_used": 0, "peak_running": 0}
 
     # ------------------------------------------------------------------------------ the forward passes
     def _project_qkv(self, layer, h: torch.Tensor, positions: torch.Tensor):
@@ -225,6 +226,7 @@ class PagedLlama:
                 self.free(victim)
                 waiting.appendleft(victim)
                 self.stats["preemptions"] += 1
+            self.stats["peak_running"] = max(self.stats["peak_running"], len(running))
             logits = self.decode(running, [new[r][-1] for r in running])
             for r, row in zip(running, logits):
                 new[r].append(int(row.argmax()))
