@@ -116,7 +116,7 @@ def async_sgd(rank: int, world_size: int, lr: float = 0.05, steps: int = 30, del
     tl, msg = Timeline(rank), torch.zeros(FEATURES + 1, dtype=torch.float64)
     dist.barrier()
     if rank == 0:
-        return _serve(A, b, lr, steps * workers, workers, tl, msg)
+        return server_loop(A, b, lr, steps * workers, workers, tl, msg)
     A_k, b_k = shard(A, b, rank - 1, workers)
     delay = (delays_ms[rank - 1] if delays_ms else 0) / 1e3
     with tl.span("comm", step=-1):
@@ -132,7 +132,7 @@ def async_sgd(rank: int, world_size: int, lr: float = 0.05, steps: int = 30, del
     return {"events": tl.events}
 
 
-def _serve(A, b, lr, updates, workers, tl, msg):
+def server_loop(A, b, lr, updates, workers, tl, msg):
     """The server loop: apply each pushed gradient at once, whoever sent it; reply with the new weights."""
     w, version = torch.zeros(FEATURES, dtype=torch.float64), 0
     losses, staleness, schedule = [], [], []
