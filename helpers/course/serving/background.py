@@ -189,7 +189,9 @@ class Launcher:
                                         env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         start_new_session=True)
         self._lock, self._answer = threading.Lock(), threading.Condition()
-        self._started: list[int] = []
+        self._ids = iter(range(1, 1 << 62))
+        self._started: dict[int, int] = {}   # command id -> pid
+        self._abandoned: set[int] = set()    # commands whose caller stopped waiting (Ctrl-C): kill what they start
         self._exits: dict[int, int] = {}
         self.alive = True
         threading.Thread(target=self._read, name="server-launcher", daemon=True).start()
@@ -198,8 +200,11 @@ class Launcher:
         for line in self.process.stdout:
             message = json.loads(line)
             with self._answer:
-                if "started" in message:
-                    self._started.append(message["started"])
+                if "started" in message and message["id"] in self._abandoned:
+                    self._abandoned.discard(message["id"])
+                    _kill(message["started"])
+                elif "started" in message:
+                    self._started[message["id"]] = message["started"]
                 elif "exited" in message:
                     self._exits[message["exited"]] = message["code"]
                 self._answer.notify_all()
@@ -209,17 +214,22 @@ class Launcher:
 
     def start(self, argv: list[str], environment: dict, log_path: str) -> LaunchedProcess | None:
         """Fork a server running `python -m helpers.course.serving argv`; None if the launcher is gone."""
-        command = {"argv": argv, "env": environment, "cwd": str(ROOT), "log": log_path}
-        with self._lock:   # one command at a time, so the next "started" answer is this one's
+        with self._lock:
+            command = {"id": next(self._ids), "argv": argv, "env": environment, "cwd": str(ROOT), "log": log_path}
             try:
                 self.process.stdin.write((json.dumps(command) + "\n").encode())
                 self.process.stdin.flush()
             except (OSError, ValueError):
                 return None
-            with self._answer:
-                while not self._started and self.alive:
+        with self._answer:
+            try:
+                while command["id"] not in self._started and self.alive:
                     self._answer.wait()
-                return LaunchedProcess(self._started.pop(0), self) if self._started else None
+            except BaseException:   # interrupted while the launcher forks: the server it starts has no owner
+                self._abandoned.add(command["id"])
+                raise
+            pid = self._started.pop(command["id"], None)
+        return None if pid is None else LaunchedProcess(pid, self)
 
     def exit_code(self, pid: int) -> int | None:
         with self._answer:
@@ -249,6 +259,14 @@ def _source_stamp() -> float:
     """Newest modification time of the code the launcher preloads: a newer one means start a new launcher."""
     files = [*(ROOT / "helpers" / "course" / "serving").glob("*.py"), ROOT / "helpers" / "course" / "tiny_llama.py"]
     return max(f.stat().st_mtime for f in files if f.exists())
+
+
+def _kill(pid: int) -> None:
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _alive(pid: int) -> bool:

@@ -13,9 +13,9 @@ Nothing the learner writes is imported here: the policy (exercise 6.2) and the t
 imported by each server as it starts, so a new server always runs the current `labs/` code.
 
 Protocol, one JSON object per line:
-    stdin   {"argv": [...], "env": {...}, "cwd": "...", "log": "/tmp/..."}   start a server
-    stdout  {"started": pid}                                                 the child's pid (in order)
-            {"exited": pid, "code": c}                                       a child ended (c < 0: signal)
+    stdin   {"id": n, "argv": [...], "env": {...}, "cwd": "...", "log": "/tmp/..."}   start a server
+    stdout  {"id": n, "started": pid}            the server's pid
+            {"exited": pid, "code": c}           a server ended (c < 0: killed by signal -c)
 The launcher exits when stdin closes.
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ def main() -> None:
                         sys.stderr.flush()
                     finally:
                         os._exit(code)
-            _send({"started": pid})
+            _send({"id": command["id"], "started": pid})
 
 
 if __name__ == "__main__":
