@@ -79,12 +79,12 @@ def run():
           f"{p99['disaggregated'] / p99['colocated']:.2f}")
 
     print("\n3. When it pays (the decode device waits for each transfer, as a blocking recv_kv does)")
-    print(f"   {'prompt':>6} {'link':<10} {'transfer':>10} {'ITL p99 colocated':>18} {'ITL p99 disaggregated':>22} "
-          f"{'prefill device busy':>20}")
+    print(f"   {'prompt':>6} {'link':<10} {'transfer':>10} {'per token':>10} {'ITL p99 colocated':>18} "
+          f"{'ITL p99 disaggregated':>22} {'prefill device busy':>20}")
     for r in tradeoff():
         print(f"   {r['prompt_len']:>6} {r['link']:<10} {r['transfer_ms']:>7.2f} ms "
-              f"{r['colocated_itl_p99'] * 1e3:>15.1f} ms {r['disaggregated_itl_p99'] * 1e3:>19.1f} ms "
-              f"{r['prefill_busy']:>20.0%}")
+              f"{r['transfer_ms_per_token']:>7.4f} ms {r['colocated_itl_p99'] * 1e3:>15.1f} ms "
+              f"{r['disaggregated_itl_p99'] * 1e3:>19.1f} ms {r['prefill_busy']:>20.0%}")
     print(f"   break-even bandwidth: {break_even_bandwidth() / 1e6:.0f} MB/s (4,096 B per prompt token moved in the "
           f"0.1 ms it takes to compute);\n   below it a blocking transfer stalls the decodes longer than the prefill "
           f"did")

@@ -262,7 +262,9 @@ def tradeoff(prompt_lens=(64, 2048), links: dict | None = None, workload: Worklo
         colocated = run_workload(w, max(8192, n), False, cost, schedule_step, "colocated")
         for name, link in links.items():
             disagg = run_disaggregated_model(w, link, cost, overlap=overlap)
-            rows.append({"prompt_len": n, "link": name, "transfer_ms": link.seconds(transfer_bytes(n, 4, 4, 32)) * 1e3,
+            transfer_ms = link.seconds(transfer_bytes(n, 4, 4, 32)) * 1e3
+            rows.append({"prompt_len": n, "link": name, "transfer_ms": transfer_ms,
+                         "transfer_ms_per_token": transfer_ms / n,
                          "colocated_itl_p99": percentile(colocated.itls(w.decoder_ids), 99),
                          "disaggregated_itl_p99": percentile(disagg.itls(w.decoder_ids), 99),
                          "colocated_ttft_p50": percentile(colocated.ttfts(), 50),

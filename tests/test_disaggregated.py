@@ -1,0 +1,64 @@
+"""helpers/course/disaggregated.py: the prefill and decode workers on real ranks (same tokens, bytes = formula),
+and the modelled comparison's promises (decodes never wait for a prompt; a blocking transfer on a slow link does
+stall them; the break-even bandwidth separates the two)."""
+import pytest
+import torch
+
+from helpers.claims import tolerance
+from helpers.course.disaggregated import Link, break_even_bandwidth, run_disaggregated, run_disaggregated_model, \
+    transfer_bytes, tradeoff
+from helpers.course.engine_loop import Workload, step_seconds
+from helpers.course.tiny_llama import PROMPT, encode, generate, load_model
+
+
+def whole_prompts_first(running, waiting, token_budget, chunked=True):
+    """A colocated engine without chunking: decodes, then whole waiting prompts while they fit the budget."""
+    schedule = [(r, 1) for r in running if r.prefilled]
+    left = token_budget - len(schedule)
+    for r in [r for r in running if not r.prefilled] + list(waiting):
+        if r.remaining_prompt > left:
+            break
+        schedule.append((r, r.remaining_prompt))
+        left -= r.remaining_prompt
+    return schedule
+
+
+def test_real_ranks_same_tokens_and_bytes_equal_the_formula(monkeypatch):
+    pytest.importorskip("solutions.disaggregation", reason="the reference answers are absent")
+    monkeypatch.setenv("COURSE_IMPL", "solutions")
+    prompts = [encode(PROMPT), encode("We hold these truths to be self-evident"), encode("The Fox and the Grapes")]
+    run = run_disaggregated(prompts, 5, decode_ranks=2, show_output=False)
+    model = load_model()
+    assert run.tokens == [generate(model, p, 5) for p in prompts]
+    for i, (prompt, transfer) in enumerate(zip(prompts, run.transfers)):
+        assert transfer["decode_rank"] == 1 + i % 2 and transfer["peers"] == [transfer["decode_rank"]]
+        assert transfer["bytes"] == transfer_bytes(len(prompt), 4, 4, 32)
+
+
+def test_decodes_never_wait_for_a_prompt_when_the_transfer_overlaps():
+    workload = Workload()
+    result = run_disaggregated_model(workload, overlap=True)
+    assert all(r.generated == r.max_tokens for r in result.requests)
+    widest = max(len(s.decodes) for s in result.steps)
+    longest = step_seconds(widest, 0)
+    # every gap after a request's second token is one decode step (the first gap is the hand-over itself)
+    gaps = [b - a for r in result.requests for a, b in zip(r.token_times[1:], r.token_times[2:])]
+    # the clock is a float64 sum of the step times: one rounding per step at the scale of the makespan
+    end = max(r.token_times[-1] for r in result.requests)
+    assert max(gaps) <= longest + tolerance(end, torch.float64, factor=2 * len(result.steps))
+
+
+def test_a_blocking_transfer_on_a_slow_link_stalls_the_decodes():
+    workload, link = Workload(), Link(gbytes_per_s=0.01, latency_ms=1.0)
+    result = run_disaggregated_model(workload, link, overlap=False)
+    stall = link.seconds(transfer_bytes(workload.long_prompt, 4, 4, 32))
+    assert max(result.itls(workload.decoder_ids)) >= stall
+
+
+def test_break_even_bandwidth_separates_paying_from_not():
+    bandwidth = break_even_bandwidth()
+    links = {"2x": Link(2 * bandwidth / 1e9, 0.0), "half": Link(bandwidth / 2 / 1e9, 0.0)}
+    rows = tradeoff(prompt_lens=(2048,), links=links, schedule_step=whole_prompts_first)
+    by_link = {r["link"]: r for r in rows}
+    assert by_link["2x"]["disaggregated_itl_p99"] < by_link["2x"]["colocated_itl_p99"]
+    assert by_link["half"]["disaggregated_itl_p99"] > by_link["half"]["colocated_itl_p99"]
