@@ -183,7 +183,8 @@ def bubble_verdict(schedule: str, result: "SimResult", p: int, m: int, virtual: 
     formula = FORMULAS[schedule]
     if holds:
         return verdict(abs(result.bubble - theory) <= _EXACT,
-                       f"simulated bubble {result.bubble:.3f} = paper's {formula} = {theory:.3f} (it holds for {condition})")
+                       f"simulated bubble {result.bubble:.3f} = paper's {formula} = {theory:.3f} "
+                       f"(it holds for {condition})")
     real = expected_bubble(schedule, p, m, virtual, f, b, w)
     if real is not None:
         return verdict(abs(result.bubble - real) <= _EXACT and abs(result.bubble - theory) > _EXACT,
@@ -332,8 +333,14 @@ def explore(one_f_one_b=None):
         except (ValueError, NotImplementedError) as exc:
             print(f"{schedule}: {exc}")
 
-    return W.interact(view, schedule=W.Dropdown(options=SCHEDULES, value="1F1B"),
-                      stages=W.IntSlider(4, 1, 8), micro_batches=W.IntSlider(8, 1, 24),
-                      virtual=W.IntSlider(2, 1, 4), f=W.FloatSlider(1.0, min=0.25, max=3, step=0.25),
-                      b=W.FloatSlider(1.0, min=0.25, max=3, step=0.25),
-                      w=W.FloatSlider(1.0, min=0.0, max=3, step=0.25))
+    wide = {"description_width": "initial"}      # whole labels, not "micro_bat…"
+    return W.interact(view, schedule=W.Dropdown(options=SCHEDULES, value="1F1B", description="schedule", style=wide),
+                      stages=W.IntSlider(4, 1, 8, description="stages p", style=wide),
+                      micro_batches=W.IntSlider(8, 1, 24, description="micro-batches m", style=wide),
+                      virtual=W.IntSlider(2, 1, 4, description="virtual stages v", style=wide),
+                      f=W.FloatSlider(1.0, min=0.25, max=3, step=0.25, readout_format=".2f",
+                                      description="F cost", style=wide),
+                      b=W.FloatSlider(1.0, min=0.25, max=3, step=0.25, readout_format=".2f",
+                                      description="B cost", style=wide),
+                      w=W.FloatSlider(1.0, min=0.0, max=3, step=0.25, readout_format=".2f",
+                                      description="W cost", style=wide))
