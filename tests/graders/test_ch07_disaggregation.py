@@ -123,6 +123,9 @@ class GraderBlockManager:
     def num_free_blocks(self):
         return len(self.free_blocks)
 
+    def blocks_needed(self, num_tokens):
+        return blocks_for(num_tokens, self.block_size)
+
     def allocate(self, seq_id, num_tokens):
         self.calls.append(("allocate", seq_id, num_tokens))
         if seq_id in self.tables:
