@@ -53,6 +53,13 @@ within `helpers.claims.tolerance`):
     engine = PagedLlama(num_blocks=64, prefix_caching=True)                       # shared system prompt:
     engine.stats["prefill_tokens"], engine.stats["cached_tokens"], engine.manager.hit_rate
 
+`block_owners(engine.manager)` lists, per block id, the sequences holding it (several for a shared prefix
+block) or "cached" / "free": the data for a picture of the pool.
+
+Chunked prefill: `prefill(seq_id, token_ids[:end], start)` computes positions start .. end-1 after
+`manager.allocate` of the whole prompt. With prefix caching, allocate registers the prompt's full blocks in
+the cache at once, so finish a prompt's prefill before admitting another that could hit its blocks.
+
 `python -m helpers.bench paged_kv` prints the chapter's figures (bytes padded vs paged, sequences that fit
 a budget, TTFT with and without prefix caching at a 90 % shared prefix).
 """
@@ -67,7 +74,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from helpers.course.kv_cache import KVPool, OutOfBlocks
 from helpers.impl import load_impl
 
-__all__ = ["PagedLlama", "generate_paged", "check_against_transformers"]
+__all__ = ["PagedLlama", "generate_paged", "check_against_transformers", "block_owners"]
 
 
 class PagedLlama:
@@ -287,3 +294,14 @@ def check_against_transformers(engine: PagedLlama, token_ids, split: int | None 
         engine.free(seq)
     want = engine.model(input_ids=torch.tensor([token_ids + [next_id]])).logits[0, cached:]
     return got, want
+
+
+def block_owners(manager) -> list:
+    """Per block id: the list of sequences whose block table holds it; or "cached" for a block no sequence
+    holds whose keys and values stay in the prefix cache (evictable); or "free"."""
+    owners = [[] for _ in range(manager.num_blocks)]
+    for seq_id, table in manager.tables.items():
+        for block in table:
+            owners[block].append(seq_id)
+    evictable = getattr(manager, "evictable", {})
+    return [held or ("cached" if block in evictable else "free") for block, held in enumerate(owners)]
