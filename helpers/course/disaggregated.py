@@ -36,7 +36,8 @@
    or with the transfer (blocking: latency + bytes_per_token / bandwidth per token). So it pays for long
    prompts on a fast link; it does not for a link slower than bytes_per_token / prefill_per_token_ms
    (`break_even_bandwidth`), and short prompts gain little (their stall was short) while the prefill device
-   sits mostly idle (`LoopResult.busy` below): that device could have been a second colocated replica.
+   sits mostly idle (the result's `busy` fractions): a second device bought for little. `tradeoff` runs the
+   grid (prompt length × link) with the blocking transfer of the real ranks above.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ from helpers.course.serving.device_time import DeviceCost
 
 __all__ = ["DisaggregatedRun", "disaggregated_worker", "run_disaggregated", "transfer_bytes", "Link",
            "run_disaggregated_model", "run_colocated_replicas", "compare_disaggregation", "tradeoff",
-           "break_even_bandwidth", "plot_tradeoff"]
+           "break_even_bandwidth", "plot_tradeoff", "plot_handover"]
 
 HEADER_BYTES = 16                    # the protocol's int64 header [num_tokens, first_token]
 
@@ -67,11 +68,13 @@ def transfer_bytes(num_tokens: int, num_layers: int, kv_heads: int, head_dim: in
 @dataclass
 class DisaggregatedRun:
     """tokens[i]: the new ids of prompt i (max_new_tokens of them, the first from the prefill worker);
-    transfers[i]: {"prompt", "decode_rank", "tokens", "blocks", "bytes", "peers", "ops", "seconds"} as rank 0 saw
-    them (seconds: wall time of its sends);
+    transfers[i]: {"prompt", "decode_rank", "tokens", "blocks", "table", "bytes", "peers", "ops", "seconds"} as
+    rank 0 saw them (table: its block ids; seconds: wall time of its sends);
+    decode_tables[i]: the block ids prompt i got in its decode rank's own pool;
     outputs: every rank's printed text."""
     tokens: list
     transfers: list
+    decode_tables: list
     outputs: list
 
 
@@ -82,7 +85,7 @@ def _decode_rank_of(prompt_index: int, world_size: int) -> int:
 def disaggregated_worker(rank, world_size, prompts, max_new_tokens: int, num_blocks: int = 64,
                          block_size: int = 16):
     """Rank 0: prefill every prompt and send its KV (send_kv); ranks 1..: receive (recv_kv) and decode.
-    Returns, on rank 0, the list of transfers; on a decode rank, {prompt index: new ids}."""
+    Returns, on rank 0, the list of transfers; on a decode rank, {prompt index: (new ids, its block table)}."""
     from helpers import load_impl
     from helpers.comm_trace import CommTracer
     from helpers.course.paged_llama import PagedLlama
@@ -100,16 +103,17 @@ def disaggregated_worker(rank, world_size, prompts, max_new_tokens: int, num_blo
             with CommTracer() as trace:
                 disaggregation.send_kv(engine.pool, table, len(prompt), first, dst)
             transfers.append({"prompt": i, "decode_rank": dst, "tokens": len(prompt), "blocks": len(table),
+                              "table": list(table),
                               "bytes": trace.total_bytes(), "peers": sorted({r.peer for r in trace.records}),
                               "ops": len(trace.records), "seconds": sum(r.seconds for r in trace.records)})
             engine.free(i)                                 # the KV now lives on the decode rank
             print(f"prompt {i}: {len(prompt)} tokens, blocks {table} -> rank {dst}: {trace.total_bytes():,d} B")
         return transfers
     mine = [i for i in range(len(prompts)) if _decode_rank_of(i, world_size) == rank]
-    new = {}
+    new, tables = {}, {}
     for i in mine:
         got = disaggregation.recv_kv(engine.pool, engine.manager, i, src=0)
-        new[i] = [got.first_token]
+        new[i], tables[i] = [got.first_token], list(got.block_table)
         print(f"prompt {i}: {got.num_tokens} tokens into my blocks {got.block_table}, first token {got.first_token}")
     running = [i for i in mine if len(new[i]) < max_new_tokens]
     while running:
@@ -119,7 +123,7 @@ def disaggregated_worker(rank, world_size, prompts, max_new_tokens: int, num_blo
         for i in [i for i in running if len(new[i]) == max_new_tokens]:
             running.remove(i)
             engine.free(i)
-    return new
+    return {i: (new[i], tables[i]) for i in mine}
 
 
 def run_disaggregated(prompts, max_new_tokens: int, decode_ranks: int = 1, num_blocks: int = 64,
@@ -129,11 +133,52 @@ def run_disaggregated(prompts, max_new_tokens: int, decode_ranks: int = 1, num_b
     prompts = [[int(t) for t in p] for p in prompts]
     results = launch(disaggregated_worker, 1 + decode_ranks, prompts, max_new_tokens, num_blocks, block_size,
                      show_output=show_output, timeout=timeout)
-    tokens = [None] * len(prompts)
+    tokens, tables = [None] * len(prompts), [None] * len(prompts)
     for per_rank in results[1:]:
-        for i, ids in per_rank.items():
-            tokens[i] = ids
-    return DisaggregatedRun(tokens, results[0], results.outputs)
+        for i, (ids, table) in per_rank.items():
+            tokens[i], tables[i] = ids, table
+    return DisaggregatedRun(tokens, results[0], tables, results.outputs)
+
+
+def plot_handover(run: DisaggregatedRun):
+    """Who holds which blocks: the prefill rank's pool on top, each decode rank's own pool below (side by side),
+    one box per block id, coloured and labelled by the prompt whose K/V it holds (the prefill rank's boxes as
+    they were when the prompt was sent: it frees them after). An arrow per prompt, with the bytes rank 0 sent."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    decode_ranks = sorted({t["decode_rank"] for t in run.transfers})
+    top_width = 1 + max(max(t["table"]) for t in run.transfers)
+    widths = {r: 1 + max(max(table) for t, table in zip(run.transfers, run.decode_tables) if t["decode_rank"] == r)
+              for r in decode_ranks}
+    offsets, x = {}, 0
+    for r in decode_ranks:
+        offsets[r], x = x, x + widths[r] + 1.5
+    fig, ax = plt.subplots(figsize=(9, 3.2), constrained_layout=True)
+    colours = plt.get_cmap("tab10")
+
+    def box(x0, y, i):
+        ax.add_patch(Rectangle((x0, y), 0.9, 0.5, color=colours(i % 10), alpha=0.85))
+        ax.text(x0 + 0.45, y + 0.25, str(i), ha="center", va="center", fontsize=7, color="white")
+
+    for i, (transfer, table) in enumerate(zip(run.transfers, run.decode_tables)):
+        offset = offsets[transfer["decode_rank"]]
+        for block in transfer["table"]:
+            box(block, 2.0, i)
+        for block in table:
+            box(offset + block, 0.0, i)
+        start = sum(transfer["table"]) / len(transfer["table"]) + 0.45
+        end = offset + sum(table) / len(table) + 0.45
+        ax.annotate("", xy=(end, 0.55), xytext=(start, 1.95),
+                    arrowprops={"arrowstyle": "->", "color": colours(i % 10), "linewidth": 1})
+        ax.text(start + 0.25 * (end - start), 1.55, f"{transfer['bytes'] / 1024:.0f} KiB", fontsize=7,
+                color=colours(i % 10), ha="center", va="center", backgroundcolor="white")
+    for r in decode_ranks:
+        ax.text(offsets[r], -0.25, f"rank {r} (decode): its own block ids 0..{widths[r] - 1}", fontsize=8, va="top")
+    ax.text(0, 2.6, f"rank 0 (prefill): block ids 0..{top_width - 1}", fontsize=8, va="bottom")
+    ax.set_xlim(-0.3, max(top_width, x - 1.5) + 0.3)
+    ax.set_ylim(-0.8, 3.0)
+    ax.axis("off")
+    return fig
 
 
 # ------------------------------------------------------------------------------------ modelled time
