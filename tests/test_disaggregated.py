@@ -35,6 +35,18 @@ def test_real_ranks_same_tokens_and_bytes_equal_the_formula(monkeypatch):
         assert transfer["bytes"] == transfer_bytes(len(prompt), 4, 4, 32)
 
 
+def test_two_prefill_ranks_feed_two_decode_ranks(monkeypatch):
+    pytest.importorskip("solutions.disaggregation", reason="the reference answers are absent")
+    monkeypatch.setenv("COURSE_IMPL", "solutions")
+    prompts = [encode(PROMPT)[:n] for n in (30, 9, 17, 25, 16)]
+    run = run_disaggregated(prompts, 4, decode_ranks=2, prefill_ranks=2, show_output=False)
+    model = load_model()
+    assert run.tokens == [generate(model, p, 4) for p in prompts]
+    pairs = {(t["prefill_rank"], t["decode_rank"]) for t in run.transfers}
+    assert pairs == {(0, 2), (0, 3), (1, 2), (1, 3)}           # every prefill rank feeds every decode rank
+    assert all(t["peers"] == [t["decode_rank"]] for t in run.transfers)
+
+
 def test_decodes_never_wait_for_a_prompt_when_the_transfer_overlaps():
     workload = Workload()
     result = run_disaggregated_model(workload, overlap=True)

@@ -4,7 +4,7 @@
 
     run = run_disaggregated([encode(PROMPT), encode("We hold these truths")], max_new_tokens=20, decode_ranks=2)
     run.tokens          # new ids of each prompt: the same as helpers.course.tiny_llama.generate gives
-    run.transfers       # per prompt: which decode rank got it, its tokens, blocks and the bytes rank 0 sent
+    run.transfers       # per prompt: its prefill and decode rank, its tokens, blocks and the bytes sent
     results = compare_disaggregation()      # modelled device time: {"colocated": LoopResult, ..., "disaggregated": ...}
 
 1. On real ranks (`disaggregated_worker`, run by `run_disaggregated` through helpers.launch). Rank 0 is the
@@ -15,7 +15,8 @@
    it has handed a sequence on. Ranks 1 .. n are decode workers: each receives its prompts with `recv_kv`
    into blocks of its own pool (whatever ids its own block manager hands out), then decodes them together,
    one token per sequence per step (PagedLlama.decode: paged attention, exercise 7.2), until each has
-   max_new_tokens. Prompt i goes to decode rank 1 + i mod n. Rank 0 counts what it sends with CommTracer;
+   max_new_tokens. Prompt i goes to decode rank 1 + i mod n (`route`; with prefill_ranks > 1 several prefill
+   workers feed the decode workers: "xPyD"). Each prefill rank counts what it sends with CommTracer;
    the bytes per prompt equal the formula of the protocol: 16 B of header + layers × 2 × whole blocks ×
    block_size × kv_heads × head_dim × 4 B (`transfer_bytes`), 4,096 B per token for the tiny Llama,
    rounded up to whole blocks.
@@ -49,7 +50,7 @@ from helpers.course.engine_loop import LoopResult, Request, StepRecord, Workload
     step_seconds
 from helpers.course.serving.device_time import DeviceCost
 
-__all__ = ["DisaggregatedRun", "disaggregated_worker", "run_disaggregated", "transfer_bytes", "Link",
+__all__ = ["DisaggregatedRun", "route", "disaggregated_worker", "run_disaggregated", "transfer_bytes", "Link",
            "run_disaggregated_model", "run_colocated_replicas", "compare_disaggregation", "tradeoff",
            "break_even_bandwidth", "plot_tradeoff", "plot_handover"]
 
@@ -67,9 +68,9 @@ def transfer_bytes(num_tokens: int, num_layers: int, kv_heads: int, head_dim: in
 
 @dataclass
 class DisaggregatedRun:
-    """tokens[i]: the new ids of prompt i (max_new_tokens of them, the first from the prefill worker);
-    transfers[i]: {"prompt", "decode_rank", "tokens", "blocks", "table", "bytes", "peers", "ops", "seconds"} as
-    rank 0 saw them (table: its block ids; seconds: wall time of its sends);
+    """tokens[i]: the new ids of prompt i (max_new_tokens of them, the first from its prefill worker);
+    transfers[i]: {"prompt", "prefill_rank", "decode_rank", "tokens", "blocks", "table", "bytes", "peers", "ops",
+    "seconds"} as its prefill rank saw them (table: its block ids; seconds: wall time of its sends);
     decode_tables[i]: the block ids prompt i got in its decode rank's own pool;
     outputs: every rank's printed text."""
     tokens: list
@@ -78,43 +79,55 @@ class DisaggregatedRun:
     outputs: list
 
 
-def _decode_rank_of(prompt_index: int, world_size: int) -> int:
-    return 1 + prompt_index % (world_size - 1)
+def route(prompt_index: int, prefill_ranks: int, world_size: int) -> tuple[int, int]:
+    """(prefill rank, decode rank) of a prompt: ranks 0 .. prefill_ranks-1 prefill, the others decode. Prompts
+    are dealt round-robin to the prefill ranks and, shifted by one each round, to the decode ranks, so every
+    prefill rank feeds every decode rank (with one prefill rank: prompt i goes to decode rank 1 + i mod n)."""
+    decode_ranks = world_size - prefill_ranks
+    turn, prefill = divmod(prompt_index, prefill_ranks)
+    return prefill, prefill_ranks + (turn + prefill) % decode_ranks
 
 
 def disaggregated_worker(rank, world_size, prompts, max_new_tokens: int, num_blocks: int = 64,
-                         block_size: int = 16):
-    """Rank 0: prefill every prompt and send its KV (send_kv); ranks 1..: receive (recv_kv) and decode.
-    Returns, on rank 0, the list of transfers; on a decode rank, {prompt index: (new ids, its block table)}."""
+                         block_size: int = 16, prefill_ranks: int = 1):
+    """Ranks < prefill_ranks: prefill their prompts and send each one's KV (send_kv); the others: receive theirs
+    (recv_kv), in prompt order, and decode them. Returns, on a prefill rank, {prompt index: transfer}; on a
+    decode rank, {prompt index: (new ids, its block table)}.
+
+    Every rank handles its prompts in prompt order, so no two ranks wait on each other: the lowest prompt not
+    yet handed over has its prefill rank sending it and its decode rank receiving it."""
     from helpers import load_impl
     from helpers.comm_trace import CommTracer
     from helpers.course.paged_llama import PagedLlama
-    if world_size < 2:
-        raise ValueError("disaggregation needs a prefill rank and at least one decode rank: world_size >= 2")
+    if not 1 <= prefill_ranks < world_size:
+        raise ValueError(f"prefill_ranks={prefill_ranks} with world_size={world_size}: disaggregation needs at least "
+                         f"one prefill rank and one decode rank")
     disaggregation = load_impl("disaggregation")
     engine = PagedLlama(num_blocks=num_blocks, block_size=block_size)
-    if rank == 0:
-        transfers = []
-        for i, prompt in enumerate(prompts):
+    routes = [route(i, prefill_ranks, world_size) for i in range(len(prompts))]
+    if rank < prefill_ranks:
+        transfers = {}
+        for i in (i for i, (src, _) in enumerate(routes) if src == rank):
+            prompt, dst = prompts[i], routes[i][1]
             logits = engine.start(i, prompt)               # allocate this rank's blocks, prefill the prompt
             first = int(logits.argmax())
-            dst = _decode_rank_of(i, world_size)
             table = engine.manager.block_table(i)
             with CommTracer() as trace:
                 disaggregation.send_kv(engine.pool, table, len(prompt), first, dst)
-            transfers.append({"prompt": i, "decode_rank": dst, "tokens": len(prompt), "blocks": len(table),
-                              "table": list(table),
-                              "bytes": trace.total_bytes(), "peers": sorted({r.peer for r in trace.records}),
-                              "ops": len(trace.records), "seconds": sum(r.seconds for r in trace.records)})
+            transfers[i] = {"prompt": i, "prefill_rank": rank, "decode_rank": dst, "tokens": len(prompt),
+                            "blocks": len(table), "table": list(table), "bytes": trace.total_bytes(),
+                            "peers": sorted({r.peer for r in trace.records}), "ops": len(trace.records),
+                            "seconds": sum(r.seconds for r in trace.records)}
             engine.free(i)                                 # the KV now lives on the decode rank
             print(f"prompt {i}: {len(prompt)} tokens, blocks {table} -> rank {dst}: {trace.total_bytes():,d} B")
         return transfers
-    mine = [i for i in range(len(prompts)) if _decode_rank_of(i, world_size) == rank]
+    mine = [i for i, (_, dst) in enumerate(routes) if dst == rank]
     new, tables = {}, {}
     for i in mine:
-        got = disaggregation.recv_kv(engine.pool, engine.manager, i, src=0)
+        got = disaggregation.recv_kv(engine.pool, engine.manager, i, src=routes[i][0])
         new[i], tables[i] = [got.first_token], list(got.block_table)
-        print(f"prompt {i}: {got.num_tokens} tokens into my blocks {got.block_table}, first token {got.first_token}")
+        print(f"prompt {i}: {got.num_tokens} tokens from rank {routes[i][0]} into my blocks {got.block_table}, "
+              f"first token {got.first_token}")
     running = [i for i in mine if len(new[i]) < max_new_tokens]
     while running:
         logits = engine.decode(running, [new[i][-1] for i in running])
@@ -126,33 +139,43 @@ def disaggregated_worker(rank, world_size, prompts, max_new_tokens: int, num_blo
     return {i: (new[i], tables[i]) for i in mine}
 
 
-def run_disaggregated(prompts, max_new_tokens: int, decode_ranks: int = 1, num_blocks: int = 64,
-                      block_size: int = 16, show_output: bool = True, timeout: float | None = None):
-    """Launch 1 prefill rank + `decode_ranks` decode ranks on `prompts` (lists of ids); see the module doc."""
+def run_disaggregated(prompts, max_new_tokens: int, decode_ranks: int = 1, prefill_ranks: int = 1,
+                      num_blocks: int = 64, block_size: int = 16, show_output: bool = True,
+                      timeout: float | None = None) -> DisaggregatedRun:
+    """Launch `prefill_ranks` prefill ranks + `decode_ranks` decode ranks on `prompts` (lists of ids); see the
+    module doc."""
     from helpers import launch
     prompts = [[int(t) for t in p] for p in prompts]
-    results = launch(disaggregated_worker, 1 + decode_ranks, prompts, max_new_tokens, num_blocks, block_size,
-                     show_output=show_output, timeout=timeout)
+    results = launch(disaggregated_worker, prefill_ranks + decode_ranks, prompts, max_new_tokens, num_blocks,
+                     block_size, prefill_ranks, show_output=show_output, timeout=timeout)
+    transfers = [None] * len(prompts)
+    for per_rank in results[:prefill_ranks]:
+        for i, transfer in per_rank.items():
+            transfers[i] = transfer
     tokens, tables = [None] * len(prompts), [None] * len(prompts)
-    for per_rank in results[1:]:
+    for per_rank in results[prefill_ranks:]:
         for i, (ids, table) in per_rank.items():
             tokens[i], tables[i] = ids, table
-    return DisaggregatedRun(tokens, results[0], tables, results.outputs)
+    return DisaggregatedRun(tokens, transfers, tables, results.outputs)
 
 
 def plot_handover(run: DisaggregatedRun):
-    """Who holds which blocks: the prefill rank's pool on top, each decode rank's own pool below (side by side),
-    one box per block id, coloured and labelled by the prompt whose K/V it holds (the prefill rank's boxes as
-    they were when the prompt was sent: it frees them after). An arrow per prompt, with the bytes rank 0 sent."""
+    """Who holds which blocks: the prefill ranks' pools on top, the decode ranks' own pools below (side by side),
+    one box per block id, coloured and labelled by the prompt whose K/V it holds (a prefill rank's boxes as they
+    were when the prompt was sent: it frees them after). An arrow per prompt, with the bytes that were sent."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    decode_ranks = sorted({t["decode_rank"] for t in run.transfers})
-    top_width = 1 + max(max(t["table"]) for t in run.transfers)
-    widths = {r: 1 + max(max(table) for t, table in zip(run.transfers, run.decode_tables) if t["decode_rank"] == r)
-              for r in decode_ranks}
-    offsets, x = {}, 0
-    for r in decode_ranks:
-        offsets[r], x = x, x + widths[r] + 1.5
+
+    def layout(key, tables):
+        ranks = sorted({t[key] for t in run.transfers})
+        widths = {r: 1 + max(max(table) for t, table in zip(run.transfers, tables) if t[key] == r) for r in ranks}
+        offsets, x = {}, 0.0
+        for r in ranks:
+            offsets[r], x = x, x + widths[r] + 1.5
+        return ranks, widths, offsets, x - 1.5
+
+    prefill = layout("prefill_rank", [t["table"] for t in run.transfers])
+    decode = layout("decode_rank", run.decode_tables)
     fig, ax = plt.subplots(figsize=(9, 3.2), constrained_layout=True)
     colours = plt.get_cmap("tab10")
 
@@ -161,21 +184,23 @@ def plot_handover(run: DisaggregatedRun):
         ax.text(x0 + 0.45, y + 0.25, str(i), ha="center", va="center", fontsize=7, color="white")
 
     for i, (transfer, table) in enumerate(zip(run.transfers, run.decode_tables)):
-        offset = offsets[transfer["decode_rank"]]
+        top, bottom = prefill[2][transfer["prefill_rank"]], decode[2][transfer["decode_rank"]]
         for block in transfer["table"]:
-            box(block, 2.0, i)
+            box(top + block, 2.0, i)
         for block in table:
-            box(offset + block, 0.0, i)
-        start = sum(transfer["table"]) / len(transfer["table"]) + 0.45
-        end = offset + sum(table) / len(table) + 0.45
+            box(bottom + block, 0.0, i)
+        start = top + sum(transfer["table"]) / len(transfer["table"]) + 0.45
+        end = bottom + sum(table) / len(table) + 0.45
         ax.annotate("", xy=(end, 0.55), xytext=(start, 1.95),
                     arrowprops={"arrowstyle": "->", "color": colours(i % 10), "linewidth": 1})
-        ax.text(start + 0.25 * (end - start), 1.55, f"{transfer['bytes'] / 1024:.0f} KiB", fontsize=7,
+        along = 0.2 + 0.2 * (i % 3)                       # labels of neighbouring arrows at different heights
+        ax.text(start + along * (end - start), 1.95 - along * 1.4, f"{transfer['bytes'] / 1024:.0f} KiB", fontsize=7,
                 color=colours(i % 10), ha="center", va="center", backgroundcolor="white")
-    for r in decode_ranks:
-        ax.text(offsets[r], -0.25, f"rank {r} (decode): its own block ids 0..{widths[r] - 1}", fontsize=8, va="top")
-    ax.text(0, 2.6, f"rank 0 (prefill): block ids 0..{top_width - 1}", fontsize=8, va="bottom")
-    ax.set_xlim(-0.3, max(top_width, x - 1.5) + 0.3)
+    for (ranks, widths, offsets, _), y, kind in ((prefill, 2.6, "prefill"), (decode, -0.25, "decode")):
+        for r in ranks:
+            ax.text(offsets[r], y, f"rank {r} ({kind}): block ids 0..{widths[r] - 1}", fontsize=8,
+                    va="bottom" if kind == "prefill" else "top")
+    ax.set_xlim(-0.3, max(prefill[3], decode[3]) + 0.3)
     ax.set_ylim(-0.8, 3.0)
     ax.axis("off")
     return fig
