@@ -12,11 +12,12 @@
    (helpers/course/paged_llama.py's PagedLlama: its own pool, its own block manager), takes the first token
    from the last position's logits, hands the sequence's KV blocks and that token to a decode rank with
    `send_kv` (exercise 7.5, labs/disaggregation.py) and frees its blocks: a prefill worker keeps no KV once
-   it has handed a sequence on. Ranks 1 .. n are decode workers: each receives its prompts with `recv_kv`
-   into blocks of its own pool (whatever ids its own block manager hands out), then decodes them together,
-   one token per sequence per step (PagedLlama.decode: paged attention, exercise 7.2), until each has
-   max_new_tokens. Prompt i goes to decode rank 1 + i mod n (`route`; with prefill_ranks > 1 several prefill
-   workers feed the decode workers: "xPyD"). Each prefill rank counts what it sends with CommTracer;
+   it has handed a sequence on. Ranks 1 .. n are decode workers: between two decode steps each takes in one
+   finished prefill with `recv_kv`, into blocks of its own pool (whatever ids its own block manager hands
+   out), and every step decodes one token for each running sequence (PagedLlama.decode: paged attention,
+   exercise 7.2), until each has max_new_tokens: continuous batching fed by another process. Prompt i goes
+   to decode rank 1 + i mod n (`route`; with prefill_ranks > 1 several prefill workers feed the decode
+   workers: "xPyD"). Each prefill rank counts what it sends with CommTracer;
    the bytes per prompt equal the formula of the protocol: 16 B of header + layers × 2 × whole blocks ×
    block_size × kv_heads × head_dim × 4 B (`transfer_bytes`), 4,096 B per token for the tiny Llama,
    rounded up to whole blocks.
@@ -91,8 +92,8 @@ def route(prompt_index: int, prefill_ranks: int, world_size: int) -> tuple[int, 
 def disaggregated_worker(rank, world_size, prompts, max_new_tokens: int, num_blocks: int = 64,
                          block_size: int = 16, prefill_ranks: int = 1):
     """Ranks < prefill_ranks: prefill their prompts and send each one's KV (send_kv); the others: receive theirs
-    (recv_kv), in prompt order, and decode them. Returns, on a prefill rank, {prompt index: transfer}; on a
-    decode rank, {prompt index: (new ids, its block table)}.
+    (recv_kv), in prompt order, one between two decode steps, and decode them all. Returns, on a prefill rank,
+    {prompt index: transfer}; on a decode rank, {prompt index: (new ids, its block table)}.
 
     Every rank handles its prompts in prompt order, so no two ranks wait on each other: the lowest prompt not
     yet handed over has its prefill rank sending it and its decode rank receiving it."""
@@ -122,20 +123,22 @@ def disaggregated_worker(rank, world_size, prompts, max_new_tokens: int, num_blo
             print(f"prompt {i}: {len(prompt)} tokens, blocks {table} -> rank {dst}: {trace.total_bytes():,d} B")
         return transfers
     mine = [i for i, (_, dst) in enumerate(routes) if dst == rank]
-    new, tables = {}, {}
-    for i in mine:
-        got = disaggregation.recv_kv(engine.pool, engine.manager, i, src=routes[i][0])
-        new[i], tables[i] = [got.first_token], list(got.block_table)
-        print(f"prompt {i}: {got.num_tokens} tokens from rank {routes[i][0]} into my blocks {got.block_table}, "
-              f"first token {got.first_token}")
-    running = [i for i in mine if len(new[i]) < max_new_tokens]
-    while running:
-        logits = engine.decode(running, [new[i][-1] for i in running])
-        for i, row in zip(running, logits):
-            new[i].append(int(row.argmax()))
+    new, tables, running, waiting = {}, {}, [], list(mine)
+    while waiting or running:
+        if waiting:            # between two decode steps, take in one finished prefill (recv_kv blocks meanwhile)
+            i = waiting.pop(0)
+            got = disaggregation.recv_kv(engine.pool, engine.manager, i, src=routes[i][0])
+            new[i], tables[i] = [got.first_token], list(got.block_table)
+            print(f"prompt {i}: {got.num_tokens} tokens from rank {routes[i][0]} into my blocks {got.block_table}, "
+                  f"first token {got.first_token}")
+            running.append(i)
         for i in [i for i in running if len(new[i]) == max_new_tokens]:
             running.remove(i)
             engine.free(i)
+        if running:            # one token for every running sequence
+            logits = engine.decode(running, [new[i][-1] for i in running])
+            for i, row in zip(running, logits):
+                new[i].append(int(row.argmax()))
     return {i: (new[i], tables[i]) for i in mine}
 
 
