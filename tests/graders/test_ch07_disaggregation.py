@@ -509,7 +509,9 @@ def _launch(fn, world_size, *args, timeout=30):
 def _protocol_error(exc):
     return AssertionError(f"[7.5] the job failed: {str(exc)[:1500]}\n— follow the protocol of "
                           f"labs/disaggregation.py: a 16 B int64 header [num_tokens, first_token], then one "
-                          f"message per layer: stack(K, V) of the ceil(num_tokens / block_size) blocks")
+                          f"message per layer: stack(K, V) of the ceil(num_tokens / block_size) blocks; and call "
+                          f"dist.send / dist.recv (or isend / irecv) as torch.distributed's functions (dist.send(...), "
+                          f"not a name imported from it), so the grader sees every message")
 
 
 @pytest.mark.exercise("7.5", "Disaggregation: a prefill's KV blocks to a decode rank")
