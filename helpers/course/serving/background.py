@@ -6,9 +6,9 @@
         server.replicas()                                               # pid, state, load of each replica
     # leaving the block stops the front end and every replica: nothing is left running
 
-The server runs in its own process group (`python -m helpers.course.serving ...`, the same command a learner
-types), so stop() can signal the front end and all its replicas at once; each replica also dies with its
-parent. An atexit hook stops servers a notebook forgot to stop when the kernel exits.
+The server runs in its own session and process group (the `main()` of `python -m helpers.course.serving
+...`, the command a learner types), so stop() can signal the front end and all its replicas at once; each
+replica also dies with its parent. An atexit hook stops servers a notebook forgot to stop when the kernel exits.
 
 `api_key="..."` starts the server with a key (passed in its environment, not on its command line, where
 `ps` would show it to everyone) and makes get() and complete() send it.
@@ -59,7 +59,8 @@ class ServerProcess:
         environment.setdefault("OMP_NUM_THREADS", "1")
         self._log = open(self.log_path, "wb")
         launcher = _launcher() if environment.get("SERVING_LAUNCHER", "1") != "0" else None
-        self.process = launcher.start(argv[3:], environment, self.log_path) if launcher is not None else None
+        self.process = None if launcher is None else launcher.start(argv[3:], environment, self.log_path,
+                                                                   timeout=startup_timeout)
         if self.process is None:   # no launcher: a process of its own, which imports everything itself
             self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
                                             env=environment, start_new_session=True)
@@ -212,8 +213,9 @@ class Launcher:
             self.alive = False
             self._answer.notify_all()
 
-    def start(self, argv: list[str], environment: dict, log_path: str) -> LaunchedProcess | None:
-        """Fork a server running `python -m helpers.course.serving argv`; None if the launcher is gone."""
+    def start(self, argv: list[str], environment: dict, log_path: str, timeout: float = 120.0):
+        """Fork a server running `python -m helpers.course.serving argv`: a LaunchedProcess, or None if the
+        launcher is gone or has not answered within `timeout` seconds (still importing on a starved machine)."""
         with self._lock:
             command = {"id": next(self._ids), "argv": argv, "env": environment, "cwd": str(ROOT), "log": log_path}
             try:
@@ -221,14 +223,17 @@ class Launcher:
                 self.process.stdin.flush()
             except (OSError, ValueError):
                 return None
+        deadline = time.monotonic() + timeout
         with self._answer:
             try:
-                while command["id"] not in self._started and self.alive:
-                    self._answer.wait()
+                while command["id"] not in self._started and self.alive and time.monotonic() < deadline:
+                    self._answer.wait(max(0.0, deadline - time.monotonic()))
             except BaseException:   # interrupted while the launcher forks: the server it starts has no owner
                 self._abandoned.add(command["id"])
                 raise
             pid = self._started.pop(command["id"], None)
+            if pid is None:
+                self._abandoned.add(command["id"])   # if it answers after all, that server is killed
         return None if pid is None else LaunchedProcess(pid, self)
 
     def exit_code(self, pid: int) -> int | None:
