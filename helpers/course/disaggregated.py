@@ -53,7 +53,7 @@ from helpers.course.serving.device_time import DeviceCost
 
 __all__ = ["DisaggregatedRun", "route", "disaggregated_worker", "run_disaggregated", "transfer_bytes", "Link",
            "run_disaggregated_model", "run_colocated_replicas", "compare_disaggregation", "tradeoff",
-           "break_even_bandwidth", "plot_tradeoff", "plot_handover"]
+           "break_even_bandwidth", "plot_tradeoff", "plot_handover", "explore"]
 
 HEADER_BYTES = 16                    # the protocol's int64 header [num_tokens, first_token]
 
@@ -364,3 +364,32 @@ def plot_tradeoff(rows: list[dict]):
     ax.set_ylabel("ITL p99, running decodes (ms)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return fig
+
+
+def explore(schedule_step=None):
+    """Sliders: prompt length, link bandwidth, overlapped or blocking transfer. Prints ITL p99 of the running
+    decodes colocated (one device, unchunked) vs disaggregated and draws the two bars."""
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    def view(prompt_len, link_mb_per_s, overlap):
+        link = Link(gbytes_per_s=link_mb_per_s / 1e3)
+        rows = tradeoff((prompt_len,), {f"{link_mb_per_s:,.0f} MB/s": link}, overlap=overlap,
+                        schedule_step=schedule_step)
+        r = rows[0]
+        pays = r["disaggregated_itl_p99"] < r["colocated_itl_p99"]
+        print(f"{prompt_len} prompt tokens over {link_mb_per_s:,.0f} MB/s: transfer {r['transfer_ms']:.2f} ms "
+              f"({r['transfer_ms_per_token'] * 1e3:.2f} µs per token; computing one costs "
+              f"{DeviceCost().prefill_per_token_ms * 1e3:.0f} µs)")
+        print(f"ITL p99 colocated {r['colocated_itl_p99'] * 1e3:.1f} ms, disaggregated "
+              f"{r['disaggregated_itl_p99'] * 1e3:.1f} ms: disaggregation {'pays' if pays else 'does not pay'}; "
+              f"the prefill device is busy {r['prefill_busy']:.0%} of the time")
+        plot_tradeoff(rows)
+        plt.show()
+
+    wide = {"description_width": "initial"}
+    return W.interact(view,
+                      prompt_len=W.IntSlider(2048, 16, 4096, step=16, description="prompt tokens", style=wide),
+                      link_mb_per_s=W.FloatLogSlider(25_000, base=10, min=0, max=5, description="link MB/s",
+                                                     readout_format=",.0f", style=wide),
+                      overlap=W.Checkbox(False, description="transfer overlaps decoding", style=wide))
