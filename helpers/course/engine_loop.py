@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 
 from helpers.course.serving.device_time import DeviceCost, VirtualClock
 
-__all__ = ["Request", "StepRecord", "LoopResult", "Workload", "ScheduleError", "step_seconds", "apply_schedule",
-           "run_workload", "compare_chunking", "percentile", "plot_steps"]
+__all__ = ["Request", "StepRecord", "LoopResult", "Workload", "ScheduleError", "step_seconds", "check_schedule",
+           "apply_schedule", "run_workload", "run_with_model", "compare_chunking", "percentile", "plot_steps"]
 
 
 @dataclass(eq=False)
@@ -182,11 +182,10 @@ class Workload:
         return set(range(self.decoders))
 
 
-def apply_schedule(schedule, running: list[Request], waiting: list[Request], token_budget: int, now: float):
-    """Check one step's `schedule` ([(request, num_tokens), ...]) and apply it at time `now` (the step's end):
-    prompt chunks advance `computed`, a request whose prompt completes emits its first token, a decode emits
-    one token; waiting requests that got a chunk join `running` (arrival order kept); finished ones leave.
-    Returns (rids that decoded, ((rid, chunk tokens), ...)). Raises ScheduleError on a rule broken."""
+def check_schedule(schedule, running: list[Request], waiting: list[Request], token_budget: int) -> list:
+    """The engine's own check of one step ([(request, num_tokens), ...]) before it runs it: every entry a pair,
+    each request running or waiting and there once, a decode 1 token, a chunk within the prompt's remaining
+    tokens, the total within the budget. Returns the schedule as a list; raises ScheduleError."""
     schedule = list(schedule)
     seen, total = set(), 0
     known = {id(r) for r in running} | {id(r) for r in waiting}
@@ -209,6 +208,16 @@ def apply_schedule(schedule, running: list[Request], waiting: list[Request], tok
         total += n
     if total > token_budget:
         raise ScheduleError(f"the step computes {total} tokens, over the budget of {token_budget}")
+    return schedule
+
+
+def apply_schedule(schedule, running: list[Request], waiting: list[Request], token_budget: int, now: float):
+    """Check one step's `schedule` ([(request, num_tokens), ...]) and apply it at time `now` (the step's end):
+    prompt chunks advance `computed`, a request whose prompt completes emits its first token, a decode emits
+    one token; waiting requests that got a chunk join `running` (arrival order kept); finished ones leave.
+    Returns (rids that decoded, ((rid, chunk tokens), ...)). Raises ScheduleError on a rule broken."""
+    schedule = check_schedule(schedule, running, waiting, token_budget)
+    seen = {id(req) for req, _ in schedule}
     decodes, chunks = [], []
     for req, n in schedule:
         if req.prefilled:
@@ -227,10 +236,12 @@ def apply_schedule(schedule, running: list[Request], waiting: list[Request], tok
 
 
 def run_workload(workload: Workload | list, token_budget: int, chunked: bool = True, cost: DeviceCost | None = None,
-                 schedule_step=None, label: str = "") -> LoopResult:
+                 schedule_step=None, label: str = "", run_step=None) -> LoopResult:
     """Serve `workload` (a Workload, or a list of fresh Requests) with one engine whose every step is
     `schedule_step(running, waiting, token_budget, chunked)` (default: load_impl("chunked_prefill")'s) on a
-    virtual clock priced by `step_seconds`. Requests arriving during a step are seen at the next one."""
+    virtual clock priced by `step_seconds`. Requests arriving during a step are seen at the next one.
+    run_step(schedule), when given, is called with each checked step before it is applied (requests still in
+    their state before the step): the model's forward goes there (`run_with_model`)."""
     if schedule_step is None:
         from helpers import load_impl
         schedule_step = load_impl("chunked_prefill").schedule_step
@@ -254,9 +265,57 @@ def run_workload(workload: Workload | list, token_budget: int, chunked: bool = T
         start = clock.now
         seconds = step_seconds(decoding, prompt, cost)
         clock.advance(seconds)
+        if run_step is not None:
+            run_step(check_schedule(schedule, running, waiting, token_budget))
         decodes, chunks = apply_schedule(schedule, running, waiting, token_budget, clock.now)
         steps.append(StepRecord(start, seconds, decodes, chunks))
     return LoopResult(requests, steps, label)
+
+
+def run_with_model(prompts: list, max_tokens, arrivals: list | None = None, token_budget: int = 32,
+                   chunked: bool = True, cost: DeviceCost | None = None, schedule_step=None, engine=None,
+                   label: str = "") -> LoopResult:
+    """`run_workload` with real tokens: the tiny Llama on a paged KV cache (helpers/course/paged_llama.py's
+    PagedLlama, whose block manager and paged attention are exercises 7.1-7.2) computes every step the
+    scheduler returns: a prompt chunk is `engine.prefill(rid, prompt[:computed + n], start=computed)` (the
+    positions before it read back from the pool), the decodes of a step one batched `engine.decode`. Greedy.
+    prompts: lists of token ids; max_tokens: an int or one per prompt; arrivals: seconds (default all 0).
+    The time is still modelled (step_seconds); the result also has `.tokens` {rid: generated ids}, which
+    chunking must not change (the same as helpers.course.tiny_llama.generate gives each prompt alone)."""
+    from helpers.course.paged_llama import PagedLlama
+    prompts = [[int(t) for t in p] for p in prompts]
+    lengths = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(prompts)
+    arrivals = list(arrivals) if arrivals is not None else [0.0] * len(prompts)
+    if not len(prompts) == len(lengths) == len(arrivals):
+        raise ValueError(f"{len(prompts)} prompts, {len(lengths)} max_tokens and {len(arrivals)} arrivals differ")
+    if engine is None:
+        block_size = 16
+        blocks = sum(-(-(len(p) + n) // block_size) for p, n in zip(prompts, lengths))
+        engine = PagedLlama(num_blocks=blocks, block_size=block_size)
+    requests = [Request(i, len(p), n, a) for i, (p, n, a) in enumerate(zip(prompts, lengths, arrivals))]
+    tokens = {r.rid: [] for r in requests}
+
+    def run_step(schedule):
+        decoding = [req for req, _ in schedule if req.prefilled]
+        for req, n in schedule:
+            if req.prefilled:
+                continue
+            if req.computed == 0:
+                engine.manager.allocate(req.rid, req.prompt_len)
+            logits = engine.prefill(req.rid, prompts[req.rid][:req.computed + n], start=req.computed)
+            if req.computed + n == req.prompt_len:
+                tokens[req.rid].append(int(logits[-1].argmax()))
+        if decoding:
+            logits = engine.decode([r.rid for r in decoding], [tokens[r.rid][-1] for r in decoding])
+            for req, row in zip(decoding, logits):
+                tokens[req.rid].append(int(row.argmax()))
+        for req, _ in schedule:
+            if len(tokens[req.rid]) >= req.max_tokens:
+                engine.free(req.rid)
+
+    result = run_workload(requests, token_budget, chunked, cost, schedule_step, label, run_step)
+    result.tokens = tokens
+    return result
 
 
 def compare_chunking(workload: Workload | None = None, chunk_budget: int = 256, unchunked_budget: int = 8192,

@@ -382,3 +382,30 @@ def test_valid_alternatives_pass(planted_results, name):
 
 def test_reference_passes(planted_results):
     _assert_none(planted_results[None])
+
+
+def _same_tokens_job(rank, world_size):
+    """The reference scheduler driving the tiny Llama on the paged cache: chunking changes when tokens come,
+    never which (each prompt's greedy ids equal helpers.course.tiny_llama.generate's for it alone)."""
+    import os
+    os.environ["COURSE_IMPL"] = "solutions"
+    from helpers.course import tiny_llama
+    from helpers.course.engine_loop import run_with_model
+    from solutions.chunked_prefill import schedule_step
+    ids = tiny_llama.encode(tiny_llama.CORPUS_PATH.read_text(encoding="utf-8"))
+    prompts, arrivals = [ids[:20], ids[100:300], ids[500:530], ids[40:180]], [0.0, 0.01, 0.02, 0.05]
+    model = tiny_llama.load_model()
+    want = {i: tiny_llama.generate(model, p, 6) for i, p in enumerate(prompts)}
+    problems = []
+    for budget, chunked in ((7, True), (32, True), (512, False)):
+        run = run_with_model(prompts, 6, arrivals, budget, chunked, schedule_step=schedule_step)
+        split = sum(1 for s in run.steps for _ in s.chunks) > len(prompts)
+        if run.tokens != want or split != chunked:
+            problems.append(f"budget {budget}, chunked={chunked}: prompts split over steps: {split}; tokens "
+                            f"{run.tokens} vs {want}")
+    return problems
+
+
+def test_chunked_prefill_keeps_greedy_tokens():
+    pytest.importorskip("solutions.chunked_prefill", reason="the reference answers are absent")
+    _assert_none(launch(_same_tokens_job, 1, show_output=False, timeout=120)[0])
