@@ -10,21 +10,21 @@ busbw is what one link of a ring carries per second, so it can be compared acros
 with the hardware's bandwidth: here, the bandwidth of a single-process memory copy, the ceiling for
 processes that exchange bytes through the kernel on one machine.
 
-Figures printed: the full gloo sweep at 2 and 4 ranks, the reference ring all-reduce
-(solutions/ring_collectives.py) against dist.all_reduce at 64 MB on 4 ranks (goal >= 70 %), and gloo's
-busbw at 64 MB as a fraction of the memcpy ceiling. The machine has 2 cores shared with other work, so
+Figures printed: the full gloo sweep at 2 and 4 ranks, the ring all-reduce of exercise 1.1 (the reference
+answer unless `--impl labs`, see helpers/bench.py) against dist.all_reduce at 64 MB on 4 ranks (goal >= 70 %),
+and gloo's busbw at 64 MB as a fraction of the memcpy ceiling. The machine has 2 cores shared with other work, so
 4 ranks contend for them and repeated runs differ by 10-30 %: quote the figures with that caveat.
 """
 from __future__ import annotations
 
-import importlib
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
-from helpers import launch, rank_device
+from helpers import launch, load_impl, rank_device
+from helpers.impl import impl_package
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 8 << 20, 64 << 20]    # bytes: 4 KB ... 64 MB
 
@@ -38,7 +38,7 @@ def busbw_factor(op: str, n: int) -> float:
     return 1.0
 
 
-def _make_call(op: str, nbytes: int, n: int, impl_package: str):
+def _make_call(op: str, nbytes: int, n: int):
     """A zero-argument function running `op` once on fp32 buffers; nbytes is nccl-tests' size S."""
     device = rank_device()
     numel = max(n, nbytes // 4 // n * n)   # divisible by n so every rank's block has the same size
@@ -51,7 +51,7 @@ def _make_call(op: str, nbytes: int, n: int, impl_package: str):
     if op == "reduce_scatter":
         out, x = torch.empty(numel // n, device=device), torch.ones(numel, device=device)
         return lambda: dist.reduce_scatter_single(out, x)
-    ring = importlib.import_module(f"{impl_package}.ring_collectives")
+    ring = load_impl("ring_collectives")
     if op == "ring_all_reduce":
         x = torch.ones(numel, device=device)
         return lambda: ring.ring_all_reduce(x)
@@ -68,10 +68,10 @@ def _make_call(op: str, nbytes: int, n: int, impl_package: str):
 
 
 def time_collective(rank: int, world_size: int, ops: list[str], sizes: list[int], repeats: int = 5,
-                    warmup: int = 1, impl_package: str = "solutions", statistic: str = "mean") -> dict:
+                    warmup: int = 1, statistic: str = "mean") -> dict:
     """Worker: {(op, nbytes): seconds per call on this rank}. Ops: all_reduce, all_gather, reduce_scatter
     (gloo/NCCL's own) and ring_all_reduce, ring_all_gather, ring_reduce_scatter,
-    recursive_doubling_all_reduce (from `impl_package`).
+    recursive_doubling_all_reduce (the exercises of COURSE_IMPL, see helpers/bench.py).
     statistic: "mean" — `repeats` calls back to back, as nccl-tests times them; "min" — each call timed on
     its own after a barrier, the fastest kept: on a shared machine the calls that other work interrupted
     are the slow ones, so the minimum is the stable figure."""
@@ -81,7 +81,7 @@ def time_collective(rank: int, world_size: int, ops: list[str], sizes: list[int]
     times = {}
     for nbytes in sizes:
         for op in ops:
-            call = _make_call(op, nbytes, world_size, impl_package)
+            call = _make_call(op, nbytes, world_size)
             for _ in range(warmup):
                 call()
             if statistic == "mean":
@@ -152,10 +152,9 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _interleaved(rank: int, world_size: int, ops: list[str], nbytes: int, rounds: int,
-                 impl_package: str = "solutions") -> dict:
+def _interleaved(rank: int, world_size: int, ops: list[str], nbytes: int, rounds: int) -> dict:
     """Worker: time one call of each op, round after round, so that both see the same background load."""
-    calls = {op: _make_call(op, nbytes, world_size, impl_package) for op in ops}
+    calls = {op: _make_call(op, nbytes, world_size) for op in ops}
     for call in calls.values():
         call()
     times = {op: [] for op in ops}
@@ -188,7 +187,8 @@ def run():
                                       [64 << 20], repeats=3)}
     print(format_rows(list(rows.values())))
     ratios = ring_vs_gloo()
-    print(f"ring all-reduce (solutions) / gloo all_reduce busbw, 64 MB, 4 ranks: median {statistics.median(ratios):.0%} "
-          f"(runs: {', '.join(f'{r:.0%}' for r in ratios)}; goal >= 70%)")
+    print(f"ring all-reduce ({impl_package()}) / gloo all_reduce busbw, 64 MB, 4 ranks: "
+          f"median {statistics.median(ratios):.0%} (runs: {', '.join(f'{r:.0%}' for r in ratios)}; goal >= 70%)")
     gloo = rows["all_reduce"]["busbw"]
-    print(f"gloo all_reduce busbw at 64 MB on 4 ranks: {gloo / 1e9:.2f} GB/s = {gloo / ceiling:.0%} of the memcpy ceiling")
+    print(f"gloo all_reduce busbw at 64 MB on 4 ranks: {gloo / 1e9:.2f} GB/s = {gloo / ceiling:.0%} "
+          "of the memcpy ceiling")

@@ -2,16 +2,15 @@
 
     python -m helpers.bench data_parallel
 """
-import os
 import time
 
-from helpers import launch
+from helpers import launch, load_impl
 from helpers.course.workloads import serve, skewed_costs
 
 
 def _balance_job(rank, world_size, costs, unit, dynamic):
     import torch.distributed as dist
-    from solutions import load_balance as lb
+    lb = load_impl("load_balance")
     run = lambda task: serve(costs[task], unit)  # noqa: E731
     dist.barrier()
     start = time.perf_counter()
@@ -22,14 +21,13 @@ def _balance_job(rank, world_size, costs, unit, dynamic):
 
 def _hybrid_job(rank, world_size, prompt, new_tokens):
     from helpers.course.tiny_llama import load_model
-    from solutions import hybrid
+    hybrid = load_impl("hybrid")
     stage, grid = hybrid.build_hybrid_stage(load_model(), 2, 2, 2)
     return hybrid.hybrid_generate(stage, grid, prompt, new_tokens)
 
 
 def run(world_size: int = 4, num_tasks: int = 32, unit: float = 0.01, repeats: int = 3, new_tokens: int = 16):
-    from solutions.load_balance import makespan_units
-    os.environ["COURSE_IMPL"] = "solutions"     # the reference answers (hybrid uses chapters 2, 3 and 5's)
+    makespan_units = load_impl("load_balance").makespan_units   # hybrid also uses chapters 2, 3 and 5's exercises
     costs = skewed_costs(num_tasks, world_size)
     for name, dynamic in (("round-robin", False), ("dynamic queue", True)):
         seconds, units = [], []

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from helpers import launch
+from helpers import launch, load_impl
 
 HIDDEN, FFN, EXPERTS, TOP_K = 256, 512, 8, 2
 TOKENS_PER_RANK = 64
@@ -49,7 +49,8 @@ def _tokens(rank, tokens=TOKENS_PER_RANK, block=None, skew=0.0):
 def _bytes_job(rank, world_size):
     from helpers.comm_trace import CommTracer
     from helpers.course.moe import TensorParallelMoE, experts_of_rank
-    from solutions.expert_parallel import ExpertParallelMoE, top_k_route
+    ep_impl = load_impl("expert_parallel")
+    ExpertParallelMoE, top_k_route = ep_impl.ExpertParallelMoE, ep_impl.top_k_route
     block = _block()
     x = _tokens(rank)
     with torch.no_grad():
@@ -84,7 +85,9 @@ def bytes_per_token(world_size: int) -> dict:
 
 def _slowest_job(rank, world_size, skew, capacity_factor, repeats):
     from helpers.course.moe import ExpertDeviceTime
-    from solutions.expert_parallel import ExpertParallelMoE, expert_capacity, top_k_route
+    ep_impl = load_impl("expert_parallel")
+    ExpertParallelMoE, expert_capacity, top_k_route = \
+        ep_impl.ExpertParallelMoE, ep_impl.expert_capacity, ep_impl.top_k_route
     block = _block()
     x = _tokens(rank, block=block, skew=skew)
     with torch.no_grad():

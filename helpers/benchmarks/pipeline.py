@@ -6,7 +6,6 @@ host waits for its device) or busy-waiting (spin). 4 ranks on 2 shared cores can
 computations at once, so the stage time is held fixed instead; what the pipeline adds on top (sends,
 receives, waking up a waiting rank) is real.
 """
-import os
 import statistics
 import time
 
@@ -14,8 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from helpers import launch
-from helpers.impl import load_impl
+from helpers import launch, load_impl
 from helpers.course.pipeline_runtime import DeviceTime
 from helpers.timeline import Timeline, busy_fraction
 
@@ -71,7 +69,6 @@ def decode_tokens_per_s(num_groups, stage_ms=0.0, n=16, per_group=2, p=P):
 
 
 def run():
-    os.environ.setdefault("COURSE_IMPL", "solutions")   # the course's figures come from the reference answers
     torch.set_num_threads(1)
     print(f"GPipe bubble, p={P}, stage work = Linear(64,64)+Tanh on [32,64] + {STAGE_MS:g} ms device time per "
           f"micro-batch, median of {REPEATS} runs:")

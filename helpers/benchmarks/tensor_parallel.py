@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from helpers import launch
+from helpers import launch, load_impl
 
 HIDDEN, FFN, TOKENS = 1024, 4096, 256
 
@@ -28,7 +28,7 @@ HIDDEN, FFN, TOKENS = 1024, 4096, 256
 def _mlp_job(rank, world_size, tokens, repeats):
     from helpers.comm_trace import CommTracer
     from helpers.course.transformer_layers import MLP
-    from solutions.tensor_parallel import ParallelMLP
+    ParallelMLP = load_impl("tensor_parallel").ParallelMLP
     torch.manual_seed(0)
     full = MLP(HIDDEN, FFN)
     mlp = ParallelMLP.from_mlp(full)
@@ -54,7 +54,7 @@ def _mlp_job(rank, world_size, tokens, repeats):
 def _memory_job(rank, world_size, new_tokens):
     from helpers.course.memory import parameter_bytes, tensor_bytes
     from helpers.course.tiny_llama import PROMPT, encode, load_model
-    from solutions.tp_llama import shard_llama
+    shard_llama = load_impl("tp_llama").shard_llama
     from transformers import DynamicCache
     model = shard_llama(load_model()) if world_size > 1 else load_model()
     ids = torch.tensor([encode(PROMPT)])
