@@ -330,26 +330,29 @@ def compare_chunking(workload: Workload | None = None, chunk_budget: int = 256, 
 
 
 def plot_steps(results: dict, decoder_ids=None, window: tuple | None = None):
-    """Two panels: tokens computed per step against time (decodes and prompt chunks stacked), and the
-    inter-token latencies of each result (a CDF, p99 marked). `results`: {label: LoopResult}."""
+    """Two panels against modelled time: the tokens computed in each step (a step lasts as long as its line
+    holds), and the inter-token latency of the requests `decoder_ids` (default all) at each token, p99 dotted.
+    results: {label: LoopResult}; window: (start, end) seconds to show."""
     import matplotlib.pyplot as plt
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), constrained_layout=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, constrained_layout=True)
     colours = ["tab:red", "tab:blue", "tab:green", "tab:purple"]
     for (label, res), colour in zip(results.items(), colours):
-        steps = [s for s in res.steps if window is None or window[0] <= s.start <= window[1]]
-        top.step([s.start for s in steps], [s.tokens for s in steps], where="post", color=colour, label=label,
-                 linewidth=1)
-        itl = [x * 1e3 for x in res.itls(decoder_ids)]
-        p99 = percentile(itl, 99)
-        bottom.plot(itl, [i / len(itl) for i in range(1, len(itl) + 1)], color=colour,
+        steps = res.steps
+        top.step([s.start for s in steps] + [steps[-1].start + steps[-1].seconds],
+                 [s.tokens for s in steps] + [steps[-1].tokens], where="post", color=colour, label=label, linewidth=1)
+        gaps = sorted((b, (b - a) * 1e3) for r in res.requests if decoder_ids is None or r.rid in decoder_ids
+                      for a, b in zip(r.token_times, r.token_times[1:]))
+        p99 = percentile([g for _, g in gaps], 99)
+        bottom.plot([t for t, _ in gaps], [g for _, g in gaps], ".", markersize=2, color=colour,
                     label=f"{label}: p99 {p99:.0f} ms")
-        bottom.axvline(p99, color=colour, linestyle=":", linewidth=1)
+        bottom.axhline(p99, color=colour, linestyle=":", linewidth=1)
     top.set_yscale("log")
-    top.set_xlabel("modelled time (s)")
     top.set_ylabel("tokens in the step")
     top.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    bottom.set_xscale("log")
-    bottom.set_xlabel("inter-token latency (ms, modelled)")
-    bottom.set_ylabel("fraction of gaps ≤ x")
-    bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    bottom.set_yscale("log")
+    bottom.set_xlabel("modelled time (s)")
+    bottom.set_ylabel("inter-token latency (ms)")
+    bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, markerscale=4)
+    if window is not None:
+        bottom.set_xlim(*window)
     return fig
