@@ -274,7 +274,8 @@ def _exercise_key(ex_id):
 
 
 def _function_of(nodeid: str) -> str:
-    """tests/graders/test_ch00_warmup.py::test_sum_of_ranks[4] -> tests/graders/test_ch00_warmup.py::test_sum_of_ranks"""
+    """The test function of a node id, without its parameters:
+    tests/graders/test_ch00_warmup.py::test_sum_of_ranks[4] -> tests/graders/test_ch00_warmup.py::test_sum_of_ranks"""
     return nodeid.split("[", 1)[0]
 
 

@@ -30,8 +30,8 @@ def dynamic_work_queue(num_tasks: int, run_task: Callable[[int], Any],
     so `store.add(key, 1) - 1` is a task id no other rank will get. Stop when it is >= num_tasks.
     Every task must run exactly once across the ranks. `key` names a fresh counter (use a new key for
     each queue in the same job). End with dist.barrier(): with env:// rendezvous (and in many servers) rank 0
-    hosts the store, so it must not leave while another rank may still ask the store for work. Call it on every rank; returns [(task_id, run_task(task_id)), ...]
-    for the tasks this rank ran, in the order it ran them.
+    hosts the store, so it must not leave while another rank may still ask the store for work. Call it on
+    every rank; returns [(task_id, run_task(task_id)), ...] for the tasks this rank ran, in the order it ran them.
     """
     raise NotImplementedError("Exercise 4.2: dynamic_work_queue is not written yet (labs/load_balance.py)")
 

@@ -48,8 +48,8 @@ class PipelineStage:
 
         First stage: compute on `x`. Other stages: ignore `x`, receive the input from `prev_rank`
         (`recv_tensor`; pass it `prefetch=prefetch_next`: when the caller knows another input will follow,
-        its receive is posted before this one is computed). Then run `self.module`. Last stage: return the output. Other stages: start
-        sending it to `next_rank` with `send_tensor` (non-blocking: keep its handles in
+        its receive is posted before this one is computed). Then run `self.module`. Last stage: return the output.
+        Other stages: start sending it to `next_rank` with `send_tensor` (non-blocking: keep its handles in
         `self.pending_sends`, so this rank can go on with the next micro-batch) and return None.
         If `timeline` is given, record the computation and the start of the send (not the receive, which
         is waiting) as `timeline.span("F", micro_batch=micro_batch)`.

@@ -3,7 +3,8 @@
 Run them from notebooks/02_tensor_parallel.ipynb; grade them with `make grade CHAPTER=2`.
 Given (read them first): the four region operators and rank bookkeeping (helpers/course/tp_regions.py), which
 heads a rank owns and `head_slice` (helpers/course/tp_heads.py: its forward applies
-copy_to_tensor_model_parallel_region, like ColumnParallelLinear's), and ParallelTransformerBlock. To write: the classes and functions whose body raises NotImplementedError.
+copy_to_tensor_model_parallel_region, like ColumnParallelLinear's), and ParallelTransformerBlock.
+To write: the classes and functions whose body raises NotImplementedError.
 
 Every layer is built FROM a full reference layer (`from_linear`, `from_mlp`, ...) and keeps only this
 rank's shard, so its output can be compared with the unsharded layer. Every layer takes an optional
@@ -53,8 +54,9 @@ class ColumnParallelLinear(nn.Module):
     the OUTPUT features: the columns of A = Wᵀ in Megatron's Y = XA, i.e. the rows of W.
 
     Rank r holds rows [r·out/n, (r+1)·out/n) of W as `self.weight` [out_features / n, in_features] and the
-    same slice of the bias as `self.bias` (or None). x: [..., in_features] (full, on every rank) -> y: [..., out_features] if
-    gather_output, else this rank's slice [..., out_features / world_size] (to feed a RowParallelLinear).
+    same slice of the bias as `self.bias` (or None). x: [..., in_features] (full, on every rank)
+    -> y: [..., out_features] if gather_output, else this rank's slice [..., out_features / world_size]
+    (to feed a RowParallelLinear).
     forward: x -> copy_to_tensor_model_parallel_region -> local linear -> (gather_from_... if gather_output).
     """
 
@@ -65,16 +67,19 @@ class ColumnParallelLinear(nn.Module):
         Sets self.rank, self.world_size, self.group, self.gather_output, self.in_features,
         self.out_features, self.out_per_rank. Raises ValueError("out_features=10 is not divisible by
         world_size=4 ...") when the split is uneven."""
-        raise NotImplementedError("Exercise 2.1: ColumnParallelLinear.__init__ is not written yet (labs/tensor_parallel.py)")
+        raise NotImplementedError(
+            "Exercise 2.1: ColumnParallelLinear.__init__ is not written yet (labs/tensor_parallel.py)")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int | None = None, world_size: int | None = None,
                     group=None, gather_output: bool = True) -> "ColumnParallelLinear":
         """This rank's shard of a full `nn.Linear` (the same full layer on every rank)."""
-        raise NotImplementedError("Exercise 2.1: ColumnParallelLinear.from_linear is not written yet (labs/tensor_parallel.py)")
+        raise NotImplementedError(
+            "Exercise 2.1: ColumnParallelLinear.from_linear is not written yet (labs/tensor_parallel.py)")
 
     def forward(self, x):
-        raise NotImplementedError("Exercise 2.1: ColumnParallelLinear.forward is not written yet (labs/tensor_parallel.py)")
+        raise NotImplementedError(
+            "Exercise 2.1: ColumnParallelLinear.forward is not written yet (labs/tensor_parallel.py)")
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features} "
@@ -86,7 +91,8 @@ class RowParallelLinear(nn.Module):
     rows of A = Wᵀ in Megatron's Y = XA, i.e. the columns of W.
 
     Rank r holds columns [r·in/n, (r+1)·in/n) of W as `self.weight` [out_features, in_features / n]; the
-    bias `self.bias` [out_features] (or None) is whole on every rank and added ONCE, after the all-reduce (adding it before would count it world_size times).
+    bias `self.bias` [out_features] (or None) is whole on every rank and added ONCE, after the all-reduce (adding it
+    before would count it world_size times).
     x: [..., in_features / world_size] if input_is_parallel (e.g. a ColumnParallelLinear's output with
     gather_output=False), else the full [..., in_features], of which the layer keeps its own slice.
     y: [..., out_features], the same on every rank.
@@ -99,16 +105,19 @@ class RowParallelLinear(nn.Module):
         ColumnParallelLinear. Sets self.rank, self.world_size, self.group, self.input_is_parallel,
         self.in_features, self.out_features, self.in_per_rank. Raises ValueError("in_features=6 is not
         divisible by world_size=4 ...") when the split is uneven."""
-        raise NotImplementedError("Exercise 2.2: RowParallelLinear.__init__ is not written yet (labs/tensor_parallel.py)")
+        raise NotImplementedError(
+            "Exercise 2.2: RowParallelLinear.__init__ is not written yet (labs/tensor_parallel.py)")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int | None = None, world_size: int | None = None,
                     group=None, input_is_parallel: bool = False) -> "RowParallelLinear":
         """This rank's shard of a full `nn.Linear` (the same full layer on every rank)."""
-        raise NotImplementedError("Exercise 2.2: RowParallelLinear.from_linear is not written yet (labs/tensor_parallel.py)")
+        raise NotImplementedError(
+            "Exercise 2.2: RowParallelLinear.from_linear is not written yet (labs/tensor_parallel.py)")
 
     def forward(self, x):
-        raise NotImplementedError("Exercise 2.2: RowParallelLinear.forward is not written yet (labs/tensor_parallel.py)")
+        raise NotImplementedError(
+            "Exercise 2.2: RowParallelLinear.forward is not written yet (labs/tensor_parallel.py)")
 
     def extra_repr(self):
         return (f"in_features={self.in_features} ({self.in_per_rank} on rank {self.rank} of {self.world_size}), "
@@ -155,10 +164,12 @@ class ParallelAttention(nn.Module):
     @classmethod
     def from_attention(cls, attn: nn.Module, rank: int | None = None, world_size: int | None = None,
                        group=None) -> "ParallelAttention":
-        raise NotImplementedError("Exercise 2.4: ParallelAttention.from_attention is not written yet (labs/tensor_parallel.py)")
+        raise NotImplementedError(
+            "Exercise 2.4: ParallelAttention.from_attention is not written yet (labs/tensor_parallel.py)")
 
     def forward(self, x):
-        raise NotImplementedError("Exercise 2.4: ParallelAttention.forward is not written yet (labs/tensor_parallel.py)")
+        raise NotImplementedError(
+            "Exercise 2.4: ParallelAttention.forward is not written yet (labs/tensor_parallel.py)")
 
 
 class ParallelTransformerBlock(nn.Module):
@@ -189,15 +200,18 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group=None,
                  rank: int | None = None, world_size: int | None = None):
-        raise NotImplementedError("Exercise 2.5: VocabParallelEmbedding.__init__ is not written yet (labs/tensor_parallel.py)")
+        raise NotImplementedError(
+            "Exercise 2.5: VocabParallelEmbedding.__init__ is not written yet (labs/tensor_parallel.py)")
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, rank: int | None = None, world_size: int | None = None,
                        group=None) -> "VocabParallelEmbedding":
-        raise NotImplementedError("Exercise 2.5: VocabParallelEmbedding.from_embedding is not written yet (labs/tensor_parallel.py)")
+        raise NotImplementedError(
+            "Exercise 2.5: VocabParallelEmbedding.from_embedding is not written yet (labs/tensor_parallel.py)")
 
     def forward(self, ids):
-        raise NotImplementedError("Exercise 2.5: VocabParallelEmbedding.forward is not written yet (labs/tensor_parallel.py)")
+        raise NotImplementedError(
+            "Exercise 2.5: VocabParallelEmbedding.forward is not written yet (labs/tensor_parallel.py)")
 
 
 def parallel_argmax(local_logits: torch.Tensor, group=None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Chapter 3 pipeline schedules — reference solutions."""
+"""Chapter 3 pipeline schedules: the 1F1B order of actions (run it in notebooks/03_pipeline_parallel.ipynb)."""
 from helpers.course.schedule_sim import Action
 
 

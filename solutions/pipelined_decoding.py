@@ -1,4 +1,4 @@
-"""Chapter 3 pipelined decoding — reference solution.
+"""Chapter 3 pipelined decoding: greedy generation with several request groups in flight.
 
 Inference has no backward pass to fill the pipeline's bubble. What fills it is other work: several
 independent request groups in flight, so that while stage 1 computes group 0's next step, stage 0 already
@@ -31,8 +31,8 @@ def pipelined_generate(stage, stage_ranks: list[int], prompt_groups: list[torch.
     group 0, step s of group 1, ..., so up to G groups are in flight across the stages.
     Sends are non-blocking (`send_tensor`), receives block (`recv_tensor`); with one stage there is no
     communication at all. Every stage receives G * max_new_tokens tensors in all (the first stage: tokens),
-    so all but the last receive can pass prefetch=True (faster, optional). If `timeline` is given record each stage computation as a span labelled
-    "prefill" (step 0) or "decode", with micro_batch=group index.
+    so all but the last receive can pass prefetch=True (faster, optional). If `timeline` is given record each stage
+    computation as a span labelled "prefill" (step 0) or "decode", with micro_batch=group index.
     Returns, on the first stage, the G tensors [batch_g, prompt_len_g + max_new_tokens] (prompt + new
     tokens, the same ids as greedy decoding with the unsplit model); None on the other stages.
     Raises ValueError if max_new_tokens < 1 or this rank is not one of stage_ranks (before any message).

@@ -1,23 +1,33 @@
-"""Chapter 1 — collectives built by hand from point-to-point messages (reference solutions).
+"""Chapter 1 — collectives built by hand from point-to-point messages.
 
-Same signatures as PyTorch's collectives, so each one can be checked against the real thing:
+Run them from notebooks/01_collectives.ipynb; grade them with `make grade CHAPTER=1`.
+Each exercise has the signature of the PyTorch collective it imitates, so the grader checks it against
+the real thing on many shapes, dtypes and world sizes 1-4:
 
     ring_all_reduce(tensor, op, group)              ~ dist.all_reduce(tensor, op, group)          (in place)
     ring_all_gather(output, input, group)           ~ dist.all_gather_single(output, input, group)
     ring_reduce_scatter(output, input, op, group)   ~ dist.reduce_scatter_single(output, input, op, group)
     recursive_doubling_all_reduce(tensor, op, group)  a latency-optimal all-reduce (log2 n steps)
 
-The ring: rank r sends only to r+1 and receives only from r-1. Each step every rank sends one chunk and
-receives one chunk at the same time (batch_isend_irecv), so every link is busy every step:
-  reduce-scatter phase, n-1 steps: step s sends chunk (r-s) mod n, receives chunk (r-s-1) mod n and
-      reduces it into its own copy; afterwards rank r owns the full reduction of chunk (r+1) mod n.
-  all-gather phase, n-1 steps: step s sends chunk (r+1-s) mod n and receives chunk (r-s) mod n
-      straight into place.
-Both phases are pipelined: chunks travel in segments of at most 1 MB, two in flight (see _stream).
-Each rank sends 2(n-1)/n of the tensor in all — independent of n, which is why NCCL uses rings for
-large messages — but pays 2(n-1) message latencies, which is why latency-bound sizes use other algorithms
-(trees across nodes; one-shot or NVLink-SHARP all-reduce inside a node, as serving engines do).
+Rules: use only point-to-point messages — dist.send / dist.recv, dist.isend / dist.irecv, or
+dist.batch_isend_irecv([dist.P2POp(dist.isend, t, peer), dist.P2POp(dist.irecv, buf, peer)]) — and local
+tensor arithmetic. No dist.all_reduce / all_gather / reduce_scatter / broadcast inside.
+Peers are global ranks: with a sub-group, convert with dist.get_global_rank(group, group_rank).
+A blocking send on every rank at once can deadlock: post the send and the receive together, then wait.
 """
+
+# How this reference answer works.
+#
+# The ring: rank r sends only to r+1 and receives only from r-1. Each step every rank sends one chunk and
+# receives one chunk at the same time (batch_isend_irecv), so every link is busy every step:
+#   reduce-scatter phase, n-1 steps: step s sends chunk (r-s) mod n, receives chunk (r-s-1) mod n and
+#       reduces it into its own copy; afterwards rank r owns the full reduction of chunk (r+1) mod n.
+#   all-gather phase, n-1 steps: step s sends chunk (r+1-s) mod n and receives chunk (r-s) mod n
+#       straight into place.
+# Both phases are pipelined: chunks travel in segments of at most 1 MB, two in flight (see _stream).
+# Each rank sends 2(n-1)/n of the tensor in all — independent of n, which is why NCCL uses rings for
+# large messages — but pays 2(n-1) message latencies, which is why latency-bound sizes use other algorithms
+# (trees across nodes; one-shot or NVLink-SHARP all-reduce inside a node, as serving engines do).
 from __future__ import annotations
 
 import collections
@@ -64,18 +74,18 @@ def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group)
     return dist.batch_isend_irecv(ops) if ops else []
 
 
-# Pipelining. A chunk is cut into segments of at most SEGMENT_BYTES and up to IN_FLIGHT segments travel at
+# Pipelining. A chunk is cut into segments of at most _SEGMENT_BYTES and up to _IN_FLIGHT segments travel at
 # once, so the wire is busy while the previous segment is being reduced (gloo's own ring does the same).
 # One message per chunk would leave each link idle during every reduction, and every rank waiting for
 # the slowest at every step.
-SEGMENT_BYTES = 1 << 20
-IN_FLIGHT = 2
+_SEGMENT_BYTES = 1 << 20
+_IN_FLIGHT = 2
 
 
 def _segments(bounds, element_size):
     """Cut every chunk into the same number k of segments: returns (k, segs) with segs[chunk][j] = (start, stop)."""
     biggest = max(b - a for a, b in bounds)
-    k = max(1, -(-biggest * element_size // SEGMENT_BYTES))
+    k = max(1, -(-biggest * element_size // _SEGMENT_BYTES))
     return k, [[(a + x, a + y) for x, y in chunk_bounds(b - a, k)] for a, b in bounds]
 
 
@@ -83,7 +93,7 @@ def _stream(flat, plan, k, nxt, prev, group, reduce=None):
     """Run a ring phase. plan[i] = ((send start, stop), (recv start, stop)) for i = step * k + segment.
     Iteration i sends what iteration i - k received, so that one must be finished first. Received data
     goes straight into place (all-gather) or into a scratch slot that is then reduced into place."""
-    depth = min(IN_FLIGHT, k)
+    depth = min(_IN_FLIGHT, k)
     if reduce is not None:
         seg_max = max(r1 - r0 for _, (r0, r1) in plan)
         scratch = torch.empty(depth, seg_max, dtype=flat.dtype, device=flat.device)
@@ -136,6 +146,12 @@ def ring_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> t
     Phases: reduce-scatter (n-1 steps), then all-gather (n-1 steps): each rank sends 2(n-1) messages, one
     chunk each, only to its ring neighbour (r+1 or r-1 in the group), and receives only from the other.
     Raise ValueError for any other op, and for AVG on a tensor that is not floating point.
+
+    Hint: flatten (tensor.view(-1) of a contiguous tensor shares its memory), split with chunk_bounds.
+    Reduce-scatter step s: rank r sends chunk (r-s) mod n to r+1, receives chunk (r-s-1) mod n from r-1
+    into a scratch buffer and reduces it into its own chunk. Afterwards rank r owns chunk (r+1) mod n.
+    All-gather step s: send chunk (r+1-s) mod n, receive chunk (r-s) mod n straight into place.
+    AVG: sum, then divide by n (floating-point tensors only, as dist.all_reduce).
     """
     _check_op(op, tensor.dtype)
     n = dist.get_world_size(group)

@@ -1,4 +1,10 @@
-"""Chapter 2 — tensor parallelism, Megatron-style: reference solutions.
+"""Chapter 2 — tensor parallelism, Megatron-style: exercises 2.1–2.5 (2.5 with labs/tp_llama.py).
+
+Run them from notebooks/02_tensor_parallel.ipynb; grade them with `make grade CHAPTER=2`.
+Given (read them first): the four region operators and rank bookkeeping (helpers/course/tp_regions.py), which
+heads a rank owns and `head_slice` (helpers/course/tp_heads.py: its forward applies
+copy_to_tensor_model_parallel_region, like ColumnParallelLinear's), and ParallelTransformerBlock.
+To write: the classes and functions whose body raises NotImplementedError.
 
 Every layer is built FROM a full reference layer (`from_linear`, `from_mlp`, ...) and keeps only this
 rank's shard, so its output can be compared with the unsharded layer. Every layer takes an optional
@@ -48,8 +54,9 @@ class ColumnParallelLinear(nn.Module):
     the OUTPUT features: the columns of A = Wᵀ in Megatron's Y = XA, i.e. the rows of W.
 
     Rank r holds rows [r·out/n, (r+1)·out/n) of W as `self.weight` [out_features / n, in_features] and the
-    same slice of the bias as `self.bias` (or None). x: [..., in_features] (full, on every rank) -> y: [..., out_features] if
-    gather_output, else this rank's slice [..., out_features / world_size] (to feed a RowParallelLinear).
+    same slice of the bias as `self.bias` (or None). x: [..., in_features] (full, on every rank)
+    -> y: [..., out_features] if gather_output, else this rank's slice [..., out_features / world_size]
+    (to feed a RowParallelLinear).
     forward: x -> copy_to_tensor_model_parallel_region -> local linear -> (gather_from_... if gather_output).
     """
 
@@ -98,7 +105,8 @@ class RowParallelLinear(nn.Module):
     rows of A = Wᵀ in Megatron's Y = XA, i.e. the columns of W.
 
     Rank r holds columns [r·in/n, (r+1)·in/n) of W as `self.weight` [out_features, in_features / n]; the
-    bias `self.bias` [out_features] (or None) is whole on every rank and added ONCE, after the all-reduce (adding it before would count it world_size times).
+    bias `self.bias` [out_features] (or None) is whole on every rank and added ONCE, after the all-reduce (adding it
+    before would count it world_size times).
     x: [..., in_features / world_size] if input_is_parallel (e.g. a ColumnParallelLinear's output with
     gather_output=False), else the full [..., in_features], of which the layer keeps its own slice.
     y: [..., out_features], the same on every rank.

@@ -1,4 +1,4 @@
-"""Chapter 2 — a tensor-parallel plan for a transformers Llama model: reference solution.
+"""Chapter 2 — a tensor-parallel plan for a transformers Llama model: exercise 2.5.
 
 `shard_llama(model)` replaces, in place, every projection of a `LlamaForCausalLM` by this rank's shard,
 following the same plan as Megatron-LM, vLLM and transformers' own `LlamaConfig.base_model_tp_plan`:

@@ -1,4 +1,4 @@
-"""Capstone, exercise 6.4 — the engine: a plan in, a served model out. Reference solution."""
+"""Capstone, exercise 6.4 — the engine: a plan in, a served model out."""
 from __future__ import annotations
 
 import json

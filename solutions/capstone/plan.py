@@ -1,4 +1,4 @@
-"""Capstone, exercise 6.1 — a parallel plan for serving: reference solution."""
+"""Capstone, exercise 6.1 — a parallel plan for serving."""
 from __future__ import annotations
 
 from dataclasses import dataclass

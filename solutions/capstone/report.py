@@ -1,4 +1,4 @@
-"""Capstone, exercise 6.3 — a performance report from the server's Prometheus metrics: reference solution."""
+"""Capstone, exercise 6.3 — a performance report from the server's Prometheus metrics."""
 from __future__ import annotations
 
 from helpers.course.serving.metrics import histogram_quantile, parse

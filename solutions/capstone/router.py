@@ -1,4 +1,4 @@
-"""Capstone, exercise 6.2 — the balancing policy: reference solution."""
+"""Capstone, exercise 6.2 — the balancing policy."""
 from __future__ import annotations
 
 
