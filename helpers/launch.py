@@ -124,6 +124,69 @@ class Results(list):
     seconds: float
 
 
+# ----------------------------------------------------------------------------------------------- launch
+
+def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None = None,
+           timeout: float | None = None, threads: int | None = None, show_output: bool = True,
+           **kwargs) -> Results:
+    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` processes and return its results.
+
+    backend: 'gloo' or 'nccl' (default: nccl if at least world_size GPUs are visible, else gloo).
+    timeout: seconds before the job is declared hung; raises JobTimeout with every rank's stack.
+    threads: torch threads per rank (default 1). Forked ranks use one thread because torch's OpenMP
+        runtime (libgomp) is not fork-safe: once the launching process has run a multi-threaded op, a
+        forked child's first multi-threaded op hangs. PyTorch's DataLoader workers use 1 for the same
+        reason. Pass more only from a process that has not computed with torch yet.
+    show_output: print each rank's output after the job, as `[rank i] ...` lines in rank order.
+    Raises RankFailed when a rank raises or dies; the other ranks are stopped either way.
+    """
+    timeout = default_timeout() if timeout is None else timeout
+    threads = 1 if threads is None else threads
+    backend = _check_arguments(fn, world_size, backend, timeout)
+
+    # Bind the rendezvous socket before forking: port 0 lets the OS pick a free port, and holding it open
+    # means no other job can take it. A store process serves the TCPStore on it (see _serve_store).
+    listener = socket.create_server(("127.0.0.1", 0), backlog=max(128, 2 * world_size))
+    workdir = tempfile.mkdtemp(prefix="dil-job-")
+    ctx = mp.get_context("fork")
+    store_proc = ctx.Process(target=_serve_store, name="store", daemon=True, args=(listener, timeout))
+    procs = [ctx.Process(target=_rank_main, name=f"rank{r}", daemon=True,
+                         args=(fn, r, world_size, backend, listener, workdir, threads, timeout, args, kwargs))
+             for r in range(world_size)]
+    start = time.perf_counter()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logs = _Logs(workdir, world_size)
+    try:
+        store_proc.start()
+        for p in procs:
+            p.start()
+        listener.close()
+        failure = _wait(procs, workdir, timeout, start, logs)
+        seconds = time.perf_counter() - start
+        outputs = [logs.read(r) for r in range(world_size)]
+        if show_output:
+            _print_outputs(outputs)
+        if failure is not None:
+            if failure[0] == "timeout":
+                raise JobTimeout(timeout, failure[1], outputs) from None
+            raise RankFailed(*failure[:5], outputs=outputs, traceback_rank=failure[5]) from None
+        results = Results()
+        for r in range(world_size):
+            try:
+                results.append(_load(workdir, r)[1])
+            except _Unloadable as exc:
+                raise RankFailed(r, None, f"returned a value that cannot be unpickled in the launching process "
+                                 f"({exc}); return tensors, numbers, strings or containers of them",
+                                 "", 0, outputs) from None
+        results.outputs, results.seconds = outputs, seconds
+        return results
+    finally:
+        _stop(procs + [store_proc])
+        listener.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------------------------- per rank
 
 def rank_device() -> torch.device:
@@ -279,67 +342,6 @@ def _check_arguments(fn, world_size, backend, timeout) -> str:
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
     return backend
-
-
-def launch(fn: Callable[..., Any], world_size: int, *args, backend: str | None = None,
-           timeout: float | None = None, threads: int | None = None, show_output: bool = True,
-           **kwargs) -> Results:
-    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` processes and return its results.
-
-    backend: 'gloo' or 'nccl' (default: nccl if at least world_size GPUs are visible, else gloo).
-    timeout: seconds before the job is declared hung; raises JobTimeout with every rank's stack.
-    threads: torch threads per rank (default 1). Forked ranks use one thread because torch's OpenMP
-        runtime (libgomp) is not fork-safe: once the launching process has run a multi-threaded op, a
-        forked child's first multi-threaded op hangs. PyTorch's DataLoader workers use 1 for the same
-        reason. Pass more only from a process that has not computed with torch yet.
-    show_output: print each rank's output after the job, as `[rank i] ...` lines in rank order.
-    Raises RankFailed when a rank raises or dies; the other ranks are stopped either way.
-    """
-    timeout = default_timeout() if timeout is None else timeout
-    threads = 1 if threads is None else threads
-    backend = _check_arguments(fn, world_size, backend, timeout)
-
-    # Bind the rendezvous socket before forking: port 0 lets the OS pick a free port, and holding it open
-    # means no other job can take it. A store process serves the TCPStore on it (see _serve_store).
-    listener = socket.create_server(("127.0.0.1", 0), backlog=max(128, 2 * world_size))
-    workdir = tempfile.mkdtemp(prefix="dil-job-")
-    ctx = mp.get_context("fork")
-    store_proc = ctx.Process(target=_serve_store, name="store", daemon=True, args=(listener, timeout))
-    procs = [ctx.Process(target=_rank_main, name=f"rank{r}", daemon=True,
-                         args=(fn, r, world_size, backend, listener, workdir, threads, timeout, args, kwargs))
-             for r in range(world_size)]
-    start = time.perf_counter()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logs = _Logs(workdir, world_size)
-    try:
-        store_proc.start()
-        for p in procs:
-            p.start()
-        listener.close()
-        failure = _wait(procs, workdir, timeout, start, logs)
-        seconds = time.perf_counter() - start
-        outputs = [logs.read(r) for r in range(world_size)]
-        if show_output:
-            _print_outputs(outputs)
-        if failure is not None:
-            if failure[0] == "timeout":
-                raise JobTimeout(timeout, failure[1], outputs) from None
-            raise RankFailed(*failure[:5], outputs=outputs, traceback_rank=failure[5]) from None
-        results = Results()
-        for r in range(world_size):
-            try:
-                results.append(_load(workdir, r)[1])
-            except _Unloadable as exc:
-                raise RankFailed(r, None, f"returned a value that cannot be unpickled in the launching process "
-                                 f"({exc}); return tensors, numbers, strings or containers of them",
-                                 "", 0, outputs) from None
-        results.outputs, results.seconds = outputs, seconds
-        return results
-    finally:
-        _stop(procs + [store_proc])
-        listener.close()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _wait(procs, workdir, timeout, start, logs):
