@@ -24,9 +24,19 @@ Llama's sizes the weights dominate; the schedule is the subject here.
     unchunked.summary()["itl_p99"], chunked.summary()["itl_p99"]     # seconds of modelled device time
     [s.tokens for s in chunked.steps]                        # tokens computed in each step
 
-`compare_chunking()` runs both on the same workload (the notebook's and the benchmark's figure). The
-disaggregated comparison (helpers/course/disaggregated.py) reuses `Workload`, `step_seconds` and
-`LoopResult`, so the three ways are priced alike.
+`compare_chunking()` runs both on the same workload (the notebook's and `python -m helpers.bench
+chunked_prefill`'s figure). The disaggregated comparison (helpers/course/disaggregated.py) reuses `Workload`,
+`step_seconds` and `LoopResult`, so the three ways are priced alike.
+
+Recipes for the notebook (each a verdict the run computes):
+
+    results = compare_chunking()                      # {"unchunked": LoopResult, "chunked": LoopResult}
+    p99 = {k: percentile(r.itls(Workload().decoder_ids), 99) for k, r in results.items()}
+    verdict(p99["chunked"] <= p99["unchunked"] / 2, f"ITL p99 chunked {p99['chunked'] * 1e3:.0f} ms ≤ half of ...")
+    verdict(all(s.tokens <= 256 for s in results["chunked"].steps), "no step over the budget")
+    plot_steps({r.label: r for r in results.values()}, Workload().decoder_ids)   # tokens per step; ITL over time
+    run = run_with_model(prompts, 8, arrivals, token_budget=16)                  # real tokens, chunked prompts
+    verdict(run.tokens == {i: tiny_llama.generate(model, p, 8) for i, p in enumerate(prompts)}, "same tokens")
 """
 from __future__ import annotations
 

@@ -409,3 +409,22 @@ def _same_tokens_job(rank, world_size):
 def test_chunked_prefill_keeps_greedy_tokens():
     pytest.importorskip("solutions.chunked_prefill", reason="the reference answers are absent")
     _assert_none(launch(_same_tokens_job, 1, show_output=False, timeout=120)[0])
+
+
+def test_engine_loop_prices_steps_like_chapter_6_and_refuses_bad_steps():
+    """A decode-only step costs what chapter 6's DeviceCost gives a [batch, 1] forward, a prefill-only one what
+    it gives a [1, n] forward; the engine refuses a step over its budget or a chunk past a prompt."""
+    from helpers.course.engine_loop import ScheduleError, apply_schedule, step_seconds
+    from helpers.course.serving.device_time import DeviceCost
+    cost = DeviceCost()
+    for batch in (1, 8):
+        assert step_seconds(batch, 0, cost) == cost.seconds(batch, 1)
+    for tokens in (2, 300):
+        assert step_seconds(0, tokens, cost) == cost.seconds(1, tokens)
+    assert step_seconds(8, 248, cost) == (max(cost.decode_ms, cost.prefill_ms) + 8 * cost.decode_per_sequence_ms
+                                          + 248 * cost.prefill_per_token_ms) / 1e3
+    for schedule, budget in (([(0, 1), (2, 10)], 10), ([(2, 31)], 64), ([(0, 2)], 64)):
+        running, waiting = [_decoding(0)], [_new(2, 30)]
+        by_rid = {r.rid: r for r in running + waiting}
+        with pytest.raises(ScheduleError):
+            apply_schedule([(by_rid[rid], n) for rid, n in schedule], running, waiting, budget, 1.0)
