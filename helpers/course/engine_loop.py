@@ -41,6 +41,7 @@ Recipes for the notebook (each a verdict the run computes):
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from dataclasses import dataclass, field
 
@@ -196,13 +197,16 @@ def check_schedule(schedule, running: list[Request], waiting: list[Request], tok
     """The engine's own check of one step ([(request, num_tokens), ...]) before it runs it: every entry a pair,
     each request running or waiting and there once, a decode 1 token, a chunk within the prompt's remaining
     tokens, the total within the budget. Returns the schedule as a list; raises ScheduleError."""
-    schedule = list(schedule)
-    seen, total = set(), 0
+    entries = list(schedule)
+    schedule, seen, total = [], set(), 0
     known = {id(r) for r in running} | {id(r) for r in waiting}
-    for entry in schedule:
-        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], Request)):
+    for entry in entries:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], Request)):
             raise ScheduleError(f"a schedule entry must be (request, num_tokens), got {entry!r}")
         req, n = entry
+        if isinstance(n, numbers.Integral) and not isinstance(n, bool):
+            n = int(n)
+        schedule.append((req, n))
         if id(req) not in known:
             raise ScheduleError(f"request {req.rid} is neither running nor waiting")
         if id(req) in seen:
@@ -270,13 +274,14 @@ def run_workload(workload: Workload | list, token_budget: int, chunked: bool = T
         if not schedule:
             raise ScheduleError(f"the scheduler scheduled nothing at t={clock.now:.3f} s with {len(running)} "
                                 f"running and {len(waiting)} waiting requests: the engine would stop")
-        decoding = sum(1 for req, _ in schedule if isinstance(req, Request) and req.prefilled)
-        prompt = sum(n for req, n in schedule if isinstance(req, Request) and not req.prefilled)
+        schedule = check_schedule(schedule, running, waiting, token_budget)
+        decoding = sum(1 for req, _ in schedule if req.prefilled)
+        prompt = sum(n for req, n in schedule if not req.prefilled)
         start = clock.now
         seconds = step_seconds(decoding, prompt, cost)
         clock.advance(seconds)
         if run_step is not None:
-            run_step(check_schedule(schedule, running, waiting, token_budget))
+            run_step(schedule)
         decodes, chunks = apply_schedule(schedule, running, waiting, token_budget, clock.now)
         steps.append(StepRecord(start, seconds, decodes, chunks))
     return LoopResult(requests, steps, label)

@@ -43,6 +43,7 @@ ALTERNATIVES = {
     "prompts_listed_first": "the entries listed prompt chunks first, decodes after (the tokens are the same)",
     "generator": "a generator of (request, num_tokens) pairs instead of a list",
     "budget_loop": "one queue of (request, need) worked off with a while loop",
+    "pairs_as_lists": "[request, num_tokens] lists instead of tuples",
 }
 
 
@@ -99,6 +100,8 @@ def _step(mistake=None):
                 req.computed += n
         if mistake == "prompts_listed_first":
             return chunks + decodes
+        if mistake == "pairs_as_lists":
+            return [[req, n] for req, n in decodes + chunks]
         if mistake == "generator":
             return (entry for entry in decodes + chunks)
         return decodes + chunks

@@ -29,6 +29,8 @@ Mistakes caught (each planted in tests/graders/planted_ch07_chunked_prefill.py):
   no_errors                token_budget=0 accepted without ValueError
   mutates_state            schedule_step advances req.computed itself (the engine applies a step)
 """
+import numbers
+
 import pytest
 
 from helpers import launch, load_impl
@@ -101,10 +103,10 @@ def diagnose(got, running, waiting, token_budget, chunked):
             return f"entry {entry!r}: the request is not one of `running` or `waiting` (return those objects) {WHERE}"
         if req.rid in tokens:
             return f"{_describe(req)} appears twice in one step: give each request one entry {WHERE}"
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             return (f"{_describe(req)}: num_tokens={n!r}, expected an int >= 1 (leave out requests that get none) "
                     f"{WHERE}")
-        tokens[req.rid] = n
+        tokens[req.rid] = int(n)
     by_rid = {r.rid: r for r in ids.values()}
     total = sum(tokens.values())
     if total > token_budget:
