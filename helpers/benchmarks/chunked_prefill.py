@@ -5,7 +5,7 @@
 On modelled device time (helpers/course/engine_loop.py: chapter 6's DeviceCost prices every step; a mixed
 step reads the weights once and pays for each decode and each prompt token), the same workload (`Workload`:
 8 requests decoding 384 tokens from t=0; 8 prompts of 2,048 tokens arriving as a Poisson process of 2/s from
-t=0.5 s) is served by one engine whose scheduler is exercise 7.4's `schedule_step` (solutions/):
+t=0.5 s) is served by one engine whose scheduler is exercise 7.4's `schedule_step` (load_impl):
   * unchunked: a whole prompt in one step (budget 8,192 tokens, at least the longest prompt), with the decodes;
   * chunked: decodes first, prompt chunks fill what is left of a budget of 128, 256, 512 or 1,024 tokens;
   * disaggregated (helpers/course/disaggregated.py, the same workload and prices): prompts on a prefill
@@ -15,8 +15,6 @@ chapter: chunked (256) and disaggregated ITL p99 each at most half of unchunked.
 every chunk pays the step's fixed cost again, so a long prompt's TTFT grows as the budget shrinks.
 """
 from __future__ import annotations
-
-import os
 
 BUDGETS = (128, 256, 512, 1024)
 GOAL_BUDGET = 256
@@ -35,13 +33,14 @@ def figures(workload=None) -> dict:
 
 
 def run():
-    os.environ.setdefault("COURSE_IMPL", "solutions")       # the course's figures come from the reference answers
     from helpers.claims import verdict
+    from helpers.impl import impl_package
     from helpers.course.engine_loop import Workload, percentile
     workload = Workload()
     long_ids = {r.rid for r in workload.requests()} - workload.decoder_ids
     print(f"ITL of {workload.decoders} running decodes while {workload.long_prompts} prompts of "
-          f"{workload.long_prompt} tokens arrive at {workload.long_rate:g}/s (modelled device time, DeviceCost())")
+          f"{workload.long_prompt} tokens arrive at {workload.long_rate:g}/s (modelled device time, DeviceCost(); "
+          f"schedule_step of {impl_package()}/)")
     results = figures(workload)
     print(f"   {'engine':<26} {'ITL p50':>9} {'ITL p99':>9} {'ITL max':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'max tokens/step':>15} {'tokens/s':>9}")
