@@ -13,27 +13,11 @@ Exercise 5.1 is `grid_coordinates`, `group_ranks` and `build_groups`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch.distributed as dist
 
-KINDS = ("dp", "pp", "tp")
-
-
-@dataclass
-class GridGroups:
-    """This rank's place in a (dp, pp, tp) grid: its coordinates, and per kind its group and the group's
-    global ranks (in order of that coordinate)."""
-    shape: tuple[int, int, int]
-    coords: tuple[int, int, int]
-    groups: dict = field(default_factory=dict)    # kind -> ProcessGroup
-    ranks: dict = field(default_factory=dict)     # kind -> list of global ranks
-
-
-def _check_shape(dp: int, pp: int, tp: int) -> None:
-    for name, size in zip(KINDS, (dp, pp, tp)):
-        if not (isinstance(size, int) and size >= 1):
-            raise ValueError(f"{name}={size!r}: every degree of the grid must be a whole number >= 1")
+# Given (helpers/course/process_grid.py): the grid's kinds, this rank's GridGroups, the shape check,
+# grid_rank (the inverse of exercise 5.1's grid_coordinates) and the same grid as a DeviceMesh.
+from helpers.course.process_grid import KINDS, GridGroups, build_mesh, check_shape, grid_rank  # noqa: F401
 
 
 def grid_coordinates(rank: int, dp: int, pp: int, tp: int) -> tuple[int, int, int]:
@@ -43,11 +27,6 @@ def grid_coordinates(rank: int, dp: int, pp: int, tp: int) -> tuple[int, int, in
     grid_coordinates(5, 2, 2, 2) -> (1, 0, 1)
     """
     raise NotImplementedError("Exercise 5.1: grid_coordinates is not written yet (labs/device_grid.py)")
-
-
-def grid_rank(dp_idx: int, pp_idx: int, tp_idx: int, dp: int, pp: int, tp: int) -> int:
-    """The global rank at coordinates (dp_idx, pp_idx, tp_idx): the inverse of grid_coordinates."""
-    return (dp_idx * pp + pp_idx) * tp + tp_idx
 
 
 def group_ranks(dp: int, pp: int, tp: int) -> dict[str, list[list[int]]]:
@@ -68,9 +47,3 @@ def build_groups(dp: int, pp: int, tp: int) -> GridGroups:
     The world size must be dp·pp·tp (ValueError otherwise).
     """
     raise NotImplementedError("Exercise 5.1: build_groups is not written yet (labs/device_grid.py)")
-
-
-def build_mesh(dp: int, pp: int, tp: int, device_type: str = "cpu"):
-    """The same grid with PyTorch's DeviceMesh: mesh.get_group("tp") etc. are this rank's groups."""
-    from torch.distributed.device_mesh import init_device_mesh
-    return init_device_mesh(device_type, (dp, pp, tp), mesh_dim_names=KINDS)

