@@ -163,6 +163,33 @@ def test_choose_replica():
     check_router(load_impl("capstone.router").choose_replica)
 
 
+def test_the_server_balances_with_exercise_6_2(monkeypatch, capsys):
+    """The balancer holds no rule of its own: without choose= it calls exercise 6.2's choose_replica (from
+    COURSE_IMPL), with the outstanding counts of the replicas that are up (None for the others)."""
+    from helpers.course.serving import balancer
+    from helpers.impl import unwritten_exercises
+    monkeypatch.setenv("COURSE_IMPL", "solutions")
+    b = balancer.Balancer(3, "helpers.course.tiny_llama", policy="round_robin")
+    assert b.choose_policy is load_impl("capstone.router").choose_replica
+    calls = []
+    b.choose_policy = lambda policy, outstanding, turn: calls.append((policy, outstanding, turn)) or 2
+    b.replicas[0].state, b.replicas[2].state = "ready", "ready"
+    b.replicas[2].inflight = {7: None}
+    assert b.choose() is b.replicas[2] and calls == [("round_robin", [0, None, 1], 0)]
+    # labs mode with 6.2 still a stub: the reference answer, and one line that says so
+    monkeypatch.setenv("COURSE_IMPL", "labs")
+    monkeypatch.delenv("COURSE_FALLBACK", raising=False)
+    router = load_impl("capstone.router")
+    chosen = balancer.course_router()
+    if "choose_replica" in unwritten_exercises(router.__file__):
+        assert chosen.__module__ == "solutions.capstone.router"
+        assert "Exercise 6.2 not written yet" in capsys.readouterr().out
+        monkeypatch.setenv("COURSE_FALLBACK", "0")          # as under the grader: never the reference
+        assert balancer.course_router() is router.choose_replica
+    else:
+        assert chosen is router.choose_replica
+
+
 # ------------------------------------------------------------------------------------------------ 6.3
 
 def _metrics_text():
