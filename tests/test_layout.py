@@ -121,7 +121,7 @@ WRAP_PENDING = {
     "helpers/course/tiny_llama.py", "helpers/course/tp_regions.py", "helpers/vllm_check.py",
     "tests/graders/planted_ch01.py", "tests/graders/planted_ch02.py", "tests/graders/planted_ch03.py",
     "tests/graders/test_ch02_tensor_parallel.py", "tests/graders/test_ch03_pipeline.py",
-    "tests/graders/test_ch06_serving.py", "tests/test_pipeline_runtime.py", "tests/test_stubs.py",
+    "tests/test_pipeline_runtime.py", "tests/test_stubs.py",
     "tests/test_torchrun.py",
 }
 

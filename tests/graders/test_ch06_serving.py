@@ -224,7 +224,8 @@ def check_summarize(summarize):
     # float64 interpolation computed in two orders: a few ulps apart, far inside 2^20 eps.
     for q, key in ((0.5, "p50"), (0.99, "p99")):
         want = histogram_quantile(samples, "serving_request_latency_seconds", q)
-        assert math.isclose(report[key], want, rel_tol=2**20 * sys.float_info.epsilon), f"6.3 {key}: expected {want:.6g} s (PromQL's " \
+        assert math.isclose(report[key], want, rel_tol=2**20 * sys.float_info.epsilon), \
+            f"6.3 {key}: expected {want:.6g} s (PromQL's " \
             f"histogram_quantile interpolates linearly inside the bucket the rank falls in), got {report[key]!r} " \
             f"{where}"
     empty = summarize("")
@@ -293,8 +294,9 @@ def check_engine_wiring(engine_cls, plan_cls, plan_args, policy, choose_spec):
             engine.start()
         except _Recorded:
             pass
-    assert len(started) == 1, f"6.4 start() for {plan} must start one server with helpers.course.serving.start_server; " \
-                              f"it started {len(started)} (labs/capstone/engine.py)"
+    assert len(started) == 1, \
+        f"6.4 start() for {plan} must start one server with helpers.course.serving.start_server; " \
+        f"it started {len(started)} (labs/capstone/engine.py)"
     options = started[0][1]
     want = {"replicas": plan.dp, "tp": plan.tp, "pp": plan.pp, "policy": policy, "batching": "static",
             "max_batch": 4, "choose": choose_spec}
