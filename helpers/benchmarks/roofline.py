@@ -23,7 +23,7 @@ TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 
 
 def roofline() -> None:
-    rows = measure_linear_steps(ROOFLINE_CONFIG, TOKENS, repeats=5)
+    rows = measure_linear_steps(ROOFLINE_CONFIG, TOKENS, repeats=7)
     print(f"{'tokens/step':>11} {'ms':>8} {'FLOP/B':>7} {'GFLOP/s':>8} {'GB/s':>6}")
     for r in rows:
         print(f"{r['tokens']:>11} {r['seconds'] * 1e3:>8.2f} {r['intensity']:>7.1f} {r['flop_per_s'] / 1e9:>8.1f} "

@@ -31,7 +31,6 @@ bytes to decode (counted by `step_cost`) and makes it more memory-bound still.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -118,8 +117,10 @@ def _step(weights, x):
 def measure_linear_steps(config, batches, repeats: int = 5, weights=None, threads: int = 1) -> list[dict]:
     """Time the matmuls of one forward step for each number of tokens in `batches` (on `threads` threads).
 
-    Returns one dict per entry: tokens, seconds (median of `repeats`), flops, bytes (the matmul part of
-    step_cost: weights + activations), intensity, flop_per_s, bytes_per_s.
+    The sizes are timed in `repeats` interleaved rounds (1, 2, 4, ..., then again), and each keeps its fastest
+    run: other processes on the machine only ever add time, and a burst of them then hits every size alike
+    instead of one. Returns one dict per entry: tokens, seconds, flops, bytes (the matmul part of step_cost:
+    weights + activations), intensity, flop_per_s, bytes_per_s.
     """
     weights = weights if weights is not None else linear_weights(config)
     h = max(i for _, i in linear_shapes(config))
@@ -128,24 +129,24 @@ def measure_linear_steps(config, batches, repeats: int = 5, weights=None, thread
     act = sum(w.shape[0] + w.shape[1] for w in weights)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    rows = []
+    inputs = {b: torch.randn(b, h, dtype=weights[0].dtype) for b in batches}
+    best = {b: float("inf") for b in batches}
     try:
         with torch.no_grad():
             for b in batches:
-                x = torch.randn(b, h, dtype=weights[0].dtype)
-                _step(weights, x)                                   # warm-up (allocations, kernel choice)
-                runs = []
-                for _ in range(repeats):
+                _step(weights, inputs[b])                           # warm-up (allocations, kernel choice)
+            for _ in range(repeats):
+                for b in batches:
                     start = time.perf_counter()
-                    _step(weights, x)
-                    runs.append(time.perf_counter() - start)
-                seconds = statistics.median(runs)
-                flops, nbytes = 2.0 * b * params, (params + b * act) * elt
-                rows.append({"tokens": b, "seconds": seconds, "flops": flops, "bytes": nbytes,
-                             "intensity": flops / nbytes, "flop_per_s": flops / seconds,
-                             "bytes_per_s": nbytes / seconds})
+                    _step(weights, inputs[b])
+                    best[b] = min(best[b], time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous)
+    rows = []
+    for b in batches:
+        flops, nbytes = 2.0 * b * params, (params + b * act) * elt
+        rows.append({"tokens": b, "seconds": best[b], "flops": flops, "bytes": nbytes, "intensity": flops / nbytes,
+                     "flop_per_s": flops / best[b], "bytes_per_s": nbytes / best[b]})
     return rows
 
 
