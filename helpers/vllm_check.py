@@ -238,7 +238,8 @@ def main(argv: list[str]) -> None:
         print(f"decode, batch {b}: course {course['decode_tokens_per_s'][b]:.0f} tok/s  {rates}")
     pc = workers.get("1", {}).get("prefix_cache")
     if pc:
-        print(f"vLLM prefix cache: {pc['hits']} of {pc['queries']} prompt tokens hit ({pc['hits'] / pc['queries']:.0%})")
+        print(f"vLLM prefix cache: {pc['hits']} of {pc['queries']} prompt tokens hit "
+              f"({pc['hits'] / pc['queries']:.0%})")
     print(f"wrote {RESULT_PATH.relative_to(ROOT)}")
     if not all(result["tokens_equal"].values()):
         sys.exit(1)

@@ -106,7 +106,8 @@ def linear_weights(config, seed: int = 0, dtype=torch.float32) -> list[torch.Ten
     """One weight tensor per entry of linear_shapes(config), random from `seed` (values do not change timings)."""
     g = torch.Generator().manual_seed(seed)
     # uniform in ±1/sqrt(in), like nn.Linear's default initialisation (and faster to draw than randn)
-    return [torch.empty(o, i, dtype=dtype).uniform_(-i ** -0.5, i ** -0.5, generator=g) for o, i in linear_shapes(config)]
+    return [torch.empty(o, i, dtype=dtype).uniform_(-i ** -0.5, i ** -0.5, generator=g)
+            for o, i in linear_shapes(config)]
 
 
 def _step(weights, x):
