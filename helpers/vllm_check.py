@@ -61,20 +61,22 @@ SHARED_PREFIX_TOKENS = 192
 OWN_TOKENS = 21
 PREFIX_REQUESTS = 8
 
-# What the course calls each serving metric, beside vLLM's name for it (helpers/course/serving/metrics.py;
-# the prefix-cache counters are the ones notebook 07 exports from its PrefixCachingBlockManager).
+# What the course calls each serving metric, beside vLLM's name for it: chapter 6's server
+# (helpers/course/serving/metrics.py) and the prefix-cache counters notebook 07 exports from its
+# PrefixCachingBlockManager. None: the course exports no such series (notebook 07 says what stands for it).
 METRIC_PAIRS = [
     ("time to first token (TTFT)", "vllm:time_to_first_token_seconds", "serving_time_to_first_token_seconds"),
-    ("inter-token latency (ITL)", "vllm:inter_token_latency_seconds", "serving_time_per_output_token_seconds"),
+    ("inter-token latency (ITL), every gap", "vllm:inter_token_latency_seconds", None),
     ("time per output token, per request", "vllm:request_time_per_output_token_seconds",
      "serving_time_per_output_token_seconds"),
     ("end-to-end request latency", "vllm:e2e_request_latency_seconds", "serving_request_latency_seconds"),
     ("prefix cache queries (tokens)", "vllm:prefix_cache_queries", "serving_prefix_cache_queries_total"),
     ("prefix cache hits (tokens)", "vllm:prefix_cache_hits", "serving_prefix_cache_hits_total"),
-    ("KV cache usage", "vllm:kv_cache_usage_perc", "serving_kv_cache_usage_ratio"),
-    ("preemptions", "vllm:num_preemptions", "serving_preemptions_total"),
+    ("KV cache usage", "vllm:kv_cache_usage_perc", None),
+    ("preemptions", "vllm:num_preemptions", None),
     ("generated tokens", "vllm:generation_tokens", "serving_generated_tokens_total"),
-    ("requests running / waiting", "vllm:num_requests_running", "serving_running_sequences"),
+    ("requests running", "vllm:num_requests_running", "serving_running_sequences"),
+    ("requests waiting", "vllm:num_requests_waiting", "serving_queue_depth"),
 ]
 
 
