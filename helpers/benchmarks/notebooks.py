@@ -1,5 +1,5 @@
 """Run All of every chapter notebook with the reference answers (COURSE_IMPL=solutions): wall time per notebook
-(kernel start-up included) and its slowest cell, against the course's budget of 60 s per notebook and 20 s per
+(kernel start-up and shut-down included, also shown apart as "outside cells") and its slowest cell, against the course's budget of 60 s per notebook and 20 s per
 cell on the 2-core machine. Nothing is stored: the notebooks on disk keep their outputs.
 
     python -m helpers.bench notebooks                      # every notebook
@@ -19,19 +19,19 @@ def _first_line(cell) -> str:
 
 def run(paths=None):
     paths = paths or notebooks.notebook_paths()
-    print(f"{'notebook':34} {'Run All':>8} {'slowest cell':>13}  first line of the slowest cell")
+    print(f"{'notebook':30} {'Run All':>8} {'outside cells':>13} {'slowest cell':>13}  first line of the slowest cell")
     total, over = 0.0, []
     for path in paths:
         result = notebooks.run(path, impl="solutions")
         index, seconds = result.slowest_cell()
         name = getattr(path, "stem", str(path))
         status = f"  STOPPED: {result.stopped}" if result.stopped else ""
-        print(f"{name:34} {result.seconds:7.1f} s {seconds:8.1f} s [{index:>2}]  "
+        print(f"{name:30} {result.seconds:6.1f} s {result.outside_cells:11.1f} s {seconds:6.1f} s [{index:>2}]  "
               f"{_first_line(result.notebook.cells[index]) if index >= 0 else ''}{status}", flush=True)
         total += result.seconds
         if result.seconds > NOTEBOOK_BUDGET_S or seconds > CELL_BUDGET_S or result.stopped:
             over.append(name)
-    print(f"{'all notebooks':34} {total:7.1f} s")
+    print(f"{'all notebooks':30} {total:6.1f} s")
     print(f"over the budget ({NOTEBOOK_BUDGET_S} s per notebook, {CELL_BUDGET_S} s per cell, on the 2-core machine): "
           f"{', '.join(over) if over else 'none'}")
 
