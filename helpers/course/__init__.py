@@ -25,7 +25,7 @@ Chapter → module (helpers/course/...):
     7  serving engine        kv_cache.py            KV pools of fixed-size blocks read through block tables; OutOfBlocks
                              paged_llama.py         the tiny Llama on the paged cache: prefill chunks, batched decode
                              engine_loop.py         chunked prefill: a step loop under a token budget, on modelled time
-                             roofline.py            prefill vs decode: FLOPs, bytes, arithmetic intensity, measured roofline
+                             roofline.py            prefill vs decode: FLOPs, bytes, intensity; a measured roofline
                              disaggregated.py       prefill and decode workers on real ranks, KV blocks between them
     8  experts, long context moe.py, ring_attention.py, sequence_parallel.py
 
