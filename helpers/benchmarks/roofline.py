@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 
-from helpers.course.roofline import ROOFLINE_CONFIG, ceilings, measure_linear_steps, memory_bound_batch, step_cost
+from helpers.course.roofline import ROOFLINE_CONFIG, ceilings, decode_intensity_limit, measure_linear_steps, \
+    memory_bound_batch, step_cost
 from helpers.vllm_check import RESULT_PATH
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -32,8 +33,11 @@ def roofline() -> None:
     b_star = memory_bound_batch(ROOFLINE_CONFIG, roofs)
     print(f"peak {roofs.peak_flop_per_s / 1e9:.1f} GFLOP/s, bandwidth {roofs.bandwidth / 1e9:.1f} GB/s "
           f"(one thread): ridge {roofs.ridge:.1f} FLOP/B")
-    print(f"decode stops being memory-bound at batch {b_star} (context 0); at context 1024: "
-          f"{memory_bound_batch(ROOFLINE_CONFIG, roofs, context=1024)} (the KV cache adds bytes, not FLOPs per byte)")
+    long = {c: memory_bound_batch(ROOFLINE_CONFIG, roofs, context=c) for c in (1024, 4096)}
+    print(f"decode stops being memory-bound at batch {b_star} (context 0); "
+          + ", ".join(f"at context {c}: {'batch ' + str(b) if b else 'never'}" for c, b in long.items())
+          + f" (every sequence reads its own KV cache; the limit at 4096 is "
+          f"{decode_intensity_limit(ROOFLINE_CONFIG, 4096):.1f} FLOP/B)")
     by = {r["tokens"]: r for r in rows}
     print(f"TTFT of a 512-token prompt {by[512]['seconds'] * 1e3:.1f} ms vs ITL at batch 1 "
           f"{by[1]['seconds'] * 1e3:.1f} ms; at batch {by[8]['tokens']} {by[8]['seconds'] * 1e3:.1f} ms "
