@@ -34,7 +34,7 @@ test: $(STAMP)
 		--nbval-sanitize-with notebooks/sanitize.cfg --timeout=900 -q -rfE --durations=15
 
 # Restart and Run All of every notebook in the learner's mode (labs/ as it is: unwritten exercises fall back to
-# the reference answers, each saying so). `make test` runs two chapters of it; this runs all (several minutes).
+# the reference answers, each saying so). `make test` runs two chapters of it; this runs all (about 4 min).
 test-labs: $(STAMP)
 	COURSE_LABS_RUN_ALL=1 $(PY) -m pytest tests/test_learner_path.py -q -rfE --timeout=900 --durations=10
 

@@ -1,13 +1,13 @@
-"""Run All of every chapter notebook with the reference answers (COURSE_IMPL=solutions): wall time per notebook
-(kernel start-up and shut-down included, also shown apart as "outside cells") and its slowest cell, against the course's budget of 60 s per notebook and 20 s per
-cell on the 2-core machine. Nothing is stored: the notebooks on disk keep their outputs.
+"""Run All of every chapter notebook in a fresh kernel, with the implementation helpers/bench.py chose (the
+reference answers by default; `--impl labs`: the learner's mode, unwritten exercises falling back): the wall
+time of each notebook (kernel start-up and shut-down included; "outside cells" shows them apart) and its
+slowest cell, against the course's budget of 60 s per notebook and 20 s per cell on the 2-core machine.
+Nothing is stored: the notebooks on disk keep their outputs.
 
-    python -m helpers.bench notebooks                      # every notebook
-    python -m helpers.benchmarks.notebooks notebooks/05_hybrid_parallel.ipynb   # some
+    python -m helpers.bench notebooks
 """
-import sys
-
 from helpers import notebooks
+from helpers.impl import impl_package
 
 NOTEBOOK_BUDGET_S, CELL_BUDGET_S = 60, 20
 
@@ -19,10 +19,12 @@ def _first_line(cell) -> str:
 
 def run(paths=None):
     paths = paths or notebooks.notebook_paths()
+    impl = impl_package()
+    print(f"Run All in a fresh kernel, one notebook at a time, with {impl}/")
     print(f"{'notebook':30} {'Run All':>8} {'outside cells':>13} {'slowest cell':>13}  first line of the slowest cell")
     total, over = 0.0, []
     for path in paths:
-        result = notebooks.run(path, impl="solutions")
+        result = notebooks.run(path, impl=impl)
         index, seconds = result.slowest_cell()
         name = getattr(path, "stem", str(path))
         status = f"  STOPPED: {result.stopped}" if result.stopped else ""
@@ -35,7 +37,3 @@ def run(paths=None):
     print(f"over the budget ({NOTEBOOK_BUDGET_S} s per notebook, {CELL_BUDGET_S} s per cell, on the 2-core machine): "
           f"{', '.join(over) if over else 'none'}")
 
-
-if __name__ == "__main__":
-    import pathlib
-    run([pathlib.Path(p) for p in sys.argv[1:]] or None)
