@@ -8,7 +8,7 @@
    * padded to max_model_len: every sequence reserves all 256 positions up front (a static cache, as
      transformers' StaticCache or pre-vLLM servers do);
    * padded to the longest: one [batch, longest] tensor for the whole batch;
-   * paged (solutions/paged_kv_cache.py's BlockManager, blocks of 16): each sequence holds
+   * paged (exercise 7.1's BlockManager, blocks of 16): each sequence holds
      ceil(length / 16) blocks, taken as it grows (allocate for the prompt, append_slot per new token).
    Then a fixed budget of BUDGET_BLOCKS blocks (4 MiB): how many of the workload's sequences fit at once,
    counted both ways, and measured on the real engine (helpers/course/paged_llama.py on a pool of that
@@ -52,7 +52,8 @@ def kv_bytes(requests, block_size: int = BLOCK_SIZE) -> dict:
     """Bytes of KV held with each cache, every sequence at full length. Paged: by a real BlockManager."""
     from helpers.course.kv_cache import KVPool
     from helpers.course.tiny_llama import CONFIG
-    from solutions.paged_kv_cache import BlockManager
+    from helpers import load_impl
+    BlockManager = load_impl("paged_kv_cache").BlockManager
     per_token = KVPool.for_model(CONFIG, 1, block_size).bytes_per_token
     manager = BlockManager(sum(-(-(p + o) // block_size) for p, o in requests), block_size)
     for i, (prompt, output) in enumerate(requests):
@@ -93,7 +94,7 @@ def engine_batch(requests, budget_blocks: int = BUDGET_BLOCKS) -> dict:
         prompts.append(text[start:start + min(prompt, MAX_LEN - ENGINE_NEW_TOKENS)])
     model = load_model()
     start = time.perf_counter()
-    engine = _solutions_engine(PagedLlama, model, budget_blocks)
+    engine = _engine(PagedLlama, model, budget_blocks)
     got = engine.generate(prompts, ENGINE_NEW_TOKENS)
     seconds = time.perf_counter() - start
     want = [generate(model, p, ENGINE_NEW_TOKENS) for p in prompts]
@@ -101,14 +102,9 @@ def engine_batch(requests, budget_blocks: int = BUDGET_BLOCKS) -> dict:
             "padded_batch": budget_blocks * BLOCK_SIZE // MAX_LEN}
 
 
-def _solutions_engine(cls, model, num_blocks, prefix_caching=False):
-    """A PagedLlama on the reference exercises (solutions/), whatever COURSE_IMPL says."""
-    import solutions.paged_kv_cache as pkv
-    import solutions.prefix_cache as pc
-    engine = cls(model, num_blocks=num_blocks, block_size=BLOCK_SIZE, prefix_caching=prefix_caching)
-    engine.paged = pkv
-    engine.manager = (pc.PrefixCachingBlockManager if prefix_caching else pkv.BlockManager)(num_blocks, BLOCK_SIZE)
-    return engine
+def _engine(cls, model, num_blocks, prefix_caching=False):
+    """A PagedLlama on the exercises helpers/bench.py chose (--impl; the reference answers by default)."""
+    return cls(model, num_blocks=num_blocks, block_size=BLOCK_SIZE, prefix_caching=prefix_caching)
 
 
 def prefix_ttft(prefix_caching: bool) -> dict:
@@ -120,7 +116,7 @@ def prefix_ttft(prefix_caching: bool) -> dict:
     text = encode(CORPUS_PATH.read_text(encoding="utf-8"))
     shared = text[:SHARED_TOKENS]
     model = load_model()
-    engine = _solutions_engine(PagedLlama, model, 64, prefix_caching)
+    engine = _engine(PagedLlama, model, 64, prefix_caching)
     cost = DeviceCost()
     computed, modelled, measured, first = [], [], [], []
     for r in range(PREFIX_REQUESTS):

@@ -527,11 +527,6 @@ def test_valid_engines_pass(name, reference, shared_server):
 
 # ------------------------------------------------------------- the chapter's measuring tools (not graded)
 
-def test_balancer_choice_follows_the_router_contract():
-    from helpers.course.serving.loadtest import balancer_choice
-    check_router(balancer_choice)
-
-
 def test_replay_schedule_is_the_real_models():
     """The virtual-clock replay gives the same timestamps with ScheduleOnlyLM as with the tiny Llama, and the
     real model's tokens; static batching answers a batch together; TTFT ≤ latency for every request."""

@@ -228,22 +228,6 @@ class ReplayResult:
                 "tok_per_s": tokens / span if span > 0 else 0.0}
 
 
-def balancer_choice(policy: str, outstanding: list, turn: int) -> int:
-    """The rule of balancer.Balancer.choose as a function of the counts (exercise 6.2's contract):
-    round_robin takes the (turn mod k)-th of the k replicas up; least_outstanding the fewest outstanding,
-    ties taken in turn. outstanding[i] is None while replica i is down."""
-    up = [i for i, n in enumerate(outstanding) if n is not None]
-    if not up:
-        raise ValueError("no replica is up")
-    if policy == "round_robin":
-        return up[turn % len(up)]
-    if policy != "least_outstanding":
-        raise ValueError(f"policy={policy!r}: use 'round_robin' or 'least_outstanding'")
-    fewest = min(outstanding[i] for i in up)
-    tied = [i for i in up if outstanding[i] == fewest]
-    return tied[turn % len(tied)]
-
-
 def _stamping_engine(model, clock, max_batch, batching):
     from helpers.course.serving.engine import Engine
 
