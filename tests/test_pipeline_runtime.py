@@ -45,7 +45,8 @@ def test_stage_neighbours():
 @pytest.mark.parametrize("p,m,v", [(4, 8, 2), (4, 4, 2), (2, 6, 3), (4, 12, 2), (3, 3, 2)])
 def test_interleaved_order_matches_pytorch(p, m, v):
     from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B
-    ns = SimpleNamespace(n_local_stages=v, pp_group_size=p, microbatches_per_round=m // max(1, m // p), _n_microbatches=m)
+    ns = SimpleNamespace(n_local_stages=v, pp_group_size=p, microbatches_per_round=m // max(1, m // p),
+                         _n_microbatches=m)
     theirs = {r: ScheduleInterleaved1F1B._calculate_single_rank_operations(ns, r) for r in range(p)}
     assert S.from_torch_order(theirs) == S.interleaved_1f1b_order(p, m, v)
 
@@ -53,7 +54,8 @@ def test_interleaved_order_matches_pytorch(p, m, v):
 @pytest.mark.parametrize("p,m", [(4, 8), (4, 4), (2, 5), (3, 6)])
 def test_zb_h1_order_matches_pytorch(p, m):
     from torch.distributed.pipelining.schedules import ScheduleInterleavedZeroBubble
-    ns = SimpleNamespace(n_local_stages=1, pp_group_size=p, microbatches_per_round=m // max(1, m // p), _n_microbatches=m)
+    ns = SimpleNamespace(n_local_stages=1, pp_group_size=p, microbatches_per_round=m // max(1, m // p),
+                         _n_microbatches=m)
     theirs = {r: ScheduleInterleavedZeroBubble._calculate_single_rank_operations(ns, r) for r in range(p)}
     assert S.from_torch_order(theirs) == S.zb_h1_order(p, m)
 
@@ -136,4 +138,5 @@ def test_llama_stages_run_one_after_another_equal_the_model(num_stages):
     for stage, cache in zip(stages, caches):
         h = stage(h, cache, ids.shape[1])
     assert max_abs_diff(h, full_step) <= tolerance(full_step), \
-        f"cached decode step through {num_stages} stage(s): max |diff| {max_abs_diff(h, full_step):.3g} > {tolerance(full_step):.3g}"
+        f"cached decode step through {num_stages} stage(s): " \
+        f"max |diff| {max_abs_diff(h, full_step):.3g} > {tolerance(full_step):.3g}"

@@ -32,7 +32,8 @@ def _stub_exercises(path):
 
 
 def test_labs_and_solutions_mirror_each_other():
-    sols = sorted(p.relative_to(ROOT / "solutions") for p in (ROOT / "solutions").rglob("*.py") if p.name != "__init__.py")
+    sols = sorted(p.relative_to(ROOT / "solutions") for p in (ROOT / "solutions").rglob("*.py")
+                  if p.name != "__init__.py")
     assert LAB_FILES == sols
 
 
@@ -46,7 +47,8 @@ def test_same_public_names_and_signatures(rel):
     for name in names(lab):
         a, b = getattr(lab, name), getattr(sol, name)
         if inspect.isfunction(a):
-            assert inspect.signature(a) == inspect.signature(b), f"{name}: {inspect.signature(a)} vs {inspect.signature(b)}"
+            assert inspect.signature(a) == inspect.signature(b), \
+                f"{name}: {inspect.signature(a)} vs {inspect.signature(b)}"
 
 
 @pytest.mark.parametrize("rel", LAB_FILES, ids=str)

@@ -37,7 +37,8 @@ def test_two_nodes_on_loopback():
     """Two torchrun agents, each a "node" with 2 processes, meet through c10d rendezvous: world size 4."""
     endpoint = f"127.0.0.1:{_free_port()}"
     cmd = TORCHRUN + ["--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
-                      "--rdzv_id=course-test", "--max_restarts=0", "-m", "helpers.run", "helpers.examples:chapter_check"]
+                      "--rdzv_id=course-test", "--max_restarts=0",
+                      "-m", "helpers.run", "helpers.examples:chapter_check"]
     nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
              for _ in range(2)]
     try:

@@ -3,8 +3,9 @@
     python -m helpers.bench disaggregation
 
 1. KV transfer on real ranks (helpers/course/disaggregated.py: run_disaggregated; exercise 7.5's send_kv /
-   recv_kv of the implementation helpers/bench.py chose): rank 0 prefills prompts of several lengths with the tiny Llama on a paged cache and
-   sends each one's blocks and first token to one of 2 decode ranks, which continue decoding. Per prompt: the
+   recv_kv of the implementation helpers/bench.py chose): rank 0 prefills prompts of several lengths with the
+   tiny Llama on a paged cache and sends each one's blocks and first token to one of 2 decode ranks, which
+   continue decoding. Per prompt: the
    bytes rank 0's CommTracer counted, the formula (16 B header + 4 layers × 2 × whole blocks × 16 tokens × 4 KV
    heads × 32 × 4 B: 4,096 B per token, rounded up to blocks of 16) and bytes per prompt token. The tokens are
    compared with helpers.course.tiny_llama.generate.

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ModelShape", "MODELS", "kv_bytes_per_token", "kv_heads_per_rank", "inference_memory", "smallest_tp_that_fits",
+__all__ = ["ModelShape", "MODELS",
+           "kv_bytes_per_token", "kv_heads_per_rank", "inference_memory", "smallest_tp_that_fits",
            "parameter_bytes", "tensor_bytes", "GB"]
 
 GB = 1e9
@@ -101,7 +102,8 @@ def smallest_tp_that_fits(parameters: float, bytes_per_param: float, gpu_bytes: 
                 kv_heads_for_rank(heads, kv_heads or heads, 0, tp)
             except ValueError:
                 continue
-        if inference_memory(parameters, bytes_per_param, kv_per_token, tokens, tp, kv_heads)["total"] <= usable * gpu_bytes:
+        if (inference_memory(parameters, bytes_per_param, kv_per_token, tokens, tp, kv_heads)["total"]
+                <= usable * gpu_bytes):
             return tp
     return None
 

@@ -214,4 +214,5 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["train"]:
         train()
     else:
-        sys.exit("usage: python -m helpers.course.tiny_llama train   (retrains and overwrites helpers/course/data/tiny_llama)")
+        sys.exit("usage: python -m helpers.course.tiny_llama train   "
+                 "(retrains and overwrites helpers/course/data/tiny_llama)")

@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ['group_rank_and_size', 'split_along_dim', 'copy_to_tensor_model_parallel_region', 'reduce_from_tensor_model_parallel_region', 'scatter_to_tensor_model_parallel_region', 'gather_from_tensor_model_parallel_region']
+__all__ = ['group_rank_and_size', 'split_along_dim',
+           'copy_to_tensor_model_parallel_region', 'reduce_from_tensor_model_parallel_region',
+           'scatter_to_tensor_model_parallel_region', 'gather_from_tensor_model_parallel_region']
 
 
 def group_rank_and_size(rank: int | None = None, world_size: int | None = None, group=None) -> tuple[int, int]:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.distributed.distributed_c10d import all_reduce as _aliased_all_reduce  # bound at import: dist.* wrappers miss it
+# bound at import: dist.* wrappers miss it
+from torch.distributed.distributed_c10d import all_reduce as _aliased_all_reduce
 
 from helpers.course.partition import chunk_bounds
 

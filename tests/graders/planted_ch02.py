@@ -98,7 +98,8 @@ def _col_gather_then_slice(sol, sol_plan, tp, plan):
         def forward(self, x):
             x = sol.copy_to_tensor_model_parallel_region(x, self.group)
             y = sol.gather_from_tensor_model_parallel_region(F.linear(x, self.weight, self.bias), self.group)
-            return y if self.gather_output else y[..., self.rank * self.out_per_rank:(self.rank + 1) * self.out_per_rank]
+            return y if self.gather_output else y[
+                ..., self.rank * self.out_per_rank:(self.rank + 1) * self.out_per_rank]
     tp.ColumnParallelLinear = Column
 
 
@@ -113,7 +114,8 @@ def _col_full_weight(sol, sol_plan, tp, plan):
 
         def forward(self, x):
             y = F.linear(x, self.weight, self.bias)
-            return y if self.gather_output else y[..., self.rank * self.out_per_rank:(self.rank + 1) * self.out_per_rank]
+            return y if self.gather_output else y[
+                ..., self.rank * self.out_per_rank:(self.rank + 1) * self.out_per_rank]
     tp.ColumnParallelLinear = Column
 
 
@@ -341,7 +343,8 @@ def _llama_kv_colwise(sol, sol_plan, tp, plan):
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             for name in ("q_proj", "k_proj", "v_proj"):                       # K/V split like Q, no rule
-                setattr(attn, name, sol.ColumnParallelLinear.from_linear(getattr(attn, name), gather_output=False, **column))
+                setattr(attn, name,
+                        sol.ColumnParallelLinear.from_linear(getattr(attn, name), gather_output=False, **column))
             attn.o_proj = sol.RowParallelLinear.from_linear(attn.o_proj, input_is_parallel=True, **column)
             attn.num_key_value_groups = max(1, config.num_attention_heads // config.num_key_value_heads)
             mlp.gate_proj = sol.ColumnParallelLinear.from_linear(mlp.gate_proj, gather_output=False, **column)
@@ -370,7 +373,8 @@ assert set(_PLANT) == set(VARIANTS)
 # ------------------------------------------------------------ valid alternatives: these must pass the graders
 
 ALTERNATIVES = {   # name -> (grading check, what differs from the reference)
-    "alt_col_gather_into_tensor": ("column", "gather_output=True through all_gather_into_tensor in an autograd Function"),
+    "alt_col_gather_into_tensor": ("column",
+                                   "gather_output=True through all_gather_into_tensor in an autograd Function"),
     "alt_attn_one_copy_to": ("attention", "one copy_to on x, q/k/v computed with F.linear on the shards' weights"),
     "alt_attn_colwise_kv": ("attention", "K/V as ColumnParallelLinear when world_size divides the KV heads"),
     "alt_argmax_two_all_reduces": ("vocab", "parallel_argmax by all-reduce MAX of values, then MIN of the ids"),

@@ -232,7 +232,8 @@ PLANTED = [
     Planted("3.2", "chunk_split", "torch.chunk: 7 rows in 3 micro-batches of 3, 3, 1 instead of 3, 2, 2",
             "p2", r"micro-batch sizes .*\[3, 3, 1\].*\[3, 2, 2\]", _pp(gpipe_mistake="chunk_split")),
     Planted("3.2", "prefetch_after_last", "prefetch_next=True on the last micro-batch too: a receive posted "
-            "that no send will match", "p2", r"receives? posted .* never sent", _pp(gpipe_mistake="prefetch_after_last")),
+            "that no send will match", "p2", r"receives? posted .* never sent",
+            _pp(gpipe_mistake="prefetch_after_last")),
     Planted("3.2", "no_argument_checks", "no ValueError for num_micro_batches < 1 or too small a batch",
             "p1", r"ValueError", _pp(gpipe_mistake="no_argument_checks")),
     Planted("3.3", "gpipe_order", "all forwards, then all backwards", "4x8", r"expected F0 F1 F2 F3 B0",
@@ -340,5 +341,6 @@ VALID = [  # (exercise, name, cases, implementation)
         PipelineStage=_own_transport_stage(), gpipe_forward=_gpipe())),
     ("3.2", "no_prefetch", ("p3", "overlap"), SimpleNamespace(PipelineStage=_stage_class(),
                                                               gpipe_forward=_without_prefetch_gpipe())),
-    ("3.4", "int32_tokens_no_prefetch", ("1 stage", "2 stages reversed", "overlap"), _int32_tokens_no_prefetch_generate()),
+    ("3.4", "int32_tokens_no_prefetch", ("1 stage", "2 stages reversed", "overlap"),
+     _int32_tokens_no_prefetch_generate()),
 ]

@@ -103,7 +103,8 @@ def _call(where, what, hint, fn, *args, **kwargs):
     except NotImplementedError:
         raise
     except Exception as exc:
-        raise AssertionError(f"{where}: {what} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise AssertionError(f"{where}: {what} raised {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}"
                              f" — {hint}") from exc
 
 
@@ -138,7 +139,8 @@ def _holds(failures, where, params: dict, hint):
     for name, (got, want) in params.items():
         if want is None:
             if got is not None:
-                failures.append(f"{where}: {name} should be None (the full layer has none), got {tuple(got.shape)} — {hint}")
+                failures.append(f"{where}: {name} should be None (the full layer has none), "
+                                f"got {tuple(got.shape)} — {hint}")
             continue
         if got is None:
             failures.append(f"{where}: {name} is missing: expected this rank's slice {tuple(want.shape)} — {hint}")
@@ -212,7 +214,8 @@ def check_column(impl, rank, world_size, group, label):
         (expected * target).sum().backward()
         rows = slice(r * fout // n, (r + 1) * fout // n)
         for gather in (True, False):
-            where = f"[2.1] rank {rank} {label} in={fin} out={fout} bias={bias} gather_output={gather} x{tuple(x.shape)}"
+            where = (f"[2.1] rank {rank} {label} in={fin} out={fout} bias={bias} gather_output={gather} "
+                     f"x{tuple(x.shape)}")
             layer = _call(where, "ColumnParallelLinear.from_linear", LOOK.format(f"{COLUMN}.from_linear / __init__"),
                           tp.ColumnParallelLinear.from_linear, full, group=group, gather_output=gather)
             _holds(failures, where, {"weight": (layer.weight, full.weight[rows]),
@@ -227,7 +230,8 @@ def check_column(impl, rank, world_size, group, label):
             _close(failures, where, "output", y, want, "forward: copy_to -> F.linear with the shard -> "
                    f"gather_from only if gather_output ({COLUMN}.forward)")
             _collectives(failures, where, trace, [GATHERS] if gather else [], group,
-                         f"gather_output={gather}: {'one all-gather of the output' if gather else 'no collective: each rank keeps its slice'} "
+                         f"gather_output={gather}: "
+                         f"{'one all-gather of the output' if gather else 'no collective: each rank keeps its slice'} "
                          f"({COLUMN}.forward)")
             _backward(where, LOOK.format(f"{COLUMN}.forward"), y, target if gather else target[..., rows])
             hint = (f"the backward pass must all-reduce dL/dx (copy_to_tensor_model_parallel_region before the "
@@ -249,7 +253,8 @@ def check_column_errors(impl):
                     f"'out_features=10 is not divisible by world_size=4 ...' ({COLUMN}.__init__)"]
         return []
     return ["[2.1] ColumnParallelLinear(6 -> 10) on 4 ranks raised no ValueError: 10 features have no even split "
-            f"(the docstring promises ValueError('out_features=10 is not divisible by world_size=4 ...'); {COLUMN}.__init__)"]
+            "(the docstring promises ValueError('out_features=10 is not divisible by world_size=4 ...'); "
+            f"{COLUMN}.__init__)"]
 
 
 def _run_checks(rank, world_size, check, impl=None):
@@ -309,7 +314,8 @@ def check_row(impl, rank, world_size, group, label):
             _close(failures, where, "output", y, expected,
                    f"the bias must be added once, after the all-reduce, on every rank ({ROW}.forward)")
             _collectives(failures, where, trace, [{"all_reduce"}], group,
-                         f"one all-reduce of the partial sums (reduce_from_tensor_model_parallel_region) ({ROW}.forward)")
+                         "one all-reduce of the partial sums (reduce_from_tensor_model_parallel_region) "
+                         f"({ROW}.forward)")
             _backward(where, LOOK.format(f"{ROW}.forward"), y, target)
             hint = (f"the input slice must come from scatter_to_tensor_model_parallel_region (backward: all-gather) "
                     f"unless input_is_parallel ({ROW}.forward)")
@@ -317,7 +323,8 @@ def check_row(impl, rank, world_size, group, label):
             _close(failures, where, "dL/dW (this rank's columns)", layer.weight.grad, full.weight.grad[:, cols], hint)
             if bias and layer.bias is not None:
                 _close(failures, where, "dL/db", layer.bias.grad, full.bias.grad,
-                       f"the whole bias is added once, AFTER the all-reduce, on every rank, so every rank's dL/db is the "
+                       f"the whole bias is added once, AFTER the all-reduce, on every rank, "
+                       f"so every rank's dL/db is the "
                        f"full one (added before the reduction it gets a share, or nothing) ({ROW}.forward)")
     return failures
 
@@ -332,7 +339,8 @@ def check_row_errors(impl):
                     f"'in_features=6 is not divisible by world_size=4 ...' ({ROW}.__init__)"]
         return []
     return ["[2.2] RowParallelLinear(6 -> 8) on 4 ranks raised no ValueError: 6 input features have no even split "
-            f"(the docstring promises ValueError('in_features=6 is not divisible by world_size=4 ...'); {ROW}.__init__)"]
+            "(the docstring promises ValueError('in_features=6 is not divisible by world_size=4 ...'); "
+            f"{ROW}.__init__)"]
 
 
 @pytest.mark.exercise("2.2", "RowParallelLinear (input_is_parallel, bias once)")
@@ -365,14 +373,18 @@ def check_mlp(impl, rank, world_size, group, label):
         (expected * target).sum().backward()
         rows = slice(r * ffn // n, (r + 1) * ffn // n)
 
-        mlp = _call(where, "ParallelMLP.from_mlp", LOOK.format(f"{PMLP}.from_mlp"), tp.ParallelMLP.from_mlp, full, group=group)
-        shard = f"fc1 column-parallel (gather_output=False), fc2 row-parallel (input_is_parallel=True) ({PMLP}.from_mlp)"
+        mlp = _call(where, "ParallelMLP.from_mlp", LOOK.format(f"{PMLP}.from_mlp"), tp.ParallelMLP.from_mlp, full,
+                    group=group)
+        shard = ("fc1 column-parallel (gather_output=False), fc2 row-parallel (input_is_parallel=True) "
+                 f"({PMLP}.from_mlp)")
         fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
         if fc1 is None or fc2 is None:
             failures.append(f"{where}: ParallelMLP has no fc1/fc2 attributes — {shard}")
         else:
-            _holds(failures, where, {"fc1.weight": (fc1.weight, full.fc1.weight[rows]), "fc1.bias": (fc1.bias, full.fc1.bias[rows]),
-                                     "fc2.weight": (fc2.weight, full.fc2.weight[:, rows]), "fc2.bias": (fc2.bias, full.fc2.bias)},
+            _holds(failures, where, {"fc1.weight": (fc1.weight, full.fc1.weight[rows]),
+                                     "fc1.bias": (fc1.bias, full.fc1.bias[rows]),
+                                     "fc2.weight": (fc2.weight, full.fc2.weight[:, rows]),
+                                     "fc2.bias": (fc2.bias, full.fc2.bias)},
                    shard)
         _bytes(failures, where, mlp, ((ffn // n) * (hidden + 1) + hidden * (ffn // n) + hidden) * 4, shard)
         x_tp = x.clone().requires_grad_(True)
@@ -388,7 +400,8 @@ def check_mlp(impl, rank, world_size, group, label):
         _close(failures, where, "dL/dx", x_tp.grad, x_full.grad, hint)
         if fc1 is not None and fc2 is not None:
             _close(failures, where, "fc1 dL/dW (this rank's rows)", fc1.weight.grad, full.fc1.weight.grad[rows], hint)
-            _close(failures, where, "fc2 dL/dW (this rank's columns)", fc2.weight.grad, full.fc2.weight.grad[:, rows], hint)
+            _close(failures, where, "fc2 dL/dW (this rank's columns)", fc2.weight.grad, full.fc2.weight.grad[:, rows],
+                   hint)
             _close(failures, where, "fc2 dL/db", fc2.bias.grad, full.fc2.bias.grad, hint)
     return failures
 
@@ -460,13 +473,16 @@ def check_attention(impl, rank, world_size, group, label):
                 f"(ColumnParallelLinear has it; head_slice(..., group=group) too), or dL/dx misses the other ranks' "
                 f"share ({PATTN}.from_attention / forward)")
         _close(failures, where, "dL/dx", x_tp.grad, x_full.grad, hint)
-        _close(failures, where, "q_proj dL/dW (this rank's heads)", attn.q_proj.weight.grad, full.q_proj.weight.grad[q_rows], hint)
-        _close(failures, where, "o_proj dL/dW (this rank's columns)", attn.o_proj.weight.grad, full.o_proj.weight.grad[:, q_rows], hint)
+        _close(failures, where, "q_proj dL/dW (this rank's heads)", attn.q_proj.weight.grad,
+               full.q_proj.weight.grad[q_rows], hint)
+        _close(failures, where, "o_proj dL/dW (this rank's columns)", attn.o_proj.weight.grad,
+               full.o_proj.weight.grad[:, q_rows], hint)
         for name in ("k_proj", "v_proj"):
             got = getattr(attn, name).weight.grad
             if got is not None and got.shape == (kv_count * hd, hidden):
                 got = _replica_sum(got, group, first_kv, kv_count, kv_heads)
-            _close(failures, where, f"{name} dL/dW (this rank's KV heads{', summed over their replicas' if kv_heads % n else ''})",
+            _close(failures, where,
+                   f"{name} dL/dW (this rank's KV heads{', summed over their replicas' if kv_heads % n else ''})",
                    got, getattr(full, name).weight.grad[kv_rows], hint)
     return failures
 
@@ -482,7 +498,8 @@ def check_block(impl, rank, world_size, group, label):
     x_full = x.clone().requires_grad_(True)
     expected = block(x_full)
     (expected * target).sum().backward()
-    pblock = _call(where, "ParallelTransformerBlock.from_block", hint, tp.ParallelTransformerBlock.from_block, block, group=group)
+    pblock = _call(where, "ParallelTransformerBlock.from_block", hint, tp.ParallelTransformerBlock.from_block, block,
+                   group=group)
     x_tp = x.clone().requires_grad_(True)
     with CommTracer() as trace:
         y = _call(where, "forward", hint, pblock, x_tp)
@@ -560,8 +577,8 @@ def check_vocab(impl, rank, world_size, group, label):
     tokens_in = torch.randint(0, 16 * n, (3, 4))
     target = torch.randn(3, 4, 5)
     (emb(tokens_in) * target).sum().backward()
-    vp = _call(where, "VocabParallelEmbedding.from_embedding", LOOK.format(VOCAB), tp.VocabParallelEmbedding.from_embedding,
-               emb, group=group)
+    vp = _call(where, "VocabParallelEmbedding.from_embedding", LOOK.format(VOCAB),
+               tp.VocabParallelEmbedding.from_embedding, emb, group=group)
     rows = slice(r * 16, (r + 1) * 16)
     _holds(failures, where + " VocabParallelEmbedding", {"weight": (vp.weight, emb.weight[rows])},
            f"rank r keeps rows (token ids) [r·V/n, (r+1)·V/n) of the table ({VOCAB})")
@@ -573,7 +590,8 @@ def check_vocab(impl, rank, world_size, group, label):
     _collectives(failures, where + " VocabParallelEmbedding", trace, [{"all_reduce"}], group,
                  f"one all-reduce sums the ranks' rows (reduce_from_tensor_model_parallel_region) ({VOCAB})")
     _backward(where, LOOK.format(VOCAB), h, target)
-    _close(failures, where + " VocabParallelEmbedding", "dL/dweight (this rank's rows)", vp.weight.grad, emb.weight.grad[rows],
+    _close(failures, where + " VocabParallelEmbedding", "dL/dweight (this rank's rows)", vp.weight.grad,
+           emb.weight.grad[rows],
            f"reduce_from_... is the identity in backward: each rank's rows get their own gradient ({VOCAB})")
 
     positions = 3 * 4
@@ -627,7 +645,8 @@ def check_llama(impl, rank, world_size, group, label, overrides):
                  f"the logits ({PLAN})")
     tokens = _greedy(model, ids, 6)
     if not torch.equal(tokens, want_tokens):
-        failures.append(f"{where}: greedy tokens with KV cache {tokens.tolist()} != full model's {want_tokens.tolist()} "
+        failures.append(f"{where}: greedy tokens with KV cache {tokens.tolist()} "
+                        f"!= full model's {want_tokens.tolist()} "
                         f"— the sharded attention must keep num_key_value_groups consistent with its heads ({PLAN})")
 
     # Who holds which bytes: every projection and the embedding 1/n; K/V heads per kv_heads_for_rank; norms whole.
@@ -638,7 +657,8 @@ def check_llama(impl, rank, world_size, group, label, overrides):
     full_params = dict(full.named_parameters(remove_duplicate=False))
     replicated = sum(p.numel() for name, p in full_params.items() if "norm" in name)
     kv = sum(p.numel() for name, p in full_params.items() if "k_proj" in name or "v_proj" in name)
-    expected = (sum(p.numel() for p in full_params.values()) - replicated - kv) // n + kv * kv_count // kv_heads + replicated
+    expected = ((sum(p.numel() for p in full_params.values()) - replicated - kv) // n
+                + kv * kv_count // kv_heads + replicated)
     mine = sum(p.numel() for p in model.parameters())
     if mine != expected:
         failures.append(f"{where}: this rank holds {mine:,} parameters; expected {expected:,} — {rule}")
@@ -652,7 +672,8 @@ def check_llama(impl, rank, world_size, group, label, overrides):
     # Gradients: each rank's shard gets the same slice of the single-process gradient.
     model.zero_grad(set_to_none=True)
     hint = (f"every projection that reads a replicated activation needs copy_to_tensor_model_parallel_region in "
-            f"backward — the column-parallel ones have it; replicated K/V heads need head_slice(..., group=group) ({PLAN})")
+            f"backward — the column-parallel ones have it; "
+            f"replicated K/V heads need head_slice(..., group=group) ({PLAN})")
     logits_tp = _call(where, "the sharded model's forward with autograd", hint, model, ids).logits
     _backward(where, hint, logits_tp, target)
     vocab, hidden, ffn = full.config.vocab_size, full.config.hidden_size, full.config.intermediate_size
@@ -665,12 +686,14 @@ def check_llama(impl, rank, world_size, group, label, overrides):
         pairs = [("embed_tokens + lm_head dL/dW (tied)", emb_grad + head_grad if emb_grad is not None and
                   head_grad is not None else None, full.model.embed_tokens.weight.grad[v_rows])]
     else:
-        pairs = [("embed_tokens dL/dW (this rank's vocabulary rows)", emb_grad, full.model.embed_tokens.weight.grad[v_rows]),
+        pairs = [("embed_tokens dL/dW (this rank's vocabulary rows)", emb_grad,
+                  full.model.embed_tokens.weight.grad[v_rows]),
                  ("lm_head dL/dW (this rank's vocabulary rows)", head_grad, full.lm_head.weight.grad[v_rows])]
     pairs.append(("model.norm dL/dweight", model.model.norm.weight.grad, full.model.norm.weight.grad))
     for i, (mine_l, full_l) in enumerate(zip(model.model.layers, full.model.layers)):
         a, fa, m, fm = mine_l.self_attn, full_l.self_attn, mine_l.mlp, full_l.mlp
-        pairs += [(f"layers[{i}].input_layernorm dL/dweight", mine_l.input_layernorm.weight.grad, full_l.input_layernorm.weight.grad),
+        pairs += [(f"layers[{i}].input_layernorm dL/dweight", mine_l.input_layernorm.weight.grad,
+                   full_l.input_layernorm.weight.grad),
                   (f"layers[{i}].q_proj dL/dW", a.q_proj.weight.grad, fa.q_proj.weight.grad[q_rows]),
                   (f"layers[{i}].o_proj dL/dW", a.o_proj.weight.grad, fa.o_proj.weight.grad[:, q_rows]),
                   (f"layers[{i}].gate_proj dL/dW", m.gate_proj.weight.grad, fm.gate_proj.weight.grad[f_rows]),
@@ -822,7 +845,8 @@ def test_kv_cache_stops_shrinking_beyond_the_kv_heads():
     from helpers.course.memory import GB, MODELS, inference_memory, kv_bytes_per_token, smallest_tp_that_fits
     m = MODELS["Llama-3-70B"]                                 # 8 KV heads
     kv = kv_bytes_per_token(m.layers, m.kv_heads, m.head_dim, 2)
-    per_tp = {tp: inference_memory(m.parameters, 2, kv, 32768, tp, kv_heads=m.kv_heads)["kv_cache"] for tp in (1, 8, 16, 32)}
+    per_tp = {tp: inference_memory(m.parameters, 2, kv, 32768, tp, kv_heads=m.kv_heads)["kv_cache"]
+              for tp in (1, 8, 16, 32)}
     assert per_tp[8] == per_tp[1] / 8
     assert per_tp[16] == per_tp[8] == per_tp[32], f"KV cache per GPU beyond TP=8 must stay at one KV head: {per_tp}"
     with pytest.raises(ValueError, match="kv_heads"):

@@ -229,7 +229,8 @@ def check_stage(impl, case: str) -> None:
                             f"posted its receive ({HANDOVER_S:g} s late): the send waits for the receiver. "
                             f"Start it with send_tensor (isend), keep its handles in self.pending_sends, return")
         want = _reference(_input(4), 2)
-        if not (isinstance(out, torch.Tensor) and out.shape == want.shape and max_abs_diff(out, want) <= tolerance(want)):
+        if not (isinstance(out, torch.Tensor) and out.shape == want.shape
+                and max_abs_diff(out, want) <= tolerance(want)):
             failures.append(f"{case}: rank 1's output differs from the unsplit model")
         return _fail(failures)
     stage_ranks, use_group, device_ms = STAGE_CASES[case]
@@ -299,7 +300,8 @@ def _gpipe_job(rank, world_size, impl, batch, ms, device_ms):
         dist.barrier()      # no rank leaves while another still runs (a stray receive would see it go)
         errors = {}
         if world_size == 1:
-            for what, args in (("num_micro_batches=0", (batch, 0)), ("a batch of 2 rows in 3 micro-batches", (batch[:2], 3))):
+            for what, args in (("num_micro_batches=0", (batch, 0)),
+                               ("a batch of 2 rows in 3 micro-batches", (batch[:2], 3))):
                 try:
                     impl.gpipe_forward(stage, args[0], args[1])
                     errors[what] = "no error"
@@ -320,7 +322,8 @@ def check_gpipe(impl, case: str) -> None:
         for rank, run in enumerate(runs):
             mbs = [mb for label, mb, _, _ in run["spans"] if label == "F"]
             if mbs != list(range(m)):
-                failures.append(f"{where}: rank {rank}: expected one 'F' span per micro-batch 0..{m - 1} in order, got {mbs}")
+                failures.append(f"{where}: rank {rank}: expected one 'F' span per micro-batch 0..{m - 1} in order, "
+                                f"got {mbs}")
             rows = [c[2] for c in run["calls"]]
             if rows != sizes:
                 failures.append(f"{where}: rank {rank} computed micro-batch sizes {rows}, expected {sizes} "
@@ -332,7 +335,8 @@ def check_gpipe(impl, case: str) -> None:
             failures.append(f"{where}: last stage: expected the whole batch's output {tuple(want.shape)}, got "
                             f"{tuple(got.shape) if isinstance(got, torch.Tensor) else got!r}")
         elif max_abs_diff(got, want) > tolerance(want):
-            failures.append(f"{where}: outputs differ from the unsplit model (max |diff| {max_abs_diff(got, want):.3g}); "
+            failures.append(f"{where}: outputs differ from the unsplit model "
+                            f"(max |diff| {max_abs_diff(got, want):.3g}); "
                             f"are micro-batches gathered in order?")
         links = [(r, r + 1) for r in range(p - 1)]
         failures += _check_messages(where, {r: runs[r]["comms"] for r in range(p)}, list(range(p)),
@@ -382,7 +386,8 @@ def check_1f1b_order(one_f_one_b_order, p: int, m: int) -> None:
     check_order([[Action(a[0], a[1]) for a in ops] for ops in orders], m)   # each action once, F before B, no deadlock
     res = simulate(orders)
     for rank, peak in enumerate(res.peak_in_flight):
-        assert peak <= min(p - rank, m), f"p={p} m={m} rank {rank} holds {peak} activations at once; 1F1B holds at most p - rank = {p - rank}"
+        assert peak <= min(p - rank, m), \
+            f"p={p} m={m} rank {rank} holds {peak} activations at once; 1F1B holds at most p - rank = {p - rank}"
     assert abs(res.bubble - theory_bubble("1f1b", p, m)) <= EXACT, \
         f"p={p} m={m}: simulated bubble {res.bubble:.3f}, 1F1B's is (p-1)/(m+p-1) = {theory_bubble('1f1b', p, m):.3f}"
 
@@ -498,7 +503,8 @@ def check_decode(generate, case: str) -> None:
     first = stage_ranks[0]
     for what, got in results[0]["errors"].items():
         if not got.startswith("ValueError"):
-            failures.append(f"{case}: pipelined_generate with {what} must raise ValueError (see its docstring), got {got}")
+            failures.append(f"{case}: pipelined_generate with {what} must raise ValueError (see its docstring), "
+                            f"got {got}")
     # messages: hidden states of the new tokens along the stages (KV cache), token ids back to the first
     hidden = _model().config.hidden_size
     links = list(zip(stage_ranks, stage_ranks[1:])) + ([(stage_ranks[-1], first)] if p > 1 else [])
@@ -536,7 +542,8 @@ def check_decode(generate, case: str) -> None:
                 from helpers.course.tiny_llama import generate as reference
                 want = torch.cat([groups[g], torch.tensor([reference(_model(), row, n) for row in groups[g]])], 1)
             if out.shape != want.shape:
-                failures.append(f"{case}: group {g}: expected shape {tuple(want.shape)} (prompt + {n} tokens), got {tuple(out.shape)}")
+                failures.append(f"{case}: group {g}: expected shape {tuple(want.shape)} (prompt + {n} tokens), "
+                                f"got {tuple(out.shape)}")
             elif not torch.equal(out, want):
                 failures.append(f"{case}: group {g}: expected ids {want.tolist()}, got {out.tolist()}")
     _fail(failures)
