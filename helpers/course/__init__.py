@@ -27,6 +27,7 @@ Chapter → module (helpers/course/...):
                              engine_loop.py         chunked prefill: a step loop under a token budget, on modelled time
                              roofline.py            prefill vs decode: FLOPs, bytes, intensity; a measured roofline
                              disaggregated.py       prefill and decode workers on real ranks, KV blocks between them
+                             serving/paged_engine.py chapter 6's server engine on these pieces (--kv-cache paged)
     8  experts, long context moe.py, ring_attention.py, sequence_parallel.py
 
     all chapters             tiny_llama.py          the course's trained 4-layer Llama (checkpoint in data/)

@@ -197,9 +197,10 @@ class PagedLlama:
         self.stats["peak_blocks_used"] = max(self.stats["peak_blocks_used"], used)
 
     # ------------------------------------------------------------------------------ requests
-    def start(self, seq_id, token_ids) -> torch.Tensor:
-        """Admit a sequence: allocate its blocks (OutOfBlocks if they do not fit; nothing changes then) and
-        prefill what the prefix cache does not hold. Returns the logits of its last position [vocab]."""
+    def allocate(self, seq_id, token_ids) -> int:
+        """Give a new sequence the blocks for `token_ids` (OutOfBlocks if they do not fit; nothing changes then).
+        Returns how many of its first tokens the prefix cache already holds (0 without prefix caching): the
+        prefill starts there."""
         token_ids = [int(t) for t in token_ids]
         if len(token_ids) > self.max_positions:
             raise ValueError(f"{len(token_ids)} tokens exceed max_position_embeddings={self.max_positions}")
@@ -209,7 +210,13 @@ class PagedLlama:
             self.manager.allocate(seq_id, len(token_ids))
             cached = 0
         self.stats["cached_tokens"] += cached
-        return self.prefill(seq_id, token_ids, start=cached)[-1]
+        return cached
+
+    def start(self, seq_id, token_ids) -> torch.Tensor:
+        """Admit a sequence: allocate its blocks and prefill what the prefix cache does not hold. Returns the
+        logits of its last position [vocab]."""
+        cached = self.allocate(seq_id, token_ids)
+        return self.prefill(seq_id, [int(t) for t in token_ids], start=cached)[-1]
 
     def free(self, seq_id) -> None:
         self.manager.free(seq_id)

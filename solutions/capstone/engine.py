@@ -23,22 +23,25 @@ class CapstoneEngine:
     """
 
     def __init__(self, plan: Plan, policy: str = "least_outstanding", batching: str = "continuous",
-                 max_batch: int = 8):
+                 max_batch: int = 8, kv_cache: dict | None = None):
         """Exercise 6.4a — check the plan (6.1) and keep the settings; start nothing yet.
         A plan the model cannot take raises check_plan's ValueError. With pp > 1 each replica is a pipeline
-        (exercise 6.6): the server decodes greedily in rounds of requests, chapter 3's `pipelined_generate`."""
+        (exercise 6.6): the server decodes greedily in rounds of requests, chapter 3's `pipelined_generate`.
+        kv_cache (exercise 6.7): None, or start_server's KV-cache options to serve from chapter 7's paged
+        cache, e.g. {"kv_cache": "paged", "enable_prefix_caching": True, "max_num_batched_tokens": 64}."""
         check_plan(plan, CONFIG)
         self.plan, self.policy, self.batching, self.max_batch = plan, policy, batching, max_batch
+        self.kv_cache = dict(kv_cache or {})
         self.server = None
 
     def start(self) -> "CapstoneEngine":
         """Exercise 6.4b — start the server (helpers.course.serving.start_server) with plan.dp replicas of
         plan.pp pipeline stages × plan.tp ranks each (its `pp` and `tp` options), the chosen batching and
         policy, and *your* router: pass choose=f"{PACKAGE}.router:choose_replica". Return self once every
-        replica is up."""
+        replica is up. Exercise 6.7: pass the kv_cache options too (start_server(..., **kv_cache))."""
         self.server = start_server(replicas=self.plan.dp, pp=self.plan.pp, tp=self.plan.tp, batching=self.batching,
                                    max_batch=self.max_batch, policy=self.policy,
-                                   choose=f"{PACKAGE}.router:choose_replica")
+                                   choose=f"{PACKAGE}.router:choose_replica", **self.kv_cache)
         return self
 
     def generate(self, prompts: list[str], max_tokens: int = 16) -> list[dict]:

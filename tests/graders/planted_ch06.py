@@ -270,23 +270,24 @@ WRONG_REPORTS = {
 VALID_REPORTS = {"prometheus_client parser": summarize_with_prometheus_parser}
 
 
-# --------------------------------------------------------------------------------------- 6.4-6.6 engine
+# --------------------------------------------------------------------------------------- 6.4-6.7 engine
 
 class GoodEngine:
     """A correct CapstoneEngine, self-contained: the base of the wrong variants below."""
 
     check = staticmethod(lambda plan, config: _check_plan(plan, config))
 
-    def __init__(self, plan, policy="least_outstanding", batching="continuous", max_batch=8):
+    def __init__(self, plan, policy="least_outstanding", batching="continuous", max_batch=8, kv_cache=None):
         from helpers.course.tiny_llama import CONFIG
         self.check(plan, CONFIG)
         self.plan, self.policy, self.batching, self.max_batch = plan, policy, batching, max_batch
+        self.kv_cache = dict(kv_cache or {})
         self.server = None
 
     def start(self):
         self.server = start_server(replicas=self.plan.dp, pp=self.plan.pp, tp=self.plan.tp, batching=self.batching,
                                    max_batch=self.max_batch, policy=self.policy,
-                                   choose=f"{ROUTER_PACKAGE}.router:choose_replica")
+                                   choose=f"{ROUTER_PACKAGE}.router:choose_replica", **self.kv_cache)
         return self
 
     def _one(self, prompt, max_tokens):
@@ -404,6 +405,22 @@ class EngineStopTwiceFails(GoodEngine):
         self.server = None
 
 
+class EngineDropsKvCache(GoodEngine):
+    """WRONG (6.7): kv_cache is accepted and never reaches the server: the contiguous cache serves (same tokens)."""
+
+    def start(self):
+        self.kv_cache = {}
+        return super().start()
+
+
+class EngineOnlyPaged(GoodEngine):
+    """WRONG (6.7): only the first option is passed on (a paged cache, but no prefix caching, no chunking)."""
+
+    def start(self):
+        self.kv_cache = dict(list(self.kv_cache.items())[:1])
+        return super().start()
+
+
 # (variant, the check group that must catch it, message fragment)
 WRONG_ENGINES = {
     "plan not checked": (EngineUncheckedPlan, "init", "ValueError"),
@@ -417,6 +434,8 @@ WRONG_ENGINES = {
     "replica index not from X-Replica": (EngineConstantReplica, "live", "X-Replica"),
     "max_tokens ignored": (EngineIgnoresMaxTokens, "live", "tokens"),
     "stop twice fails": (EngineStopTwiceFails, "stop", "twice"),
+    "kv_cache options dropped": (EngineDropsKvCache, "kv", "option kv_cache="),
+    "only the first kv_cache option": (EngineOnlyPaged, "kv", "option enable_prefix_caching="),
 }
 
 VALID_ENGINES = {"reference engine": GoodEngine}

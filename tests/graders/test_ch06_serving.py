@@ -20,12 +20,14 @@ What the graders catch (each one planted, see test_planted_*_are_caught):
 6.3 summarize
   - requests or errors of other endpoints counted; only 400s counted as errors
   - replica labels left as strings; quantiles as bucket bounds instead of PromQL's interpolation
-6.4-6.6 CapstoneEngine
+6.4-6.7 CapstoneEngine
   - the plan not checked in __init__, or a server started there
   - dp, tp, pp or the policy not passed to start_server; the learner's router not plugged in (`choose`)
   - (live) prompts sent one after another; replica index not read from X-Replica; max_tokens ignored
   - (live, 6.4) least outstanding not steering a request away from a replica busy with a long one
   - stop() not safe to call twice; (live) a replica or the front end left running after stop()
+  - (6.7) the kv_cache options not passed to start_server, or only some of them
+  (live, 6.7, on the server's own /metrics: the paged cache served, and its prefix cache hit the shared prompt)
 """
 import contextlib
 import inspect
@@ -245,7 +247,7 @@ def test_summarize():
     check_summarize(load_impl("capstone.report").summarize)
 
 
-# ------------------------------------------------------------------------------------------- 6.4 - 6.6
+# ------------------------------------------------------------------------------------------- 6.4 - 6.7
 
 class _Recorded(Exception):
     """Raised instead of starting a server, once its options are recorded (dry runs)."""
@@ -310,6 +312,57 @@ def check_engine_wiring(engine_cls, plan_cls, plan_args, policy, choose_spec):
     for name, value_wanted in want.items():
         assert options.get(name) == value_wanted, f"6.4 start() for {plan}, policy={policy!r}: start_server " \
             f"option {name}={options.get(name)!r}, expected {value_wanted!r} (labs/capstone/engine.py)"
+
+
+KV_CACHE = {"kv_cache": "paged", "enable_prefix_caching": True, "max_num_batched_tokens": 32, "block_size": 16}
+SYSTEM_PROMPT = "You are a careful assistant. Answer in one short sentence, and say so when unsure. "
+
+
+def check_engine_kv_wiring(engine_cls, plan_cls):
+    """6.7, a dry run: CapstoneEngine(plan, kv_cache={...}).start() passes every option to start_server."""
+    try:
+        engine = engine_cls(plan_cls(1, 1, 1), kv_cache=dict(KV_CACHE))
+    except TypeError as e:
+        raise AssertionError(f"6.7 CapstoneEngine(plan, kv_cache={{...}}) raised {e}: add the kv_cache argument "
+                             "to __init__ (labs/capstone/engine.py)") from None
+    with watch_servers(start=False) as started:
+        try:
+            engine.start()
+        except _Recorded:
+            pass
+    assert len(started) == 1, f"6.7 start() must start one server, it started {len(started)}"
+    options = started[0][1]
+    for name, value_wanted in KV_CACHE.items():
+        assert options.get(name) == value_wanted, f"6.7 start() with kv_cache={KV_CACHE}: start_server option " \
+            f"{name}={options.get(name)!r}, expected {value_wanted!r}: pass the kv_cache options on " \
+            "(start_server(..., **kv_cache); labs/capstone/engine.py)"
+
+
+def check_paged_serving(engine, server, model):
+    """6.7, live: prompts sharing a system prompt, served from the paged cache with prefix caching, give the
+    unsharded model's greedy tokens; the server's own counters show the paged engine ran and the shared
+    prompt's blocks were found in the prefix cache (all but the first request's)."""
+    prompts = [SYSTEM_PROMPT + p for p in PROMPTS]
+    try:
+        results = engine.generate(prompts, max_tokens=MAX_TOKENS)
+    except Exception as e:
+        detail = getattr(e, "read", lambda: b"")().decode(errors="replace")
+        raise AssertionError(f"6.7 the paged server failed a request: {e} {detail} (the paged engine runs "
+                             "exercises 7.1-7.4: write those first)") from None
+    for prompt, got in zip(prompts, results):
+        want = tiny_llama.generate(model, tiny_llama.encode(prompt), MAX_TOKENS)
+        assert got["tokens"] == want, f"6.7 {prompt!r}: the paged server's tokens {got['tokens']} differ from " \
+            f"the model's {want}"
+    time.sleep(0.3)   # the replica reports its counters just after its last answer
+    scraped = parse(server.get("/metrics"))
+    queries = value(scraped, "serving_prefix_cache_queries_total")
+    hits = value(scraped, "serving_prefix_cache_hits_total")
+    asked = sum(len(tiny_llama.encode(p)) for p in prompts)
+    shared = len(tiny_llama.encode(SYSTEM_PROMPT)) // KV_CACHE["block_size"] * KV_CACHE["block_size"]
+    assert queries == asked, f"6.7 the server looked up {queries:.0f} prompt tokens in its prefix cache, " \
+        f"the {len(prompts)} prompts hold {asked}: it did not serve from the paged cache with prefix caching"
+    assert (len(prompts) - 1) * shared <= hits < asked, f"6.7 prefix cache hits {hits:.0f} of {asked} tokens: " \
+        f"every request after the first should find the system prompt's {shared} tokens of full blocks"
 
 
 def _replica_steps(server):
@@ -418,6 +471,22 @@ def _serve_live(plan_args, reference, policy, steer=False):
         server.stop()
 
 
+@pytest.mark.exercise("6.7", "CapstoneEngine on chapter 7's paged KV cache: prefix caching and chunked prefill")
+def test_engine_paged_kv_cache():
+    impl, plan = load_impl("capstone.engine"), load_impl("capstone.plan")
+    check_engine_kv_wiring(impl.CapstoneEngine, plan.Plan)
+    model = tiny_llama.load_model()
+    engine = impl.CapstoneEngine(plan.Plan(1, 1, 1), kv_cache=dict(KV_CACHE))
+    with watch_servers(start=True) as started:
+        engine.start()
+    server = started[0][0]
+    try:
+        check_paged_serving(engine, server, model)
+        check_stop(engine, server)
+    finally:
+        server.stop()
+
+
 @pytest.mark.exercise("6.4", "CapstoneEngine: dp=2 replicas serve the unsharded model's tokens, balanced, measured")
 def test_engine_data_parallel(reference):
     impl, plan = load_impl("capstone.engine"), load_impl("capstone.plan")
@@ -516,6 +585,8 @@ def _engine_checks(cls, group, reference, server):
         engine = cls(p.Plan(2, 1, 1))
         engine.server = _StoppableServer()
         check_stop_twice(engine)
+    elif group == "kv":
+        check_engine_kv_wiring(cls, p.Plan)
 
 
 @pytest.mark.parametrize("name", list(_planted().WRONG_ENGINES))
@@ -528,7 +599,7 @@ def test_planted_engines_are_caught(name, reference, request):
 @pytest.mark.parametrize("name", list(_planted().VALID_ENGINES))
 def test_valid_engines_pass(name, reference, shared_server):
     cls = _planted().VALID_ENGINES[name]
-    for group in ("init", "wiring", "live", "stop"):
+    for group in ("init", "wiring", "live", "stop", "kv"):
         _engine_checks(cls, group, reference, shared_server)
 
 

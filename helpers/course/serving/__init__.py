@@ -1,6 +1,7 @@
 """Chapter 6: a real inference server in front of the course's tiny Llama.
 
     engine.py      one replica's continuous batching of decode steps (and static / no batching)
+    paged_engine.py  the same engine on chapter 7's paged KV cache, prefix caching and chunked prefill
     replica.py     the replica worker process and its pipe protocol
     pipeline_replica.py  a replica cut into pp pipeline stages (chapters 3 and 5's code), greedy
     balancer.py    round-robin vs least-outstanding-requests; retries when a replica dies; restarts

@@ -2,6 +2,8 @@
 
     python -m helpers.course.serving --replicas 2 --batching continuous --policy least_outstanding --port 8000
     python -m helpers.course.serving --replicas 1 --pp 2 --tp 2      # one replica: 2 pipeline stages × 2 TP ranks
+    python -m helpers.course.serving --kv-cache paged --enable-prefix-caching --max-num-batched-tokens 64
+                                              # chapter 7's paged KV cache, prefix caching and chunked prefill
     curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "It was the best of times", "max_tokens": 24, "temperature": 0}'
     curl -s 127.0.0.1:8000/metrics
@@ -47,6 +49,16 @@ def parse_args(argv=None):
     p.add_argument("--batching", choices=BATCHING, default="continuous")
     p.add_argument("--max-batch", type=int, default=8, help="sequences per decode step, per replica")
     p.add_argument("--policy", choices=POLICIES, default="least_outstanding")
+    kv = p.add_argument_group("KV cache (chapter 7; vLLM's names)")
+    kv.add_argument("--kv-cache", choices=("contiguous", "paged"), default="contiguous",
+                    help="contiguous: one padded cache per batch (engine.py); paged: blocks through a block table "
+                    "(paged_engine.py, exercises 7.1-7.2), tp = pp = 1")
+    kv.add_argument("--num-blocks", type=int, default=256, help="KV blocks per replica (paged)")
+    kv.add_argument("--block-size", type=int, default=16, help="tokens per KV block (paged)")
+    kv.add_argument("--enable-prefix-caching", action="store_true",
+                    help="share cached prompt blocks between requests (paged; exercise 7.3)")
+    kv.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="chunked prefill: tokens computed per step, decodes first (paged; exercise 7.4)")
     p.add_argument("--max-retries", type=int, default=3, help="re-sends of a request after replica failures")
     p.add_argument("--no-restart", action="store_true", help="do not restart replicas that die")
     p.add_argument("--stuck-after", type=float, default=STUCK_AFTER, help="seconds without a heartbeat "
@@ -67,9 +79,32 @@ def parse_args(argv=None):
         p.error("--api-key must be printable characters, not empty")
     if args.stuck_after < 0:
         p.error(f"--stuck-after {args.stuck_after:g} must be >= 0 (0 turns the watchdog off)")
+    paged_only = [f"--{n.replace('_', '-')}" for n in ("enable_prefix_caching", "max_num_batched_tokens")
+                  if getattr(args, n) not in (False, None)]
+    if args.kv_cache != "paged" and paged_only:
+        p.error(f"{' and '.join(paged_only)} need --kv-cache paged")
+    if args.kv_cache == "paged" and (args.tp > 1 or args.pp > 1):
+        p.error(f"--kv-cache paged serves whole replicas only (--tp 1 --pp 1), not --tp {args.tp} --pp {args.pp}")
+    for name in ("num_blocks", "block_size") + (("max_num_batched_tokens",) if args.max_num_batched_tokens else ()):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     if not 0 <= args.port < 65536:
         p.error(f"--port {args.port} is not a TCP port")
     return args
+
+
+def kv_options(args) -> dict | None:
+    """PagedEngine's options from the command line (None: the contiguous cache)."""
+    if args.kv_cache != "paged":
+        return None
+    return {"num_blocks": args.num_blocks, "block_size": args.block_size,
+            "prefix_caching": args.enable_prefix_caching, "token_budget": args.max_num_batched_tokens}
+
+
+def kv_summary(args) -> str:
+    return (f"({args.num_blocks} blocks of {args.block_size}" + (", prefix caching" if args.enable_prefix_caching
+            else "") + (f", {args.max_num_batched_tokens} tokens per step" if args.max_num_batched_tokens else "")
+            + ")")
 
 
 def _import_function(spec):
@@ -90,7 +125,7 @@ async def serve(args) -> None:
     balancer = Balancer(args.replicas, args.model, batching=args.batching, max_batch=args.max_batch,
                         policy=args.policy, max_retries=args.max_retries, restart=not args.no_restart,
                         tp=args.tp, pp=args.pp, metrics=metrics, choose=_import_function(args.choose),
-                        stuck_after=args.stuck_after)
+                        stuck_after=args.stuck_after, kv=kv_options(args))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -102,6 +137,7 @@ async def serve(args) -> None:
         port = sock.getsockname()[1]
         print(f"serving {args.model_name} on http://127.0.0.1:{port} with {args.replicas} replica(s), "
               f"pp={args.pp}, tp={args.tp}, batching={args.batching}, max_batch={args.max_batch}, policy={args.policy}"
+              + (f", paged KV cache {kv_summary(args)}" if args.kv_cache == "paged" else "")
               + (", API key required on /v1" if args.api_key else ""), flush=True)
         await stop.wait()
         server.close()

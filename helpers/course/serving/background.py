@@ -43,13 +43,18 @@ _live: "weakref.WeakSet[ServerProcess]" = weakref.WeakSet()
 class ServerProcess:
     def __init__(self, replicas=2, batching="continuous", max_batch=8, policy="least_outstanding",
                  max_retries=3, restart=True, model="helpers.course.tiny_llama", tp=1, pp=1, choose=None,
-                 startup_timeout=120.0, env=None, stuck_after=None, api_key=None):
+                 startup_timeout=120.0, env=None, stuck_after=None, api_key=None, kv_cache="contiguous",
+                 num_blocks=None, block_size=None, enable_prefix_caching=False, max_num_batched_tokens=None):
         self.log_path = tempfile.mktemp(prefix="dil-server-", suffix=".log")
         argv = [sys.executable, "-m", "helpers.course.serving", "--port", "0", "--replicas", str(replicas),
                 "--batching", batching, "--max-batch", str(max_batch), "--policy", policy,
                 "--max-retries", str(max_retries), "--model", model, "--tp", str(tp), "--pp", str(pp)]
         argv += ([] if restart else ["--no-restart"]) + (["--choose", choose] if choose else [])
         argv += [] if stuck_after is None else ["--stuck-after", str(stuck_after)]
+        argv += ["--kv-cache", kv_cache] + (["--enable-prefix-caching"] if enable_prefix_caching else [])
+        for flag, option in (("--num-blocks", num_blocks), ("--block-size", block_size),
+                             ("--max-num-batched-tokens", max_num_batched_tokens)):
+            argv += [] if option is None else [flag, str(option)]
         self.api_key = api_key
         environment = dict(os.environ, **(env or {}))
         environment.pop("SERVING_API_KEY", None)

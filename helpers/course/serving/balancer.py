@@ -156,7 +156,7 @@ class Balancer:
     def __init__(self, replicas: int, model_spec: str, batching: str = "continuous", max_batch: int = 8,
                  policy: str = "least_outstanding", max_retries: int = 3, restart: bool = True,
                  threads_per_replica: int = 1, tp: int = 1, metrics=None, choose=None, pp: int = 1,
-                 stuck_after: float = STUCK_AFTER):
+                 stuck_after: float = STUCK_AFTER, kv: dict | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: choose one of {', '.join(POLICIES)}")
         if replicas < 1:
@@ -167,7 +167,9 @@ class Balancer:
         self.policy, self.max_retries, self.restart = policy, max_retries, restart
         self.stuck_after = stuck_after
         self._watchdog = None
-        self.worker_args = (model_spec, batching, max_batch, threads_per_replica, tp, pp)
+        if kv and (tp > 1 or pp > 1):
+            raise ValueError(f"a paged KV cache serves whole replicas only (tp=1, pp=1), not tp={tp}, pp={pp}")
+        self.worker_args = (model_spec, batching, max_batch, threads_per_replica, tp, pp, kv or None)
         self.pp = pp   # pipeline replicas decode greedily: the front end refuses sampling
         self.replicas = [ReplicaHandle(i) for i in range(replicas)]
         self.metrics = metrics
@@ -279,6 +281,8 @@ class Balancer:
                 # busy_seconds restarts at 0 in a new process: count only what it added since last report
                 previous = r.stats["busy_seconds"] if stats["busy_seconds"] >= r.stats["busy_seconds"] else 0.0
                 self.metrics.busy.labels(replica=r.index).inc(stats["busy_seconds"] - previous)
+                if hasattr(self.metrics, "observe_kv"):
+                    self.metrics.observe_kv(r.index, stats, r.stats)   # a paged replica's KV cache figures
             r.stats = stats
             self._gauge(r)
 
@@ -292,6 +296,9 @@ class Balancer:
         r.conn, r.state, r.died_at = None, "dead", time.time()
         r.process.join(timeout=1.0)
         r.stats = dict(r.stats, busy_seconds=0.0, waiting=0, running=0)
+        for key in ("prefix_queries", "prefix_hits", "preemptions"):   # a new process counts from 0
+            if key in r.stats:
+                r.stats[key] = 0
         orphans, r.inflight, r.cancelling = list(r.inflight.values()), {}, set()
         self._gauge(r)
         for pending in orphans:

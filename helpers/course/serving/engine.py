@@ -134,6 +134,10 @@ class Engine:
                 queue.remove(seq)
         self.failed.append(seq)
 
+    def kv_stats(self) -> dict:
+        """The KV cache's figures the server exports (paged_engine.py has them; a contiguous cache, none)."""
+        return {}
+
     def cancel(self, rid) -> bool:
         """Drop a request (its client went away). True if it was queued or running here."""
         for queue in (self.waiting, self.running):

@@ -42,6 +42,27 @@ class ServingMetrics:
         self.disconnects = Counter("serving_client_disconnects", "Requests cancelled because the client left",
                                    registry=r)
 
+        # A paged replica's KV cache (paged_engine.py), under vLLM's names
+        self.kv_usage = Gauge("serving_kv_cache_usage_perc", "Fraction of the KV cache's blocks in use, per replica "
+                              "(vllm:kv_cache_usage_perc)", ["replica"], registry=r)
+        self.prefix_queries = Counter("serving_prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                      "(vllm:prefix_cache_queries)", registry=r)
+        self.prefix_hits = Counter("serving_prefix_cache_hits", "Prompt tokens found in the prefix cache "
+                                   "(vllm:prefix_cache_hits)", registry=r)
+        self.preemptions = Counter("serving_num_preemptions", "Sequences preempted for want of KV blocks, and "
+                                   "recomputed later (vllm:num_preemptions)", registry=r)
+
+    def observe_kv(self, replica: int, stats: dict, before: dict) -> None:
+        """Record a replica's KV report. Its counters are totals since it started: add what grew since its
+        last report (from 0 again after a restart)."""
+        if "kv_blocks" not in stats:
+            return   # a contiguous cache reports none
+        self.kv_usage.labels(replica=replica).set(stats["kv_blocks_used"] / max(1, stats["kv_blocks"]))
+        for key, counter in (("prefix_queries", self.prefix_queries), ("prefix_hits", self.prefix_hits),
+                             ("preemptions", self.preemptions)):
+            previous = before.get(key, 0)
+            counter.inc(stats[key] - (previous if stats[key] >= previous else 0))
+
     def observe_timings(self, timings: dict, n_tokens: int) -> None:
         """Record a replica's timings of one answered request ({first_token, total} seconds from its arrival
         at the replica, as Sequence.timings() gives them). A non-streaming server answers when the last token

@@ -58,7 +58,7 @@ def close_inherited_sockets(keep: int) -> None:
 
 
 def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: int, threads: int = 1,
-                 tp: int = 1, pp: int = 1) -> None:
+                 tp: int = 1, pp: int = 1, kv: dict | None = None) -> None:
     """Body of replica process `index`: load the model, then serve the pipe until it closes.
 
     tp > 1: the replica is itself a distributed job. This process launches `tp` ranks (helpers.launch);
@@ -68,7 +68,10 @@ def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: in
     model then pair up. Only rank 0 answers the front end.
 
     pp > 1: the replica is a pipeline of pp stages of tp ranks each (helpers/course/serving/pipeline_replica.py:
-    chapter 3's `pipelined_generate` over `LlamaStage`s, chapter 5's `build_hybrid_stage` when tp > 1)."""
+    chapter 3's `pipelined_generate` over `LlamaStage`s, chapter 5's `build_hybrid_stage` when tp > 1).
+
+    kv: None keeps engine.py's contiguous cache; a dict of PagedEngine's options (num_blocks, block_size,
+    prefix_caching, token_budget) serves from chapter 7's paged KV cache (paged_engine.py; tp = pp = 1)."""
     die_with_parent()
     close_inherited_sockets(keep=conn.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the front end, which stops us
@@ -80,14 +83,14 @@ def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: in
                threads=threads, show_output=False, backend="gloo")
         return
     if tp == 1:
-        _serve(conn, _build_engine(model_spec, batching, max_batch, threads), group_size=1)
+        _serve(conn, _build_engine(model_spec, batching, max_batch, threads, kv=kv), group_size=1)
         return
     # The replica lives as long as the server: no job timeout worth speaking of.
     launch(_tp_rank, tp, conn, model_spec, batching, max_batch, timeout=10**7, threads=threads,
            show_output=False, backend="gloo")
 
 
-def _build_engine(model_spec, batching, max_batch, threads, shard=None):
+def _build_engine(model_spec, batching, max_batch, threads, shard=None, kv=None):
     import torch
 
     from helpers.course.serving.engine import Engine
@@ -95,6 +98,9 @@ def _build_engine(model_spec, batching, max_batch, threads, shard=None):
     model = load_model_module(model_spec).load_model().eval()
     if shard is not None:
         shard(model)
+    if kv:
+        from helpers.course.serving.paged_engine import PagedEngine
+        return PagedEngine(model, max_batch=max_batch, batching=batching, **kv)
     return Engine(model, max_batch=max_batch, batching=batching)
 
 
@@ -169,7 +175,7 @@ def _serve(conn, engine, group_size: int) -> None:
             if finished or failed or now - last_stats > (STATS_EVERY if engine.has_work else HEARTBEAT * 0.8):
                 conn.send(("stats", {"busy_seconds": engine.busy_seconds, "waiting": len(engine.waiting),
                                      "running": len(engine.running), "steps": engine.steps,
-                                     "tokens": engine.tokens_generated}))
+                                     "tokens": engine.tokens_generated, **engine.kv_stats()}))
                 last_stats = now
     except (BrokenPipeError, ConnectionResetError):
         return  # the front end is gone

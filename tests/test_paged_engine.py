@@ -1,0 +1,124 @@
+"""Chapter 6's engine on chapter 7's paged KV cache (helpers/course/serving/paged_engine.py): the same tokens as
+the contiguous engine under every option (prefix caching, chunked prefill, a pool small enough to preempt,
+seeded sampling), steps within the token budget, every block back in the pool at the end, a request too big
+for the pool failing alone, and the server's options and metrics."""
+import pytest
+
+from helpers.course import tiny_llama
+from helpers.course.serving.__main__ import kv_options, parse_args
+from helpers.course.serving.engine import Engine, Sequence
+from helpers.course.serving.metrics import ServingMetrics, parse, value
+from helpers.course.serving.paged_engine import PagedEngine
+
+SYSTEM = "You are a helpful assistant who answers briefly. "
+PROMPTS = [SYSTEM + p for p in ("Four score and", "We hold these truths", "It was the best", "Call me",
+                                "In the beginning", "To be or not")]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama.load_model().eval()
+
+
+def serve(engine, temperature=0.0, max_tokens=12):
+    for i, p in enumerate(PROMPTS):
+        engine.submit(Sequence(i, tiny_llama.encode(p), max_tokens + i, temperature=temperature, seed=100 + i))
+    out = {}
+    for _ in range(1000):
+        out.update({s.rid: s.tokens for s in engine.step()})
+        failed = engine.take_failed()
+        assert not failed, failed[0].traceback
+        if not engine.has_work:
+            return out
+    raise AssertionError("the engine did not finish in 1000 steps")
+
+
+OPTIONS = {
+    "paged": {},
+    "prefix caching": {"prefix_caching": True},
+    "chunked prefill": {"token_budget": 16},
+    "prefix caching + chunked": {"prefix_caching": True, "token_budget": 16},
+    "small pool (preempts)": {"num_blocks": 12, "block_size": 8, "token_budget": 8, "prefix_caching": True},
+}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_the_paged_engine_gives_the_contiguous_engines_tokens(model, temperature):
+    want = serve(Engine(model, max_batch=4), temperature)
+    for name, options in OPTIONS.items():
+        engine = PagedEngine(model, max_batch=4, **options)
+        assert serve(engine, temperature) == want, f"{name}: other tokens than the contiguous engine's"
+        stats = engine.kv_stats()
+        assert stats["kv_blocks_used"] == 0, f"{name}: {stats['kv_blocks_used']} blocks still held after the last"
+        if options.get("prefix_caching"):
+            assert stats["prefix_hits"] > 0 and stats["prefix_queries"] >= sum(map(len, map(tiny_llama.encode,
+                                                                                           PROMPTS)))
+        if "num_blocks" in options:
+            assert stats["preemptions"] > 0, f"{name}: a pool of 12 blocks of 8 should have preempted"
+
+
+def test_chunked_steps_stay_within_the_token_budget(model):
+    engine = PagedEngine(model, max_batch=4, token_budget=16)
+    step_tokens, current = [], [0]
+    prefill, decode = engine.runner.prefill, engine.runner.decode
+
+    def count_prefill(seq_id, token_ids, start=0):
+        current[0] += len(token_ids) - start
+        return prefill(seq_id, token_ids, start)
+
+    def count_decode(seq_ids, token_ids):
+        current[0] += len(seq_ids)
+        return decode(seq_ids, token_ids)
+
+    engine.runner.prefill, engine.runner.decode = count_prefill, count_decode
+    for i, p in enumerate(PROMPTS):
+        engine.submit(Sequence(i, tiny_llama.encode(p), 6))
+    while engine.has_work:
+        current[0] = 0
+        engine.step()
+        step_tokens.append(current[0])
+    assert max(step_tokens) <= 16, f"a step computed {max(step_tokens)} tokens, over the budget of 16"
+    assert max(step_tokens) == 16, "long prompts should fill the budget"
+
+
+def test_a_request_too_big_for_the_pool_fails_alone_and_cancel_frees_blocks(model):
+    engine = PagedEngine(model, max_batch=4, num_blocks=4, block_size=8)
+    short = tiny_llama.encode("Call me")
+    engine.submit(Sequence(0, tiny_llama.encode(SYSTEM * 3), 4))     # more than 4 × 8 tokens
+    engine.submit(Sequence(1, short, 4))
+    engine.submit(Sequence(2, short, 20))
+    done = {s.rid: s.tokens for s in engine.step()}
+    failed = {s.rid: s.error for s in engine.take_failed()}
+    assert list(failed) == [0] and "do not fit" in failed[0], failed
+    assert engine.kv_stats()["kv_blocks_used"] == 2
+    assert engine.cancel(2) and engine.kv_stats()["kv_blocks_used"] == 1
+    while engine.has_work:
+        done.update({s.rid: s.tokens for s in engine.step()})
+    assert done == {1: tiny_llama.generate(model, short, 4)}
+    assert engine.kv_stats()["kv_blocks_used"] == 0
+
+
+def test_server_options_and_their_errors():
+    args = parse_args(["--kv-cache", "paged", "--enable-prefix-caching", "--max-num-batched-tokens", "64",
+                       "--num-blocks", "128"])
+    assert kv_options(args) == {"num_blocks": 128, "block_size": 16, "prefix_caching": True, "token_budget": 64}
+    assert kv_options(parse_args([])) is None
+    for argv in (["--enable-prefix-caching"], ["--max-num-batched-tokens", "64"],
+                 ["--kv-cache", "paged", "--tp", "2"], ["--kv-cache", "paged", "--num-blocks", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+
+
+def test_kv_metrics_count_what_grew_and_restart_from_zero():
+    metrics = ServingMetrics()
+    report = {"kv_blocks_used": 3, "kv_blocks": 12, "prefix_queries": 100, "prefix_hits": 60, "preemptions": 1}
+    metrics.observe_kv(0, report, {})
+    metrics.observe_kv(0, dict(report, prefix_queries=150, prefix_hits=90), report)
+    metrics.observe_kv(0, dict(report, prefix_queries=20, prefix_hits=0, preemptions=0),       # a new process
+                       dict(report, prefix_queries=150, prefix_hits=90))
+    metrics.observe_kv(1, {"busy_seconds": 1.0}, {})                                           # contiguous: none
+    scraped = parse(metrics.exposition().decode())
+    assert value(scraped, "serving_prefix_cache_queries_total") == 170
+    assert value(scraped, "serving_prefix_cache_hits_total") == 90
+    assert value(scraped, "serving_num_preemptions_total") == 1
+    assert value(scraped, "serving_kv_cache_usage_perc", replica=0) == 0.25
