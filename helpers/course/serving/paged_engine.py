@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from helpers.course.engine_loop import Request, check_schedule
 from helpers.course.kv_cache import OutOfBlocks
 from helpers.course.paged_llama import PagedLlama
@@ -64,26 +62,12 @@ class PagedEngine(Engine):
         self.preemptions = 0
 
     # ------------------------------------------------------------------------------ the step
-    @torch.no_grad()
     def step(self) -> list[Sequence]:
-        """Admit what fits, run one step (whole prompts, or 7.4's schedule), return the finished sequences."""
-        start = time.perf_counter()
-        self._admit()
-        if self.token_budget is None:
-            self._decode([s for s in self.running if self._decoding(s)])
-        else:
-            self._scheduled_step()
-        now = time.monotonic()
-        if self.batching == "static" and any(not s.done for s in self.running):
-            finished = []  # a static batch is answered together, when its longest member is done
-        else:
-            finished = [s for s in self.running if s.done]
+        """Engine.step (admit, one step, the finished sequences out), then the finished sequences' blocks
+        go back to the pool."""
+        finished = super().step()
         for seq in finished:
             self._release(seq)
-            seq.finished, seq.cache = now, None
-        self.running = [s for s in self.running if s not in finished]
-        self.steps += 1
-        self.busy_seconds += time.perf_counter() - start
         return finished
 
     def _admit(self) -> None:
@@ -116,9 +100,16 @@ class PagedEngine(Engine):
                 except Exception as e:
                     self.fail(seq, e)
 
-    def _scheduled_step(self) -> None:
+    def _decode(self, live: list[Sequence]) -> None:
+        """Engine.step's one step over the admitted sequences not done yet: their decodes (whole prompts were
+        prefilled at admission), or with a token budget, 7.4's schedule of decodes and prompt chunks."""
+        if self.token_budget is None:
+            self._decode_paged(live)
+        else:
+            self._scheduled_step(live)
+
+    def _scheduled_step(self, live: list[Sequence]) -> None:
         """One step of exercise 7.4's schedule: every admitted sequence is a Request (prompt = its context)."""
-        live = [s for s in self.running if not s.done]
         views = [Request(i, len(s.context), max(1, s.max_tokens), computed=s.computed) for i, s in enumerate(live)]
         schedule = check_schedule(self.schedule_step(list(views), [], self.token_budget, True), views, [],
                                   self.token_budget)
@@ -129,7 +120,7 @@ class PagedEngine(Engine):
                     self._prefill_chunk(seq, n)
                 except Exception as e:
                     self.fail(seq, e)
-        self._decode([live[req.rid] for req, _ in schedule if req.prefilled])
+        self._decode_paged([live[req.rid] for req, _ in schedule if req.prefilled])
 
     def _prefill_chunk(self, seq: Sequence, n: int) -> None:
         """Compute the next n positions of seq's context; the last one gives its next token."""
@@ -141,7 +132,8 @@ class PagedEngine(Engine):
             if seq.first_token is None:
                 seq.first_token = time.monotonic()
 
-    def _decode(self, seqs: list[Sequence]) -> None:
+    def _decode_paged(self, seqs: list[Sequence]) -> None:
+        """One batched decode step of `seqs`, preempting the most recently admitted while blocks are short."""
         seqs = [s for s in seqs if s in self.running and not s.done]
         while seqs and self.runner.blocks_for_next_step([s.rid for s in seqs]) > self.runner.manager.num_free_blocks:
             victim = self.running[-1]   # the most recently admitted
