@@ -1,14 +1,19 @@
 """Chapter 6's engine on chapter 7's paged KV cache (helpers/course/serving/paged_engine.py): the same tokens as
 the contiguous engine under every option (prefix caching, chunked prefill, a pool small enough to preempt,
 seeded sampling), steps within the token budget, every block back in the pool at the end, a request too big
-for the pool failing alone, and the server's options and metrics."""
+for the pool failing alone, the server's options and metrics, and a tensor-parallel replica whose ranks each
+hold their own KV heads."""
 import pytest
 
+from helpers import load_impl
 from helpers.course import tiny_llama
+from helpers.course.paged_llama import PagedLlama
+from helpers.course.serving import start_server
 from helpers.course.serving.__main__ import kv_options, parse_args
 from helpers.course.serving.engine import Engine, Sequence
 from helpers.course.serving.metrics import ServingMetrics, parse, value
 from helpers.course.serving.paged_engine import PagedEngine
+from helpers.launch import launch
 
 SYSTEM = "You are a helpful assistant who answers briefly. "
 PROMPTS = [SYSTEM + p for p in ("Four score and", "We hold these truths", "It was the best", "Call me",
@@ -104,7 +109,7 @@ def test_server_options_and_their_errors():
     assert kv_options(args) == {"num_blocks": 128, "block_size": 16, "prefix_caching": True, "token_budget": 64}
     assert kv_options(parse_args([])) is None
     for argv in (["--enable-prefix-caching"], ["--max-num-batched-tokens", "64"],
-                 ["--kv-cache", "paged", "--tp", "2"], ["--kv-cache", "paged", "--num-blocks", "0"]):
+                 ["--kv-cache", "paged", "--pp", "2"], ["--kv-cache", "paged", "--num-blocks", "0"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
 
@@ -122,3 +127,29 @@ def test_kv_metrics_count_what_grew_and_restart_from_zero():
     assert value(scraped, "serving_prefix_cache_hits_total") == 90
     assert value(scraped, "serving_num_preemptions_total") == 1
     assert value(scraped, "serving_kv_cache_usage_perc", replica=0) == 0.25
+
+
+def _paged_tp_rank(rank, world_size, prompts):
+    model = load_impl("tp_llama").shard_llama(tiny_llama.load_model())
+    engine = PagedLlama(model, num_blocks=32, block_size=16)
+    return {"ids": engine.generate(prompts, 8), "kv_heads": engine.pool.kv_heads,
+            "bytes_per_token": engine.pool.bytes_per_token}
+
+
+def test_a_tensor_parallel_rank_holds_its_own_kv_heads(model):
+    prompts = [tiny_llama.encode(p) for p in PROMPTS[:3]]
+    whole = PagedLlama(model, num_blocks=32, block_size=16)
+    want = whole.generate(prompts, 8)
+    ranks = launch(_paged_tp_rank, 2, prompts, show_output=False)
+    for r in ranks:
+        assert r["ids"] == want
+        assert r["kv_heads"] * 2 == whole.pool.kv_heads and r["bytes_per_token"] * 2 == whole.pool.bytes_per_token
+
+
+def test_a_tensor_parallel_replica_serves_from_the_paged_cache(model):
+    with start_server(replicas=1, tp=2, kv_cache="paged", enable_prefix_caching=True, max_num_batched_tokens=32) as s:
+        answers = [s.complete(prompt=p, max_tokens=8, temperature=0, return_token_ids=True)["choices"][0]["token_ids"]
+                   for p in PROMPTS[:3]]
+        scraped = parse(s.get("/metrics"))
+    assert answers == [tiny_llama.generate(model, tiny_llama.encode(p), 8) for p in PROMPTS[:3]]
+    assert value(scraped, "serving_prefix_cache_hits_total") > 0

@@ -80,7 +80,10 @@ __all__ = ["PagedLlama", "generate_paged", "check_against_transformers", "block_
 class PagedLlama:
     """The tiny Llama's forward through a KVPool, driven by a block manager (exercises 7.1-7.3).
 
-    model: a transformers LlamaForCausalLM (default: helpers.course.tiny_llama.load_model()).
+    model: a transformers LlamaForCausalLM (default: helpers.course.tiny_llama.load_model()), whole or sharded by
+        chapter 2's `shard_llama` on a tensor-parallel rank. The heads this rank computes are read off its
+        projections, so a sharded rank's pool holds only its own KV heads: the KV cache is split by heads
+        across the TP ranks, as in vLLM, and every rank's block tables are the same.
     num_blocks, block_size: the size of the pool; the pool holds num_blocks × block_size tokens in all.
     prefix_caching: use PrefixCachingBlockManager (labs/prefix_cache.py) instead of BlockManager.
     """
@@ -91,11 +94,13 @@ class PagedLlama:
             model = load_model()
         self.model = model
         config = model.config
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        attention = model.model.layers[0].self_attn
+        self.heads = attention.q_proj.weight.shape[0] // self.head_dim        # this rank's (all, unsharded)
+        self.kv_heads = attention.k_proj.weight.shape[0] // self.head_dim
         self.max_positions = config.max_position_embeddings
-        self.pool = KVPool.for_model(config, num_blocks, block_size, dtype=next(model.parameters()).dtype)
+        self.pool = KVPool(config.num_hidden_layers, num_blocks, block_size, self.kv_heads, self.head_dim,
+                           dtype=next(model.parameters()).dtype)
         self.paged = load_impl("paged_kv_cache")
         self.prefix_caching = prefix_caching
         if prefix_caching:

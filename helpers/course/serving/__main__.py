@@ -52,7 +52,7 @@ def parse_args(argv=None):
     kv = p.add_argument_group("KV cache (chapter 7; vLLM's names)")
     kv.add_argument("--kv-cache", choices=("contiguous", "paged"), default="contiguous",
                     help="contiguous: one padded cache per batch (engine.py); paged: blocks through a block table "
-                    "(paged_engine.py, exercises 7.1-7.2), tp = pp = 1")
+                    "(paged_engine.py, exercises 7.1-7.2); with --tp each rank holds its own KV heads; --pp 1")
     kv.add_argument("--num-blocks", type=int, default=256, help="KV blocks per replica (paged)")
     kv.add_argument("--block-size", type=int, default=16, help="tokens per KV block (paged)")
     kv.add_argument("--enable-prefix-caching", action="store_true",
@@ -83,8 +83,8 @@ def parse_args(argv=None):
                   if getattr(args, n) not in (False, None)]
     if args.kv_cache != "paged" and paged_only:
         p.error(f"{' and '.join(paged_only)} need --kv-cache paged")
-    if args.kv_cache == "paged" and (args.tp > 1 or args.pp > 1):
-        p.error(f"--kv-cache paged serves whole replicas only (--tp 1 --pp 1), not --tp {args.tp} --pp {args.pp}")
+    if args.kv_cache == "paged" and args.pp > 1:
+        p.error(f"--kv-cache paged serves replicas without pipeline stages (--pp 1), not --pp {args.pp}")
     for name in ("num_blocks", "block_size") + (("max_num_batched_tokens",) if args.max_num_batched_tokens else ()):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")

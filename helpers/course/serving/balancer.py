@@ -167,8 +167,8 @@ class Balancer:
         self.policy, self.max_retries, self.restart = policy, max_retries, restart
         self.stuck_after = stuck_after
         self._watchdog = None
-        if kv and (tp > 1 or pp > 1):
-            raise ValueError(f"a paged KV cache serves whole replicas only (tp=1, pp=1), not tp={tp}, pp={pp}")
+        if kv and pp > 1:
+            raise ValueError(f"a paged KV cache serves replicas without pipeline stages (pp=1), not pp={pp}")
         self.worker_args = (model_spec, batching, max_batch, threads_per_replica, tp, pp, kv or None)
         self.pp = pp   # pipeline replicas decode greedily: the front end refuses sampling
         self.replicas = [ReplicaHandle(i) for i in range(replicas)]

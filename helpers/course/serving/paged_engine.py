@@ -25,8 +25,8 @@ Simplifications, each stated: with prefix caching and chunking, a sequence is ad
 admitted prompt is fully computed (allocate registers a prompt's blocks in the cache before their keys and
 values are written; vLLM tracks which cached blocks are computed instead). A batched decode step that raises
 fails the sequences in it (their block tables may be half advanced); a sequence's own sampling error fails
-only it. Tensor- and pipeline-parallel replicas keep the contiguous cache (engine.py): PagedLlama runs whole
-attention heads.
+only it. A tensor-parallel replica runs one PagedEngine per rank in lockstep (replica.py): each rank's pool
+holds its own KV heads, the block tables are the same on every rank. Pipeline replicas keep their own cache.
 
 `kv_stats()` is what the replica reports and the server exports on /metrics, under vLLM's names:
 serving_kv_cache_usage_perc (vllm:kv_cache_usage_perc), serving_prefix_cache_queries_total and

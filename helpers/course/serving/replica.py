@@ -71,7 +71,8 @@ def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: in
     chapter 3's `pipelined_generate` over `LlamaStage`s, chapter 5's `build_hybrid_stage` when tp > 1).
 
     kv: None keeps engine.py's contiguous cache; a dict of PagedEngine's options (num_blocks, block_size,
-    prefix_caching, token_budget) serves from chapter 7's paged KV cache (paged_engine.py; tp = pp = 1)."""
+    prefix_caching, token_budget) serves from chapter 7's paged KV cache (paged_engine.py; pp = 1). With tp > 1
+    each rank's pool holds its own KV heads and every rank runs the same block tables in lockstep."""
     die_with_parent()
     close_inherited_sockets(keep=conn.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the front end, which stops us
@@ -86,7 +87,7 @@ def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: in
         _serve(conn, _build_engine(model_spec, batching, max_batch, threads, kv=kv), group_size=1)
         return
     # The replica lives as long as the server: no job timeout worth speaking of.
-    launch(_tp_rank, tp, conn, model_spec, batching, max_batch, timeout=10**7, threads=threads,
+    launch(_tp_rank, tp, conn, model_spec, batching, max_batch, kv, timeout=10**7, threads=threads,
            show_output=False, backend="gloo")
 
 
@@ -104,9 +105,10 @@ def _build_engine(model_spec, batching, max_batch, threads, shard=None, kv=None)
     return Engine(model, max_batch=max_batch, batching=batching)
 
 
-def _tp_rank(rank, world_size, conn, model_spec, batching, max_batch):
+def _tp_rank(rank, world_size, conn, model_spec, batching, max_batch, kv=None):
     from helpers import load_impl
-    engine = _build_engine(model_spec, batching, max_batch, threads=1, shard=load_impl("tp_llama").shard_llama)
+    engine = _build_engine(model_spec, batching, max_batch, threads=1, shard=load_impl("tp_llama").shard_llama,
+                           kv=kv)
     _serve(conn if rank == 0 else None, engine, group_size=world_size)
 
 
