@@ -114,6 +114,11 @@ def test_server_options_and_their_errors():
             parse_args(argv)
 
 
+def test_a_server_whose_pool_cannot_hold_one_full_request_refuses_to_start():
+    with pytest.raises(RuntimeError, match=r"(.|\n)*--num-blocks 4 × --block-size 16 = 64 tokens(.|\n)*at least 16"):
+        start_server(replicas=1, kv_cache="paged", num_blocks=4)
+
+
 def test_kv_metrics_count_what_grew_and_restart_from_zero():
     metrics = ServingMetrics()
     report = {"kv_blocks_used": 3, "kv_blocks": 12, "prefix_queries": 100, "prefix_hits": 60, "preemptions": 1}

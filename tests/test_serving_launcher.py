@@ -37,6 +37,12 @@ def test_a_server_that_cannot_start_reports_its_exit_code_and_log():
         start_server(replicas=1, model="no_such_model")
 
 
+def test_a_server_refusing_its_options_says_why_in_its_log():
+    """SystemExit("why") in a forked server is printed, as the interpreter prints it for a process of its own."""
+    with pytest.raises(RuntimeError, match=r"exited with code 1(.|\n)*--pp 3 does not divide the model's 4 layers"):
+        start_server(replicas=1, pp=3)
+
+
 def test_without_the_launcher_a_server_is_a_process_of_its_own():
     with start_server(replicas=1, model=MODEL, env={"SERVING_LAUNCHER": "0"}) as s:
         assert isinstance(s.process, subprocess.Popen)

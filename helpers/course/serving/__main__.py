@@ -119,6 +119,12 @@ async def serve(args) -> None:
     layers = module.CONFIG.num_hidden_layers
     if layers % args.pp:
         raise SystemExit(f"--pp {args.pp} does not divide the model's {layers} layers: each stage needs as many")
+    longest = module.CONFIG.max_position_embeddings
+    if args.kv_cache == "paged" and args.num_blocks * args.block_size < longest:
+        # vLLM refuses to start likewise: a request of the model's full length could never run
+        raise SystemExit(f"--num-blocks {args.num_blocks} × --block-size {args.block_size} = "
+                         f"{args.num_blocks * args.block_size} tokens of KV cache per replica, less than the model's "
+                         f"context of {longest} tokens: give at least {-(-longest // args.block_size)} blocks")
     metrics = ServingMetrics()
     family = socket.AF_INET6 if args.host == "::1" else socket.AF_INET
     sock = socket.create_server((args.host, args.port), family=family, backlog=512)

@@ -55,7 +55,10 @@ def _child(command: dict) -> int:
         main(command["argv"])
         return 0
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr, flush=True)   # what the interpreter prints for SystemExit("...")
+            return 1
+        return e.code or 0
     except BaseException:
         traceback.print_exc()
         return 1
