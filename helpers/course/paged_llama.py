@@ -197,6 +197,24 @@ class PagedLlama:
         size = self.pool.block_size
         return sum(self.manager.seq_len(s) == len(self.manager.block_table(s)) * size for s in seq_ids)
 
+    def preempt_for_decode(self, decoding, admitted) -> list:
+        """Make room for one decode step of `decoding`: free the blocks of the most recently admitted sequences
+        until the step's new blocks fit (vLLM's recompute policy: the newest goes first; the caller queues them
+        again). admitted: every sequence holding blocks, oldest first, the decoding ones among them. Returns the
+        preempted sequences, newest first. Raises OutOfBlocks when one sequence is left and still does not fit."""
+        decoding, admitted, victims = list(decoding), list(admitted), []
+        while decoding and self.blocks_for_next_step(decoding) > self.manager.num_free_blocks:
+            if len(admitted) == 1:
+                raise OutOfBlocks(f"sequence {admitted[0]!r} alone needs more than the pool's "
+                                  f"{self.manager.num_blocks} blocks of {self.pool.block_size}")
+            victim = admitted.pop()
+            self.free(victim)
+            self.stats["preemptions"] += 1
+            victims.append(victim)
+            if victim in decoding:
+                decoding.remove(victim)
+        return victims
+
     def _note_usage(self):
         used = self.manager.num_blocks - self.manager.num_free_blocks
         self.stats["peak_blocks_used"] = max(self.stats["peak_blocks_used"], used)
@@ -254,14 +272,9 @@ class PagedLlama:
                 self.free(r)
             if not running:
                 continue
-            while self.blocks_for_next_step(running) > self.manager.num_free_blocks:
-                if len(running) == 1:
-                    raise OutOfBlocks(f"sequence {running[0]} alone needs more than the pool's "
-                                      f"{self.manager.num_blocks} blocks of {self.pool.block_size}")
-                victim = running.pop()                             # the most recently admitted: recompute later
-                self.free(victim)
+            for victim in self.preempt_for_decode(running, running):   # newest first: recompute later
+                running.remove(victim)
                 waiting.appendleft(victim)
-                self.stats["preemptions"] += 1
             self.stats["peak_running"] = max(self.stats["peak_running"], len(running))
             logits = self.decode(running, [new[r][-1] for r in running])
             for r, row in zip(running, logits):

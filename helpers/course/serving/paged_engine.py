@@ -59,7 +59,6 @@ class PagedEngine(Engine):
         self.runner = PagedLlama(model, num_blocks=num_blocks, block_size=block_size, prefix_caching=prefix_caching)
         self.token_budget = token_budget
         self.schedule_step = load_impl("chunked_prefill").schedule_step if token_budget is not None else None
-        self.preemptions = 0
 
     # ------------------------------------------------------------------------------ the step
     def step(self) -> list[Sequence]:
@@ -135,14 +134,16 @@ class PagedEngine(Engine):
     def _decode_paged(self, seqs: list[Sequence]) -> None:
         """One batched decode step of `seqs`, preempting the most recently admitted while blocks are short."""
         seqs = [s for s in seqs if s in self.running and not s.done]
-        while seqs and self.runner.blocks_for_next_step([s.rid for s in seqs]) > self.runner.manager.num_free_blocks:
-            victim = self.running[-1]   # the most recently admitted
-            if victim is seqs[0] and len(self.running) == 1:
-                self.fail(victim, OutOfBlocks(f"request {victim.rid} alone needs more than the pool's "
-                                              f"{self.runner.manager.num_blocks} blocks"))
-                return
-            self._preempt(victim)
-            seqs = [s for s in seqs if s is not victim]
+        try:
+            victims = self.runner.preempt_for_decode([s.rid for s in seqs], [s.rid for s in self.running])
+        except OutOfBlocks as e:   # the only sequence admitted cannot grow: it never will
+            self.fail(self.running[0], e)
+            return
+        for rid in victims:        # their blocks are free: back to the front of the queue, recomputed later
+            seq = next(s for s in self.running if s.rid == rid)
+            self.running.remove(seq)
+            self.waiting.appendleft(seq)
+        seqs = [s for s in seqs if s in self.running]
         if not seqs:
             return
         try:
@@ -162,12 +163,6 @@ class PagedEngine(Engine):
     def _decoding(seq: Sequence) -> bool:
         return seq.computed == len(seq.context)
 
-    def _preempt(self, seq: Sequence) -> None:
-        self._release(seq)
-        self.running.remove(seq)
-        self.waiting.appendleft(seq)
-        self.preemptions += 1
-
     def _release(self, seq: Sequence) -> None:
         if seq.rid in self.runner.manager.tables:
             self.runner.free(seq.rid)
@@ -186,4 +181,4 @@ class PagedEngine(Engine):
         manager = self.runner.manager
         return {"kv_blocks_used": manager.num_blocks - manager.num_free_blocks, "kv_blocks": manager.num_blocks,
                 "prefix_queries": getattr(manager, "query_tokens", 0), "prefix_hits": getattr(manager, "hit_tokens", 0),
-                "preemptions": self.preemptions}
+                "preemptions": self.runner.stats["preemptions"]}
