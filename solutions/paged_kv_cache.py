@@ -69,6 +69,17 @@ class BlockManager:
         self.block_table(seq_id)
         return self.num_tokens[seq_id]
 
+    def truncate(self, seq_id, num_tokens: int) -> None:
+        """Forget positions num_tokens .. of a sequence (rejected speculative tokens, chapter 10): the blocks past
+        the new end go back to the free list."""
+        table = self.block_table(seq_id)
+        if not 1 <= num_tokens <= self.num_tokens[seq_id]:
+            raise ValueError(f"num_tokens={num_tokens} must be in [1, {self.num_tokens[seq_id]}]")
+        keep = self.blocks_needed(num_tokens)
+        self.free_blocks.extend(table[keep:])
+        self.tables[seq_id] = table[:keep]
+        self.num_tokens[seq_id] = num_tokens
+
     def allocate(self, seq_id, num_tokens: int) -> list[int]:
         if seq_id in self.tables:
             raise ValueError(f"sequence {seq_id!r} already holds blocks {self.tables[seq_id]}: free it first")

@@ -131,6 +131,57 @@ class PagedLlama:
         return self.model.lm_head(self.model.model.norm(x))
 
     @torch.no_grad()
+    def forward_batch(self, batch, all_logits: bool = False) -> torch.Tensor:
+        """ONE forward over several sequences' new tokens, as vLLM's model runner does for a scheduled step:
+        batch = [(seq_id, token_ids, start), ...], the tokens of positions start .. start+len-1 of each (a prompt
+        chunk, or the one token of a decode). Their blocks must already hold those positions (the KV cache manager
+        allocated them). The projections and the MLP run on all tokens at once; in every layer each sequence's new
+        keys and values are written to the pool FIRST, then each sequence attends over its own blocks: a decode
+        (one token) with `paged_attention` (exercise 7.2), a chunk with causal attention over its positions
+        0 .. end-1 read back from the pool. Returns the logits of each sequence's last token [len(batch), vocab]
+        (all_logits: of every token, [total tokens, vocab])."""
+        items = []
+        for seq_id, token_ids, start in batch:
+            token_ids = [int(t) for t in token_ids]
+            if not token_ids or start < 0:
+                raise ValueError(f"sequence {seq_id!r}: a step computes at least one token from start >= 0")
+            table = self.manager.block_table(seq_id)
+            if start + len(token_ids) > len(table) * self.pool.block_size:
+                raise ValueError(f"sequence {seq_id!r}: positions up to {start + len(token_ids) - 1} but its block "
+                                 f"table holds {len(table)} blocks of {self.pool.block_size}: allocate first")
+            items.append((token_ids, start, table))
+        positions = torch.cat([torch.arange(start, start + len(ids)) for ids, start, _ in items])
+        x = self.model.model.embed_tokens(torch.tensor([t for ids, _, _ in items for t in ids]))   # [T, hidden]
+        group = self.heads // self.kv_heads
+        for index, layer in enumerate(self.model.model.layers):
+            q, k, v = self._project_qkv(layer, layer.input_layernorm(x), positions)
+            offset = 0
+            for ids, start, table in items:                                      # write every new K/V first
+                self.pool.write(index, table, start, k[offset:offset + len(ids)], v[offset:offset + len(ids)])
+                offset += len(ids)
+            outs, offset = [], 0
+            for ids, start, table in items:
+                n, end = len(ids), start + len(ids)
+                if n == 1:
+                    outs.append(self.paged.paged_attention(q[offset], self.pool.k[index], self.pool.v[index],
+                                                           table, end)[None])
+                else:
+                    keys, values = self.pool.gather(index, table, end)          # [end, kv_heads, head_dim]
+                    keys = keys.repeat_interleave(group, dim=1)                 # query head h reads h // group
+                    values = values.repeat_interleave(group, dim=1)
+                    scores = torch.einsum("thd,shd->hts", q[offset:offset + n], keys) / math.sqrt(self.head_dim)
+                    future = torch.arange(end)[None, :] > torch.arange(start, end)[:, None]
+                    probs = torch.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1).to(q.dtype)
+                    outs.append(torch.einsum("hts,shd->thd", probs, values))
+                offset += n
+            x = self._finish_layer(layer, x, torch.cat(outs).reshape(x.shape[0], -1))
+        self._note_usage()
+        if not all_logits:
+            ends = torch.tensor([len(ids) for ids, _, _ in items]).cumsum(0) - 1
+            x = x[ends]
+        return self._logits(x)
+
+    @torch.no_grad()
     def prefill(self, seq_id, token_ids, start: int = 0) -> torch.Tensor:
         """Compute positions start .. len(token_ids)-1 of `seq_id` (whose blocks hold all of token_ids already:
         allocate first). Positions < start must already be in the pool. Returns logits [len - start, vocab]."""
@@ -138,26 +189,9 @@ class PagedLlama:
         end = len(token_ids)
         if not 0 <= start < end:
             raise ValueError(f"start={start} must be in [0, {end}): prefill computes at least one position")
-        table = self.manager.block_table(seq_id)
-        positions = torch.arange(start, end)
-        x = self.model.model.embed_tokens(torch.tensor(token_ids[start:]))      # [T, hidden]
-        group = self.heads // self.kv_heads
-        # causal: the token at position start+i sees positions 0 .. start+i
-        future = torch.arange(end)[None, :] > positions[:, None]               # [T, end]
-        for index, layer in enumerate(self.model.model.layers):
-            q, k, v = self._project_qkv(layer, layer.input_layernorm(x), positions)
-            self.pool.write(index, table, start, k, v)
-            keys, values = self.pool.gather(index, table, end)                  # [end, kv_heads, head_dim]
-            keys = keys.repeat_interleave(group, dim=1)                         # query head h reads h // group
-            values = values.repeat_interleave(group, dim=1)
-            scores = torch.einsum("thd,shd->hts", q, keys) / math.sqrt(self.head_dim)
-            scores = scores.masked_fill(future, float("-inf"))
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            out = torch.einsum("hts,shd->thd", probs, values).reshape(end - start, -1)
-            x = self._finish_layer(layer, x, out)
+        logits = self.forward_batch([(seq_id, token_ids[start:], start)], all_logits=True)
         self.stats["prefill_tokens"] += end - start
-        self._note_usage()
-        return self._logits(x)
+        return logits
 
     @torch.no_grad()
     def decode(self, seq_ids, token_ids) -> torch.Tensor:
@@ -178,42 +212,15 @@ class PagedLlama:
             if table[(length - 1) // self.pool.block_size] != block or (length - 1) % self.pool.block_size != offset:
                 raise AssertionError(f"append_slot({s!r}) returned (block {block}, offset {offset}) but position "
                                      f"{length - 1} of its block table {table} is elsewhere (labs/paged_kv_cache.py)")
-        positions = torch.tensor([length - 1 for length in lengths])
-        x = self.model.model.embed_tokens(torch.tensor(token_ids))              # [B, hidden]
-        for index, layer in enumerate(self.model.model.layers):
-            q, k, v = self._project_qkv(layer, layer.input_layernorm(x), positions)
-            outs = []
-            for i, (table, length) in enumerate(zip(tables, lengths)):
-                self.pool.write(index, table, length - 1, k[i:i + 1], v[i:i + 1])
-                outs.append(self.paged.paged_attention(q[i], self.pool.k[index], self.pool.v[index], table, length))
-            x = self._finish_layer(layer, x, torch.stack(outs).reshape(len(seq_ids), -1))
+        logits = self.forward_batch([(s, [t], length - 1) for s, t, length in zip(seq_ids, token_ids, lengths)])
         self.stats["decode_tokens"] += len(seq_ids)
         self.stats["decode_steps"] += 1
-        self._note_usage()
-        return self._logits(x)
+        return logits
 
     def blocks_for_next_step(self, seq_ids) -> int:
         """How many new blocks one decode step of these sequences takes (those whose last block is full)."""
         size = self.pool.block_size
         return sum(self.manager.seq_len(s) == len(self.manager.block_table(s)) * size for s in seq_ids)
-
-    def preempt_for_decode(self, decoding, admitted) -> list:
-        """Make room for one decode step of `decoding`: free the blocks of the most recently admitted sequences
-        until the step's new blocks fit (vLLM's recompute policy: the newest goes first; the caller queues them
-        again). admitted: every sequence holding blocks, oldest first, the decoding ones among them. Returns the
-        preempted sequences, newest first. Raises OutOfBlocks when one sequence is left and still does not fit."""
-        decoding, admitted, victims = list(decoding), list(admitted), []
-        while decoding and self.blocks_for_next_step(decoding) > self.manager.num_free_blocks:
-            if len(admitted) == 1:
-                raise OutOfBlocks(f"sequence {admitted[0]!r} alone needs more than the pool's "
-                                  f"{self.manager.num_blocks} blocks of {self.pool.block_size}")
-            victim = admitted.pop()
-            self.free(victim)
-            self.stats["preemptions"] += 1
-            victims.append(victim)
-            if victim in decoding:
-                decoding.remove(victim)
-        return victims
 
     def _note_usage(self):
         used = self.manager.num_blocks - self.manager.num_free_blocks
@@ -244,42 +251,39 @@ class PagedLlama:
     def free(self, seq_id) -> None:
         self.manager.free(seq_id)
 
-    def generate(self, prompts, max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuation of every prompt (lists of ids) by continuous batching on the paged cache; returns
-        the new ids of each prompt, in the order given. Sequences are freed when done."""
+    def generate(self, prompts, max_new_tokens: int, max_num_batched_tokens: int | None = None) -> list[list[int]]:
+        """Greedy continuation of every prompt (lists of ids), served by the course's engine on this paged cache
+        (helpers/course/engine: vLLM V1's scheduling, preemption by recomputation when blocks run out); returns
+        the new ids of each prompt, in the order given. max_num_batched_tokens: the step's token budget (default:
+        every prompt whole). `stats` gains the run's prefill/decode tokens, cached tokens, preemptions and the
+        largest decode batch."""
+        from helpers.course.engine import KVCacheManager, LLMEngine, PagedRunner, Request, SchedulerConfig, \
+            run_requests
         prompts = [[int(t) for t in p] for p in prompts]
         for i, p in enumerate(prompts):
             if not p or len(p) + max_new_tokens > self.max_positions:
                 raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens={max_new_tokens} must be in "
                                  f"[1, max_position_embeddings={self.max_positions}]")
-        new = [[] for _ in prompts]
-        waiting, running = deque(range(len(prompts))), []          # request ids; running in admission order
-        while waiting or running:
-            while waiting:                                         # admit (or re-admit after preemption)
-                r = waiting[0]
-                try:
-                    logits = self.start(r, prompts[r] + new[r])
-                except OutOfBlocks:
-                    if not running:
-                        raise OutOfBlocks(f"prompt {r} ({len(prompts[r]) + len(new[r])} tokens) does not fit in "
-                                          f"the whole pool of {self.manager.num_blocks} blocks") from None
-                    break
-                waiting.popleft()
-                new[r].append(int(logits.argmax()))
-                running.append(r)
-            for r in [r for r in running if len(new[r]) == max_new_tokens]:
-                running.remove(r)
-                self.free(r)
-            if not running:
-                continue
-            for victim in self.preempt_for_decode(running, running):   # newest first: recompute later
-                running.remove(victim)
-                waiting.appendleft(victim)
-            self.stats["peak_running"] = max(self.stats["peak_running"], len(running))
-            logits = self.decode(running, [new[r][-1] for r in running])
-            for r, row in zip(running, logits):
-                new[r].append(int(row.argmax()))
-        return new
+        kv = KVCacheManager(self.manager.num_blocks, self.pool.block_size, self.prefix_caching,
+                            block_manager=self.manager)
+        budget = max_num_batched_tokens or max(2048, max(len(p) for p in prompts) + max_new_tokens)
+        engine = LLMEngine(PagedRunner(self), kv, SchedulerConfig(max_num_batched_tokens=budget))
+        requests = [Request(i, p, max_new_tokens, arrival=0.0) for i, p in enumerate(prompts)]
+        try:
+            run_requests(engine, requests)
+        except RuntimeError as e:
+            if "OutOfBlocks" in str(e):
+                raise OutOfBlocks(str(e)) from None
+            raise
+        steps = engine.steps
+        self.stats["prefill_tokens"] += sum(step.prefill_tokens for step in steps)
+        self.stats["decode_tokens"] += sum(len(step.decodes) for step in steps)
+        self.stats["decode_steps"] += sum(1 for step in steps if step.decodes)
+        self.stats["cached_tokens"] += kv.stats.hits + kv.stats.preempted_hits
+        self.stats["preemptions"] += engine.scheduler.num_preemptions
+        self.stats["peak_running"] = max([self.stats["peak_running"]] + [len(step.decodes) for step in steps])
+        self.last_engine = engine
+        return [r.tokens for r in requests]
 
 
 def generate_paged(prompts, max_new_tokens: int, num_blocks: int | None = None, block_size: int = 16,

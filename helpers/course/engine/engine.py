@@ -1,0 +1,279 @@
+"""The course's serving engine, written once: schedule → run → sample, one step at a time.
+
+    engine = LLMEngine.paged(model, num_blocks=64, block_size=16, enable_prefix_caching=True,
+                             config=SchedulerConfig(max_num_batched_tokens=256))
+    engine.add_request(Request(0, prompt=[72, 105], max_tokens=16))
+    while engine.has_unfinished:
+        for request in engine.step():          # the requests that finished in this step
+            print(request.rid, request.tokens)
+        for request in engine.take_failed():   # requests that raised (request.error says why): only they stop
+            print(request.rid, request.error)
+
+What differs between the course's replicas is a part, not a copy of this loop (nano-vllm's shape:
+`llm_engine.py` step = schedule, run, postprocess; vLLM V1's EngineCore.step):
+  the runner   how a step's tokens are computed (runner.py: paged cache in one forward, contiguous cache, none)
+  the KV side  kv_cache_manager.py (paged blocks, prefix caching, KV events) or UnlimitedKV
+  the clock    clock.py: wall time (a server) or modelled device time (a replay, chapter 7's figures)
+  the policy   SchedulerConfig (vLLM's options; policy="decode_first" for chapter 7's contrast) and chapter 6's
+               batching: "continuous" (vLLM), "static" (nothing joins a batch until all of it is done),
+               "none" (one request at a time)
+  a connector  kv_connector.py: KV that another process or tier supplies (none by default)
+
+One request's failure is that request's alone: a step that raises is run again one request at a time, and only
+the request that raises fails; a sampling error fails only its request. A server answers a failed request with
+an error; the replica lives.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+
+import torch
+
+from helpers.course.engine.clock import ModelledClock, WallClock
+from helpers.course.engine.kv_cache_manager import KVCacheManager, UnlimitedKV
+from helpers.course.engine.request import Request, RequestStatus
+from helpers.course.engine.runner import ContiguousRunner, ModelledRunner, PagedRunner
+from helpers.course.engine.sampling import sample
+from helpers.course.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from helpers.course.engine.stats import EngineResult, StepRecord
+from helpers.course.kv_cache import OutOfBlocks
+
+__all__ = ["LLMEngine", "BATCHING", "run_requests"]
+
+BATCHING = ("none", "static", "continuous")
+
+
+class LLMEngine:
+    """runner: runner.py; kv: a KVCacheManager (or UnlimitedKV); config: SchedulerConfig; clock: WallClock or
+    ModelledClock; connector: a KVConnector or None; batching: continuous, static or none; schedule_step: the
+    step function (default exercise 7.4's, by load_impl)."""
+
+    def __init__(self, runner, kv=None, config: SchedulerConfig | None = None, clock=None, connector=None,
+                 batching: str = "continuous", schedule_step=None):
+        if batching not in BATCHING:
+            raise ValueError(f"batching={batching!r}: choose one of {', '.join(BATCHING)}")
+        config = config or SchedulerConfig()
+        if batching == "none" and config.max_num_seqs != 1:
+            config = SchedulerConfig(**{**vars(config), "max_num_seqs": 1})
+        self.runner, self.kv, self.config, self.batching = runner, kv or UnlimitedKV(), config, batching
+        self.clock = clock or WallClock()
+        self.connector = connector
+        self.scheduler = Scheduler(self.kv, config, connector, schedule_step)
+        self.failed: list[Request] = []
+        self.held: list[Request] = []          # a static batch's finished members, answered with the batch
+        self.steps: list[StepRecord] = []
+        self.busy_seconds = 0.0                 # time spent in steps (wall) or modelled: the replica's utilisation
+        self.tokens_generated = 0
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def paged(cls, model=None, num_blocks: int = 256, block_size: int = 16, enable_prefix_caching: bool = False,
+              events=None, **options) -> "LLMEngine":
+        """The tiny Llama (or `model`) on a paged KV cache of num_blocks × block_size tokens."""
+        from helpers.course.paged_llama import PagedLlama
+        paged = PagedLlama(model, num_blocks=num_blocks, block_size=block_size, prefix_caching=enable_prefix_caching)
+        kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, events, block_manager=paged.manager)
+        engine = cls(PagedRunner(paged), kv, **options)
+        engine.paged_model = paged
+        return engine
+
+    @classmethod
+    def contiguous(cls, model, **options) -> "LLMEngine":
+        """Chapter 6's engine: a transformers model, one contiguous cache per request; whole prompts."""
+        options.setdefault("config", SchedulerConfig(max_num_batched_tokens=1 << 20, max_num_seqs=8))
+        return cls(ContiguousRunner(model), UnlimitedKV(), **options)
+
+    @classmethod
+    def modelled(cls, kv=None, cost=None, **options) -> "LLMEngine":
+        """No model: the schedule on modelled device time (ModelledClock(cost))."""
+        return cls(ModelledRunner(), kv, clock=ModelledClock(cost), **options)
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished or bool(self.held)
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self):
+        return self.scheduler.running
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort(self, rid) -> bool:
+        """Drop a request (its client went away). True if it was queued or running here."""
+        for request in [*self.scheduler.waiting, *self.scheduler.running, *self.held]:
+            if request.rid == rid:
+                self._retire(request, RequestStatus.ABORTED)
+                return True
+        return False
+
+    def take_failed(self) -> list[Request]:
+        """The requests that failed since the last call (each with .error and .traceback), forgotten here."""
+        failed, self.failed = self.failed, []
+        return failed
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """Schedule, run one forward, sample; returns the requests that finished in this step."""
+        started, start = time.perf_counter(), self.clock.now()
+        output = self.scheduler.schedule(admit=not (self.batching == "static" and self.scheduler.running))
+        if not output.scheduled:
+            self._unschedulable()
+            return self._finished([])
+        for request in output.admitted:
+            if request.started is None:
+                request.started = start
+        for request in output.preempted:
+            self.runner.release(request.rid)
+        self._load_external(output)
+        logits = self._execute(output)
+        decodes, chunks = [], []
+        for request in output.scheduled:
+            n = output.num_scheduled_tokens[request.rid]
+            if n == 1 and request.tokens and request.num_computed_tokens == request.num_tokens - 1:
+                decodes.append(request.rid)
+            else:
+                chunks.append((request.rid, n))
+            request.num_computed_tokens += n
+        seconds = self.clock.step(len(decodes), sum(n for _, n in chunks), time.perf_counter() - started)
+        now = self.clock.now()
+        for request in output.scheduled:
+            if request.rid in logits and request.status == RequestStatus.RUNNING:
+                self._append(request, logits[request.rid], now)
+        self._save_external(output)
+        self.steps.append(StepRecord(start, seconds, tuple(decodes), tuple(chunks),
+                                     tuple(r.rid for r in output.preempted)))
+        self.busy_seconds += seconds
+        return self._finished([r for r in output.scheduled if r.done and r.status == RequestStatus.RUNNING])
+
+    def _execute(self, output: SchedulerOutput) -> dict:
+        try:
+            return self.runner.execute(output, self.kv)
+        except Exception as e:
+            if len(output.scheduled) == 1:
+                self._fail(output.scheduled[0], e)
+                return {}
+        logits = {}
+        for request in list(output.scheduled):     # find the request that breaks the step: each alone
+            alone = SchedulerOutput({request.rid: output.num_scheduled_tokens[request.rid]}, [request])
+            try:
+                logits.update(self.runner.execute(alone, self.kv))
+            except Exception as e:
+                self._fail(request, e)
+        return logits
+
+    def _append(self, request: Request, logits, now: float) -> None:
+        try:
+            token = logits if isinstance(logits, int) else sample(logits, request.temperature, request.top_p,
+                                                                   request.generator)
+        except Exception as e:          # sampling failed for this request only
+            self._fail(request, e)
+            return
+        request.tokens.append(token)
+        request.token_times.append(now)
+        self.tokens_generated += 1
+
+    def _finished(self, done: list[Request]) -> list[Request]:
+        now = self.clock.now()
+        for request in done:
+            self._retire(request, RequestStatus.FINISHED, now)
+        if self.batching == "static":
+            self.held.extend(done)
+            if self.scheduler.running:
+                return []
+            done, self.held = self.held, []
+        return done
+
+    def _retire(self, request: Request, status: RequestStatus, now: float | None = None) -> None:
+        self.scheduler.finish(request, status)
+        self.runner.release(request.rid)
+        if request in self.held and status != RequestStatus.FINISHED:
+            self.held.remove(request)
+        request.finished = self.clock.now() if now is None else now
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        request.error, request.traceback = f"{type(error).__name__}: {error}", traceback.format_exc()
+        self._retire(request, RequestStatus.FAILED)
+        self.failed.append(request)
+
+    def _unschedulable(self) -> None:
+        """Nothing could be scheduled: with nothing running, the head of the queue can never fit."""
+        if self.scheduler.waiting and not self.scheduler.running:
+            request = self.scheduler.waiting[0]
+            blocks = getattr(self.kv, "num_blocks", "?")
+            self._fail(request, OutOfBlocks(f"request {request.rid!r} of {request.num_tokens} tokens does not fit in "
+                                            f"the whole pool ({blocks} blocks)"))
+
+    # ------------------------------------------------------------------ the connector
+    def _pool_io(self):
+        paged = self.runner.paged
+        return paged.pool
+
+    def _load_external(self, output: SchedulerOutput) -> None:
+        if self.connector is None or not output.external:
+            return
+        pool = self._pool_io()
+        for rid, (start, count) in output.external.items():
+            request = next(r for r in output.scheduled if r.rid == rid)
+            table = self.kv.block_table(rid)
+            self.connector.load(request, start, count,
+                                lambda layer, k, v, table=table, start=start: pool.write(layer, table, start, k, v))
+        output.external.clear()
+
+    def _save_external(self, output: SchedulerOutput) -> None:
+        if self.connector is None:
+            return
+        pool = self._pool_io()
+        for request in output.scheduled:
+            if request.status != RequestStatus.RUNNING and not request.done:
+                continue
+            if request.rid not in self.kv.block_manager.tables:
+                continue
+            table = self.kv.block_table(request.rid)
+
+            def read(layer, start, count, table=table):
+                k, v = pool.gather(layer, table, start + count)
+                return k[start:], v[start:]
+            self.connector.save(request, request.num_computed_tokens, read)
+
+    # ------------------------------------------------------------------ figures
+    def kv_stats(self) -> dict:
+        """The KV cache's figures a server exports (vLLM's names in metrics.py)."""
+        stats = self.kv.stats
+        out = {"preemptions": self.scheduler.num_preemptions, "prefix_queries": stats.queries,
+               "prefix_hits": stats.hits}
+        if isinstance(self.kv, KVCacheManager):
+            out.update(kv_blocks=self.kv.num_blocks, kv_blocks_used=self.kv.num_blocks - self.kv.num_free_blocks)
+        return out
+
+
+def run_requests(engine: LLMEngine, requests: list[Request], label: str = "", max_steps: int = 1_000_000
+                 ) -> EngineResult:
+    """Serve `requests` (each with its .arrival on the engine's clock) to the end: a request joins the queue at
+    the first step that starts at or after its arrival; an idle engine waits for the next one. Returns the
+    EngineResult (requests in arrival order, steps). Failed requests raise (a replay has no one to answer)."""
+    pending = sorted(requests, key=lambda r: r.arrival)
+    pending.reverse()
+    ordered = list(reversed(pending))
+    for _ in range(max_steps):
+        while pending and pending[-1].arrival <= engine.clock.now():
+            engine.add_request(pending.pop())
+        if not engine.has_unfinished:
+            if not pending:
+                break
+            engine.clock.wait_until(pending[-1].arrival)
+            continue
+        engine.step()
+        failed = engine.take_failed()
+        if failed:
+            raise RuntimeError(f"request {failed[0].rid!r} failed: {failed[0].error}")
+    else:
+        raise RuntimeError(f"the engine did not finish in {max_steps} steps")
+    return EngineResult(ordered, engine.steps, label)

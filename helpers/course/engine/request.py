@@ -1,0 +1,102 @@
+"""One request, from arrival to its last token: the only request type of the course's engine.
+
+vLLM V1 keeps exactly this state per request (`vllm/v1/request.py`): the prompt's token ids, the tokens generated
+so far, and `num_computed_tokens`, how many of all its tokens already have keys and values in the KV cache. The
+scheduler has no "prefill phase" and no "decode phase": each step it gives a request
+`num_tokens - num_computed_tokens` tokens to compute (or fewer, under the budget). For a request whose prompt is
+not yet computed that is a prompt chunk; once it has caught up it is 1, the token it sampled last.
+
+    req = Request(0, prompt=[72, 105], max_tokens=16, temperature=0.8, seed=1)
+    req.num_tokens, req.num_computed_tokens, req.tokens      # 2, 0, []
+"""
+from __future__ import annotations
+
+import enum
+import random
+import time
+
+import torch
+
+__all__ = ["Request", "RequestStatus"]
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"          # queued, never scheduled
+    RUNNING = "running"          # holds KV blocks, scheduled in steps
+    PREEMPTED = "preempted"      # was running; its blocks were freed, it waits to be computed again
+    FINISHED = "finished"        # max_tokens generated (or a stop token)
+    FAILED = "failed"            # raised: its own failure, the engine goes on (request.error says why)
+    ABORTED = "aborted"          # cancelled (its client went away)
+
+
+class Request:
+    """rid: any hashable id. prompt: token ids (at least one). max_tokens: tokens to generate (>= 1).
+    temperature/top_p/seed: sampling (temperature 0: greedy); a seed gives a per-request generator, so the same
+    request gives the same tokens on any replica, in any batch, after any preemption.
+    arrival: when it arrived, on the engine's clock (a replay's virtual time, or time.monotonic()).
+    cache_salt: mixed into its first block's hash (vLLM's `cache_salt`): only requests with the same salt share
+    prefix-cache blocks."""
+
+    def __init__(self, rid, prompt, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, arrival: float | None = None, cache_salt: str | None = None):
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError(f"request {rid!r}: a request needs at least one prompt token")
+        if int(max_tokens) < 1:
+            raise ValueError(f"request {rid!r}: max_tokens={max_tokens} must be >= 1")
+        self.rid, self.prompt, self.max_tokens = rid, prompt, int(max_tokens)
+        self.temperature, self.top_p, self.seed, self.cache_salt = float(temperature), float(top_p), seed, cache_salt
+        self.generator = None
+        if self.temperature > 0:
+            self.generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
+        self.tokens: list[int] = []               # generated so far
+        self.num_computed_tokens = 0              # of prompt + tokens, in the KV cache
+        self.status = RequestStatus.WAITING
+        self.num_preemptions = 0
+        self.num_cached_tokens = -1               # prefix-cache hits when first scheduled (vLLM's field)
+        self.block_hashes: list = []              # one per full block of prompt + tokens (prefix caching)
+        self.arrival = time.monotonic() if arrival is None else float(arrival)
+        self.token_times: list[float] = []        # when each generated token came out (the engine's clock)
+        self.started = self.finished = None       # first scheduled / finished, on the engine's clock
+        self.error = self.traceback = None
+
+    # ------------------------------------------------------------------ what the scheduler reads
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + generated tokens: what the KV cache will hold once this request has caught up."""
+        return len(self.prompt) + len(self.tokens)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt + self.tokens
+
+    @property
+    def num_new_tokens(self) -> int:
+        """Tokens to compute before the next sample: a prompt (chunk) or, once caught up, 1."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def done(self) -> bool:
+        return len(self.tokens) >= self.max_tokens
+
+    # ------------------------------------------------------------------ what drivers read
+    @property
+    def first_token(self):
+        return self.token_times[0] if self.token_times else None
+
+    def timings(self) -> dict:
+        """Seconds spent queued, to the first token, and in all, on the engine's clock."""
+        return {"queued": self.started - self.arrival, "first_token": self.first_token - self.arrival,
+                "total": self.finished - self.arrival}
+
+    def itls(self) -> list[float]:
+        """Gaps between consecutive generated tokens."""
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    def __repr__(self):
+        return (f"Request({self.rid!r}, {self.num_computed_tokens}/{self.num_tokens} computed, "
+                f"{len(self.tokens)}/{self.max_tokens} generated, {self.status.value})")

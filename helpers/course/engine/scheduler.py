@@ -1,0 +1,197 @@
+"""The engine's scheduler: which requests compute how many tokens this step, and who is preempted.
+
+The rules are vLLM V1's (`vllm/v1/core/sched/scheduler.py`, `Scheduler.schedule` and `_preempt_request`); the
+step itself is exercise 7.4, `schedule_step` in labs/chunked_prefill.py, which this class calls every step:
+
+  * one token budget per step (`max_num_batched_tokens`), spent first on the RUNNING requests in admission
+    order — decodes and partly computed prompts alike: each gets min(its tokens not yet computed,
+    `long_prefill_token_threshold` if set, the budget left) — then on WAITING requests first come first served,
+    each after its prefix-cache hits, with whatever is left (even one token). There is no prefill phase and no
+    decode phase: a request computes `num_tokens - num_computed_tokens` tokens until it has caught up, then 1.
+  * `max_num_seqs` caps the running queue; an allocation failure at the head of the waiting queue stops
+    admissions for the step; a request is admitted only if its whole current sequence fits
+    (`full_sequence_must_fit`, counting its cached blocks).
+  * when a running request cannot get its blocks, the NEWEST running request is preempted (possibly itself):
+    its blocks are freed, its computed tokens reset to 0, its generated tokens kept, and it goes back to the
+    head of the waiting queue; a step that preempted admits no one.
+
+`policy="decode_first"` is the contrast chapter 7 draws: Sarathi-Serve's and vLLM V0's chunked prefill, which
+schedules the running decodes before any prompt chunk. The scheduler hands exercise 7.4 the running queue with
+the decoding requests first (admission order otherwise); the step's rules are the same.
+
+The KV side (`kv`, a KVCacheManager) is what the step calls: `get_computed_blocks`, `allocate_slots`; the
+scheduler wraps it so a KV connector's tokens (kv_connector.py) count as computed, and records vLLM's prefix-
+cache metric for every admission.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from helpers.course.engine.request import Request, RequestStatus
+from helpers.impl import load_impl
+
+__all__ = ["SchedulerConfig", "SchedulerOutput", "Scheduler", "ScheduleError", "POLICIES"]
+
+POLICIES = ("fcfs", "decode_first")
+
+
+class ScheduleError(ValueError):
+    """A step broke a rule the engine relies on (the message says which)."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """vLLM's scheduler options, by their names (`vllm serve --max-num-batched-tokens ...`)."""
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    long_prefill_token_threshold: int = 0          # 0: no cap per request
+    enable_chunked_prefill: bool = True
+    full_sequence_must_fit: bool = True            # vLLM's admission gate (scheduler_reserve_full_isl)
+    num_lookahead_tokens: int = 0                  # slots reserved past the last token (speculative decoding)
+    policy: str = "fcfs"
+
+    def __post_init__(self):
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} and max_num_seqs="
+                             f"{self.max_num_seqs} must be at least 1")
+        if self.long_prefill_token_threshold < 0 or self.num_lookahead_tokens < 0:
+            raise ValueError("long_prefill_token_threshold and num_lookahead_tokens must be >= 0")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy={self.policy!r}: choose one of {', '.join(POLICIES)}")
+
+
+@dataclass
+class SchedulerOutput:
+    """One step: num_scheduled_tokens {rid: tokens} in scheduling order (running first, then admitted);
+    scheduled: the requests, in that order; admitted: those that joined the running queue this step (new or
+    resumed after a preemption); preempted: those preempted this step (back in the waiting queue)."""
+    num_scheduled_tokens: dict = field(default_factory=dict)
+    scheduled: list = field(default_factory=list)
+    admitted: list = field(default_factory=list)
+    preempted: list = field(default_factory=list)
+    external: dict = field(default_factory=dict)      # rid -> (start, count) a connector loads before the step
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+
+def preempt(request: Request, kv) -> None:
+    """vLLM's _preempt_request: free its blocks, forget what was computed (its generated tokens stay), mark it.
+    The caller has taken it out of the running queue and puts it at the head of the waiting queue."""
+    kv.free(request)
+    request.status = RequestStatus.PREEMPTED
+    request.num_computed_tokens = 0
+    request.num_preemptions += 1
+
+
+class _ConnectorKV:
+    """The KV manager as exercise 7.4 sees it: a connector's tokens count as computed at admission."""
+
+    def __init__(self, kv, connector, output: SchedulerOutput):
+        self.kv, self.connector, self.output, self.lookups = kv, connector, output, {}
+
+    def get_computed_blocks(self, request) -> int:
+        local = self.kv.get_computed_blocks(request)
+        external = 0
+        if self.connector is not None:
+            external = max(0, min(int(self.connector.get_num_new_matched_tokens(request, local)),
+                                  request.num_tokens - 1 - local))
+        self.lookups[request.rid] = (local, external)
+        return local + external
+
+    def allocate_slots(self, request, num_new_tokens: int, num_new_computed_tokens: int = 0,
+                       num_lookahead_tokens: int = 0, full_sequence_must_fit: bool = False) -> bool:
+        local, external = num_new_computed_tokens, 0
+        if num_new_computed_tokens and request.rid in self.lookups:
+            local, external = self.lookups[request.rid]
+            if local + external != num_new_computed_tokens:
+                local, external = min(local, num_new_computed_tokens), 0
+        ok = self.kv.allocate_slots(request, num_new_tokens, local, num_lookahead_tokens, full_sequence_must_fit,
+                                    num_external_computed_tokens=external)
+        if ok and external:
+            self.output.external[request.rid] = (local, external)
+        return ok
+
+    def free(self, request) -> None:
+        self.output.external.pop(request.rid, None)
+        self.kv.free(request)
+
+
+class Scheduler:
+    """waiting (deque) and running (list, admission order) queues over a KVCacheManager `kv`."""
+
+    def __init__(self, kv, config: SchedulerConfig | None = None, connector=None, schedule_step=None):
+        self.kv, self.config, self.connector = kv, config or SchedulerConfig(), connector
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.schedule_step = schedule_step or load_impl("chunked_prefill").schedule_step
+        self.num_preemptions = 0
+        self._admitted_order: dict = {}
+        self._counter = 0
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, admit: bool = True) -> SchedulerOutput:
+        """One step of exercise 7.4 over the queues, checked; admitted requests' prefix hits recorded.
+        admit=False: no waiting request joins in this step (chapter 6's static batching)."""
+        output = SchedulerOutput()
+        kv = _ConnectorKV(self.kv, self.connector, output)
+        if self.config.policy == "decode_first":
+            self.running.sort(key=lambda r: (r.num_computed_tokens < r.num_prompt_tokens, self._admitted_order[r.rid]))
+        waiting_before = {id(r): r.status for r in self.waiting}
+        waiting = self.waiting if admit else deque()
+        step = self.schedule_step(self.running, waiting, kv, self.config)
+        if waiting is not self.waiting:                  # only preempted requests went there
+            self.waiting.extendleft(reversed(waiting))
+        if self.config.policy == "decode_first":
+            self.running.sort(key=lambda r: self._admitted_order.get(r.rid, self._counter + 1))
+        output.num_scheduled_tokens = dict(step.num_scheduled_tokens)
+        output.preempted = list(step.preempted)
+        by_rid = {r.rid: r for r in self.running}
+        output.scheduled = [by_rid[rid] for rid in output.num_scheduled_tokens if rid in by_rid]
+        output.admitted = [r for r in self.running if id(r) in waiting_before]
+        self._check(output)
+        for request in output.admitted:
+            self._counter += 1
+            self._admitted_order[request.rid] = self._counter
+            self.kv.record_admission(request, request.num_computed_tokens)
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = request.num_computed_tokens
+        self.num_preemptions += len(output.preempted)
+        return output
+
+    def finish(self, request: Request, status: RequestStatus = RequestStatus.FINISHED) -> None:
+        """Take a request out of the queues and give its blocks back."""
+        if request in self.running:
+            self.running.remove(request)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self._admitted_order.pop(request.rid, None)
+        self.kv.free(request)
+        request.status = status
+
+    def _check(self, output: SchedulerOutput) -> None:
+        """The rules the engine relies on, whatever the step function did."""
+        config, where = self.config, "(labs/chunked_prefill.py: schedule_step)"
+        total = output.total_num_scheduled_tokens
+        if total > config.max_num_batched_tokens:
+            raise ScheduleError(f"the step schedules {total} tokens, over max_num_batched_tokens="
+                                f"{config.max_num_batched_tokens} {where}")
+        if len(self.running) > config.max_num_seqs:
+            raise ScheduleError(f"{len(self.running)} running requests, over max_num_seqs={config.max_num_seqs} "
+                                f"{where}")
+        running = {r.rid for r in self.running}
+        for rid, n in output.num_scheduled_tokens.items():
+            if rid not in running:
+                raise ScheduleError(f"request {rid!r} is scheduled but not in the running queue {where}")
+            request = next(r for r in self.running if r.rid == rid)
+            if not isinstance(n, int) or not 1 <= n <= request.num_new_tokens:
+                raise ScheduleError(f"request {rid!r}: {n!r} tokens scheduled, it has {request.num_new_tokens} "
+                                    f"to compute {where}")
