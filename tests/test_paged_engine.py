@@ -1,4 +1,5 @@
-"""Chapter 6's engine on chapter 7's paged KV cache (helpers/course/serving/paged_engine.py): the same tokens as
+"""Chapter 6's replica engine on chapter 7's paged KV cache (helpers/course/engine via serving.replica.build_engine):
+the same tokens as
 the contiguous engine under every option (prefix caching, chunked prefill, a pool small enough to preempt,
 seeded sampling), steps within the token budget, every block back in the pool at the end, a request too big
 for the pool failing alone, the server's options and metrics, and a tensor-parallel replica whose ranks each
@@ -10,9 +11,9 @@ from helpers.course import tiny_llama
 from helpers.course.paged_llama import PagedLlama
 from helpers.course.serving import start_server
 from helpers.course.serving.__main__ import kv_options, parse_args
-from helpers.course.serving.engine import Engine, Sequence
+from helpers.course.engine import Request
 from helpers.course.serving.metrics import ServingMetrics, parse, value
-from helpers.course.serving.paged_engine import PagedEngine
+from helpers.course.serving.replica import build_engine
 from helpers.launch import launch
 
 SYSTEM = "You are a helpful assistant who answers briefly. "
@@ -27,13 +28,13 @@ def model():
 
 def serve(engine, temperature=0.0, max_tokens=12):
     for i, p in enumerate(PROMPTS):
-        engine.submit(Sequence(i, tiny_llama.encode(p), max_tokens + i, temperature=temperature, seed=100 + i))
+        engine.add_request(Request(i, tiny_llama.encode(p), max_tokens + i, temperature=temperature, seed=100 + i))
     out = {}
     for _ in range(1000):
         out.update({s.rid: s.tokens for s in engine.step()})
         failed = engine.take_failed()
         assert not failed, failed[0].traceback
-        if not engine.has_work:
+        if not engine.has_unfinished:
             return out
     raise AssertionError("the engine did not finish in 1000 steps")
 
@@ -49,9 +50,9 @@ OPTIONS = {
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_the_paged_engine_gives_the_contiguous_engines_tokens(model, temperature):
-    want = serve(Engine(model, max_batch=4), temperature)
+    want = serve(build_engine(model, max_batch=4), temperature)
     for name, options in OPTIONS.items():
-        engine = PagedEngine(model, max_batch=4, **options)
+        engine = build_engine(model, max_batch=4, kv={"num_blocks": 256, "block_size": 16, **options})
         assert serve(engine, temperature) == want, f"{name}: other tokens than the contiguous engine's"
         stats = engine.kv_stats()
         assert stats["kv_blocks_used"] == 0, f"{name}: {stats['kv_blocks_used']} blocks still held after the last"
@@ -63,41 +64,39 @@ def test_the_paged_engine_gives_the_contiguous_engines_tokens(model, temperature
 
 
 def test_chunked_steps_stay_within_the_token_budget(model):
-    engine = PagedEngine(model, max_batch=4, token_budget=16)
-    step_tokens, current = [], [0]
-    prefill, decode = engine.runner.prefill, engine.runner.decode
+    engine = build_engine(model, max_batch=4, kv={"num_blocks": 256, "block_size": 16, "token_budget": 16})
+    engine.record_steps = True
+    paged, computed = engine.runner.paged, []
+    forward = paged.forward_batch
 
-    def count_prefill(seq_id, token_ids, start=0):
-        current[0] += len(token_ids) - start
-        return prefill(seq_id, token_ids, start)
+    def count(batch, all_logits=False):           # what the model really computed in each forward
+        computed.append(sum(len(ids) for _, ids, _ in batch))
+        return forward(batch, all_logits)
 
-    def count_decode(seq_ids, token_ids):
-        current[0] += len(seq_ids)
-        return decode(seq_ids, token_ids)
-
-    engine.runner.prefill, engine.runner.decode = count_prefill, count_decode
+    paged.forward_batch = count
     for i, p in enumerate(PROMPTS):
-        engine.submit(Sequence(i, tiny_llama.encode(p), 6))
-    while engine.has_work:
-        current[0] = 0
+        engine.add_request(Request(i, tiny_llama.encode(p), 6))
+    while engine.has_unfinished:
         engine.step()
-        step_tokens.append(current[0])
-    assert max(step_tokens) <= 16, f"a step computed {max(step_tokens)} tokens, over the budget of 16"
-    assert max(step_tokens) == 16, "long prompts should fill the budget"
+    assert len(computed) == len(engine.steps), "one forward per step"
+    assert computed == [step.tokens for step in engine.steps]
+    assert max(computed) <= 16, f"a step computed {max(computed)} tokens, over the budget of 16"
+    assert max(computed) == 16, "long prompts should fill the budget"
+    assert any(step.decodes and step.chunks for step in engine.steps), "decodes and prompt chunks share a forward"
 
 
 def test_a_request_too_big_for_the_pool_fails_alone_and_cancel_frees_blocks(model):
-    engine = PagedEngine(model, max_batch=4, num_blocks=4, block_size=8)
+    engine = build_engine(model, max_batch=4, kv={"num_blocks": 4, "block_size": 8})
     short = tiny_llama.encode("Call me")
-    engine.submit(Sequence(0, tiny_llama.encode(SYSTEM * 3), 4))     # more than 4 × 8 tokens
-    engine.submit(Sequence(1, short, 4))
-    engine.submit(Sequence(2, short, 20))
+    engine.add_request(Request(0, tiny_llama.encode(SYSTEM * 3), 4))     # more than 4 × 8 tokens
+    engine.add_request(Request(1, short, 4))
+    engine.add_request(Request(2, short, 20))
     done = {s.rid: s.tokens for s in engine.step()}
     failed = {s.rid: s.error for s in engine.take_failed()}
-    assert list(failed) == [0] and "do not fit" in failed[0], failed
+    assert list(failed) == [0] and "does not fit" in failed[0], failed
     assert engine.kv_stats()["kv_blocks_used"] == 2
-    assert engine.cancel(2) and engine.kv_stats()["kv_blocks_used"] == 1
-    while engine.has_work:
+    assert engine.abort(2) and engine.kv_stats()["kv_blocks_used"] == 1
+    while engine.has_unfinished:
         done.update({s.rid: s.tokens for s in engine.step()})
     assert done == {1: tiny_llama.generate(model, short, 4)}
     assert engine.kv_stats()["kv_blocks_used"] == 0

@@ -13,7 +13,8 @@ import torch
 
 from helpers.course import tiny_llama
 from helpers.course.serving import start_server
-from helpers.course.serving.engine import Engine, Sequence
+from helpers.course.engine import Request
+from helpers.course.serving.replica import build_engine
 from helpers.course.serving.loadtest import load_test
 from helpers.course.serving.metrics import parse, value
 
@@ -27,17 +28,17 @@ def test_batching_policies_give_the_models_tokens():
     reference = [tiny_llama.generate(model, p, n) for p, n in zip(ids, lengths)]
     steps = {}
     for batching in ("none", "static", "continuous"):
-        engine = Engine(model, max_batch=3, batching=batching)
+        engine = build_engine(model, batching, 3)
         for i, (p, n) in enumerate(zip(ids, lengths)):
-            engine.submit(Sequence(i, p, n))
+            engine.add_request(Request(i, p, n))
         out = {}
         for _ in range(200):
             for seq in engine.step():
                 out[seq.rid] = seq.tokens
-            if not engine.has_work:
+            if not engine.has_unfinished:
                 break
         assert [out[i] for i in range(4)] == reference, batching
-        steps[batching] = engine.steps
+        steps[batching] = engine.num_steps
     assert steps["continuous"] < steps["static"] < steps["none"], steps
 
 
@@ -45,11 +46,11 @@ def test_sampling_is_reproducible_with_a_seed():
     model = tiny_llama.load_model()
     runs = []
     for max_batch in (1, 4):
-        engine = Engine(model, max_batch=max_batch)
+        engine = build_engine(model, max_batch=max_batch)
         for i, p in enumerate(PROMPTS):
-            engine.submit(Sequence(i, tiny_llama.encode(p), 8, temperature=0.8, top_p=0.9, seed=1234 + i))
+            engine.add_request(Request(i, tiny_llama.encode(p), 8, temperature=0.8, top_p=0.9, seed=1234 + i))
         out = {}
-        while engine.has_work:
+        while engine.has_unfinished:
             out.update({s.rid: s.tokens for s in engine.step()})
         runs.append(out)
     assert runs[0] == runs[1], "a seeded request must not depend on what it was batched with"

@@ -24,7 +24,8 @@ import torch
 
 from helpers.course import tiny_llama
 from helpers.course.serving import start_server
-from helpers.course.serving.engine import Engine, Sequence, sample
+from helpers.course.engine import Request, sample
+from helpers.course.serving.replica import build_engine
 from helpers.course.serving.loadtest import load_test
 from helpers.course.serving.metrics import parse, value
 
@@ -37,7 +38,7 @@ class FaultyLlama(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.model, self.config = model, model.config
 
     def forward(self, input_ids, position_ids=None, past_key_values=None, **kwargs):
         if past_key_values is None and bool((input_ids == RAISES_IN_PREFILL).any()):
@@ -82,21 +83,21 @@ def test_engine_fails_only_the_broken_sequences():
     batched step raises then). Only those three fail, with their own error; the others get the model's
     tokens."""
     model = tiny_llama.load_model()
-    engine = Engine(FaultyLlama(model), max_batch=8)
+    engine = build_engine(FaultyLlama(model), max_batch=8)
     good = {0: (encode("Four score"), 12), 1: (encode("We hold these"), 9)}
     long_prompt = (encode(PROMPT) * 20)[:RAISES_AT_POSITION - 4]
     bad = {2: ([72, RAISES_IN_PREFILL, 105], 5, 0.0, "token 0"),
            3: ([72, NAN_LOGITS, 105], 5, 0.7, "NaN"),
            4: (long_prompt, 10, 0.0, f"position {RAISES_AT_POSITION}")}
     for rid, (prompt, n) in good.items():
-        engine.submit(Sequence(rid, prompt, n))
+        engine.add_request(Request(rid, prompt, n))
     for rid, (prompt, n, temperature, _) in bad.items():
-        engine.submit(Sequence(rid, prompt, n, temperature=temperature, seed=rid))
+        engine.add_request(Request(rid, prompt, n, temperature=temperature, seed=rid))
     done, failed = {}, {}
     for _ in range(100):
         done.update({s.rid: s.tokens for s in engine.step()})
         failed.update({s.rid: s.error for s in engine.take_failed()})
-        if not engine.has_work:
+        if not engine.has_unfinished:
             break
     assert sorted(failed) == sorted(bad), f"failed: {failed}, finished: {sorted(done)}; expected {sorted(bad)} to fail"
     for rid, (*_, words) in bad.items():

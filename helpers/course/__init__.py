@@ -19,15 +19,17 @@ Chapter → module (helpers/course/...):
                              static_balance.py      round-robin, the static baseline of exercise 4.2; makespan
     5  hybrid parallelism    strategy.py            choosing (dp, pp, tp): memory and communication per GPU
                              process_grid.py        the (dp, pp, tp) grid's kinds, GridGroups, grid_rank, DeviceMesh
-    6  serving               serving/               the HTTP server, balancer, replicas and continuous-batching engine
+    6  serving               engine/                the serving engine, written once: Request, the vLLM V1 scheduler,
+                                                    the KV cache manager, runners, clocks (chapters 6, 7 and after)
+                             serving/               the HTTP server, balancer and replicas around it
                                                     (`python -m helpers.course.serving`)
                              parallel_plan.py       the capstone's Plan(dp, pp, tp)
     7  serving engine        kv_cache.py            KV pools of fixed-size blocks read through block tables; OutOfBlocks
-                             paged_llama.py         the tiny Llama on the paged cache: prefill chunks, batched decode
-                             engine_loop.py         chunked prefill: a step loop under a token budget, on modelled time
+                             paged_llama.py         the tiny Llama on the paged cache: one forward per step (chunks and
+                                                    decodes), the engine's model runner
+                             engine_loop.py         chunked prefill: the engine under a token budget, on modelled time
                              roofline.py            prefill vs decode: FLOPs, bytes, intensity; a measured roofline
                              disaggregated.py       prefill and decode workers on real ranks, KV blocks between them
-                             serving/paged_engine.py chapter 6's server engine on these pieces (--kv-cache paged)
     8  experts, long context moe.py, ring_attention.py, sequence_parallel.py
 
     all chapters             tiny_llama.py          the course's trained 4-layer Llama (checkpoint in data/)

@@ -47,10 +47,11 @@ BATCHING = ("none", "static", "continuous")
 class LLMEngine:
     """runner: runner.py; kv: a KVCacheManager (or UnlimitedKV); config: SchedulerConfig; clock: WallClock or
     ModelledClock; connector: a KVConnector or None; batching: continuous, static or none; schedule_step: the
-    step function (default exercise 7.4's, by load_impl)."""
+    step function (default exercise 7.4's, by load_impl); record_steps: keep a StepRecord per step (a long-lived
+    server counts steps only)."""
 
     def __init__(self, runner, kv=None, config: SchedulerConfig | None = None, clock=None, connector=None,
-                 batching: str = "continuous", schedule_step=None):
+                 batching: str = "continuous", schedule_step=None, record_steps: bool = True):
         if batching not in BATCHING:
             raise ValueError(f"batching={batching!r}: choose one of {', '.join(BATCHING)}")
         config = config or SchedulerConfig()
@@ -62,7 +63,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config, connector, schedule_step)
         self.failed: list[Request] = []
         self.held: list[Request] = []          # a static batch's finished members, answered with the batch
-        self.steps: list[StepRecord] = []
+        self.steps: list[StepRecord] = []      # every step's record (record_steps=False: a server keeps none)
+        self.record_steps, self.num_steps = record_steps, 0
         self.busy_seconds = 0.0                 # time spent in steps (wall) or modelled: the replica's utilisation
         self.tokens_generated = 0
 
@@ -103,6 +105,16 @@ class LLMEngine:
         return self.scheduler.running
 
     def add_request(self, request: Request) -> None:
+        """Queue a request. One that could never fit in the whole KV pool, even alone, fails at once (vLLM
+        refuses such a request too: it checks its length against max_model_len, which the pool must hold)."""
+        capacity = getattr(self.kv, "num_blocks", None)
+        if capacity is not None:
+            longest = request.num_prompt_tokens + request.max_tokens - 1
+            if -(-longest // self.kv.block_size) > capacity:
+                request.arrival = request.arrival if request.arrival is not None else self.clock.now()
+                self.fail(request, OutOfBlocks(f"request {request.rid!r} of up to {longest} tokens does not fit in "
+                                               f"the whole pool ({capacity} blocks of {self.kv.block_size})"))
+                return
         self.scheduler.add_request(request)
 
     def abort(self, rid) -> bool:
@@ -148,8 +160,10 @@ class LLMEngine:
             if request.rid in logits and request.status == RequestStatus.RUNNING:
                 self._append(request, logits[request.rid], now)
         self._save_external(output)
-        self.steps.append(StepRecord(start, seconds, tuple(decodes), tuple(chunks),
-                                     tuple(r.rid for r in output.preempted)))
+        self.num_steps += 1
+        if self.record_steps:
+            self.steps.append(StepRecord(start, seconds, tuple(decodes), tuple(chunks),
+                                         tuple(r.rid for r in output.preempted)))
         self.busy_seconds += seconds
         return self._finished([r for r in output.scheduled if r.done and r.status == RequestStatus.RUNNING])
 
@@ -158,7 +172,7 @@ class LLMEngine:
             return self.runner.execute(output, self.kv)
         except Exception as e:
             if len(output.scheduled) == 1:
-                self._fail(output.scheduled[0], e)
+                self.fail(output.scheduled[0], e)
                 return {}
         logits = {}
         for request in list(output.scheduled):     # find the request that breaks the step: each alone
@@ -166,7 +180,7 @@ class LLMEngine:
             try:
                 logits.update(self.runner.execute(alone, self.kv))
             except Exception as e:
-                self._fail(request, e)
+                self.fail(request, e)
         return logits
 
     def _append(self, request: Request, logits, now: float) -> None:
@@ -174,7 +188,7 @@ class LLMEngine:
             token = logits if isinstance(logits, int) else sample(logits, request.temperature, request.top_p,
                                                                    request.generator)
         except Exception as e:          # sampling failed for this request only
-            self._fail(request, e)
+            self.fail(request, e)
             return
         request.tokens.append(token)
         request.token_times.append(now)
@@ -198,7 +212,8 @@ class LLMEngine:
             self.held.remove(request)
         request.finished = self.clock.now() if now is None else now
 
-    def _fail(self, request: Request, error: BaseException) -> None:
+    def fail(self, request: Request, error: BaseException) -> None:
+        """Take `request` out of the engine as failed (its error noted); the others carry on."""
         request.error, request.traceback = f"{type(error).__name__}: {error}", traceback.format_exc()
         self._retire(request, RequestStatus.FAILED)
         self.failed.append(request)
@@ -208,7 +223,7 @@ class LLMEngine:
         if self.scheduler.waiting and not self.scheduler.running:
             request = self.scheduler.waiting[0]
             blocks = getattr(self.kv, "num_blocks", "?")
-            self._fail(request, OutOfBlocks(f"request {request.rid!r} of {request.num_tokens} tokens does not fit in "
+            self.fail(request, OutOfBlocks(f"request {request.rid!r} of {request.num_tokens} tokens does not fit in "
                                             f"the whole pool ({blocks} blocks)"))
 
     # ------------------------------------------------------------------ the connector

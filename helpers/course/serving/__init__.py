@@ -1,14 +1,14 @@
 """Chapter 6: a real inference server in front of the course's tiny Llama.
 
-    engine.py      one replica's continuous batching of decode steps (and static / no batching)
-    paged_engine.py  the same engine on chapter 7's paged KV cache, prefix caching and chunked prefill
-    replica.py     the replica worker process and its pipe protocol
+    replica.py     the replica worker process and its pipe protocol; its engine is helpers/course/engine
+                   (continuous, static or no batching; contiguous or paged KV cache, prefix caching, chunked
+                   prefill: `build_engine`)
     pipeline_replica.py  a replica cut into pp pipeline stages (chapters 3 and 5's code), greedy
     balancer.py    round-robin vs least-outstanding-requests; retries when a replica dies; restarts
     protocol.py    the OpenAI-compatible /v1/completions request and response, and its errors
     server.py      the HTTP front end (asyncio, standard library), /metrics, /health, /replicas
     metrics.py     Prometheus metrics (prometheus-client) and a parser for scraped text
-    loadtest.py    a bounded load-test client on loopback; `replay`: an engine (or replicas) on a virtual clock
+    loadtest.py    a bounded load-test client on loopback; `replay`: the engine (or replicas) on modelled time
     device_time.py modelled accelerator time of a forward (slept, or counted on a virtual clock)
     background.py  start_server(): the server as a background process that stops cleanly
     launcher.py    imports torch once and forks each server from there (start_server's fast start)

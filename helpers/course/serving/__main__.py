@@ -26,7 +26,7 @@ import socket
 import sys
 
 from helpers.course.serving.balancer import POLICIES, STUCK_AFTER, Balancer
-from helpers.course.serving.engine import BATCHING
+from helpers.course.engine import BATCHING
 from helpers.course.serving.metrics import ServingMetrics
 from helpers.course.serving.replica import load_model_module
 from helpers.course.serving.server import CompletionServer

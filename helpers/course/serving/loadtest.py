@@ -10,9 +10,10 @@ list) are cycled through, request i taking element i mod length. The run stops b
 as lost. `scrape_every` also GETs /metrics that often during the run (for plots over time).
 `load_test` runs its own event loop in a thread, so it works in a notebook cell as well as in a script.
 
-`replay(model, batching, arrivals, max_tokens, prompt)` is the same experiment on a virtual clock: one
-replica's real `Engine`, fed the requests at their arrival times, each forward advancing the clock by its
-modelled device time (device_time.DeviceCost) instead of taking wall time. Deterministic, so a policy
+`replay(model, batching, arrivals, max_tokens, prompt)` is the same experiment on modelled device time: one
+replica's engine (helpers/course/engine, the same LLMEngine a server replica runs), fed the requests at their
+arrival times, each step advancing its clock by the step's modelled device time (engine/clock.py's
+step_seconds over device_time.DeviceCost) instead of taking wall time. Deterministic, so a policy
 comparison holds on any machine however busy; it also records when every token was produced, for the
 time to first token (TTFT) and inter-token latency (ITL) that a non-streaming HTTP client cannot see.
 
@@ -27,6 +28,8 @@ import random
 import threading
 import time
 import urllib.parse
+
+from helpers.course.engine.stats import EngineResult, percentile  # noqa: F401  (the one percentile)
 
 
 class LoadResult:
@@ -47,14 +50,6 @@ class LoadResult:
         return {"sent": len(self.records), "ok": len(self.ok), "lost": len(self.records) - len(self.ok),
                 "p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
                 "req_per_s": len(lat) / span if span > 0 else 0.0, "tok_per_s": tokens / span if span > 0 else 0.0}
-
-
-def percentile(sorted_values, q):
-    """Nearest-rank percentile of an already sorted list (NaN when empty)."""
-    if not sorted_values:
-        return float("nan")
-    k = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
-    return sorted_values[k]
 
 
 async def post_json(host, port, path, body: dict, timeout: float):
@@ -201,56 +196,44 @@ def poisson_arrivals(rate: float, n: int, seed: int = 0) -> list[float]:
     return out
 
 
-class ReplayResult:
-    """Per request: arrival, token_times (when each token was produced), finished (when it was answered),
-    tokens; all in seconds on the virtual clock."""
+class ReplayResult(EngineResult):
+    """The engine's result (EngineResult: requests, steps) with the per-request records a load test reports:
+    records[i] = {i, arrival, token_times, finished, tokens, replica}, all in seconds on the modelled clock."""
 
-    def __init__(self, records, steps):
-        self.records, self.steps = records, steps
+    def __init__(self, requests, steps, replicas=None):
+        super().__init__(requests, steps)
+        replicas = replicas or {}
+        self.records = [{"i": r.rid, "arrival": r.arrival, "token_times": list(r.token_times), "finished": r.finished,
+                         "tokens": list(r.tokens), "replica": replicas.get(r.rid, 0)} for r in requests]
 
     def latencies(self):
         return sorted(r["finished"] - r["arrival"] for r in self.records)
-
-    def ttfts(self):
-        return sorted(r["token_times"][0] - r["arrival"] for r in self.records)
-
-    def itls(self):
-        """Every gap between two consecutive tokens of a request (vLLM's bench reports the same)."""
-        return sorted(b - a for r in self.records for a, b in zip(r["token_times"], r["token_times"][1:]))
 
     def summary(self) -> dict:
         lat, ttft, itl = self.latencies(), self.ttfts(), self.itls()
         span = max(r["finished"] for r in self.records) - min(r["arrival"] for r in self.records)
         tokens = sum(len(r["tokens"]) for r in self.records)
-        return {"ok": len(self.records), "steps": self.steps, "p50": percentile(lat, 50),
+        return {"ok": len(self.records), "steps": len(self.steps), "p50": percentile(lat, 50),
                 "p99": percentile(lat, 99), "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
                 "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
                 "tok_per_s": tokens / span if span > 0 else 0.0}
 
 
-def _stamping_engine(model, clock, max_batch, batching):
-    from helpers.course.serving.engine import Engine
-
-    class StampingEngine(Engine):
-        """The real engine; only notes the clock each time a token is appended."""
-
-        def _append(self, seq, logits):
-            super()._append(seq, logits)
-            seq.token_times.append(clock.now)
-
-    return StampingEngine(model, max_batch=max_batch, batching=batching)
-
-
-def _raise_failed(engine):
-    failed = engine.take_failed() if hasattr(engine, "take_failed") else []
-    if failed:
-        raise RuntimeError(f"request {failed[0].rid} failed in the engine: {failed[0].error}")
+def _replay_engine(model, cost, max_batch, batching):
+    """One replica's engine on modelled device time: the model's real forwards, or none for a ScheduleOnlyLM."""
+    from helpers.course.engine import LLMEngine, ModelledClock, SchedulerConfig
+    from helpers.course.serving.device_time import ScheduleOnlyLM
+    config = SchedulerConfig(max_num_batched_tokens=1 << 20, max_num_seqs=max_batch)
+    if isinstance(model, ScheduleOnlyLM):
+        return LLMEngine.modelled(cost=cost, config=config, batching=batching)
+    return LLMEngine.contiguous(model, config=config, batching=batching, clock=ModelledClock(cost))
 
 
 def replay(model, batching: str, arrivals: list[float], max_tokens, prompt: list[int], max_batch: int = 8,
            cost=None) -> ReplayResult:
     """Serve len(arrivals) greedy requests (request i: `prompt`, max_tokens[i mod len]) with one replica's
-    Engine on a virtual clock; see the module docstring. `model` is the tiny Llama or a ScheduleOnlyLM."""
+    engine on modelled device time; see the module docstring. `model` is the tiny Llama, or a ScheduleOnlyLM
+    (no forward at all: the schedule alone)."""
     return replay_balanced([model], None, "round_robin", arrivals, max_tokens, prompt, max_batch, cost, batching)
 
 
@@ -258,50 +241,41 @@ def replay_balanced(models, choose, policy: str, arrivals: list[float], max_toke
                     max_batch: int = 8, cost=None, batching: str = "continuous") -> ReplayResult:
     """`replay` with len(models) replicas behind a balancer: each request goes, when it arrives, to
     `choose(policy, outstanding, turn)` (exercise 6.2's contract: outstanding[i] = requests sent to replica
-    i and not yet answered at that moment). Every replica is its own device with its own virtual clock;
+    i and not yet answered at that moment). Every replica is its own device with its own modelled clock;
     events are taken in time order. Records also say which replica served each request."""
-    from helpers.course.serving.device_time import VirtualClock, add_device_time
-    from helpers.course.serving.engine import Sequence
+    from helpers.course.engine import Request
 
     lengths = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens]
     if list(arrivals) != sorted(arrivals):
         raise ValueError("arrivals must be in increasing order")
     if choose is None and len(models) != 1:
         raise ValueError("several replicas need a `choose` policy function")
-    clocks = [VirtualClock() for _ in models]
-    handles = [add_device_time(m, cost, c) for m, c in zip(models, clocks)]
-    try:
-        engines = [_stamping_engine(m, c, max_batch, batching) for m, c in zip(models, clocks)]
-        queue, records = list(enumerate(arrivals)), {}
-        queue.reverse()
-        sent, answered = [0] * len(models), [[] for _ in models]   # answered: times of answers, per replica
-        turn = 0
-        while queue or any(e.has_work for e in engines):
-            busy = [r for r, e in enumerate(engines) if e.has_work]
-            next_step = min(busy, key=lambda r: clocks[r].now) if busy else None
-            if queue and (next_step is None or queue[-1][1] <= clocks[next_step].now):
-                i, t = queue.pop()   # route the arrival, seeing the answers given by time t
-                outstanding = [sent[r] - sum(1 for a in answered[r] if a <= t) for r in range(len(models))]
-                r = 0 if choose is None else choose(policy, outstanding, turn)
-                turn += 1
-                seq = Sequence(i, prompt, lengths[i % len(lengths)])
-                seq.token_times = []
-                records[i] = {"arrival": t, "seq": seq, "replica": r}
-                sent[r] += 1
-                if not engines[r].has_work:
-                    clocks[r].now = max(clocks[r].now, t)   # an idle device starts when work arrives
-                engines[r].submit(seq)
-                continue
-            r = next_step
-            for seq in engines[r].step():
-                records[seq.rid]["finished"] = clocks[r].now
-                answered[r].append(clocks[r].now)
-            _raise_failed(engines[r])
-    finally:
-        for h in handles:
-            h.remove()
-    out = []
-    for i in sorted(records):
-        seq = records[i].pop("seq")
-        out.append(dict(records[i], i=i, tokens=list(seq.tokens), token_times=seq.token_times))
-    return ReplayResult(out, sum(e.steps for e in engines))
+    engines = [_replay_engine(m, cost, max_batch, batching) for m in models]
+    queue, requests, replica_of = list(enumerate(arrivals)), [], {}
+    queue.reverse()
+    sent, answered = [0] * len(models), [[] for _ in models]   # answered: times of answers, per replica
+    turn = 0
+    while queue or any(e.has_unfinished for e in engines):
+        busy = [r for r, e in enumerate(engines) if e.has_unfinished]
+        next_step = min(busy, key=lambda r: engines[r].clock.now()) if busy else None
+        if queue and (next_step is None or queue[-1][1] <= engines[next_step].clock.now()):
+            i, t = queue.pop()   # route the arrival, seeing the answers given by time t
+            outstanding = [sent[r] - sum(1 for a in answered[r] if a <= t) for r in range(len(models))]
+            r = 0 if choose is None else choose(policy, outstanding, turn)
+            turn += 1
+            request = Request(i, prompt, lengths[i % len(lengths)], arrival=t)
+            requests.append(request)
+            replica_of[i] = r
+            sent[r] += 1
+            if not engines[r].has_unfinished:
+                engines[r].clock.wait_until(t)   # an idle device starts when work arrives
+            engines[r].add_request(request)
+            continue
+        r = next_step
+        for request in engines[r].step():
+            answered[r].append(request.finished)
+        failed = engines[r].take_failed()
+        if failed:
+            raise RuntimeError(f"request {failed[0].rid} failed in the engine: {failed[0].error}")
+    steps = [step for e in engines for step in e.steps]
+    return ReplayResult(sorted(requests, key=lambda q: q.rid), steps, replica_of)

@@ -11,7 +11,7 @@ so every rank keeps the same queue. Then all ranks serve one *round*: up to max_
 its own group of `pipelined_generate`, so while stage 1 computes request 0's next token, stage 0 computes
 request 1's. The round decodes max(max_tokens) steps and each request keeps its first max_tokens tokens.
 
-What a pipeline changes for serving, compared with the one-process Engine:
+What a pipeline changes for serving, compared with the one-process engine (helpers/course/engine):
   * rounds, not continuous batching: a request that arrives during a round joins the next one (chapter 3's
     `pipelined_generate` takes a fixed set of groups; vLLM's pipeline scheduler admits new sequences
     between micro-batches instead). batching="none" serves one request per round.
@@ -83,7 +83,7 @@ def pipeline_rank(rank, world_size, conn, model_spec, batching, max_batch, pp, t
     import torch.distributed as dist
 
     from helpers import load_impl
-    from helpers.course.serving.engine import Sequence
+    from helpers.course.engine import Request
     from helpers.timeline import Timeline
     torch.set_num_threads(1)
     conn = conn if rank == 0 else None   # only rank 0 (stage 0, tp rank 0) talks to the front end
@@ -91,7 +91,7 @@ def pipeline_rank(rank, world_size, conn, model_spec, batching, max_batch, pp, t
     stage, stage_ranks, group = build_pipeline_stage(model, pp, tp)
     generate = load_impl("pipelined_decoding").pipelined_generate
     per_round = 1 if batching == "none" else max_batch
-    clock = time.monotonic() - time.perf_counter()   # Timeline's perf_counter -> Sequence's monotonic
+    clock = time.monotonic() - time.perf_counter()   # Timeline's perf_counter -> Request's monotonic
 
     waiting: deque = deque()
     busy = 0.0
@@ -115,7 +115,7 @@ def pipeline_rank(rank, world_size, conn, model_spec, batching, max_batch, pp, t
             for msg in box[0]:
                 if msg[0] == "submit":
                     _, rid, p = msg
-                    waiting.append(Sequence(rid, p["prompt"], p["max_tokens"]))   # greedy
+                    waiting.append(Request(rid, p["prompt"], p["max_tokens"]))   # greedy
                 elif msg[0] == "cancel":
                     for seq in [s for s in waiting if s.rid == msg[1]]:
                         waiting.remove(seq)
@@ -144,7 +144,7 @@ def pipeline_rank(rank, world_size, conn, model_spec, batching, max_batch, pp, t
                         # the first token is back at stage 0 when it starts the group's first decode step
                         decodes = [e["start"] for e in timeline.events if e["label"] == "decode"
                                    and e["micro_batch"] == g]
-                        seq.first_token = min(decodes) + clock if decodes else now
+                        seq.token_times = [min(decodes) + clock if decodes else now]
                         seq.finished = now
                         conn.send(("done", seq.rid, seq.tokens, seq.timings()))
             if conn is None:

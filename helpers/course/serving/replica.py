@@ -1,4 +1,4 @@
-"""A replica: one worker process that owns a copy of the model and an Engine, and talks to the front end
+"""A replica: one worker process that owns a copy of the model and an engine, and talks to the front end
 over a pipe. Data parallelism for serving is exactly this: N independent copies, each with its own batch.
 
 Messages (tuples, pickled by multiprocessing.Connection):
@@ -62,7 +62,7 @@ def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: in
     """Body of replica process `index`: load the model, then serve the pipe until it closes.
 
     tp > 1: the replica is itself a distributed job. This process launches `tp` ranks (helpers.launch);
-    each shards the model with chapter 2's `shard_llama` and runs an identical Engine in lockstep. Rank 0
+    each shards the model with chapter 2's `shard_llama` and runs an identical engine in lockstep. Rank 0
     reads the pipe and broadcasts what arrived to the other ranks before every step, so all ranks make the
     same scheduling decisions and call the model with the same batch; the all-reduces inside the sharded
     model then pair up. Only rank 0 answers the front end.
@@ -70,9 +70,11 @@ def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: in
     pp > 1: the replica is a pipeline of pp stages of tp ranks each (helpers/course/serving/pipeline_replica.py:
     chapter 3's `pipelined_generate` over `LlamaStage`s, chapter 5's `build_hybrid_stage` when tp > 1).
 
-    kv: None keeps engine.py's contiguous cache; a dict of PagedEngine's options (num_blocks, block_size,
-    prefix_caching, token_budget) serves from chapter 7's paged KV cache (paged_engine.py; pp = 1). With tp > 1
-    each rank's pool holds its own KV heads and every rank runs the same block tables in lockstep."""
+    kv: None keeps chapter 6's contiguous cache; a dict (num_blocks, block_size, prefix_caching, token_budget)
+    serves from chapter 7's paged KV cache (`build_engine`; pp = 1). With tp > 1 each rank's pool holds its own
+    KV heads and every rank runs the same scheduler decisions and block tables in lockstep: SGLang's design (a
+    scheduler per TP rank, kept in step by determinism); vLLM instead runs one scheduler and broadcasts its
+    output to the workers."""
     die_with_parent()
     close_inherited_sockets(keep=conn.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the front end, which stops us
@@ -91,18 +93,29 @@ def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: in
            show_output=False, backend="gloo")
 
 
+def build_engine(model, batching: str = "continuous", max_batch: int = 8, kv: dict | None = None):
+    """The replica's engine (helpers/course/engine): chapter 6's contiguous cache, or with `kv` chapter 7's paged
+    cache — kv = {num_blocks, block_size, prefix_caching, token_budget}: token_budget None computes whole prompts
+    (a budget every prompt fits), N is vLLM's --max-num-batched-tokens."""
+    from helpers.course.engine import LLMEngine, SchedulerConfig
+    longest = model.config.max_position_embeddings
+    if not kv:
+        config = SchedulerConfig(max_num_batched_tokens=max_batch * longest, max_num_seqs=max_batch)
+        return LLMEngine.contiguous(model, config=config, batching=batching, record_steps=False)
+    budget = kv.get("token_budget") or max_batch * longest
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_batch)
+    return LLMEngine.paged(model, num_blocks=kv["num_blocks"], block_size=kv["block_size"],
+                           enable_prefix_caching=kv.get("prefix_caching", False), config=config, batching=batching,
+                           record_steps=False)
+
+
 def _build_engine(model_spec, batching, max_batch, threads, shard=None, kv=None):
     import torch
-
-    from helpers.course.serving.engine import Engine
     torch.set_num_threads(threads)
     model = load_model_module(model_spec).load_model().eval()
     if shard is not None:
         shard(model)
-    if kv:
-        from helpers.course.serving.paged_engine import PagedEngine
-        return PagedEngine(model, max_batch=max_batch, batching=batching, **kv)
-    return Engine(model, max_batch=max_batch, batching=batching)
+    return build_engine(model, batching, max_batch, kv)
 
 
 def _tp_rank(rank, world_size, conn, model_spec, batching, max_batch, kv=None):
@@ -116,7 +129,7 @@ def _serve(conn, engine, group_size: int) -> None:
     """The replica loop. conn is None on the ranks > 0 of a tensor-parallel replica."""
     import torch.distributed as dist
 
-    from helpers.course.serving.engine import Sequence
+    from helpers.course.engine import Request
     if conn is not None:
         conn.send(("ready", os.getpid()))
     last_stats = 0.0
@@ -126,7 +139,7 @@ def _serve(conn, engine, group_size: int) -> None:
             if conn is not None:
                 # Idle: sleep on the pipe, waking every HEARTBEAT to report (and so that the other ranks'
                 # broadcast never times out). Busy: take whatever arrived, then run the next step.
-                timeout = 0 if engine.has_work else HEARTBEAT
+                timeout = 0 if engine.has_unfinished else HEARTBEAT
                 try:
                     while conn.poll(timeout):
                         msg = conn.recv()
@@ -145,23 +158,23 @@ def _serve(conn, engine, group_size: int) -> None:
                 if msg[0] == "submit":
                     _, rid, p = msg
                     try:
-                        engine.submit(Sequence(rid, p["prompt"], p["max_tokens"], p.get("temperature", 0.0),
-                                               p.get("top_p", 1.0), p.get("seed")))
+                        engine.add_request(Request(rid, p["prompt"], p["max_tokens"], p.get("temperature", 0.0),
+                                                   p.get("top_p", 1.0), p.get("seed")))
                     except (ValueError, TypeError, KeyError) as e:
                         failed.append((rid, 400, f"invalid request: {type(e).__name__}: {e}"))
                 elif msg[0] == "cancel":
-                    engine.cancel(msg[1])
+                    engine.abort(msg[1])
                     if conn is not None:
                         conn.send(("cancelled", msg[1]))
                 elif msg[0] == "stop":
                     return  # the front end is gone
             try:
-                finished = engine.step() if engine.has_work else []
-            except Exception as e:  # a bug outside any one sequence: fail the batch, keep the replica
+                finished = engine.step() if engine.has_unfinished else []
+            except Exception as e:  # a bug outside any one request: fail the batch, keep the replica
                 finished = []
                 traceback.print_exc()
-                for seq in [*engine.running, *engine.waiting]:
-                    engine.fail(seq, e)
+                for request in [*engine.running, *engine.waiting]:
+                    engine.fail(request, e)
             for seq in engine.take_failed():
                 if conn is not None:
                     print(f"replica {os.getpid()}: request {seq.rid} failed:\n{seq.traceback}",
@@ -174,9 +187,9 @@ def _serve(conn, engine, group_size: int) -> None:
             for seq in finished:
                 conn.send(("done", seq.rid, seq.tokens, seq.timings()))
             now = time.monotonic()
-            if finished or failed or now - last_stats > (STATS_EVERY if engine.has_work else HEARTBEAT * 0.8):
+            if finished or failed or now - last_stats > (STATS_EVERY if engine.has_unfinished else HEARTBEAT * 0.8):
                 conn.send(("stats", {"busy_seconds": engine.busy_seconds, "waiting": len(engine.waiting),
-                                     "running": len(engine.running), "steps": engine.steps,
+                                     "running": len(engine.running), "steps": engine.num_steps,
                                      "tokens": engine.tokens_generated, **engine.kv_stats()}))
                 last_stats = now
     except (BrokenPipeError, ConnectionResetError):
