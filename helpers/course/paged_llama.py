@@ -74,7 +74,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from helpers.course.kv_cache import KVPool, OutOfBlocks
 from helpers.impl import load_impl
 
-__all__ = ["PagedLlama", "generate_paged", "check_against_transformers", "block_owners"]
+__all__ = ["PagedLlama", "generate_paged", "check_against_transformers", "block_owners", "plot_block_tables"]
 
 
 class PagedLlama:
@@ -334,3 +334,47 @@ def block_owners(manager) -> list:
             owners[block].append(seq_id)
     evictable = getattr(manager, "evictable", {})
     return [held or ("cached" if block in evictable else "free") for block, held in enumerate(owners)]
+
+
+def plot_block_tables(manager, seq_ids=None, title: str = ""):
+    """A picture of paging: each sequence's block table (left) and the arrows from its entries to the blocks of the
+    pool (right), coloured by owner; a block shared by several sequences (a cached prefix) is hatched, a cached
+    block no one holds is grey, a free one white. manager: a BlockManager or PrefixCachingBlockManager."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, Rectangle
+    seq_ids = list(manager.tables) if seq_ids is None else list(seq_ids)
+    owners = block_owners(manager)
+    colours = dict(zip(seq_ids, plt.get_cmap("tab10").colors))
+    width = max(len(manager.tables[s]) for s in seq_ids) if seq_ids else 1
+    fig, ax = plt.subplots(figsize=(9, 0.55 * max(len(seq_ids), 4) + 1.2), constrained_layout=True)
+    pool_x, rows = width + 3, max(len(seq_ids), 1)
+    per_row = -(-manager.num_blocks // rows)
+    where = {b: (pool_x + b % per_row, rows - 1 - b // per_row) for b in range(manager.num_blocks)}
+    for block, (x, y) in where.items():
+        held = owners[block]
+        if isinstance(held, list):
+            face, hatch = colours.get(held[0], "tab:gray"), "///" if len(held) > 1 else None
+        else:
+            face, hatch = ("lightgrey" if held == "cached" else "white"), None
+        ax.add_patch(Rectangle((x, y), 0.9, 0.8, facecolor=face, edgecolor="black", hatch=hatch, linewidth=0.6))
+        ax.text(x + 0.45, y + 0.4, str(block), ha="center", va="center", fontsize=7)
+    for row, seq in enumerate(seq_ids):
+        y = rows - 1 - row
+        ax.text(-0.2, y + 0.4, f"{seq}", ha="right", va="center", fontsize=8)
+        for i, block in enumerate(manager.tables[seq]):
+            ax.add_patch(Rectangle((i, y), 0.9, 0.8, facecolor=colours[seq], edgecolor="black", linewidth=0.6))
+            ax.text(i + 0.45, y + 0.4, str(block), ha="center", va="center", fontsize=7, color="white")
+            bx, by = where[block]
+            ax.add_patch(FancyArrowPatch((i + 0.9, y + 0.4), (bx, by + 0.4), arrowstyle="-|>", mutation_scale=6,
+                                         color=colours[seq], linewidth=0.6, alpha=0.6))
+    size = manager.block_size
+    ax.text(width / 2, rows + 0.2, f"block tables (entry i: positions {size}i..{size}i+{size - 1})", ha="center",
+            fontsize=8)
+    ax.text(pool_x + per_row / 2, rows + 0.2, "the pool (hatched: shared; grey: cached, free to evict; white: free)",
+            ha="center", fontsize=8)
+    ax.set_xlim(-2.5, pool_x + per_row + 0.5)
+    ax.set_ylim(-0.5, rows + 0.8)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
