@@ -1,4 +1,5 @@
-"""helpers/course/disaggregated.py: the prefill and decode workers on real ranks (same tokens, bytes = formula),
+"""helpers/course/disaggregated.py: the prefill and decode workers on real ranks, each the course's engine on its
+own pool (same tokens, bytes = formula; a decode worker whose pool is full admits a transfer once blocks free up),
 and the modelled comparison's promises (decodes never wait for a prompt; a blocking transfer on a slow link does
 stall them; the break-even bandwidth separates the two)."""
 import pytest
@@ -9,18 +10,6 @@ from helpers.course.disaggregated import Link, break_even_bandwidth, run_disaggr
     transfer_bytes, tradeoff
 from helpers.course.engine_loop import Workload, step_seconds
 from helpers.course.tiny_llama import PROMPT, encode, generate, load_model
-
-
-def whole_prompts_first(running, waiting, token_budget, chunked=True):
-    """A colocated engine without chunking: decodes, then whole waiting prompts while they fit the budget."""
-    schedule = [(r, 1) for r in running if r.prefilled]
-    left = token_budget - len(schedule)
-    for r in [r for r in running if not r.prefilled] + list(waiting):
-        if r.remaining_prompt > left:
-            break
-        schedule.append((r, r.remaining_prompt))
-        left -= r.remaining_prompt
-    return schedule
 
 
 def test_real_ranks_same_tokens_and_bytes_equal_the_formula(monkeypatch):
@@ -47,10 +36,22 @@ def test_two_prefill_ranks_feed_two_decode_ranks(monkeypatch):
     assert all(t["peers"] == [t["decode_rank"]] for t in run.transfers)
 
 
+def test_a_full_decode_pool_admits_transfers_as_blocks_free(monkeypatch):
+    """A decode worker's pool of 3 blocks holds one or two of these sequences at a time: the scheduler admits
+    each transfer only when its blocks fit (recv_kv then has its blocks), never an OutOfBlocks mid-transfer."""
+    pytest.importorskip("solutions.disaggregation", reason="the reference answers are absent")
+    monkeypatch.setenv("COURSE_IMPL", "solutions")
+    prompts = [encode(PROMPT)[:n] for n in (30, 9, 17, 25)]
+    run = run_disaggregated(prompts, 4, decode_ranks=1, num_blocks=3, show_output=False)
+    model = load_model()
+    assert run.tokens == [generate(model, p, 4) for p in prompts]
+    assert all(len(table) == -(-len(p) // 16) for p, table in zip(prompts, run.decode_tables))
+
+
 def test_decodes_never_wait_for_a_prompt_when_the_transfer_overlaps():
     workload = Workload()
     result = run_disaggregated_model(workload, overlap=True)
-    assert all(r.generated == r.max_tokens for r in result.requests)
+    assert all(len(r.tokens) == r.max_tokens for r in result.requests)
     widest = max(len(s.decodes) for s in result.steps)
     longest = step_seconds(widest, 0)
     # every gap after a request's second token is one decode step (the first gap is the hand-over itself)
@@ -70,7 +71,7 @@ def test_a_blocking_transfer_on_a_slow_link_stalls_the_decodes():
 def test_break_even_bandwidth_separates_paying_from_not():
     bandwidth = break_even_bandwidth()
     links = {"2x": Link(2 * bandwidth / 1e9, 0.0), "half": Link(bandwidth / 2 / 1e9, 0.0)}
-    rows = tradeoff(prompt_lens=(2048,), links=links, schedule_step=whole_prompts_first)
+    rows = tradeoff(prompt_lens=(2048,), links=links)
     by_link = {r["link"]: r for r in rows}
     assert by_link["2x"]["disaggregated_itl_p99"] < by_link["2x"]["colocated_itl_p99"]
     assert by_link["half"]["disaggregated_itl_p99"] > by_link["half"]["colocated_itl_p99"]

@@ -1,36 +1,37 @@
-"""A serving engine's step loop with a per-step token budget, on modelled device time (chapter 7).
+"""Chapter 7's step loop: the course's engine (helpers/course/engine) under a token budget, on modelled device time.
 
-Each step the engine asks a scheduler which requests run and with how many tokens, runs ONE forward over
-all of them (decodes and prompt chunks in the same batch, as vLLM and SGLang do), and advances a virtual
-clock by that forward's modelled device time. A request's life:
-
-    waiting ──(prompt chunks, one or more steps)──> running, prefilling ──(last chunk: first token)──>
-    running, decoding (one token per step) ──(max_tokens generated)──> finished
-
-`Request` is the state a scheduler needs: prompt length, prompt tokens already computed (in the KV cache),
-tokens generated so far (with the time each was emitted). The scheduler is exercise 7.4,
-`schedule_step(running, waiting, token_budget, chunked)` in labs/chunked_prefill.py; the loop only applies
-what it returns, after checking it (`ScheduleError` says what was wrong).
-
-Step time. Chapter 6's `DeviceCost` (helpers/course/serving/device_time.py) prices a decode step at
-decode_ms + decode_per_sequence_ms per sequence and a prefill at prefill_ms + prefill_per_token_ms per
-token. A mixed step reads the weights once (the fixed cost, counted once) and pays for every decode and
-every prompt token it computes (`step_seconds`). Attention's quadratic term is left out: at the tiny
-Llama's sizes the weights dominate; the schedule is the subject here.
+There is no loop here: every run below is `LLMEngine` (helpers/course/engine/engine.py) — schedule, run, sample
+— replayed by `run_requests` with each request arriving on the engine's clock. What this module adds is the
+chapter's workload, its two configurations and its picture:
 
     workload = Workload()                                   # 8 long decodes; 2,048-token prompts arriving
-    unchunked = run_workload(workload, token_budget=8192, chunked=False)
-    chunked = run_workload(workload, token_budget=256, chunked=True)
-    unchunked.summary()["itl_p99"], chunked.summary()["itl_p99"]     # seconds of modelled device time
-    [s.tokens for s in chunked.steps]                        # tokens computed in each step
+    results = compare_chunking(workload)                    # {"unchunked": EngineResult, "chunked": EngineResult}
+    percentile(results["chunked"].itls(workload.decoder_ids), 99)     # seconds of modelled device time
+    [s.tokens for s in results["chunked"].steps]                      # tokens computed in each step
 
-`compare_chunking()` runs both on the same workload (the notebook's and `python -m helpers.bench
-chunked_prefill`'s figure). The disaggregated comparison (helpers/course/disaggregated.py) reuses `Workload`,
-`step_seconds` and `LoopResult`, so the three ways are priced alike.
+Each step is exercise 7.4's `schedule_step` (labs/chunked_prefill.py), called by the engine's scheduler with
+vLLM V1's rules: one token budget (`max_num_batched_tokens`) spent first on the running requests in admission
+order, then on waiting ones. Unchunked (`UNCHUNKED`: enable_chunked_prefill=False, a budget of 8,192 tokens,
+at least the longest prompt) a prompt is computed whole in one step, and every running decode waits for it;
+chunked (`chunked_config(256)`) no step computes more than 256 tokens.
+
+Step time. The engine's ModelledClock prices every step with `step_seconds` (helpers/course/engine/clock.py,
+chapter 6's DeviceCost): the weights are read once per step and every decode and every prompt token adds its
+cost, so a 2,048-token prefill makes a ~213 ms step and a step of 8 decodes 10 ms. Attention's quadratic term is
+left out: at the tiny Llama's sizes the weights dominate; the schedule is the subject here.
+
+`decode_first=True` adds the contrast of Sarathi-Serve and vLLM V0 (SchedulerConfig(policy="decode_first")):
+the running decodes are scheduled before any prompt chunk. On this workload it changes little — the decoders
+were admitted first, so V1's admission order already serves them first.
+
+`run_with_model` is the same engine with real tokens: the tiny Llama on a paged KV cache (LLMEngine.paged:
+exercises 7.1-7.2, prompt chunks and decodes of a step in ONE forward), still on modelled time; chunking must
+not change the tokens. The disaggregated comparison (helpers/course/disaggregated.py) reuses `Workload`
+and the same engine, so the three ways are priced alike.
 
 Recipes for the notebook (each a verdict the run computes):
 
-    results = compare_chunking()                      # {"unchunked": LoopResult, "chunked": LoopResult}
+    results = compare_chunking()                      # {"unchunked": EngineResult, "chunked": EngineResult}
     p99 = {k: percentile(r.itls(Workload().decoder_ids), 99) for k, r in results.items()}
     verdict(p99["chunked"] <= p99["unchunked"] / 2, f"ITL p99 chunked {p99['chunked'] * 1e3:.0f} ms ≤ half of ...")
     verdict(all(s.tokens <= 256 for s in results["chunked"].steps), "no step over the budget")
@@ -40,128 +41,24 @@ Recipes for the notebook (each a verdict the run computes):
 """
 from __future__ import annotations
 
-import math
-import numbers
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from helpers.course.serving.device_time import DeviceCost, VirtualClock
+from helpers.course.engine import EngineResult, LLMEngine, ModelledClock, Request, SchedulerConfig, StepRecord, \
+    percentile, run_requests, step_seconds
+from helpers.course.engine.stats import PERCENTILE_METHOD
+from helpers.course.serving.device_time import DeviceCost
 
-__all__ = ["Request", "StepRecord", "LoopResult", "Workload", "ScheduleError", "step_seconds", "check_schedule",
-           "apply_schedule", "run_workload", "run_with_model", "compare_chunking", "percentile", "plot_steps"]
+__all__ = ["Request", "StepRecord", "EngineResult", "Workload", "percentile", "PERCENTILE_METHOD", "step_seconds",
+           "UNCHUNKED", "chunked_config", "run_workload", "run_with_model", "compare_chunking", "plot_steps"]
 
-
-@dataclass(eq=False)
-class Request:
-    """One request as the scheduler sees it. `computed`: prompt tokens whose K/V are in the cache;
-    `token_times`: when each generated token was emitted (seconds on the virtual clock). The first token
-    comes out of the step that computes the last prompt token; every later one out of a decode step."""
-    rid: int
-    prompt_len: int
-    max_tokens: int
-    arrival: float = 0.0
-    computed: int = 0
-    token_times: list = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.prompt_len < 1 or self.max_tokens < 1:
-            raise ValueError(f"request {self.rid}: prompt_len={self.prompt_len} and max_tokens={self.max_tokens} "
-                             f"must be >= 1")
-
-    @property
-    def prefilled(self) -> bool:
-        """True once the whole prompt is in the cache: from then on the request decodes."""
-        return self.computed >= self.prompt_len
-
-    @property
-    def remaining_prompt(self) -> int:
-        return self.prompt_len - self.computed
-
-    @property
-    def generated(self) -> int:
-        return len(self.token_times)
-
-    @property
-    def done(self) -> bool:
-        return self.generated >= self.max_tokens
-
-    def __repr__(self):
-        return (f"Request(rid={self.rid}, prompt {self.computed}/{self.prompt_len} computed, "
-                f"{self.generated}/{self.max_tokens} generated)")
+# An engine without chunked prefill computes a prompt whole in one step: its budget is at least the longest prompt.
+UNCHUNKED = SchedulerConfig(max_num_batched_tokens=8192, enable_chunked_prefill=False)
 
 
-@dataclass(frozen=True)
-class StepRecord:
-    """One engine step: when it started, its modelled seconds, and what it computed.
-    chunks: ((rid, prompt tokens), ...) of the prefill chunks; decodes: rids that decoded one token."""
-    start: float
-    seconds: float
-    decodes: tuple
-    chunks: tuple
-
-    @property
-    def prefill_tokens(self) -> int:
-        return sum(n for _, n in self.chunks)
-
-    @property
-    def tokens(self) -> int:
-        return len(self.decodes) + self.prefill_tokens
-
-
-class ScheduleError(ValueError):
-    """A scheduler returned a step the engine cannot run (the message says which rule it broke)."""
-
-
-def step_seconds(decodes: int, prefill_tokens: int, cost: DeviceCost | None = None) -> float:
-    """Modelled device seconds of one forward computing `decodes` decode tokens (one per sequence) and
-    `prefill_tokens` prompt tokens, priced with chapter 6's DeviceCost: the weights are read once per step
-    (max of the two fixed costs), every decode and every prompt token adds its own cost.
-    A decode-only step costs what DeviceCost.seconds(batch, 1) does; a prefill-only one DeviceCost.seconds(1, n)."""
-    cost = cost or DeviceCost()
-    if decodes < 0 or prefill_tokens < 0 or decodes + prefill_tokens == 0:
-        raise ValueError(f"a step computes at least one token: decodes={decodes}, prefill_tokens={prefill_tokens}")
-    if prefill_tokens == 0:
-        fixed = cost.decode_ms
-    elif decodes == 0:
-        fixed = cost.prefill_ms
-    else:
-        fixed = max(cost.decode_ms, cost.prefill_ms)
-    return (fixed + cost.decode_per_sequence_ms * decodes + cost.prefill_per_token_ms * prefill_tokens) / 1e3
-
-
-def percentile(values, q: float) -> float:
-    """The q-th percentile (0-100) by linear interpolation between the sorted values (numpy's default)."""
-    values = sorted(values)
-    if not values:
-        return math.nan
-    rank = (len(values) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(values) - 1)
-    return values[low] + (values[high] - values[low]) * (rank - low)
-
-
-class LoopResult:
-    """What a run produced: `requests` (each with its token_times) and `steps` (StepRecord, in order)."""
-
-    def __init__(self, requests: list[Request], steps: list[StepRecord], label: str = ""):
-        self.requests, self.steps, self.label = requests, steps, label
-
-    def itls(self, rids=None) -> list[float]:
-        """Every gap between two consecutive tokens of a request (of `rids`, default all), sorted."""
-        chosen = [r for r in self.requests if rids is None or r.rid in rids]
-        return sorted(b - a for r in chosen for a, b in zip(r.token_times, r.token_times[1:]))
-
-    def ttfts(self, rids=None) -> list[float]:
-        chosen = [r for r in self.requests if rids is None or r.rid in rids]
-        return sorted(r.token_times[0] - r.arrival for r in chosen)
-
-    def summary(self) -> dict:
-        itl, ttft = self.itls(), self.ttfts()
-        end = max(r.token_times[-1] for r in self.requests)
-        tokens = sum(r.generated for r in self.requests)
-        return {"steps": len(self.steps), "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
-                "itl_max": max(itl), "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
-                "makespan": end, "tok_per_s": tokens / end, "max_step_tokens": max(s.tokens for s in self.steps)}
+def chunked_config(budget: int = 256, policy: str = "fcfs") -> SchedulerConfig:
+    """Chunked prefill under a budget of `budget` tokens per step (vLLM V1; policy="decode_first": V0's order)."""
+    return SchedulerConfig(max_num_batched_tokens=budget, enable_chunked_prefill=True, policy=policy)
 
 
 @dataclass(frozen=True)
@@ -180,11 +77,21 @@ class Workload:
     seed: int = 0
 
     def requests(self) -> list[Request]:
-        """Fresh requests (nothing computed), in arrival order; rids 0.. are the decoders, then the long ones."""
-        out = [Request(i, self.decoder_prompt, self.decoder_tokens, 0.0) for i in range(self.decoders)]
+        """Fresh engine Requests (nothing computed), in arrival order; rids 0.. are the decoders, then the long
+        ones. A modelled request's prompt is token ids that no other request shares (consecutive integers), so a
+        prefix cache, if the engine has one, never hits by accident."""
+        out, next_id = [], 0
+
+        def prompt(n):
+            nonlocal next_id
+            next_id += n
+            return range(next_id - n, next_id)
+
+        for i in range(self.decoders):
+            out.append(Request(i, prompt(self.decoder_prompt), self.decoder_tokens, arrival=0.0))
         rng, t = random.Random(self.seed), self.first_long
         for j in range(self.long_prompts):
-            out.append(Request(self.decoders + j, self.long_prompt, self.long_tokens, t))
+            out.append(Request(self.decoders + j, prompt(self.long_prompt), self.long_tokens, arrival=t))
             t += rng.expovariate(self.long_rate)
         return out
 
@@ -192,162 +99,82 @@ class Workload:
     def decoder_ids(self) -> set:
         return set(range(self.decoders))
 
-
-def check_schedule(schedule, running: list[Request], waiting: list[Request], token_budget: int) -> list:
-    """The engine's own check of one step ([(request, num_tokens), ...]) before it runs it: every entry a pair,
-    each request running or waiting and there once, a decode 1 token, a chunk within the prompt's remaining
-    tokens, the total within the budget. Returns the schedule as a list; raises ScheduleError."""
-    entries = list(schedule)
-    schedule, seen, total = [], set(), 0
-    known = {id(r) for r in running} | {id(r) for r in waiting}
-    for entry in entries:
-        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], Request)):
-            raise ScheduleError(f"a schedule entry must be (request, num_tokens), got {entry!r}")
-        req, n = entry
-        if isinstance(n, numbers.Integral) and not isinstance(n, bool):
-            n = int(n)
-        schedule.append((req, n))
-        if id(req) not in known:
-            raise ScheduleError(f"request {req.rid} is neither running nor waiting")
-        if id(req) in seen:
-            raise ScheduleError(f"request {req.rid} appears twice in one step")
-        seen.add(id(req))
-        if not isinstance(n, int) or n < 1:
-            raise ScheduleError(f"request {req.rid}: num_tokens={n!r} must be an int >= 1")
-        if req.prefilled and n != 1:
-            raise ScheduleError(f"request {req.rid} is decoding: it computes exactly 1 token per step, got {n}")
-        if not req.prefilled and n > req.remaining_prompt:
-            raise ScheduleError(f"request {req.rid}: a chunk of {n} tokens but only {req.remaining_prompt} of its "
-                                f"prompt are left to compute")
-        total += n
-    if total > token_budget:
-        raise ScheduleError(f"the step computes {total} tokens, over the budget of {token_budget}")
-    return schedule
+    @property
+    def long_ids(self) -> set:
+        return set(range(self.decoders, self.decoders + self.long_prompts))
 
 
-def apply_schedule(schedule, running: list[Request], waiting: list[Request], token_budget: int, now: float):
-    """Check one step's `schedule` ([(request, num_tokens), ...]) and apply it at time `now` (the step's end):
-    prompt chunks advance `computed`, a request whose prompt completes emits its first token, a decode emits
-    one token; waiting requests that got a chunk join `running` (arrival order kept); finished ones leave.
-    Returns (rids that decoded, ((rid, chunk tokens), ...)). Raises ScheduleError on a rule broken."""
-    schedule = check_schedule(schedule, running, waiting, token_budget)
-    seen = {id(req) for req, _ in schedule}
-    decodes, chunks = [], []
-    for req, n in schedule:
-        if req.prefilled:
-            decodes.append(req.rid)
-            req.token_times.append(now)
-        else:
-            chunks.append((req.rid, n))
-            req.computed += n
-            if req.prefilled:
-                req.token_times.append(now)
-    joined = [r for r in waiting if id(r) in seen]
-    waiting[:] = [r for r in waiting if id(r) not in seen]
-    running.extend(joined)
-    running[:] = sorted((r for r in running if not r.done), key=lambda r: (r.arrival, r.rid))
-    return tuple(decodes), tuple(chunks)
+def _fresh(workload) -> list[Request]:
+    """Requests to serve: a Workload's, or copies of the given ones (nothing computed), so a list can be reused."""
+    if isinstance(workload, Workload):
+        return workload.requests()
+    return [Request(r.rid, r.prompt, r.max_tokens, r.temperature, r.top_p, r.seed, r.arrival, r.cache_salt)
+            for r in workload]
 
 
-def run_workload(workload: Workload | list, token_budget: int, chunked: bool = True, cost: DeviceCost | None = None,
-                 schedule_step=None, label: str = "", run_step=None) -> LoopResult:
-    """Serve `workload` (a Workload, or a list of fresh Requests) with one engine whose every step is
-    `schedule_step(running, waiting, token_budget, chunked)` (default: load_impl("chunked_prefill")'s) on a
-    virtual clock priced by `step_seconds`. Requests arriving during a step are seen at the next one.
-    run_step(schedule), when given, is called with each checked step before it is applied (requests still in
-    their state before the step): the model's forward goes there (`run_with_model`)."""
-    if schedule_step is None:
-        from helpers import load_impl
-        schedule_step = load_impl("chunked_prefill").schedule_step
-    pending = sorted(workload.requests() if isinstance(workload, Workload) else workload,
-                     key=lambda r: (r.arrival, r.rid))
-    requests = list(pending)
-    pending.reverse()
-    clock, running, waiting, steps = VirtualClock(), [], [], []
-    while pending or running or waiting:
-        while pending and pending[-1].arrival <= clock.now:
-            waiting.append(pending.pop())
-        if not running and not waiting:
-            clock.now = pending[-1].arrival
-            continue
-        schedule = list(schedule_step(list(running), list(waiting), token_budget, chunked))
-        if not schedule:
-            raise ScheduleError(f"the scheduler scheduled nothing at t={clock.now:.3f} s with {len(running)} "
-                                f"running and {len(waiting)} waiting requests: the engine would stop")
-        schedule = check_schedule(schedule, running, waiting, token_budget)
-        decoding = sum(1 for req, _ in schedule if req.prefilled)
-        prompt = sum(n for req, n in schedule if not req.prefilled)
-        start = clock.now
-        seconds = step_seconds(decoding, prompt, cost)
-        clock.advance(seconds)
-        if run_step is not None:
-            run_step(schedule)
-        decodes, chunks = apply_schedule(schedule, running, waiting, token_budget, clock.now)
-        steps.append(StepRecord(start, seconds, decodes, chunks))
-    return LoopResult(requests, steps, label)
+def _check_budget(requests, config: SchedulerConfig) -> None:
+    longest = max(r.num_prompt_tokens for r in requests)
+    if not config.enable_chunked_prefill and longest > config.max_num_batched_tokens:
+        raise ValueError(f"without chunked prefill a prompt is computed in one step: max_num_batched_tokens="
+                         f"{config.max_num_batched_tokens} must be at least the longest prompt ({longest} tokens)")
+
+
+def run_workload(workload: Workload | list, config: SchedulerConfig = UNCHUNKED, cost: DeviceCost | None = None,
+                 schedule_step=None, label: str = "", kv=None) -> EngineResult:
+    """Serve `workload` (a Workload, or a list of Requests: copies are served) on LLMEngine.modelled with
+    `config`, on modelled device time priced by `cost` (chapter 6's DeviceCost). schedule_step: exercise 7.4's
+    step (default load_impl's). kv: the KV side (default: unlimited memory, the schedule is the subject)."""
+    requests = _fresh(workload)
+    _check_budget(requests, config)
+    engine = LLMEngine.modelled(kv, cost, config=config, schedule_step=schedule_step)
+    return run_requests(engine, requests, label)
+
+
+def compare_chunking(workload: Workload | None = None, chunk_budget: int = 256, unchunked_budget: int = 8192,
+                     cost: DeviceCost | None = None, schedule_step=None, decode_first: bool = False) -> dict:
+    """The same workload served twice: whole prompts in one step (enable_chunked_prefill=False, a budget of
+    `unchunked_budget`) and chunked under `chunk_budget` tokens (vLLM V1's order). decode_first: also chunked
+    with Sarathi's / vLLM V0's decode-first order. Returns {"unchunked": EngineResult, "chunked": EngineResult
+    [, "decode first": EngineResult]}."""
+    workload = workload or Workload()
+    unchunked = SchedulerConfig(max_num_batched_tokens=unchunked_budget, enable_chunked_prefill=False)
+    out = {"unchunked": run_workload(workload, unchunked, cost, schedule_step, "unchunked"),
+           "chunked": run_workload(workload, chunked_config(chunk_budget), cost, schedule_step,
+                                   f"chunked ({chunk_budget} tokens/step)")}
+    if decode_first:
+        out["decode first"] = run_workload(workload, chunked_config(chunk_budget, "decode_first"), cost, schedule_step,
+                                           f"chunked, decode first (V0, {chunk_budget})")
+    return out
 
 
 def run_with_model(prompts: list, max_tokens, arrivals: list | None = None, token_budget: int = 32,
-                   chunked: bool = True, cost: DeviceCost | None = None, schedule_step=None, engine=None,
-                   label: str = "") -> LoopResult:
-    """`run_workload` with real tokens: the tiny Llama on a paged KV cache (helpers/course/paged_llama.py's
-    PagedLlama, whose block manager and paged attention are exercises 7.1-7.2) computes every step the
-    scheduler returns: a prompt chunk is `engine.prefill(rid, prompt[:computed + n], start=computed)` (the
-    positions before it read back from the pool), the decodes of a step one batched `engine.decode`. Greedy.
-    prompts: lists of token ids; max_tokens: an int or one per prompt; arrivals: seconds (default all 0).
-    The time is still modelled (step_seconds); the result also has `.tokens` {rid: generated ids}, which
-    chunking must not change (the same as helpers.course.tiny_llama.generate gives each prompt alone)."""
-    from helpers.course.paged_llama import PagedLlama
+                   chunked: bool = True, cost: DeviceCost | None = None, schedule_step=None,
+                   model=None, num_blocks: int | None = None, block_size: int = 16, label: str = "") -> EngineResult:
+    """The chapter's engine with real tokens: LLMEngine.paged (the tiny Llama, or `model`, on a paged KV cache:
+    exercises 7.1-7.2; every step's prompt chunks and decodes in one forward) under a budget of `token_budget`
+    tokens per step, on modelled time (ModelledClock(cost)). Greedy. prompts: lists of token ids; max_tokens:
+    an int or one per prompt; arrivals: seconds (default all 0); num_blocks: default enough for every sequence
+    at full length. The result's `.tokens` {rid: generated ids} must not depend on chunking: the same as
+    helpers.course.tiny_llama.generate gives each prompt alone."""
     prompts = [[int(t) for t in p] for p in prompts]
     lengths = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(prompts)
     arrivals = list(arrivals) if arrivals is not None else [0.0] * len(prompts)
     if not len(prompts) == len(lengths) == len(arrivals):
         raise ValueError(f"{len(prompts)} prompts, {len(lengths)} max_tokens and {len(arrivals)} arrivals differ")
-    if engine is None:
-        block_size = 16
-        blocks = sum(-(-(len(p) + n) // block_size) for p, n in zip(prompts, lengths))
-        engine = PagedLlama(num_blocks=blocks, block_size=block_size)
-    requests = [Request(i, len(p), n, a) for i, (p, n, a) in enumerate(zip(prompts, lengths, arrivals))]
-    tokens = {r.rid: [] for r in requests}
-
-    def run_step(schedule):
-        decoding = [req for req, _ in schedule if req.prefilled]
-        for req, n in schedule:
-            if req.prefilled:
-                continue
-            if req.computed == 0:
-                engine.manager.allocate(req.rid, req.prompt_len)
-            logits = engine.prefill(req.rid, prompts[req.rid][:req.computed + n], start=req.computed)
-            if req.computed + n == req.prompt_len:
-                tokens[req.rid].append(int(logits[-1].argmax()))
-        if decoding:
-            logits = engine.decode([r.rid for r in decoding], [tokens[r.rid][-1] for r in decoding])
-            for req, row in zip(decoding, logits):
-                tokens[req.rid].append(int(row.argmax()))
-        for req, _ in schedule:
-            if len(tokens[req.rid]) >= req.max_tokens:
-                engine.free(req.rid)
-
-    result = run_workload(requests, token_budget, chunked, cost, schedule_step, label, run_step)
-    result.tokens = tokens
-    return result
-
-
-def compare_chunking(workload: Workload | None = None, chunk_budget: int = 256, unchunked_budget: int = 8192,
-                     cost: DeviceCost | None = None, schedule_step=None) -> dict:
-    """The same workload served twice: whole prompts in one step (budget `unchunked_budget`, as an engine
-    without chunked prefill needs at least the longest prompt) and chunked under `chunk_budget` tokens.
-    Returns {"unchunked": LoopResult, "chunked": LoopResult}."""
-    workload = workload or Workload()
-    return {"unchunked": run_workload(workload, unchunked_budget, False, cost, schedule_step, "unchunked"),
-            "chunked": run_workload(workload, chunk_budget, True, cost, schedule_step,
-                                    f"chunked ({chunk_budget} tokens/step)")}
+    if num_blocks is None:
+        num_blocks = sum(-(-(len(p) + n) // block_size) for p, n in zip(prompts, lengths))
+    requests = [Request(i, p, n, arrival=a) for i, (p, n, a) in enumerate(zip(prompts, lengths, arrivals))]
+    config = SchedulerConfig(max_num_batched_tokens=token_budget, enable_chunked_prefill=chunked)
+    _check_budget(requests, config)
+    engine = LLMEngine.paged(model, num_blocks=num_blocks, block_size=block_size, config=config,
+                             clock=ModelledClock(cost), schedule_step=schedule_step)
+    return run_requests(engine, requests, label)
 
 
 def plot_steps(results: dict, decoder_ids=None, window: tuple | None = None):
     """Two panels against modelled time: the tokens computed in each step (a step lasts as long as its line
-    holds), and the inter-token latency of the requests `decoder_ids` (default all) at each token, p99 dotted.
-    results: {label: LoopResult}; window: (start, end) seconds to show."""
+    holds), and the inter-token latency of the requests `decoder_ids` (default all) at each token, p99 dotted
+    (percentile by linear interpolation). results: {label: EngineResult}; window: (start, end) seconds to show."""
     import matplotlib.pyplot as plt
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, constrained_layout=True)
     colours = ["tab:red", "tab:blue", "tab:green", "tab:purple"]

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from helpers.course.memory import kv_bytes_per_token
+
 __all__ = ["OutOfBlocks", "KVPool", "slots_of"]
 
 
@@ -82,8 +84,9 @@ class KVPool:
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V of one token in all layers."""
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        """K and V of one token in all layers (helpers/course/memory.py's kv_bytes_per_token)."""
+        return int(kv_bytes_per_token(self.num_layers, self.kv_heads, self.head_dim,
+                                      torch.finfo(self.dtype).bits // 8))
 
     @property
     def bytes_per_block(self) -> int:

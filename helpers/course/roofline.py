@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig
 
+from helpers.course.memory import kv_bytes_per_token
+
 __all__ = ["StepCost", "step_cost", "ROOFLINE_CONFIG", "linear_shapes", "linear_weights", "measure_linear_steps",
            "Ceilings", "ceilings", "memory_bound_batch",
            "decode_intensity_limit"]
@@ -95,7 +97,7 @@ def step_cost(config, tokens: int, batch: int = 1, context: int = 0, bytes_per_v
     d, layers = _head_dim(config), config.num_hidden_layers
     seen = batch * (tokens * context + tokens * (tokens + 1) // 2)      # (new token, visible position) pairs
     attention_flops = 4 * config.num_attention_heads * d * seen * layers
-    kv_per_token = 2 * layers * config.num_key_value_heads * d * bytes_per_value
+    kv_per_token = kv_bytes_per_token(layers, config.num_key_value_heads, d, bytes_per_value)
     return StepCost(flops=2 * n * params + attention_flops,
                     weight_bytes=params * bytes_per_value,
                     kv_bytes=batch * (context + tokens) * kv_per_token,

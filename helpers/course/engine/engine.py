@@ -228,8 +228,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the connector
     def _pool_io(self):
-        paged = self.runner.paged
-        return paged.pool
+        """The paged runner's pool; None for a runner without one (a modelled run: the connector's load and save
+        get write=None and read=None, only the schedule and the clock matter)."""
+        paged = getattr(self.runner, "paged", None)
+        return None if paged is None else paged.pool
 
     def _load_external(self, output: SchedulerOutput) -> None:
         if self.connector is None or not output.external:
@@ -237,8 +239,8 @@ class LLMEngine:
         pool = self._pool_io()
         for rid, (start, count) in output.external.items():
             request = next(r for r in output.scheduled if r.rid == rid)
-            table = self.kv.block_table(rid)
-            self.connector.load(request, start, count,
+            table = None if pool is None else self.kv.block_table(rid)
+            self.connector.load(request, start, count, None if pool is None else
                                 lambda layer, k, v, table=table, start=start: pool.write(layer, table, start, k, v))
         output.external.clear()
 
@@ -248,6 +250,9 @@ class LLMEngine:
         pool = self._pool_io()
         for request in output.scheduled:
             if request.status != RequestStatus.RUNNING and not request.done:
+                continue
+            if pool is None:
+                self.connector.save(request, request.num_computed_tokens, None)
                 continue
             if request.rid not in self.kv.block_manager.tables:
                 continue
