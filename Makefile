@@ -59,7 +59,7 @@ clean:
 VLLM_VENV  ?= .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
-.PHONY: vllm-env vllm-check
+.PHONY: vllm-env vllm-check vllm-scheduler-check
 vllm-env: $(VLLM_STAMP)
 
 $(VLLM_STAMP):
@@ -76,3 +76,9 @@ $(VLLM_STAMP):
 # Writes helpers/course/data/vllm_check.json, which notebook 07 shows.
 vllm-check: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m helpers.vllm_check
+
+# vLLM's own Scheduler (no model, on CPU, as vLLM's tests drive it) beside the course's engine on 80 random workloads,
+# prefix caching off then on (about a minute): where they differ, step by step, and why; the last line says
+# "N/80 workloads identical step by step". Writes helpers/course/data/vllm_scheduler_check.json.
+vllm-scheduler-check: $(STAMP) $(VLLM_STAMP)
+	COURSE_IMPL=solutions $(PY) -m helpers.vllm_scheduler_check --json helpers/course/data/vllm_scheduler_check.json

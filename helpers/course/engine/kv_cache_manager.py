@@ -96,8 +96,12 @@ class KVCacheManager:
         before = set(manager.cached) if self.enable_caching and self.events is not None else None
         if rid not in manager.tables:
             hit_blocks = num_new_computed_tokens // self.block_size
-            if full_sequence_must_fit and \
-                    manager.blocks_needed(max(end, request.num_tokens)) - hit_blocks > manager.num_free_blocks:
+            # hit blocks no one holds are counted free: taking them leaves fewer for the rest (as vLLM's
+            # get_num_blocks_to_allocate counts them)
+            reused = 0 if not hit_blocks else sum(
+                1 for b in manager.cached_prefix(tokens, request.cache_salt)[:hit_blocks] if b in manager.evictable)
+            if full_sequence_must_fit and manager.blocks_needed(max(end, request.num_tokens)) - hit_blocks + reused \
+                    > manager.num_free_blocks:
                 return False
             try:
                 if self.enable_caching:

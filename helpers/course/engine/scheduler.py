@@ -5,9 +5,10 @@ step itself is exercise 7.4, `schedule_step` in labs/chunked_prefill.py, which t
 
   * one token budget per step (`max_num_batched_tokens`), spent first on the RUNNING requests in admission
     order — decodes and partly computed prompts alike: each gets min(its tokens not yet computed,
-    `long_prefill_token_threshold` if set, the budget left) — then on WAITING requests first come first served,
-    each after its prefix-cache hits, with whatever is left (even one token). There is no prefill phase and no
-    decode phase: a request computes `num_tokens - num_computed_tokens` tokens until it has caught up, then 1.
+    `long_prefill_token_threshold` if set and more than one request is running or waiting, the budget left) —
+    then on WAITING requests first come first served, each after its prefix-cache hits, with whatever is left
+    (even one token). There is no prefill phase and no decode phase: a request computes
+    `num_tokens - num_computed_tokens` tokens until it has caught up, then 1.
   * `max_num_seqs` caps the running queue; an allocation failure at the head of the waiting queue stops
     admissions for the step; a request is admitted only if its whole current sequence fits
     (`full_sequence_must_fit`, counting its cached blocks).
@@ -26,7 +27,7 @@ cache metric for every admission.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from helpers.course.engine.request import Request, RequestStatus
 from helpers.impl import load_impl
@@ -147,7 +148,10 @@ class Scheduler:
             self.running.sort(key=lambda r: (r.num_computed_tokens < r.num_prompt_tokens, self._admitted_order[r.rid]))
         waiting_before = {id(r): r.status for r in self.waiting}
         waiting = self.waiting if admit else deque()
-        step = self.schedule_step(self.running, waiting, kv, self.config)
+        config = self.config
+        if config.long_prefill_token_threshold and len(self.running) + len(self.waiting) <= 1:
+            config = replace(config, long_prefill_token_threshold=0)   # vLLM: alone, it starves no one
+        step = self.schedule_step(self.running, waiting, kv, config)
         if waiting is not self.waiting:                  # only preempted requests went there
             self.waiting.extendleft(reversed(waiting))
         if self.config.policy == "decode_first":
