@@ -31,7 +31,6 @@ The same worker functions run unchanged under torchrun: see helpers/run.py.
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
 import faulthandler
 import multiprocessing as mp
@@ -51,6 +50,8 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from helpers.proctree import die_with_parent, kill_tree   # noqa: F401 (die_with_parent: also imported from here)
 
 __all__ = ["launch", "rank_device", "init_rank", "default_timeout", "LaunchError", "RankFailed", "JobTimeout",
            "Results"]
@@ -205,15 +206,6 @@ def init_rank(backend: str, local_rank: int, local_world_size: int, threads: int
     # One pool of cores shared by all local ranks: more threads than cores only adds contention.
     # (launch() passes threads=1: see its docstring on OpenMP and fork.)
     torch.set_num_threads(threads or max(1, cores // local_world_size))
-
-
-def die_with_parent() -> None:
-    """Ask Linux to kill this process if the launching process dies (no orphans after a kernel crash)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
 
 
 def _to_cpu(value):
@@ -534,7 +526,8 @@ def _truncate_log(path, size):
 
 
 def _stop(procs):
-    """Terminate, then kill, every rank still alive; reap them all so none is left behind."""
+    """Terminate, then kill, every rank still alive, with whatever it forked (helpers.proctree.kill_tree); reap
+    them all so none is left behind."""
     for p in procs:
         if p.pid is not None and p.is_alive():
             p.terminate()
@@ -543,7 +536,7 @@ def _stop(procs):
         if p.pid is not None:
             p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
-                p.kill()
+                kill_tree(p.pid)
                 p.join()
 
 

@@ -279,3 +279,27 @@ def test_a_rank_that_leaves_a_forked_process_behind_still_finishes(tmp_path):
                 os.kill(int(p.read_text()), signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+def test_proctree_walks_and_kills_a_tree(tmp_path):
+    """helpers.proctree (the launcher's, the server's and the tests' process-tree helpers): a child that forked a
+    grandchild is found with it, killed with it, and reaped."""
+    from helpers import proctree
+    child = os.fork()
+    if child == 0:
+        grandchild = os.fork()
+        if grandchild == 0:
+            time.sleep(60)
+            os._exit(0)
+        (tmp_path / "grandchild").write_text(str(grandchild))
+        time.sleep(60)
+        os._exit(0)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "grandchild").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    grandchild = int((tmp_path / "grandchild").read_text())
+    assert proctree.descendants(child) == [grandchild] and proctree.parent(grandchild) == child
+    assert child in proctree.descendants(os.getpid()) and proctree.alive(child)
+    assert sorted(proctree.kill_tree(child)) == sorted([child, grandchild])
+    assert not proctree.wait_gone([child, grandchild], timeout=10), "kill_tree left a process of the tree"
+    assert proctree.reap(child) == [], "wait_gone reaped our child"

@@ -10,7 +10,9 @@ from helpers import load_impl
 from helpers.course import tiny_llama
 from helpers.course.paged_llama import PagedLlama
 from helpers.course.serving import start_server
-from helpers.course.serving.__main__ import kv_options, parse_args
+from helpers.course.serving import background
+from helpers.course.serving.__main__ import parse_args
+from helpers.course.serving.config import ServeConfig
 from helpers.course.engine import Request
 from helpers.course.serving.metrics import ServingMetrics, parse, value
 from helpers.course.serving.replica import build_engine
@@ -41,30 +43,35 @@ def serve(engine, temperature=0.0, max_tokens=12):
 
 OPTIONS = {
     "paged": {},
-    "prefix caching": {"prefix_caching": True},
-    "chunked prefill": {"token_budget": 16},
-    "prefix caching + chunked": {"prefix_caching": True, "token_budget": 16},
-    "small pool (preempts)": {"num_blocks": 12, "block_size": 8, "token_budget": 8, "prefix_caching": True},
+    "prefix caching": {"enable_prefix_caching": True},
+    "chunked prefill": {"max_num_batched_tokens": 16},
+    "prefix caching + chunked": {"enable_prefix_caching": True, "max_num_batched_tokens": 16},
+    "small pool (preempts)": {"num_gpu_blocks_override": 12, "block_size": 8, "max_num_batched_tokens": 8,
+                              "enable_prefix_caching": True},
 }
+
+
+def paged_config(**options):
+    return ServeConfig(max_num_seqs=4, kv_cache="paged", **options)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_the_paged_engine_gives_the_contiguous_engines_tokens(model, temperature):
-    want = serve(build_engine(model, max_batch=4), temperature)
+    want = serve(build_engine(model, ServeConfig(max_num_seqs=4)), temperature)
     for name, options in OPTIONS.items():
-        engine = build_engine(model, max_batch=4, kv={"num_blocks": 256, "block_size": 16, **options})
+        engine = build_engine(model, paged_config(**options))
         assert serve(engine, temperature) == want, f"{name}: other tokens than the contiguous engine's"
         stats = engine.kv_stats()
         assert stats["kv_blocks_used"] == 0, f"{name}: {stats['kv_blocks_used']} blocks still held after the last"
-        if options.get("prefix_caching"):
+        if options.get("enable_prefix_caching"):
             assert stats["prefix_hits"] > 0 and stats["prefix_queries"] >= sum(map(len, map(tiny_llama.encode,
                                                                                            PROMPTS)))
-        if "num_blocks" in options:
+        if "num_gpu_blocks_override" in options:
             assert stats["preemptions"] > 0, f"{name}: a pool of 12 blocks of 8 should have preempted"
 
 
 def test_chunked_steps_stay_within_the_token_budget(model):
-    engine = build_engine(model, max_batch=4, kv={"num_blocks": 256, "block_size": 16, "token_budget": 16})
+    engine = build_engine(model, paged_config(max_num_batched_tokens=16))
     engine.record_steps = True
     paged, computed = engine.runner.paged, []
     forward = paged.forward_batch
@@ -83,10 +90,12 @@ def test_chunked_steps_stay_within_the_token_budget(model):
     assert max(computed) <= 16, f"a step computed {max(computed)} tokens, over the budget of 16"
     assert max(computed) == 16, "long prompts should fill the budget"
     assert any(step.decodes and step.chunks for step in engine.steps), "decodes and prompt chunks share a forward"
+    capped = build_engine(model, paged_config(max_num_batched_tokens=32, long_prefill_token_threshold=8))
+    assert (capped.config.max_num_batched_tokens, capped.config.long_prefill_token_threshold) == (32, 8)
 
 
 def test_a_request_too_big_for_the_pool_fails_alone_and_cancel_frees_blocks(model):
-    engine = build_engine(model, max_batch=4, kv={"num_blocks": 4, "block_size": 8})
+    engine = build_engine(model, paged_config(num_gpu_blocks_override=4, block_size=8))
     short = tiny_llama.encode("Call me")
     engine.add_request(Request(0, tiny_llama.encode(SYSTEM * 3), 4))     # more than 4 × 8 tokens
     engine.add_request(Request(1, short, 4))
@@ -102,15 +111,47 @@ def test_a_request_too_big_for_the_pool_fails_alone_and_cancel_frees_blocks(mode
     assert engine.kv_stats()["kv_blocks_used"] == 0
 
 
-def test_server_options_and_their_errors():
-    args = parse_args(["--kv-cache", "paged", "--enable-prefix-caching", "--max-num-batched-tokens", "64",
-                       "--num-blocks", "128"])
-    assert kv_options(args) == {"num_blocks": 128, "block_size": 16, "prefix_caching": True, "token_budget": 64}
-    assert kv_options(parse_args([])) is None
-    for argv in (["--enable-prefix-caching"], ["--max-num-batched-tokens", "64"],
-                 ["--kv-cache", "paged", "--pp", "2"], ["--kv-cache", "paged", "--num-blocks", "0"]):
+def test_server_options_and_their_errors(monkeypatch):
+    """One ServeConfig: vLLM's flags and the course's older ones give the same config, which the command line
+    start_server writes gives back; a wrong option is refused with its reason, before any process starts."""
+    config = parse_args(["--kv-cache", "paged", "--enable-prefix-caching", "--max-num-batched-tokens", "64",
+                         "--num-blocks", "128", "--max-batch", "4", "--tp", "2", "--no-restart"])
+    assert config == parse_args(["--kv-cache", "paged", "--enable-prefix-caching", "--max-num-batched-tokens", "64",
+                                 "--num-gpu-blocks-override", "128", "--max-num-seqs", "4",
+                                 "--tensor-parallel-size", "2", "--no-restart"])
+    assert config == ServeConfig.from_options(kv_cache="paged", enable_prefix_caching=True, max_num_batched_tokens=64,
+                                              num_blocks=128, max_batch=4, tp=2, restart=False)
+    assert (config.num_gpu_blocks_override, config.block_size, config.max_num_seqs, config.tensor_parallel_size,
+            config.restart) == (128, 16, 4, 2, False)
+    assert parse_args(config.to_argv()) == config and parse_args([]) == ServeConfig()
+    scheduler = config.scheduler_config(tiny_llama.CONFIG)
+    assert (scheduler.max_num_batched_tokens, scheduler.max_num_seqs) == (64, 4)
+    assert ServeConfig(max_num_seqs=3).scheduler_config(tiny_llama.CONFIG).max_num_batched_tokens == \
+        3 * tiny_llama.CONFIG.max_position_embeddings                                   # whole prompts
+    wrong = {"--enable-prefix-caching needs --kv-cache paged": ["--enable-prefix-caching"],
+             "--max-num-batched-tokens needs --kv-cache paged": ["--max-num-batched-tokens", "64"],
+             "without pipeline stages": ["--kv-cache", "paged", "--pp", "2"],
+             "--num-gpu-blocks-override/--num-blocks 0 must be": ["--kv-cache", "paged", "--num-blocks", "0"],
+             "--tensor-parallel-size/--tp 0 must be": ["--tp", "0"],
+             "loopback only": ["--host", "0.0.0.0"],
+             "too short": ["--stuck-after", "1"]}
+    for why, argv in wrong.items():
         with pytest.raises(SystemExit):
             parse_args(argv)
+        with pytest.raises(ValueError, match=why):       # the same check from Python (start_server's options)
+            ServeConfig.from_options(**_as_options(argv))
+    monkeypatch.setattr(background, "_launcher", lambda: pytest.fail("a process was started"))
+    monkeypatch.setattr(background.subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+    with pytest.raises(ValueError, match="needs --kv-cache paged"):
+        start_server(replicas=1, enable_prefix_caching=True)
+    with pytest.raises(TypeError, match="unknown server option"):
+        start_server(replica=1)
+
+
+def _as_options(argv):
+    """The fields a command line sets (parsed without the checks, to build the same config from Python)."""
+    args = ServeConfig.parser().parse_args(argv)
+    return {k: v for k, v in vars(args).items() if v != ServeConfig.__dataclass_fields__[k].default}
 
 
 def test_a_server_whose_pool_cannot_hold_one_full_request_refuses_to_start():

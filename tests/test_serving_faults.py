@@ -16,15 +16,16 @@ import os
 import signal
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from helpers import proctree
 from helpers.course import tiny_llama
 from helpers.course.serving import start_server
 from helpers.course.engine import Request, sample
+from helpers.course.serving.config import ServeConfig
 from helpers.course.serving.replica import build_engine
 from helpers.course.serving.loadtest import load_test
 from helpers.course.serving.metrics import parse, value
@@ -83,7 +84,7 @@ def test_engine_fails_only_the_broken_sequences():
     batched step raises then). Only those three fail, with their own error; the others get the model's
     tokens."""
     model = tiny_llama.load_model()
-    engine = build_engine(FaultyLlama(model), max_batch=8)
+    engine = build_engine(FaultyLlama(model), ServeConfig(max_num_seqs=8))
     good = {0: (encode("Four score"), 12), 1: (encode("We hold these"), 9)}
     long_prompt = (encode(PROMPT) * 20)[:RAISES_AT_POSITION - 4]
     bad = {2: ([72, RAISES_IN_PREFILL, 105], 5, 0.0, "token 0"),
@@ -213,10 +214,7 @@ def test_a_stopped_replica_is_replaced_and_its_requests_retried(server):
         server.wait_ready(timeout=60)
         replica = server.replicas()[0]
         assert replica["stuck"] == 1 and replica["restarts"] == 1 and replica["pid"] != stopped, replica
-        deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{stopped}") and open(f"/proc/{stopped}/stat").read().split()[2] != "Z":
-            assert time.monotonic() < deadline, f"the stopped replica (pid {stopped}) is still there"
-            time.sleep(0.1)
+        assert not proctree.wait_gone([stopped], timeout=10), f"the stopped replica (pid {stopped}) is still there"
         assert server.complete(prompt=PROMPT, max_tokens=8, temperature=0)["usage"]["completion_tokens"] == 8
     finally:
         try:

@@ -4,15 +4,11 @@ import subprocess
 
 import pytest
 
+from helpers import proctree
 from helpers.course import tiny_llama
 from helpers.course.serving import background, start_server
 
 MODEL = "helpers.course.serving.device_time"
-
-
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 def test_servers_are_forked_from_one_launcher_and_stop_cleanly():
@@ -21,7 +17,7 @@ def test_servers_are_forked_from_one_launcher_and_stop_cleanly():
     try:
         launcher = background._launchers[-1]
         assert all(isinstance(s.process, background.LaunchedProcess) for s in servers)
-        assert {_parent(s.process.pid) for s in servers} == {launcher.process.pid}
+        assert {proctree.parent(s.process.pid) for s in servers} == {launcher.process.pid}
         for s in servers:
             reply = s.complete(prompt=tiny_llama.PROMPT, max_tokens=4, temperature=0, return_token_ids=True)
             assert reply["choices"][0]["token_ids"] == reference
@@ -29,7 +25,7 @@ def test_servers_are_forked_from_one_launcher_and_stop_cleanly():
     finally:
         codes = [s.stop() for s in servers]
     assert codes == [0, 0], f"a server stopped by SIGTERM exits 0, got {codes}"
-    assert not [p for p in pids if background._alive(p)], "stop() left a front end or a replica running"
+    assert not [p for p in pids if proctree.alive(p)], "stop() left a front end or a replica running"
 
 
 def test_a_server_that_cannot_start_reports_its_exit_code_and_log():

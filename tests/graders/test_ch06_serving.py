@@ -30,6 +30,7 @@ What the graders catch (each one planted, see test_planted_*_are_caught):
   (live, 6.7, on the server's own /metrics: the paged cache served, and its prefix cache hit the shared prompt)
 """
 import contextlib
+import dataclasses
 import inspect
 import math
 import os
@@ -40,9 +41,10 @@ import types
 
 import pytest
 
-from helpers import load_impl
+from helpers import load_impl, proctree
 from helpers.course import tiny_llama
 from helpers.course.serving import background
+from helpers.course.serving.config import ALIASES, ServeConfig
 from helpers.course.serving.metrics import ServingMetrics, histogram_quantile, parse, value
 
 PROMPTS = ["Four score and seven years ago", "We hold these truths", "The fox and the grapes",
@@ -171,7 +173,7 @@ def test_the_server_balances_with_exercise_6_2(monkeypatch, capsys):
     from helpers.course.serving import balancer
     from helpers.impl import unwritten_exercises
     monkeypatch.setenv("COURSE_IMPL", "solutions")
-    b = balancer.Balancer(3, "helpers.course.tiny_llama", policy="round_robin")
+    b = balancer.Balancer(ServeConfig(data_parallel_size=3, policy="round_robin"))
     assert b.choose_policy is load_impl("capstone.router").choose_replica
     calls = []
     b.choose_policy = lambda policy, outstanding, turn: calls.append((policy, outstanding, turn)) or 2
@@ -255,15 +257,15 @@ class _Recorded(Exception):
 
 @contextlib.contextmanager
 def watch_servers(start: bool):
-    """Record every ServerProcess built inside (what start_server builds): a list of (instance, options).
+    """Record every ServerProcess built inside (what start_server builds): a list of (instance, options), the
+    options being the fields of its ServeConfig (vLLM's names: data_parallel_size, tensor_parallel_size, ...).
     start=False: record and raise _Recorded instead of starting it; start=True: record and start it."""
     original = background.ServerProcess.__init__
     started = []
 
     def init(self, *args, **kwargs):
         bound = inspect.signature(original).bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        started.append((self, {k: v for k, v in bound.arguments.items() if k != "self"}))
+        started.append((self, dataclasses.asdict(bound.arguments["config"])))
         if not start:
             raise _Recorded()
         original(self, *args, **kwargs)
@@ -310,8 +312,11 @@ def check_engine_wiring(engine_cls, plan_cls, plan_args, policy, choose_spec):
     want = {"replicas": plan.dp, "tp": plan.tp, "pp": plan.pp, "policy": policy, "batching": "static",
             "max_batch": 4, "choose": choose_spec}
     for name, value_wanted in want.items():
-        assert options.get(name) == value_wanted, f"6.4 start() for {plan}, policy={policy!r}: start_server " \
-            f"option {name}={options.get(name)!r}, expected {value_wanted!r} (labs/capstone/engine.py)"
+        field = ALIASES.get(name, name)
+        also = f" ({field}=)" if field != name else ""
+        assert options[field] == value_wanted, f"6.4 start() for {plan}, policy={policy!r}: the server got " \
+            f"{name}={options[field]!r}{also}, expected {value_wanted!r}: pass start_server {name}= " \
+            "(labs/capstone/engine.py)"
 
 
 KV_CACHE = {"kv_cache": "paged", "enable_prefix_caching": True, "max_num_batched_tokens": 32, "block_size": 16}
@@ -333,8 +338,8 @@ def check_engine_kv_wiring(engine_cls, plan_cls):
     assert len(started) == 1, f"6.7 start() must start one server, it started {len(started)}"
     options = started[0][1]
     for name, value_wanted in KV_CACHE.items():
-        assert options.get(name) == value_wanted, f"6.7 start() with kv_cache={KV_CACHE}: start_server option " \
-            f"{name}={options.get(name)!r}, expected {value_wanted!r}: pass the kv_cache options on " \
+        assert options[name] == value_wanted, f"6.7 start() with kv_cache={KV_CACHE}: start_server option " \
+            f"{name}={options[name]!r}, expected {value_wanted!r}: pass the kv_cache options on " \
             "(start_server(..., **kv_cache); labs/capstone/engine.py)"
 
 
@@ -434,21 +439,10 @@ def check_stop_twice(engine):
                              f"{type(e).__name__}: {e} (labs/capstone/engine.py)") from None
 
 
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "\nState:\tZ" not in f.read()
-    except FileNotFoundError:
-        return False
-
-
 def check_stop(engine, server):
     pids = [server.process.pid] + [r["pid"] for r in server.replicas() if r["pid"]]
     check_stop_twice(engine)
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    left = [p for p in pids if _alive(p)]
+    left = proctree.wait_gone(pids, timeout=10)
     assert not left, f"6.4 stop(): processes {left} of the server (front end {pids[0]}, replicas {pids[1:]}) are " \
                      "still running: stop the server (ServerProcess.stop) (labs/capstone/engine.py)"
 

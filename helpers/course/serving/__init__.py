@@ -1,5 +1,7 @@
 """Chapter 6: a real inference server in front of the course's tiny Llama.
 
+    config.py      ServeConfig: every option of the server, by vLLM's names, from the command line (or
+                   start_server's keywords) to every replica, checked once
     replica.py     the replica worker process and its pipe protocol; its engine is helpers/course/engine
                    (continuous, static or no batching; contiguous or paged KV cache, prefix caching, chunked
                    prefill: `build_engine`)
@@ -17,5 +19,6 @@
 Start it with one command: `python -m helpers.course.serving --replicas 2 --port 8000` (see __main__.py).
 """
 from helpers.course.serving.background import ServerProcess, start_launcher, start_server
+from helpers.course.serving.config import ServeConfig
 
-__all__ = ["start_server", "start_launcher", "ServerProcess"]
+__all__ = ["start_server", "start_launcher", "ServerProcess", "ServeConfig"]

@@ -10,6 +10,10 @@ The server runs in its own session and process group (the `main()` of `python -m
 ...`, the command a learner types), so stop() can signal the front end and all its replicas at once; each
 replica also dies with its parent. An atexit hook stops servers a notebook forgot to stop when the kernel exits.
 
+The options are a ServeConfig's (config.py: vLLM's names, or the course's older ones such as replicas=, tp=,
+max_batch=), checked before any process starts. The server writes its port, once every replica is up, to a
+named pipe this process reads (report_port; the log keeps its human-readable "serving ... on http://..." line).
+
 `api_key="..."` starts the server with a key (passed in its environment, not on its command line, where
 `ps` would show it to everyone) and makes get() and complete() send it.
 
@@ -26,6 +30,8 @@ import atexit
 import json
 import os
 import pathlib
+import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,30 +42,36 @@ import urllib.error
 import urllib.request
 import weakref
 
+from helpers import proctree
+from helpers.course.serving.config import API_KEY_ENV, ServeConfig
+
 ROOT = pathlib.Path(__file__).resolve().parents[3]   # the repository
 _live: "weakref.WeakSet[ServerProcess]" = weakref.WeakSet()
 
 
+PORT_PIPE_ENV = "SERVING_PORT_PIPE"   # where a server started here writes its port once it serves
+
+
 class ServerProcess:
-    def __init__(self, replicas=2, batching="continuous", max_batch=8, policy="least_outstanding",
-                 max_retries=3, restart=True, model="helpers.course.tiny_llama", tp=1, pp=1, choose=None,
-                 startup_timeout=120.0, env=None, stuck_after=None, api_key=None, kv_cache="contiguous",
-                 num_blocks=None, block_size=None, enable_prefix_caching=False, max_num_batched_tokens=None):
-        self.log_path = tempfile.mktemp(prefix="dil-server-", suffix=".log")
-        argv = [sys.executable, "-m", "helpers.course.serving", "--port", "0", "--replicas", str(replicas),
-                "--batching", batching, "--max-batch", str(max_batch), "--policy", policy,
-                "--max-retries", str(max_retries), "--model", model, "--tp", str(tp), "--pp", str(pp)]
-        argv += ([] if restart else ["--no-restart"]) + (["--choose", choose] if choose else [])
-        argv += [] if stuck_after is None else ["--stuck-after", str(stuck_after)]
-        argv += ["--kv-cache", kv_cache] + (["--enable-prefix-caching"] if enable_prefix_caching else [])
-        for flag, option in (("--num-blocks", num_blocks), ("--block-size", block_size),
-                             ("--max-num-batched-tokens", max_num_batched_tokens)):
-            argv += [] if option is None else [flag, str(option)]
-        self.api_key = api_key
+    """A running server: `python -m helpers.course.serving` with `config` (a ServeConfig) in its own session.
+    Returns once every replica is up, with the port the server bound (config.port 0: any free port)."""
+
+    def __init__(self, config: ServeConfig, startup_timeout: float = 120.0, env: dict | None = None):
+        self.config = config
+        self.api_key = config.api_key
+        # The server's log, and a named pipe on which it writes "PORT\n" once it serves (report_port): the
+        # port comes from the server itself, not from reading its log.
+        self._dir = tempfile.mkdtemp(prefix="dil-server-")
+        self.log_path = os.path.join(self._dir, "server.log")
+        port_pipe = os.path.join(self._dir, "port")
+        os.mkfifo(port_pipe, 0o600)
+        self._port_fd = os.open(port_pipe, os.O_RDONLY | os.O_NONBLOCK)   # open before the server writes
+        argv = [sys.executable, "-m", "helpers.course.serving", *config.to_argv()]
         environment = dict(os.environ, **(env or {}))
-        environment.pop("SERVING_API_KEY", None)
-        if api_key is not None:
-            environment["SERVING_API_KEY"] = api_key
+        environment.pop(API_KEY_ENV, None)
+        if config.api_key is not None:
+            environment[API_KEY_ENV] = config.api_key   # not on the command line, where `ps` shows it to all
+        environment[PORT_PIPE_ENV] = port_pipe
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
         environment.setdefault("OMP_NUM_THREADS", "1")
         self._log = open(self.log_path, "wb")
@@ -77,19 +89,32 @@ class ServerProcess:
             self.stop()
             raise
 
+    def _log_text(self) -> str:
+        try:
+            return pathlib.Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
     def _wait_started(self, timeout):
-        deadline = time.monotonic() + timeout
+        """Wait for the port on the pipe; the server's exit (or the timeout) raises with the end of its log."""
+        deadline, received = time.monotonic() + timeout, b""
         while time.monotonic() < deadline:
-            text = pathlib.Path(self.log_path).read_text(errors="replace")
-            for line in text.splitlines():
-                if line.startswith("serving ") and " on http://" in line:
-                    self.url = line.split(" on ")[1].split()[0]
+            readable, _, _ = select.select([self._port_fd], [], [], 0.05)
+            if readable:
+                try:
+                    received += os.read(self._port_fd, 64)
+                except BlockingIOError:
+                    pass
+                if received.endswith(b"\n"):
+                    host = self.config.host if self.config.host != "::1" else "[::1]"
+                    self.url = f"http://{host}:{int(received)}"
                     return
             if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self.process.returncode}:\n{text[-3000:]}")
-            time.sleep(0.05)
-        raise TimeoutError(f"the server did not start within {timeout:g} s; its log:\n"
-                           f"{pathlib.Path(self.log_path).read_text(errors='replace')[-3000:]}")
+                raise RuntimeError(f"the server exited with code {self.process.returncode}:\n"
+                                   f"{self._log_text()[-3000:]}")
+            if readable and not received:
+                time.sleep(0.05)   # a writer came and went without a word: only the exit above can end this
+        raise TimeoutError(f"the server did not start within {timeout:g} s; its log:\n{self._log_text()[-3000:]}")
 
     @property
     def port(self) -> int:
@@ -133,25 +158,19 @@ class ServerProcess:
     def stop(self, timeout: float = 10.0) -> int | None:
         """Stop the front end and every replica (SIGTERM to the process group, SIGKILL after `timeout`)."""
         if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            proctree.kill_group(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # whatever is left in the group (normally nothing)
-        except (ProcessLookupError, PermissionError):
-            pass
+        proctree.kill_group(self.process.pid, signal.SIGKILL)  # whatever is left in the group (normally nothing)
         if self.process.poll() is None:
             self.process.wait()
         self._log.close()
-        try:
-            os.unlink(self.log_path)
-        except OSError:
-            pass
+        if self._port_fd is not None:
+            os.close(self._port_fd)
+            self._port_fd = None
+        shutil.rmtree(self._dir, ignore_errors=True)
         _live.discard(self)
         return self.process.returncode
 
@@ -208,7 +227,8 @@ class Launcher:
             with self._answer:
                 if "started" in message and message["id"] in self._abandoned:
                     self._abandoned.discard(message["id"])
-                    _kill(message["started"])
+                    proctree.kill_group(message["started"])   # its own session: it and its replicas
+                    proctree.kill(message["started"])
                 elif "started" in message:
                     self._started[message["id"]] = message["started"]
                 elif "exited" in message:
@@ -247,7 +267,7 @@ class Launcher:
                 return self._exits[pid]
             if self.alive:
                 return None
-        return None if _alive(pid) else -1   # the launcher is gone and cannot tell: only whether it lives
+        return None if proctree.alive(pid) else -1   # the launcher is gone and cannot tell: only whether it lives
 
     def stop(self) -> None:
         try:
@@ -267,26 +287,10 @@ _launcher_lock = threading.Lock()
 
 def _source_stamp() -> float:
     """Newest modification time of the code the launcher preloads: a newer one means start a new launcher."""
-    files = [*(ROOT / "helpers" / "course" / "serving").glob("*.py"), ROOT / "helpers" / "course" / "tiny_llama.py"]
+    course = ROOT / "helpers" / "course"
+    files = [*(course / "serving").glob("*.py"), *(course / "engine").glob("*.py"), course / "tiny_llama.py",
+             ROOT / "helpers" / "proctree.py"]
     return max(f.stat().st_mtime for f in files if f.exists())
-
-
-def _kill(pid: int) -> None:
-    for kill in (os.killpg, os.kill):
-        try:
-            kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-    except OSError:
-        return True
 
 
 def _launcher() -> Launcher | None:
@@ -316,9 +320,38 @@ def start_launcher() -> None:
         _launcher()
 
 
-def start_server(**options) -> ServerProcess:
-    """Start `python -m helpers.course.serving` with these options in the background; returns when it serves."""
-    return ServerProcess(**options)
+def start_server(config: ServeConfig | None = None, *, startup_timeout: float = 120.0, env: dict | None = None,
+                 **options) -> ServerProcess:
+    """Start `python -m helpers.course.serving` in the background; returns when every replica serves.
+
+    The options are ServeConfig's fields (vLLM's names: tensor_parallel_size, max_num_seqs, ...) or the course's
+    older names (replicas, tp, pp, max_batch, num_blocks, model_name); they are checked here, before any process
+    starts (ValueError, TypeError). Or pass a ServeConfig. The port is any free one unless `port=` says which.
+    startup_timeout: seconds to wait for the server; env: variables added to its environment."""
+    if config is None:
+        config = ServeConfig.from_options(**{"port": 0, **options})
+    elif options:
+        raise TypeError("start_server(config, ...): give the options in the config (config.replace(...))")
+    return ServerProcess(config, startup_timeout=startup_timeout, env=env)
+
+
+def report_port(port: int) -> None:
+    """The server's half of the handshake (__main__.serve calls it once it serves): write the port to the pipe
+    that start_server named in $SERVING_PORT_PIPE. Nothing if there is none (a server started by hand), or if
+    nobody reads it any more (start_server gave up waiting)."""
+    path = os.environ.pop(PORT_PIPE_ENV, None)
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:   # ENXIO: no reader left; ENOENT: removed
+        return
+    try:
+        os.write(fd, f"{port}\n".encode())   # one write of a few bytes: atomic on a pipe
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @atexit.register

@@ -9,7 +9,7 @@ Policies
     The balancer does not contain the rule: it calls a policy function choose(policy, outstanding, turn),
     by default exercise 6.2's `choose_replica` (capstone/router.py of COURSE_IMPL, found with load_impl), so
     the server balances with the learner's code. While 6.2 is not written yet it says so in one line and
-    uses the reference answer; `choose=` (the server's --choose module:function) plugs in another one.
+    uses the reference answer; the config's `choose` (--choose module:function) plugs in another one.
 
 Fault tolerance
     A replica's death shows up as end-of-file on its pipe. Every request it held is sent again to another
@@ -39,16 +39,15 @@ import importlib
 import itertools
 import multiprocessing as mp
 import os
-import signal
 import time
 from collections import deque
 
-from helpers.course.serving.replica import HEARTBEAT, replica_main
+from helpers import proctree
+from helpers.course.serving.config import HEARTBEAT, POLICIES, STUCK_AFTER, ServeConfig  # noqa: F401
+from helpers.course.serving.replica import replica_main
 from helpers.impl import DEFAULT, REFERENCE, impl_package, load_impl, unwritten_exercises
 
-POLICIES = ("round_robin", "least_outstanding")
 MAX_FAILED_STARTS = 3
-STUCK_AFTER = 5.0   # seconds of silence after which a ready replica is taken for stuck (10 heartbeats)
 
 
 def course_router():
@@ -82,38 +81,6 @@ class RequestFailed(RuntimeError):
     def __init__(self, status: int, message: str, replica: int):
         super().__init__(message)
         self.status, self.message, self.replica = status, message, replica
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (a tp/pp replica's ranks), from /proc; empty where there is no /proc."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every process below it (SIGKILL also ends a process stopped by SIGSTOP)."""
-    for p in [pid, *_descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class Pending:
@@ -153,27 +120,16 @@ class ReplicaHandle:
 class Balancer:
     """Owns the replica processes. All methods run on one asyncio event loop (the front end's)."""
 
-    def __init__(self, replicas: int, model_spec: str, batching: str = "continuous", max_batch: int = 8,
-                 policy: str = "least_outstanding", max_retries: int = 3, restart: bool = True,
-                 threads_per_replica: int = 1, tp: int = 1, metrics=None, choose=None, pp: int = 1,
-                 stuck_after: float = STUCK_AFTER, kv: dict | None = None):
-        if policy not in POLICIES:
-            raise ValueError(f"policy={policy!r}: choose one of {', '.join(POLICIES)}")
-        if replicas < 1:
-            raise ValueError(f"replicas={replicas}: serving needs at least one replica")
-        if stuck_after and stuck_after < 4 * HEARTBEAT:
-            raise ValueError(f"stuck_after={stuck_after:g} s is too short: a replica reports every "
-                             f"{HEARTBEAT:g} s; give it at least {4 * HEARTBEAT:g} s (0 turns the watchdog off)")
-        self.policy, self.max_retries, self.restart = policy, max_retries, restart
-        self.stuck_after = stuck_after
+    def __init__(self, config: ServeConfig, metrics=None):
+        """config: the server's ServeConfig (checked when it was made); metrics: ServingMetrics, or None."""
+        self.config = config
+        self.policy, self.max_retries, self.restart = config.policy, config.max_retries, config.restart
+        self.stuck_after = config.stuck_after
         self._watchdog = None
-        if kv and pp > 1:
-            raise ValueError(f"a paged KV cache serves replicas without pipeline stages (pp=1), not pp={pp}")
-        self.worker_args = (model_spec, batching, max_batch, threads_per_replica, tp, pp, kv or None)
-        self.pp = pp   # pipeline replicas decode greedily: the front end refuses sampling
-        self.replicas = [ReplicaHandle(i) for i in range(replicas)]
+        self.pp = config.pipeline_parallel_size   # pipeline replicas decode greedily: the front end refuses sampling
+        self.replicas = [ReplicaHandle(i) for i in range(config.data_parallel_size)]
         self.metrics = metrics
-        self.choose_policy = choose or course_router()   # choose(policy, outstanding, turn) -> index
+        self.choose_policy = config.choose_function() or course_router()   # (policy, outstanding, turn) -> index
         self.backlog: deque[Pending] = deque()
         self._ids = itertools.count()
         self._rr = itertools.count()
@@ -209,7 +165,7 @@ class Balancer:
         ours, theirs = mp.Pipe()
         r.process = mp.get_context("fork").Process(
             target=replica_main, name=f"replica{r.index}", daemon=False,  # a tp replica has children
-            args=(theirs, r.index, *self.worker_args))
+            args=(theirs, r.index, self.config))
         r.process.start()
         theirs.close()  # only the child holds its end now: its death means EOF on ours
         r.conn, r.state, r.started_at = ours, "starting", time.time()
@@ -242,7 +198,7 @@ class Balancer:
               flush=True)
         r.state, r.stuck = "stuck", r.stuck + 1   # out of rotation at once
         self._gauge(r)
-        kill_tree(r.process.pid)
+        proctree.kill_tree(r.process.pid)   # the replica and its ranks
         self._on_death(r)
 
     def _on_message(self, r: ReplicaHandle, msg) -> None:

@@ -7,7 +7,9 @@ is under half a second). A chapter that starts four servers would spend most of 
 for commands on stdin and answers each by forking a child that runs the very same `main(argv)` as
 `python -m helpers.course.serving ARGS` — with the command line, the environment and the working directory
 it was given, in its own session (so `stop()` signals it and its replicas as a process group), its output in
-its own log file. This is what gunicorn's `--preload` and multiprocessing's forkserver do.
+its own log file. This is what gunicorn's `--preload` and multiprocessing's forkserver do. The environment
+carries SERVING_PORT_PIPE, the named pipe on which the server reports its port to start_server (background.py
+report_port): nothing here reads it.
 
 Nothing the learner writes is imported here: the policy (exercise 6.2) and the tensor-parallel code are
 imported by each server as it starts, so a new server always runs the current `labs/` code.
@@ -26,6 +28,8 @@ import select
 import signal
 import sys
 import traceback
+
+from helpers import proctree
 
 PRELOAD = ("helpers.course.serving.__main__", "helpers.course.tiny_llama", "helpers.course.serving.device_time")
 
@@ -65,14 +69,8 @@ def _child(command: dict) -> int:
 
 
 def _reap() -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        _send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+    for pid, code in proctree.reap():
+        _send({"exited": pid, "code": code})
 
 
 def main() -> None:

@@ -42,12 +42,14 @@ class ServingMetrics:
         self.disconnects = Counter("serving_client_disconnects", "Requests cancelled because the client left",
                                    registry=r)
 
-        # A paged replica's KV cache (paged_engine.py), under vLLM's names
+        # A paged replica's KV cache (helpers/course/engine's KVCacheManager, its kv_stats()), under vLLM's names
         self.kv_usage = Gauge("serving_kv_cache_usage_perc", "Fraction of the KV cache's blocks in use, per replica "
                               "(vllm:kv_cache_usage_perc)", ["replica"], registry=r)
-        self.prefix_queries = Counter("serving_prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
-                                      "(vllm:prefix_cache_queries)", registry=r)
-        self.prefix_hits = Counter("serving_prefix_cache_hits", "Prompt tokens found in the prefix cache "
+        # vLLM's definition: tokens looked up as a request is admitted; a preempted request's re-admission is not
+        # counted here (the engine keeps it apart, as vLLM's preempted_queries / preempted_hits)
+        self.prefix_queries = Counter("serving_prefix_cache_queries", "Tokens looked up in the prefix cache at "
+                                      "admission (vllm:prefix_cache_queries)", registry=r)
+        self.prefix_hits = Counter("serving_prefix_cache_hits", "Tokens found in the prefix cache at admission "
                                    "(vllm:prefix_cache_hits)", registry=r)
         self.preemptions = Counter("serving_num_preemptions", "Sequences preempted for want of KV blocks, and "
                                    "recomputed later (vllm:num_preemptions)", registry=r)
@@ -65,8 +67,8 @@ class ServingMetrics:
 
     def observe_timings(self, timings: dict, n_tokens: int) -> None:
         """Record a replica's timings of one answered request ({first_token, total} seconds from its arrival
-        at the replica, as Sequence.timings() gives them). A non-streaming server answers when the last token
-        is out, so the time per output token is measured to the answer (a static batch's answer waits for
+        at the replica, as the engine's Request.timings() gives them). A non-streaming server answers when the
+        last token is out, so the time per output token is measured to the answer (a static batch's answer waits for
         its longest member, which shows here)."""
         first, total = (timings or {}).get("first_token"), (timings or {}).get("total")
         if first is None or total is None:

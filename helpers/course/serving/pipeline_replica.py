@@ -7,7 +7,7 @@ not an exercise, code to read (chapter 6). It reuses, through `load_impl` (COURS
 
 The replica process launches pp × tp ranks laid out like chapter 5's grid with dp = 1
 (rank = stage · tp + t). Rank 0 (stage 0, tp rank 0) reads the front end's pipe and broadcasts what arrived,
-so every rank keeps the same queue. Then all ranks serve one *round*: up to max_batch waiting requests, each
+so every rank keeps the same queue. Then all ranks serve one *round*: up to max_num_seqs waiting requests, each
 its own group of `pipelined_generate`, so while stage 1 computes request 0's next token, stage 0 computes
 request 1's. The round decodes max(max_tokens) steps and each request keeps its first max_tokens tokens.
 
@@ -28,7 +28,8 @@ import threading
 import time
 from collections import deque
 
-from helpers.course.serving.replica import HEARTBEAT, STATS_EVERY, load_model_module
+from helpers.course.serving.config import HEARTBEAT, ServeConfig
+from helpers.course.serving.replica import STATS_EVERY, load_model_module
 
 
 class Heartbeat:
@@ -77,8 +78,9 @@ def build_pipeline_stage(model, pp: int, tp: int):
     return stage.module, grid.ranks["pp"], grid.groups["pp"]
 
 
-def pipeline_rank(rank, world_size, conn, model_spec, batching, max_batch, pp, tp):
-    """Body of one rank of a pipeline replica (launched by replica_main with world_size = pp · tp)."""
+def pipeline_rank(rank, world_size, conn, config: ServeConfig):
+    """Body of one rank of a pipeline replica (launched by replica_main with world_size = pp · tp; config: the
+    server's ServeConfig)."""
     import torch
     import torch.distributed as dist
 
@@ -87,10 +89,10 @@ def pipeline_rank(rank, world_size, conn, model_spec, batching, max_batch, pp, t
     from helpers.timeline import Timeline
     torch.set_num_threads(1)
     conn = conn if rank == 0 else None   # only rank 0 (stage 0, tp rank 0) talks to the front end
-    model = load_model_module(model_spec).load_model().eval()
-    stage, stage_ranks, group = build_pipeline_stage(model, pp, tp)
+    model = load_model_module(config.model).load_model().eval()
+    stage, stage_ranks, group = build_pipeline_stage(model, config.pipeline_parallel_size, config.tensor_parallel_size)
     generate = load_impl("pipelined_decoding").pipelined_generate
-    per_round = 1 if batching == "none" else max_batch
+    per_round = 1 if config.batching == "none" else config.max_num_seqs
     clock = time.monotonic() - time.perf_counter()   # Timeline's perf_counter -> Request's monotonic
 
     waiting: deque = deque()

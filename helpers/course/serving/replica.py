@@ -28,10 +28,10 @@ import sys
 import time
 import traceback
 
-from helpers.launch import die_with_parent
+from helpers.course.serving.config import HEARTBEAT, ServeConfig  # noqa: F401 (HEARTBEAT: config.py's, named here)
+from helpers.proctree import die_with_parent
 
-STATS_EVERY = 0.05  # seconds between load reports while busy
-HEARTBEAT = 0.5     # seconds between load reports while idle: the front end's sign of life
+STATS_EVERY = 0.05  # seconds between load reports while busy; idle, every HEARTBEAT (config.py)
 
 
 def load_model_module(spec: str):
@@ -57,71 +57,68 @@ def close_inherited_sockets(keep: int) -> None:
                 pass
 
 
-def replica_main(conn, index: int, model_spec: str, batching: str, max_batch: int, threads: int = 1,
-                 tp: int = 1, pp: int = 1, kv: dict | None = None) -> None:
-    """Body of replica process `index`: load the model, then serve the pipe until it closes.
+def replica_main(conn, index: int, config: ServeConfig) -> None:
+    """Body of replica process `index`: load the model, then serve the pipe until it closes. `config` is the
+    server's ServeConfig, whole.
 
-    tp > 1: the replica is itself a distributed job. This process launches `tp` ranks (helpers.launch);
-    each shards the model with chapter 2's `shard_llama` and runs an identical engine in lockstep. Rank 0
-    reads the pipe and broadcasts what arrived to the other ranks before every step, so all ranks make the
-    same scheduling decisions and call the model with the same batch; the all-reduces inside the sharded
-    model then pair up. Only rank 0 answers the front end.
+    tensor_parallel_size > 1: the replica is itself a distributed job. This process launches that many ranks
+    (helpers.launch); each shards the model with chapter 2's `shard_llama` and runs an identical engine in
+    lockstep. Rank 0 reads the pipe and broadcasts what arrived to the other ranks before every step, so all
+    ranks make the same scheduling decisions and call the model with the same batch; the all-reduces inside
+    the sharded model then pair up. Only rank 0 answers the front end.
 
-    pp > 1: the replica is a pipeline of pp stages of tp ranks each (helpers/course/serving/pipeline_replica.py:
-    chapter 3's `pipelined_generate` over `LlamaStage`s, chapter 5's `build_hybrid_stage` when tp > 1).
+    pipeline_parallel_size > 1: the replica is a pipeline of stages of tp ranks each
+    (helpers/course/serving/pipeline_replica.py: chapter 3's `pipelined_generate` over `LlamaStage`s, chapter 5's
+    `build_hybrid_stage` when tp > 1).
 
-    kv: None keeps chapter 6's contiguous cache; a dict (num_blocks, block_size, prefix_caching, token_budget)
-    serves from chapter 7's paged KV cache (`build_engine`; pp = 1). With tp > 1 each rank's pool holds its own
-    KV heads and every rank runs the same scheduler decisions and block tables in lockstep: SGLang's design (a
-    scheduler per TP rank, kept in step by determinism); vLLM instead runs one scheduler and broadcasts its
-    output to the workers."""
+    kv_cache "contiguous" keeps chapter 6's cache; "paged" serves from chapter 7's paged KV cache (`build_engine`;
+    pp = 1). With tp > 1 each rank's pool holds its own KV heads and every rank runs the same scheduler
+    decisions and block tables in lockstep: SGLang's design (a scheduler per TP rank, kept in step by
+    determinism); vLLM instead runs one scheduler and broadcasts its output to the workers."""
     die_with_parent()
     close_inherited_sockets(keep=conn.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the front end, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from helpers.launch import launch
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
     if pp > 1:
         from helpers.course.serving.pipeline_replica import pipeline_rank
-        launch(pipeline_rank, pp * tp, conn, model_spec, batching, max_batch, pp, tp, timeout=10**7,
-               threads=threads, show_output=False, backend="gloo")
+        launch(pipeline_rank, pp * tp, conn, config, timeout=10**7, threads=config.threads, show_output=False,
+               backend="gloo")
         return
     if tp == 1:
-        _serve(conn, _build_engine(model_spec, batching, max_batch, threads, kv=kv), group_size=1)
+        _serve(conn, _build_engine(config, config.threads), group_size=1)
         return
     # The replica lives as long as the server: no job timeout worth speaking of.
-    launch(_tp_rank, tp, conn, model_spec, batching, max_batch, kv, timeout=10**7, threads=threads,
-           show_output=False, backend="gloo")
+    launch(_tp_rank, tp, conn, config, timeout=10**7, threads=config.threads, show_output=False, backend="gloo")
 
 
-def build_engine(model, batching: str = "continuous", max_batch: int = 8, kv: dict | None = None):
-    """The replica's engine (helpers/course/engine): chapter 6's contiguous cache, or with `kv` chapter 7's paged
-    cache — kv = {num_blocks, block_size, prefix_caching, token_budget}: token_budget None computes whole prompts
-    (a budget every prompt fits), N is vLLM's --max-num-batched-tokens."""
-    from helpers.course.engine import LLMEngine, SchedulerConfig
-    longest = model.config.max_position_embeddings
-    if not kv:
-        config = SchedulerConfig(max_num_batched_tokens=max_batch * longest, max_num_seqs=max_batch)
-        return LLMEngine.contiguous(model, config=config, batching=batching, record_steps=False)
-    budget = kv.get("token_budget") or max_batch * longest
-    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_batch)
-    return LLMEngine.paged(model, num_blocks=kv["num_blocks"], block_size=kv["block_size"],
-                           enable_prefix_caching=kv.get("prefix_caching", False), config=config, batching=batching,
-                           record_steps=False)
+def build_engine(model, config: ServeConfig):
+    """The replica's engine (helpers/course/engine) for `model`: chapter 6's contiguous cache, or chapter 7's
+    paged cache (config.kv_cache "paged": num_gpu_blocks_override blocks of block_size tokens, prefix caching);
+    its SchedulerConfig is config.scheduler_config (max_num_seqs; max_num_batched_tokens, None: whole prompts;
+    long_prefill_token_threshold)."""
+    from helpers.course.engine import LLMEngine
+    scheduler = config.scheduler_config(model.config)
+    if config.kv_cache == "contiguous":
+        return LLMEngine.contiguous(model, config=scheduler, batching=config.batching, record_steps=False)
+    return LLMEngine.paged(model, num_blocks=config.num_gpu_blocks_override, block_size=config.block_size,
+                           enable_prefix_caching=config.enable_prefix_caching, config=scheduler,
+                           batching=config.batching, record_steps=False)
 
 
-def _build_engine(model_spec, batching, max_batch, threads, shard=None, kv=None):
+def _build_engine(config: ServeConfig, threads: int, shard=None):
     import torch
     torch.set_num_threads(threads)
-    model = load_model_module(model_spec).load_model().eval()
+    model = load_model_module(config.model).load_model().eval()
     if shard is not None:
         shard(model)
-    return build_engine(model, batching, max_batch, kv)
+    return build_engine(model, config)
 
 
-def _tp_rank(rank, world_size, conn, model_spec, batching, max_batch, kv=None):
+def _tp_rank(rank, world_size, conn, config: ServeConfig):
     from helpers import load_impl
-    engine = _build_engine(model_spec, batching, max_batch, threads=1, shard=load_impl("tp_llama").shard_llama,
-                           kv=kv)
+    engine = _build_engine(config, threads=1, shard=load_impl("tp_llama").shard_llama)
     _serve(conn if rank == 0 else None, engine, group_size=world_size)
 
 
