@@ -1,16 +1,19 @@
-"""Wrong answers to exercise 7.4 (chunked prefill), planted in the reference solution, for
+"""Wrong answers to exercise 7.4 (one step of vLLM V1's scheduler), planted in the reference solution, for
 tests/graders/test_ch07_chunked_prefill.py::test_planted_mistakes_are_caught; and valid answers written
 differently, which the graders must pass (test_valid_alternatives_pass).
 
-Each variant is a mistake a learner makes: several give plausible schedules (the budget almost kept, every
-request eventually served), so only a grader that checks who gets how many tokens of which step catches
-them. `build(name)` returns an object whose `.chunked_prefill` the graders' checks accept in place of
-load_impl("chunked_prefill").
+Each variant is a mistake a learner makes: most give plausible runs (every request served in the end, the
+engine's own checks passed), so only a grader that compares who gets how many tokens of which step, who is
+preempted and who is admitted catches them. `build(name)` returns an object whose `.chunked_prefill` the graders'
+checks accept in place of load_impl("chunked_prefill").
 """
 from __future__ import annotations
 
 import types
 from dataclasses import dataclass
+
+from helpers.course.engine.request import RequestStatus
+from helpers.course.engine.scheduler import preempt
 
 
 @dataclass(frozen=True)
@@ -20,125 +23,152 @@ class Variant:
 
 
 VARIANTS = {
-    "budget_ignores_decodes": Variant("chunks sized from the whole budget, decodes not counted",
-                                      ("over token_budget",)),
-    "prefill_first": Variant("prompt chunks scheduled before the decodes", ("decodes first",)),
-    "decode_partial": Variant("a partly prefilled request decodes before its prompt is complete",
-                              ("still prefilling",)),
-    "chunk_whole_prompt": Variant("chunk = min(prompt_len, left): cached tokens computed again (duplicates)",
-                                  ("already in the cache",)),
-    "chunk_fills_budget": Variant("chunk = the budget left: positions past the prompt", ("past the end",)),
-    "forgets_partial": Variant("partly prefilled requests never continued (their tail skipped)",
-                               ("first come first served",)),
-    "shortest_first": Variant("waiting prompts served shortest first: a long one starves",
-                              ("first come first served",)),
-    "unchunked_first_fit": Variant("unchunked: later prompts that fit overtake one that does not",
-                                   ("first come first served",)),
-    "unchunked_splits": Variant("chunked=False ignored: prompts split anyway", ("runs whole",)),
-    "no_errors": Variant("token_budget=0 accepted without ValueError", ("ValueError",)),
-    "mutates_state": Variant("schedule_step advances req.computed itself", ("modified its inputs",)),
+    "decode_first": Variant("running decodes scheduled before partial prefills (Sarathi / vLLM V0)",
+                            ("admission order",)),
+    "threshold_ignored": Variant("long_prefill_token_threshold ignored", ("long_prefill_token_threshold",)),
+    "budget_exceeded": Variant("a running request's share not capped by the budget left",
+                               ("max_num_batched_tokens",)),
+    "admits_after_preemption": Variant("waiting requests admitted in a step that preempted",
+                                       ("admitted in a step that preempted",)),
+    "oldest_preempted": Variant("the oldest running request preempted", ("NEWEST",)),
+    "overtakes_blocked_head": Variant("a later waiting request admitted past a head that does not fit",
+                                      ("head-of-line",)),
+    "ignores_hits": Variant("prefix-cache hits never asked for: cached tokens computed again",
+                            ("get_computed_blocks",)),
+    "max_num_seqs_ignored": Variant("admissions not capped by max_num_seqs", ("max_num_seqs",)),
+    "advances_computed": Variant("num_computed_tokens advanced by the step", ("the engine advances",)),
+    "preempted_to_tail": Variant("a preempted request appended to the tail of the waiting queue",
+                                 ("HEAD of the waiting queue",)),
+    "full_fit_ignored": Variant("full_sequence_must_fit ignored", ("full_sequence_must_fit",)),
+    "chunked_ignored": Variant("enable_chunked_prefill=False ignored: prompts split anyway",
+                               ("enable_chunked_prefill=False",)),
+    "partial_not_continued": Variant("every running request gets one token: partial prefills never continued",
+                                     ("partial prefills are continued",)),
 }
 
 ALTERNATIVES = {
-    "prompts_listed_first": "the entries listed prompt chunks first, decodes after (the tokens are the same)",
-    "generator": "a generator of (request, num_tokens) pairs instead of a list",
-    "budget_loop": "one queue of (request, need) worked off with a while loop",
-    "pairs_as_lists": "[request, num_tokens] lists instead of tuples",
+    "for_loop": "the running queue walked with a for loop over a copy and a flag, the waiting queue with a "
+                "while-True loop; StepPlan built at the end",
 }
 
 
 def _step(mistake=None):
-    def schedule_step(running, waiting, token_budget, chunked=True):
-        if token_budget < 1 and mistake != "no_errors":
-            raise ValueError(f"token_budget={token_budget} must be >= 1")
-        decodes, chunks, left = [], [], token_budget
-        if mistake == "decode_partial":
-            decoding = list(running)
-        else:
-            decoding = [r for r in running if r.prefilled]
-        partial = [] if mistake in ("decode_partial", "forgets_partial") else [r for r in running if not r.prefilled]
-        prompts = partial + list(waiting)
-        if mistake == "shortest_first":
-            prompts = partial + sorted(waiting, key=lambda r: r.remaining_prompt)
+    """The reference schedule_step with one mistake switched on."""
+    import solutions.chunked_prefill as sol
 
-        def fill_prompts(left):
-            for req in prompts:
-                need = req.remaining_prompt
-                if chunked or mistake == "unchunked_splits":
-                    if left <= 0:
-                        break
-                    if mistake == "chunk_whole_prompt":
-                        take = min(req.prompt_len, left)
-                    elif mistake == "chunk_fills_budget":
-                        take = left
-                    elif mistake == "budget_ignores_decodes":
-                        take = min(need, token_budget)
-                    else:
-                        take = min(need, left)
-                else:
-                    if need > token_budget and mistake != "no_errors":
-                        raise ValueError(f"request {req.rid}: prompt of {need} tokens over token_budget={token_budget}")
-                    if need > left:
-                        if mistake == "unchunked_first_fit":
-                            continue
-                        break
-                    take = need
-                chunks.append((req, take))
-                left -= take
-            return left
-
-        if mistake == "prefill_first":
-            left = fill_prompts(left)
-        for req in decoding:
-            if left > 0:
-                decodes.append((req, 1))
-                left -= 1
-        if mistake != "prefill_first":
-            fill_prompts(left)
-        if mistake == "mutates_state":
-            for req, n in chunks:
-                req.computed += n
-        if mistake == "prompts_listed_first":
-            return chunks + decodes
-        if mistake == "pairs_as_lists":
-            return [[req, n] for req, n in decodes + chunks]
-        if mistake == "generator":
-            return (entry for entry in decodes + chunks)
-        return decodes + chunks
+    def schedule_step(running, waiting, kv, config):
+        plan, budget = sol.StepPlan(), config.max_num_batched_tokens
+        threshold = 0 if mistake == "threshold_ignored" else config.long_prefill_token_threshold
+        if mistake == "decode_first":
+            running.sort(key=lambda r: r.num_computed_tokens < r.num_prompt_tokens)
+        index = 0
+        while index < len(running) and budget > 0:
+            request = running[index]
+            n = request.num_new_tokens
+            if 0 < threshold < n:
+                n = threshold
+            if mistake == "partial_not_continued":
+                n = 1
+            if mistake != "budget_exceeded":
+                n = min(n, budget)
+            scheduled = True
+            while not kv.allocate_slots(request, n, num_lookahead_tokens=config.num_lookahead_tokens):
+                victim = running.pop(0) if mistake == "oldest_preempted" else running.pop()
+                preempt(victim, kv)
+                (waiting.append if mistake == "preempted_to_tail" else waiting.appendleft)(victim)
+                plan.preempted.append(victim)
+                if victim.rid in plan.num_scheduled_tokens:
+                    budget += plan.num_scheduled_tokens.pop(victim.rid)
+                if victim is request:
+                    scheduled = False
+                    break
+                if mistake == "oldest_preempted":
+                    index -= 1
+            if not scheduled:
+                break
+            plan.num_scheduled_tokens[request.rid] = n
+            budget -= n
+            if mistake == "advances_computed":
+                request.num_computed_tokens += n
+            index += 1
+        if plan.preempted and mistake != "admits_after_preemption":
+            return plan
+        skipped = []
+        while waiting and budget > 0 and (len(running) < config.max_num_seqs or mistake == "max_num_seqs_ignored"):
+            request = waiting[0]
+            hits = 0 if mistake == "ignores_hits" else kv.get_computed_blocks(request)
+            n = request.num_tokens - hits
+            if 0 < threshold < n:
+                n = threshold
+            if not config.enable_chunked_prefill and n > budget and mistake != "chunked_ignored":
+                break
+            n = min(n, budget)
+            fit = config.full_sequence_must_fit and mistake != "full_fit_ignored"
+            if not kv.allocate_slots(request, n, num_new_computed_tokens=hits, full_sequence_must_fit=fit):
+                if mistake == "overtakes_blocked_head":
+                    skipped.append(waiting.popleft())
+                    continue
+                break
+            waiting.popleft()
+            request.num_computed_tokens = hits + (n if mistake == "advances_computed" else 0)
+            request.status = RequestStatus.RUNNING
+            running.append(request)
+            plan.num_scheduled_tokens[request.rid] = n
+            budget -= n
+        waiting.extendleft(reversed(skipped))
+        return plan
 
     return schedule_step
 
 
-def _budget_loop(running, waiting, token_budget, chunked=True):
-    if token_budget < 1:
-        raise ValueError("token_budget must be >= 1")
-    queue = [(r, 1) for r in running if r.prefilled] + \
-        [(r, r.remaining_prompt) for r in running if not r.prefilled] + [(r, r.remaining_prompt) for r in waiting]
-    out, left, i = [], token_budget, 0
-    while i < len(queue) and left > 0:
-        req, need = queue[i]
-        if not chunked and not req.prefilled:
-            if need > token_budget:
-                raise ValueError(f"prompt of {need} tokens over the budget")
-            if need > left:
-                break
-        take = min(need, left)
-        if req.prefilled and take < 1:
+def _for_loop(running, waiting, kv, config):
+    """A valid answer written differently."""
+    import solutions.chunked_prefill as sol
+    tokens, preempted, left = {}, [], config.max_num_batched_tokens
+    cap = config.long_prefill_token_threshold or None
+    stopped = False
+    for request in list(running):
+        if left <= 0 or stopped or request not in running:
             break
-        out.append((req, take))
-        left -= take
-        i += 1
-    return out
+        n = min(request.num_new_tokens, cap or request.num_new_tokens, left)
+        while True:
+            if kv.allocate_slots(request, n, num_lookahead_tokens=config.num_lookahead_tokens):
+                tokens[request.rid] = n
+                left -= n
+                break
+            victim = running.pop()
+            preempt(victim, kv)
+            waiting.appendleft(victim)
+            preempted.append(victim)
+            left += tokens.pop(victim.rid, 0)
+            if victim is request:
+                stopped = True
+                break
+    while not preempted and waiting and left > 0 and len(running) < config.max_num_seqs:
+        head = waiting[0]
+        hits = kv.get_computed_blocks(head)
+        n = min(head.num_tokens - hits, cap or head.num_tokens)
+        if n > left and not config.enable_chunked_prefill:
+            break
+        n = min(n, left)
+        if not kv.allocate_slots(head, n, num_new_computed_tokens=hits,
+                                 full_sequence_must_fit=config.full_sequence_must_fit):
+            break
+        running.append(waiting.popleft())
+        head.num_computed_tokens, head.status = hits, RequestStatus.RUNNING
+        tokens[head.rid] = n
+        left -= n
+    return sol.StepPlan(tokens, preempted)
 
 
 def build(name: str | None):
     """The reference implementation with variant `name` planted (None: unmodified)."""
     import solutions.chunked_prefill as sol
     cp = types.SimpleNamespace(**{k: v for k, v in vars(sol).items() if not k.startswith("__")})
-    if name == "budget_loop":
-        cp.schedule_step = _budget_loop
+    if name == "for_loop":
+        cp.schedule_step = _for_loop
     elif name is not None:
-        if name not in VARIANTS and name not in ALTERNATIVES:
+        if name not in VARIANTS:
             raise KeyError(f"no planted variant {name!r}")
         cp.schedule_step = _step(name)
     return types.SimpleNamespace(chunked_prefill=cp)

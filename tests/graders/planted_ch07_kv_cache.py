@@ -42,13 +42,29 @@ VARIANTS = {
     "attn_drop_partial": Variant("7.2", ("attention",), "ignores the last, partial block", ("partial block",)),
     "attn_gqa_modulo": Variant("7.2", ("attention",), "query head h reads KV head h % kv_heads", ("h // ",)),
     "attn_no_scale": Variant("7.2", ("attention",), "no 1/sqrt(head_dim)", ("sqrt(head_dim)",)),
+    "python_hash": Variant("7.3", ("hashes",), "Python's hash instead of SHA-256", ("SHA-256",)),
     "hash_no_parent": Variant("7.3", ("hashes",), "each block hashed alone", ("parent",)),
     "hash_partial": Variant("7.3", ("hashes",), "a partial block gets a hash", ("FULL block",)),
-    "whole_prompt_hit": Variant("7.3", ("prefix",), "the last token's block reused", ("last token",)),
-    "cache_partial": Variant("7.3", ("prefix",), "a prompt's partial block registered in the cache",
+    "salt_every_block": Variant("7.3", ("hashes",), "the cache salt in every block's extra keys",
+                                ("EVERY block",)),
+    "salt_ignored": Variant("7.3", ("hashes",), "the cache salt ignored", ("salt is ignored",)),
+    "parent_ignored": Variant("7.3", ("hashes",), "the chain restarts at NONE_HASH whatever `parent` is",
+                              ("continue from `parent`",)),
+    "whole_prompt_hit": Variant("7.3", ("prefix",), "a hit covers the last token", ("LAST token",)),
+    "cache_partial": Variant("7.3", ("prefix",), "the trailing partial block cached",
                              ("partial block is never cached",)),
+    "cache_dup": Variant("7.3", ("prefix",), "cache_blocks re-registers a hash another block holds",
+                         ("left to that block",)),
+    "allocate_no_register": Variant("7.3", ("prefix",), "allocate does not register its full blocks",
+                                    ("allocate registers",)),
+    "cache_blocks_noop": Variant("7.3", ("prefix",), "cache_blocks registers nothing: generated blocks never cached",
+                                 ("generated",)),
+    "generated_not_cached_engine": Variant("7.3", ("prefix_llama",), "the same, seen through the engine: a "
+                                           "follow-up turn misses the answer", ("generated tokens",)),
     "free_referenced": Variant("7.3", ("prefix",), "free frees blocks other sequences hold", ("still",)),
     "no_ref_on_hit": Variant("7.3", ("prefix",), "a hit does not take a reference", ("one reference per",)),
+    "free_head_first": Variant("7.3", ("prefix",), "free makes the head evictable before the tail",
+                               ("LAST block",)),
     "evict_mru": Variant("7.3", ("prefix",), "the most recently freed block evicted first", ("LEAST recently",)),
     "half_allocated_prefix": Variant("7.3", ("prefix",), "hits taken before OutOfBlocks", ("unchanged",)),
     "hits_counted_free": Variant("7.3", ("prefix",), "evictable hits also counted as free",
@@ -61,8 +77,8 @@ ALTERNATIVES = {
                                                               "is handed out first)"),
     "attn_sdpa": Variant("7.2", ("attention",), "gather with index tensors, then PyTorch's "
                                                            "scaled_dot_product_attention with enable_gqa"),
-    "sha256_hashes": Variant("7.3", ("hashes", "prefix", "prefix_llama"), "a SHA-256 hash chain (as vLLM "
-                                                                           "offers) instead of Python's hash"),
+    "hashes_inline": Variant("7.3", ("hashes", "prefix", "prefix_llama"), "block_hashes written with hashlib and "
+                                                                           "pickle directly, the chain by recursion"),
     "prefix_lifo": Variant("7.3", ("prefix",), "prefix caching on a LIFO free list"),
 }
 
@@ -208,113 +224,145 @@ def _attention_sdpa(pkv_sol, pc_sol, pkv, pc):
 # ------------------------------------------------------------------------------------------------ 7.3
 
 def _hashes(mistake):
-    def block_hashes(token_ids, block_size):
-        ids, out, parent = [int(t) for t in token_ids], [], 0
+    """block_hashes with one mistake; the rest as the reference (hash_block_tokens, NONE_HASH)."""
+    def block_hashes(token_ids, block_size, parent=None, cache_salt=None):
+        import solutions.prefix_cache as sol
+        ids, out = [int(t) for t in token_ids], []
+        if mistake == "parent_ignored":
+            parent = None
+        first = parent is None
         stop = len(ids) if mistake == "partial" else len(ids) - block_size + 1
         for start in range(0, stop, block_size):
-            block = tuple(ids[start:start + block_size])
-            parent = hash(block) if mistake == "no_parent" else hash((parent, block))
+            block = ids[start:start + block_size]
+            salted = cache_salt and (first or mistake == "salt_every_block") and mistake != "salt_ignored"
+            extra = (cache_salt,) if salted else None
+            if mistake == "python_hash":
+                parent = hash((parent or 0, tuple(block), extra))
+            elif mistake == "no_parent":
+                parent = sol.hash_block_tokens(sol.NONE_HASH, block, extra)
+            else:
+                parent = sol.hash_block_tokens(parent if parent is not None else sol.NONE_HASH, block, extra)
             out.append(parent)
+            first = False
         return out
-    return lambda pkv_sol, pc_sol, pkv, pc: setattr(pc, "block_hashes", block_hashes)
+    return block_hashes
 
 
-def _sha256_hashes(pkv_sol, pc_sol, pkv, pc):
-    def block_hashes(token_ids, block_size):
-        ids, out, parent = [int(t) for t in token_ids], [], b""
-        for start in range(0, len(ids) - block_size + 1, block_size):
-            digest = hashlib.sha256(parent + repr(ids[start:start + block_size]).encode()).digest()
-            out.append(int.from_bytes(digest[:8], "little"))
-            parent = digest
-        return out
-    pc.block_hashes = block_hashes
-    # the manager must use this module's block_hashes: plant a subclass whose allocate looks it up here
-    base = pc_sol.PrefixCachingBlockManager
-
-    class Sha256Manager(base):
-        def allocate(self, seq_id, token_ids):
-            original = pc_sol.block_hashes
-            pc_sol.block_hashes = block_hashes
-            try:
-                return base.allocate(self, seq_id, token_ids)
-            finally:
-                pc_sol.block_hashes = original
-    pc.PrefixCachingBlockManager = Sha256Manager
+def _hashes_inline(token_ids, block_size, parent=None, cache_salt=None):
+    """A valid answer written without hash_block_tokens: hashlib and pickle directly, the chain by recursion."""
+    import pickle
+    ids = list(map(int, token_ids))
+    if len(ids) < block_size:
+        return []
+    extra = (cache_salt,) if cache_salt and parent is None else None
+    digest = hashlib.sha256(pickle.dumps((parent or bytes(32), tuple(ids[:block_size]), extra),
+                                         protocol=pickle.HIGHEST_PROTOCOL)).digest()
+    return [digest] + _hashes_inline(ids[block_size:], block_size, digest)
 
 
-def _prefix_allocate(mistake):
-    """The reference allocate with one mistake switched on."""
-    def allocate(self, seq_id, token_ids):
-        token_ids = [int(t) for t in token_ids]
-        if seq_id in self.tables or not token_ids:
-            raise ValueError("bad request")
-        bs = self.block_size
-        from solutions.prefix_cache import block_hashes
-        hashes = block_hashes(token_ids, bs)
-        limit = len(hashes) if mistake == "whole_prompt_hit" else (len(token_ids) - 1) // bs
-        hits = []
-        for h in hashes[:limit]:
-            if h not in self.cached:
-                break
-            hits.append(self.cached[h])
-        needed = self.blocks_needed(len(token_ids)) - len(hits)
-        if mistake == "half_allocated":
-            for block in hits:
-                self.evictable.pop(block, None)
-                self.ref_counts[block] = self.ref_counts.get(block, 0) + 1
-        if mistake == "hits_counted_free":
-            available = self.num_free_blocks
-        else:
-            available = len(self.free_blocks) + sum(1 for b in self.evictable if b not in hits)
-        if needed > available:
-            raise OutOfBlocks(f"needs {needed} new blocks, {available} free")
-        if mistake != "half_allocated":
-            for block in hits:
-                self.evictable.pop(block, None)
-                self.ref_counts[block] = 1 if mistake == "no_ref" else self.ref_counts.get(block, 0) + 1
-        table = list(hits)
-        for i in range(len(hits), len(hits) + needed):
-            block = self._take_block()
-            self.ref_counts[block] = 1
-            table.append(block)
-            key = hashes[i] if i < len(hashes) else None
-            if key is None and mistake == "cache_partial":
-                key = hash((hashes[-1] if hashes else 0, tuple(token_ids[i * bs:])))
-            if key is not None and key not in self.cached:
-                self.cached[key] = block
-                self.hash_of_block[block] = key
-        self.tables[seq_id] = table
-        self.num_tokens[seq_id] = len(token_ids)
-        self.query_tokens += len(token_ids)
-        self.hit_tokens += len(hits) * bs
-        return len(hits) * bs
-    return allocate
+def _prefix(mistake=None, hashes=None):
+    """The reference PrefixCachingBlockManager with one mistake switched on (and block_hashes replaced by
+    `hashes`, module and manager alike)."""
+    def plant(pkv_sol, pc_sol, pkv, pc):
+        fn = hashes or pc_sol.block_hashes
+        base = pc_sol.PrefixCachingBlockManager
 
+        class Planted(base):
+            def cached_prefix(self, token_ids, cache_salt=None):
+                size, ids = self.block_size, [int(t) for t in token_ids]
+                usable = len(ids) // size if mistake == "whole_prompt_hit" else (len(ids) - 1) // size
+                hits = []
+                for h in fn(ids[:usable * size], size, cache_salt=cache_salt):
+                    if h not in self.cached:
+                        break
+                    hits.append(self.cached[h])
+                return hits
 
-def _free_referenced(self, seq_id):
-    for block in reversed(self.block_table(seq_id)):
-        self.ref_counts.pop(block, None)
-        if block in self.hash_of_block:
-            self.evictable[block] = None
-        else:
-            self.free_blocks.append(block)
-    del self.tables[seq_id], self.num_tokens[seq_id]
+            def _take_block(self):
+                if self.free_blocks:
+                    return self.free_blocks.pop() if mistake == "lifo" else self.free_blocks.popleft()
+                block, _ = self.evictable.popitem(last=mistake == "evict_mru")
+                del self.cached[self.hash_of_block.pop(block)]
+                return block
 
+            def allocate(self, seq_id, token_ids, cache_salt=None):
+                token_ids = [int(t) for t in token_ids]
+                if seq_id in self.tables or not token_ids:
+                    raise ValueError("bad request")
+                hits = self.cached_prefix(token_ids, cache_salt)
+                needed = self.blocks_needed(len(token_ids)) - len(hits)
+                if mistake == "half_allocated":
+                    for block in hits:
+                        self.evictable.pop(block, None)
+                        self.ref_counts[block] = self.ref_counts.get(block, 0) + 1
+                if mistake == "hits_counted_free":
+                    available = self.num_free_blocks
+                else:
+                    available = len(self.free_blocks) + sum(1 for b in self.evictable if b not in hits)
+                if needed > available:
+                    raise OutOfBlocks(f"needs {needed} new blocks, {available} free")
+                if mistake != "half_allocated":
+                    for block in hits:
+                        self.evictable.pop(block, None)
+                        self.ref_counts[block] = 1 if mistake == "no_ref" else self.ref_counts.get(block, 0) + 1
+                table = list(hits)
+                for _ in range(needed):
+                    block = self._take_block()
+                    self.ref_counts[block] = 1
+                    table.append(block)
+                self.tables[seq_id], self.num_tokens[seq_id] = table, len(token_ids)
+                if mistake == "cache_blocks_noop":          # registers the prompt's blocks itself, nothing later
+                    base.cache_blocks(self, seq_id, token_ids, cache_salt)
+                elif mistake != "allocate_no_register":
+                    self.cache_blocks(seq_id, token_ids, cache_salt)
+                return len(hits) * self.block_size
 
-def _take_block_mru(self):
-    if self.free_blocks:
-        return self.free_blocks.popleft()
-    block, _ = self.evictable.popitem(last=True)
-    del self.cached[self.hash_of_block.pop(block)]
-    return block
+            def append_slot(self, seq_id):
+                table, position = self.tables[seq_id], self.num_tokens[seq_id]
+                if position == len(table) * self.block_size:
+                    if not self.num_free_blocks:
+                        raise OutOfBlocks("0 free blocks")
+                    block = self._take_block()
+                    self.ref_counts[block] = 1
+                    table.append(block)
+                self.num_tokens[seq_id] = position + 1
+                return table[position // self.block_size], position % self.block_size
 
+            def cache_blocks(self, seq_id, token_ids, cache_salt=None):
+                if mistake == "cache_blocks_noop":
+                    return []
+                table, size, new = self.tables[seq_id], self.block_size, []
+                ids = [int(t) for t in token_ids]
+                hashes = fn(ids, size, cache_salt=cache_salt)
+                if mistake == "cache_partial" and len(ids) % size and len(hashes) < len(table):
+                    hashes.append(pc_sol.hash_block_tokens(hashes[-1] if hashes else pc_sol.NONE_HASH,
+                                                           ids[len(hashes) * size:]))
+                for block, h in zip(table, hashes):
+                    if block in self.hash_of_block or (h in self.cached and mistake != "cache_dup"):
+                        continue
+                    self.cached[h], self.hash_of_block[block] = block, h
+                    new.append(h)
+                return new
 
-def _take_block_lifo(self):
-    if self.free_blocks:
-        return self.free_blocks.pop()
-    block, _ = self.evictable.popitem(last=False)
-    del self.cached[self.hash_of_block.pop(block)]
-    return block
+            def free(self, seq_id):
+                table = self.tables[seq_id]
+                for block in (table if mistake == "free_head_first" else reversed(table)):
+                    if mistake == "free_referenced":
+                        self.ref_counts.pop(block, None)
+                    else:
+                        self.ref_counts[block] -= 1
+                        if self.ref_counts[block]:
+                            continue
+                        del self.ref_counts[block]
+                    if block in self.hash_of_block:
+                        self.evictable[block] = None
+                    else:
+                        self.free_blocks.append(block)
+                del self.tables[seq_id], self.num_tokens[seq_id]
+
+        pc.PrefixCachingBlockManager = Planted
+        pc.block_hashes = fn
+    return plant
 
 
 _PLANT = {
@@ -327,18 +375,27 @@ _PLANT = {
     "attn_drop_partial": _attention("drop_partial"),
     "attn_gqa_modulo": _attention("gqa_modulo"),
     "attn_no_scale": _attention("no_scale"),
-    "hash_no_parent": _hashes("no_parent"),
-    "hash_partial": _hashes("partial"),
-    "whole_prompt_hit": _prefix(allocate=_prefix_allocate("whole_prompt_hit")),
-    "cache_partial": _prefix(allocate=_prefix_allocate("cache_partial")),
-    "free_referenced": _prefix(free=_free_referenced),
-    "no_ref_on_hit": _prefix(allocate=_prefix_allocate("no_ref")),
-    "evict_mru": _prefix(_take_block=_take_block_mru),
-    "half_allocated_prefix": _prefix(allocate=_prefix_allocate("half_allocated")),
-    "hits_counted_free": _prefix(allocate=_prefix_allocate("hits_counted_free")),
+    "python_hash": _prefix(hashes=_hashes("python_hash")),
+    "hash_no_parent": _prefix(hashes=_hashes("no_parent")),
+    "hash_partial": _prefix(hashes=_hashes("partial")),
+    "salt_every_block": _prefix(hashes=_hashes("salt_every_block")),
+    "salt_ignored": _prefix(hashes=_hashes("salt_ignored")),
+    "parent_ignored": _prefix(hashes=_hashes("parent_ignored")),
+    "whole_prompt_hit": _prefix("whole_prompt_hit"),
+    "cache_partial": _prefix("cache_partial"),
+    "cache_dup": _prefix("cache_dup"),
+    "allocate_no_register": _prefix("allocate_no_register"),
+    "cache_blocks_noop": _prefix("cache_blocks_noop"),
+    "generated_not_cached_engine": _prefix("cache_blocks_noop"),
+    "free_referenced": _prefix("free_referenced"),
+    "no_ref_on_hit": _prefix("no_ref"),
+    "free_head_first": _prefix("free_head_first"),
+    "evict_mru": _prefix("evict_mru"),
+    "half_allocated_prefix": _prefix("half_allocated"),
+    "hits_counted_free": _prefix("hits_counted_free"),
     # valid alternatives
     "lifo_free_list": _manager(allocate=_lifo_allocate, append_slot=_lifo_append),
     "attn_sdpa": _attention_sdpa,
-    "sha256_hashes": _sha256_hashes,
-    "prefix_lifo": _prefix(_take_block=_take_block_lifo),
+    "hashes_inline": _prefix(hashes=_hashes_inline),
+    "prefix_lifo": _prefix("lifo"),
 }

@@ -50,7 +50,9 @@ Mistakes each grader catches (each one planted in tests/graders/planted_ch07_kv_
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import pickle
 import random
 import types
 
@@ -539,6 +541,55 @@ def check_paged_llama_tokens(impl=None):
 
 # ---------------------------------------------------------------------------------------- 7.3 prefix caching
 
+_NONE_HASH = bytes(32)
+
+
+def reference_hashes(token_ids, block_size, parent=None, cache_salt=None):
+    """The grader's own vLLM block hashes: SHA-256 of pickle((parent, tuple(block tokens), extra keys)), the root
+    parent 32 zero bytes, the salt as extra key (salt,) of the sequence's first block only, None elsewhere."""
+    out = []
+    for start in range(0, len(token_ids) // block_size * block_size, block_size):
+        extra = (cache_salt,) if cache_salt and parent is None else None
+        data = pickle.dumps((_NONE_HASH if parent is None else parent,
+                             tuple(int(t) for t in token_ids[start:start + block_size]), extra),
+                            protocol=pickle.HIGHEST_PROTOCOL)
+        parent = hashlib.sha256(data).digest()
+        out.append(parent)
+    return out
+
+
+def _hash_hint(got, tokens, size, parent=None, salt=None):
+    """Which rule a wrong list of hashes breaks, found by comparing it with the chains other rules give."""
+    alone = [reference_hashes(tokens[i:i + size], size, cache_salt=salt if i == 0 else None)[0]
+             for i in range(0, len(tokens) // size * size, size)]
+    guesses = [
+        (reference_hashes(tokens, size, parent), "the cache salt is ignored: it must enter the FIRST block's extra "
+                                                 "keys, extra = (cache_salt,)"),
+        (reference_hashes(tokens, size), "the chain does not continue from `parent`: the first block's parent "
+                                         "is the given parent hash (NONE_HASH only when parent is None)"),
+        (alone, "each block is hashed alone: chain each block to its parent's hash, so that the same block after "
+                "a different prefix gets a different hash"),
+    ]
+    if salt:
+        every, h = [], parent
+        for i in range(0, len(tokens) // size * size, size):
+            every.append(hashlib.sha256(pickle.dumps((_NONE_HASH if h is None else h, tuple(tokens[i:i + size]),
+                                                      (salt,)), protocol=pickle.HIGHEST_PROTOCOL)).digest())
+            h = every[-1]
+        guesses.insert(0, (every, "the salt is in EVERY block's extra keys: only the sequence's first block gets "
+                                  "(cache_salt,) (the chain carries it to the others), later blocks get None"))
+        if parent is not None:
+            guesses.insert(0, (reference_hashes(tokens, size, parent), "a chain continued from `parent` gets no "
+                               "salt: the salt belongs to the sequence's first block only"))
+    for hashes, hint in guesses:
+        if got == hashes:
+            return hint
+    if len(got) != len(tokens) // size:
+        return "one hash per FULL block: a trailing partial block has none"
+    return ("h_i = hash_block_tokens(h_{i-1}, the block's tokens, extra), h_{-1} = parent or NONE_HASH, extra = "
+            "(cache_salt,) for the sequence's first block only")
+
+
 def check_block_hashes(impl=None):
     pc, failures = _impl(impl).prefix_cache, []
     W = "[7.3] block_hashes"
@@ -547,38 +598,81 @@ def check_block_hashes(impl=None):
     ok, h = _call(failures, f"{W}(37 tokens, 16)", pc.block_hashes, a, 16)
     if not ok:
         return failures
-    if not isinstance(h, list) or len(h) != 2 or not all(isinstance(x, int) for x in h):
-        failures.append(f"{W}: 37 tokens in blocks of 16 gave {h!r}; expected a list of 2 ints: one per FULL block, "
-                        f"none for the partial 3rd block ({HASHES})")
+    if not isinstance(h, list) or not all(isinstance(x, bytes) and len(x) == 32 for x in h):
+        failures.append(f"{W}: 37 tokens in blocks of 16 gave {h!r:.200}; expected a list of 32-byte `bytes`, the "
+                        f"SHA-256 digests of hash_block_tokens — not Python's hash (64 bits an attacker can predict: "
+                        f"vLLM moved to SHA-256 after a collision advisory) ({HASHES})")
         return failures
-    checks = [
-        (pc.block_hashes(a, 16) == h, "the same tokens gave different hashes on a second call: must be "
-                                      "deterministic"),
-        (pc.block_hashes(a[:32], 16) == h, "37 and 32 tokens with the same first 32 gave different hashes: hash only "
-                                           "the FULL blocks"),
-        (pc.block_hashes(a[:15], 16) == [], "15 tokens in blocks of 16 must give no hash: a partial block has none"),
-        (pc.block_hashes(a[:20], 4)[:4] == pc.block_hashes(a, 4)[:4], "equal first 16 tokens must give equal first "
-                                                                     "4 hashes (block_size 4)"),
-    ]
-    b = a[:16] + [(t + 1) % 256 for t in a[16:32]]
-    c = [(t + 1) % 256 for t in a[:16]] + a[16:32]
-    hb, hc = pc.block_hashes(b, 16), pc.block_hashes(c, 16)
-    checks += [
-        (hb[0] == h[0] and hb[1] != h[1], "the same first block must give the same first hash, a different second "
-                                          "block a different second hash"),
-        (hc[0] != h[0] and hc[1] != h[1], "the same second block after a DIFFERENT first block got the same hash: "
-                                          "chain each block's hash to its parent's, hash((parent, tokens))"),
-    ]
-    for ok, message in checks:
+    cases = [("37 tokens, block_size 16", (a, 16), {}, a, 16, None, None),
+             ("15 tokens, block_size 16 (no full block)", (a[:15], 16), {}, a[:15], 16, None, None),
+             ("37 tokens, block_size 4", (a, 4), {}, a, 4, None, None),
+             ("the same 16 tokens after a different first block",
+              ([(t + 1) % 256 for t in a[:16]] + a[16:32], 16), {}, [(t + 1) % 256 for t in a[:16]] + a[16:32], 16,
+              None, None),
+             ("cache_salt='tenant-a'", (a, 16), {"cache_salt": "tenant-a"}, a, 16, None, "tenant-a"),
+             ("cache_salt='' (no salt)", (a, 16), {"cache_salt": ""}, a, 16, None, ""),
+             ("a[16:] continuing from parent=h_0", (a[16:], 16), {"parent": None}, a[16:], 16, "h0", None),
+             ("a[8:] with block_size 4 continuing from parent=h_1, cache_salt='tenant-a'", (a[8:], 4),
+              {"parent": None, "cache_salt": "tenant-a"}, a[8:], 4, "h1s", "tenant-a")]
+    parents = {"h0": reference_hashes(a, 16)[0], "h1s": reference_hashes(a, 4, cache_salt="tenant-a")[1]}
+    for label, args, kwargs, tokens, size, parent, salt in cases:
+        if parent is not None:
+            kwargs = dict(kwargs, parent=parents[parent])
+        ok, got = _call(failures, f"{W}: {label}", pc.block_hashes, *args, **kwargs)
         if not ok:
-            failures.append(f"{W}: {message} ({HASHES})")
             return failures
+        want = reference_hashes(tokens, size, parents.get(parent), salt)
+        if got != want:
+            failures.append(f"{W}: {label}: {len(got) if isinstance(got, list) else got!r} hashes, not vLLM's — "
+                            f"{_hash_hint(got, tokens, size, parents.get(parent), salt)} ({HASHES})")
+            return failures
+    again = pc.block_hashes(list(a), 16)
+    if again != h:
+        failures.append(f"{W}: the same tokens gave different hashes on a second call: they must be deterministic "
+                        f"({HASHES})")
     return failures
 
 
 def _prompt(seed, n):
     rng = random.Random(seed)
     return [rng.randrange(256) for _ in range(n)]
+
+
+def _cache_state(m):
+    """What the cache holds, from the state the docstring promises."""
+    return (len(m.free_blocks), {s: list(t) for s, t in m.tables.items()}, dict(m.ref_counts), dict(m.cached),
+            dict(m.hash_of_block), list(m.evictable))
+
+
+def _check_cache_consistent(failures, where, m):
+    """cached and hash_of_block are each other's inverse; a cached block is held or evictable; an evictable one
+    is cached and held by no one; free blocks are neither held nor cached."""
+    cached, of_block, refs = dict(m.cached), dict(m.hash_of_block), dict(m.ref_counts)
+    held = {b for t in m.tables.values() for b in t}
+    problem = None
+    if len(set(of_block.values())) < len(of_block):
+        twice = next(h for h in of_block.values() if list(of_block.values()).count(h) > 1)
+        problem = (f"blocks {sorted(b for b, h in of_block.items() if h == twice)} are registered under one hash "
+                   f"(cached[hash] = {cached.get(twice)}): a hash already cached by another block is left to that "
+                   f"block — register a block only if its hash is not in `cached`")
+    elif {b: h for h, b in cached.items()} != of_block:
+        problem = (f"`cached` {{hash: block}} and `hash_of_block` {{block: hash}} disagree (cached blocks "
+                   f"{sorted(cached.values())}, hash_of_block's {sorted(of_block)}): register and evict a block in both")
+    elif any(b not in of_block or b in held for b in m.evictable):
+        problem = (f"evictable {list(m.evictable)} holds a block that is not cached or that a sequence holds "
+                   f"(held: {sorted(held)}): only cached blocks no sequence holds are evictable")
+    elif any(b not in held and b not in m.evictable for b in of_block):
+        problem = "a cached block is neither held nor evictable: a block at 0 references that is cached is evictable"
+    elif set(m.free_blocks) & (held | set(of_block)):
+        problem = (f"free_blocks holds block(s) {sorted(set(m.free_blocks) & (held | set(of_block)))} that are held "
+                   f"or cached: a block is free only when no sequence holds it and it is not cached")
+    elif any(refs.get(b, 0) != sum(t.count(b) for t in m.tables.values()) for b in held | set(refs)):
+        problem = (f"ref_counts {refs} is not the number of live sequences holding each block "
+                   f"({ {b: sum(t.count(b) for t in m.tables.values()) for b in sorted(held)} }): one reference per "
+                   f"sequence holding the block")
+    if problem:
+        failures.append(f"{where}: {problem} ({PREFIX})")
+    return problem is None
 
 
 def check_prefix_manager(impl=None):
@@ -597,11 +691,38 @@ def check_prefix_manager(impl=None):
         failures.append(f"{W} allocate('a', 10 tokens) with block_size 4: table {a}, {m.num_free_blocks} free; "
                         f"expected 3 blocks and 5 free ({PREFIX}.allocate)")
         return failures
-    cached_entries = len(getattr(m, "cached", {}))
-    if cached_entries != 2:
-        failures.append(f"{W} after allocate('a', 10 tokens) the cache holds {cached_entries} blocks, expected its 2 "
-                        f"FULL blocks: a partial block is never cached (its contents still change) "
-                        f"({PREFIX}.allocate)")
+    want = dict(zip(reference_hashes(p, 4), a))
+    if dict(m.cached) != want:
+        got = dict(m.cached)
+        if len(got) > 2:
+            hint = "a partial block is never cached (its contents still change)"
+        elif not got:
+            hint = "allocate registers the new sequence's full blocks, as cache_blocks does"
+        else:
+            hint = "the keys are block_hashes(token_ids, block_size, cache_salt=...), the values the blocks"
+        failures.append(f"{W} after allocate('a', 10 tokens) `cached` holds {len(got)} entries {sorted(got.values())}"
+                        f", expected its 2 FULL blocks {{h_0: {a[0]}, h_1: {a[1]}}}: {hint} ({PREFIX}.allocate)")
+        return failures
+    if not _check_cache_consistent(failures, f"{W} after allocate('a')", m):
+        return failures
+    before = _cache_state(m)
+    for label, tokens, salt, expect in (("a's 10 tokens", p, None, a[:2]),
+                                        ("a's first 8 tokens", p[:8], None, a[:1]),
+                                        ("a's first 9 tokens", p[:9], None, a[:2]),
+                                        ("a's tokens with cache_salt='x'", p, "x", []),
+                                        ("other tokens", _prompt(2, 10), None, [])):
+        ok, hits = _call(failures, f"{W} cached_prefix({label})", m.cached_prefix, tokens, salt)
+        if not ok:
+            return failures
+        if list(hits) != expect:
+            hint = ("a hit never covers the sequence's LAST token (it must be computed to give the next token's "
+                    "logits): at most (len(token_ids) - 1) // block_size blocks" if len(hits) > len(expect) else
+                    "the leading full blocks found in `cached`, by their hashes, in order, to the first miss")
+            failures.append(f"{W} cached_prefix({label}) returned {hits}, expected {expect} (a's blocks {a}): {hint} "
+                            f"({PREFIX}.cached_prefix)")
+            return failures
+    if _cache_state(m) != before:
+        failures.append(f"{W} cached_prefix changed the manager: a lookup changes nothing ({PREFIX}.cached_prefix)")
         return failures
     ok, cached = _call(failures, f"{W} allocate('b', first 8 of a's tokens + 3 others)", m.allocate, "b",
                        p[:8] + [7, 8, 9])
@@ -613,7 +734,7 @@ def check_prefix_manager(impl=None):
                         f"with table {b} (a's is {a}); expected 8, a's first 2 blocks shared and a new 3rd "
                         f"({PREFIX}.allocate)")
         return failures
-    refs = getattr(m, "ref_counts", {})
+    refs = m.ref_counts
     if refs.get(a[0]) != 2 or refs.get(a[1]) != 2 or refs.get(a[2]) != 1:
         failures.append(f"{W} blocks {a[:2]} are held by 'a' and 'b', {a[2]} by 'a' only: ref_counts are "
                         f"{ {x: refs.get(x) for x in a} } — count one reference per sequence holding the block "
@@ -624,9 +745,22 @@ def check_prefix_manager(impl=None):
         return failures
     if cached != 4:
         failures.append(f"{W} 'c' is exactly a's first 8 tokens (2 full cached blocks): allocate returned {cached}; "
-                        f"expected 4 — the block holding the prompt's last token is computed again (its logits give "
-                        f"the next token), so at most the blocks before the last token can hit ({PREFIX}.allocate)")
+                        f"expected 4 — the block holding the sequence's last token is computed again (its logits "
+                        f"give the next token), so at most the blocks before the last token can hit "
+                        f"({PREFIX}.allocate)")
         return failures
+    for bad, args in (("allocate('a', ...) of a live sequence", ("a", p)), ("allocate('z', [])", ("z", []))):
+        try:
+            m.allocate(*args)
+            failures.append(f"{W} {bad} raised no ValueError — the docstring promises one ({PREFIX}.allocate)")
+            return failures
+        except NotImplementedError:
+            raise
+        except ValueError:
+            pass
+        except Exception as exc:
+            failures.append(f"{W} {bad} raised {type(exc).__name__}, expected ValueError ({PREFIX}.allocate)")
+            return failures
     ok, _ = _call(failures, f"{W} free('a')", m.free, "a")
     if not ok:
         return failures
@@ -635,6 +769,8 @@ def check_prefix_manager(impl=None):
         failures.append(f"{W} after free('a'), 'b' holds {live['b']} and 'c' {live['c']}, but num_free_blocks = "
                         f"{m.num_free_blocks}: a block some sequence still holds is not free; the others are "
                         f"({PREFIX}.free)")
+        return failures
+    if not _check_cache_consistent(failures, f"{W} after free('a')", m):
         return failures
     # exhaust the pool with new prompts: no block of b or c may be handed out
     held = set(live["b"]) | set(live["c"])
@@ -652,11 +788,116 @@ def check_prefix_manager(impl=None):
                             f"never free a block still referenced ({PREFIX}.free / allocate)")
             return failures
         held |= set(got)
-    failures += _check_lru(pc)
-    if not failures:
-        failures += _check_out_of_blocks(pc)
-    if not failures:
-        failures += _check_counters(pc)
+        if not _check_cache_consistent(failures, f"{W} after allocate('new{i}') (evicting cached blocks)", m):
+            return failures
+    for check in (_check_cache_blocks, _check_salt, _check_lru, _check_out_of_blocks):
+        failures += check(pc)
+        if failures:
+            break
+    return failures
+
+
+def _check_cache_blocks(pc):
+    """A sequence's blocks filled by generated tokens are registered by cache_blocks; a hash that another block
+    already holds stays with it; the partial block never; free puts the sequence's last block first."""
+    failures, W = [], "[7.3] cache_blocks"
+    m = pc.PrefixCachingBlockManager(10, 4)
+    t = _prompt(11, 14)
+    h = reference_hashes(t, 4)
+    ok, _ = _call(failures, f"{W}: allocate('g', 6 prompt tokens)", m.allocate, "g", t[:6])
+    if not ok:
+        return failures
+    for _ in range(3):                                   # the engine appends slots as 'g' generates 3 tokens
+        ok, _ = _call(failures, f"{W}: append_slot('g')", m.append_slot, "g")
+        if not ok:
+            return failures
+    g = m.block_table("g")
+    ok, new = _call(failures, f"{W}: cache_blocks('g', its 9 tokens: 6 of the prompt, 3 generated)", m.cache_blocks,
+                    "g", t[:9])
+    if not ok:
+        return failures
+    if dict(m.cached) != {h[0]: g[0], h[1]: g[1]} or list(new) != [h[1]]:
+        if len(m.cached) > 2:
+            hint = "the trailing partial block (position 8) is never cached: its contents still change"
+        elif h[1] not in m.cached:
+            hint = ("register every FULL block among token_ids that the sequence holds — blocks filled by generated "
+                    "tokens too, so that a follow-up turn hits the previous answer")
+        elif list(new) != [h[1]]:
+            hint = "return the hashes registered by THIS call only (h_0 was registered by allocate)"
+        else:
+            hint = "cached maps each full block's hash to the sequence's block"
+        failures.append(f"{W}: 'g' holds {g} for 9 tokens; after cache_blocks `cached` maps "
+                        f"{sorted(m.cached.values())} and the call returned {len(new)} hash(es); expected blocks "
+                        f"{g[:2]} cached and [h_1] returned: {hint} ({PREFIX}.cache_blocks)")
+        return failures
+    ok, again = _call(failures, f"{W}: cache_blocks('g') again", m.cache_blocks, "g", t[:9])
+    if not ok:
+        return failures
+    if list(again) or len(m.cached) != 2:
+        failures.append(f"{W}: a second cache_blocks('g') over the same tokens returned {len(again)} hash(es) and "
+                        f"left {len(m.cached)} cached: a block already registered is not registered again "
+                        f"({PREFIX}.cache_blocks)")
+        return failures
+    # 'y' computes the same tokens as 'g' in its own block (both were scheduled before either block was cached)
+    ok, hit = _call(failures, f"{W}: allocate('y', the same 6 prompt tokens)", m.allocate, "y", t[:6])
+    if not ok:
+        return failures
+    for _ in range(3):
+        ok, _ = _call(failures, f"{W}: append_slot('y')", m.append_slot, "y")
+        if not ok:
+            return failures
+    y = m.block_table("y")
+    ok, new = _call(failures, f"{W}: cache_blocks('y', the same 9 tokens as 'g')", m.cache_blocks, "y", t[:9])
+    if not ok:
+        return failures
+    if list(new) or m.cached.get(h[1]) != g[1] or y[1] in m.hash_of_block:
+        failures.append(f"{W}: 'y' holds {y} ('g' {g}) for the same 9 tokens; its block {y[1]} has the hash that "
+                        f"'g''s block {g[1]} already holds, yet cache_blocks('y') returned {len(new)} hash(es) and "
+                        f"cached[h_1] = {m.cached.get(h[1])}: a hash already cached by another block is left to that "
+                        f"block ({PREFIX}.cache_blocks)")
+        return failures
+    if not _check_cache_consistent(failures, f"{W}: after cache_blocks('y')", m):
+        return failures
+    for seq in ("y", "g"):
+        ok, _ = _call(failures, f"{W}: free({seq!r})", m.free, seq)
+        if not ok:
+            return failures
+        if not _check_cache_consistent(failures, f"{W}: after free({seq!r})", m):
+            return failures
+    if list(m.evictable) != [g[1], g[0]]:
+        failures.append(f"{W}: after free('g') (blocks {g}, {g[:2]} cached) evictable is {list(m.evictable)}, "
+                        f"expected [{g[1]}, {g[0]}]: free a sequence's blocks from its LAST block, so that its tail "
+                        f"is evicted before its head ({PREFIX}.free)")
+        return failures
+    ok, hits = _call(failures, f"{W}: cached_prefix(g's 9 tokens + 3 new: a follow-up turn)", m.cached_prefix,
+                     t[:9] + [1, 2, 3])
+    if ok and list(hits) != g[:2]:
+        failures.append(f"{W}: a follow-up turn over g's prompt and answer found {hits}, expected {g[:2]}: freed "
+                        f"cached blocks stay findable until evicted ({PREFIX})")
+    return failures
+
+
+def _check_salt(pc):
+    failures, W = [], "[7.3] cache_salt"
+    m = pc.PrefixCachingBlockManager(12, 4)
+    p = _prompt(21, 10)
+    ok, _ = _call(failures, f"{W}: allocate('s', 10 tokens, cache_salt='alice')", m.allocate, "s", p, "alice")
+    if not ok:
+        return failures
+    if set(m.cached) != set(reference_hashes(p, 4, cache_salt="alice")):
+        failures.append(f"{W}: allocate with cache_salt='alice' registered hashes that are not "
+                        f"block_hashes(token_ids, 4, cache_salt='alice'): pass the salt on ({PREFIX}.allocate)")
+        return failures
+    for seq, salt, want in (("u", None, 0), ("s2", "alice", 8), ("s3", "bob", 0)):
+        ok, got = _call(failures, f"{W}: allocate({seq!r}, the same tokens, cache_salt={salt!r})", m.allocate, seq, p,
+                        salt)
+        if not ok:
+            return failures
+        if got != want:
+            failures.append(f"{W}: allocate({seq!r}, the same 10 tokens as 's' (salt 'alice'), cache_salt={salt!r}) "
+                            f"found {got} cached tokens, expected {want}: only requests with the same salt share "
+                            f"blocks ({PREFIX}.allocate / cached_prefix)")
+            return failures
     return failures
 
 
@@ -677,6 +918,8 @@ def _check_lru(pc):
                   m.allocate, "z", z)
     if not ok:
         return failures
+    if not _check_cache_consistent(failures, f"{W}: after allocate('z') evicted 2 cached blocks", m):
+        return failures
     ok, _ = _call(failures, f"{W}: free('z')", m.free, "z")
     if not ok:
         return failures
@@ -691,11 +934,6 @@ def _check_lru(pc):
     return failures
 
 
-def _state(m, live):
-    return (m.num_free_blocks, {s: m.block_table(s) for s in live}, dict(getattr(m, "ref_counts", {})),
-            len(getattr(m, "cached", {})), list(getattr(m, "evictable", {})))
-
-
 def _check_out_of_blocks(pc):
     failures, W = [], "[7.3] OutOfBlocks"
     m = pc.PrefixCachingBlockManager(4, 4)
@@ -704,7 +942,7 @@ def _check_out_of_blocks(pc):
         ok, _ = _call(failures, f"{W}: {step[0]}{step[1:2]}", getattr(m, step[0]), *step[1:])
         if not ok:
             return failures
-    before = _state(m, [])
+    before = _cache_state(m)
     # 2 of x's blocks hit; 20 tokens need 3 more; only the 2 uncached blocks are free
     ok, exc = _call(failures, f"{W}: allocate('y', x's first 8 tokens + 12 more) needing 3 new blocks with 2 free",
                     m.allocate, "y", x[:8] + _prompt(6, 12), expect=OutOfBlocks)
@@ -717,10 +955,10 @@ def _check_out_of_blocks(pc):
         failures[-1] += (" — count as available only free blocks and evictable blocks that are NOT among this "
                          f"prompt's hits ({PREFIX}.allocate)")
         return failures
-    if _state(m, []) != before:
-        failures.append(f"{W}: after OutOfBlocks the manager changed: (free, tables, ref_counts, cached, evictable) "
-                        f"{before} -> {_state(m, [])}: check the count BEFORE taking the hits, so a failed allocate "
-                        f"leaves the manager unchanged ({PREFIX}.allocate)")
+    if _cache_state(m) != before:
+        failures.append(f"{W}: after OutOfBlocks the manager changed: (free, tables, ref_counts, cached, "
+                        f"hash_of_block, evictable) {before} -> {_cache_state(m)}: check the count BEFORE taking the "
+                        f"hits, so a failed allocate leaves the manager unchanged ({PREFIX}.allocate)")
         return failures
     ok, cached = _call(failures, f"{W}: allocate('y', x) after the failed allocate", m.allocate, "y", x)
     if ok and cached != 8:
@@ -729,49 +967,67 @@ def _check_out_of_blocks(pc):
     return failures
 
 
-def _check_counters(pc):
-    failures, W = [], "[7.3] counters"
-    m = pc.PrefixCachingBlockManager(16, 4)
-    system = _prompt(7, 12)
-    total = hits = 0
-    for i in range(4):
-        prompt = system + _prompt(200 + i, 5)
-        ok, cached = _call(failures, f"{W}: allocate('r{i}')", m.allocate, f"r{i}", prompt)
-        if not ok:
-            return failures
-        total, hits = total + len(prompt), hits + cached
-    if (getattr(m, "query_tokens", None), getattr(m, "hit_tokens", None)) != (total, hits) or hits != 36:
-        failures.append(f"{W}: 4 prompts of 17 tokens sharing 12 (3 blocks of 4): query_tokens "
-                        f"{getattr(m, 'query_tokens', None)}, hit_tokens {getattr(m, 'hit_tokens', None)}, cached "
-                        f"{hits}; expected {total}, 36 and 36 ({PREFIX}.allocate)")
-    return failures
+def _expected_hits(prompts, size):
+    """Tokens each prompt finds cached when all are admitted in one step, in order (no eviction): the leading full
+    blocks, before its last token, that an earlier prompt of the step also starts with."""
+    total = 0
+    for i, p in enumerate(prompts):
+        best = 0
+        for q in prompts[:i]:
+            n = 0
+            while (n + 1) * size <= min(len(p) - 1, len(q)) and p[:(n + 1) * size] == q[:(n + 1) * size]:
+                n += 1
+            best = max(best, n)
+        total += best * size
+    return total
 
 
 def check_prefix_llama(impl=None):
-    """Shared-prefix prompts on the tiny Llama with prefix caching: the same tokens, and the engine computes
-    exactly the prompt tokens that were not cached."""
+    """The engine (PagedLlama.generate: LLMEngine on the paged cache) with the learner's manager: transformers'
+    greedy tokens for prompts sharing a system prompt — two of them identical, admitted in the same step, the
+    second hitting blocks the first computes in that step — and a follow-up turn (prompt + answer + new text)
+    that hits the previous answer's blocks."""
     from helpers.course.tiny_llama import encode
     failures = []
+    size, blocks, n = 16, 24, 12
     system = encode("We hold these truths to be self-evident, that all men are created equal, that ")
-    prompts = [system + encode(x) for x in ("they are", "Four", "life, Liberty")]
-    want = _reference_tokens(prompts, 8)
-    engine = _engine(impl, "7.3", num_blocks=24, block_size=16, prefix_caching=True)
-    ok, got = _call(failures, "[7.3] generate with prefix caching", engine.generate, prompts, 8)
+    prompts = [system + encode(x) for x in ("they are", "they are", "life, Liberty")]
+    want = _reference_tokens(prompts, n)
+    engine = _engine(impl, "7.3", num_blocks=blocks, block_size=size, prefix_caching=True)
+    ok, got = _call(failures, "[7.3] generate with prefix caching", engine.generate, prompts, n)
     if not ok:
         return failures
-    shared = (len(system) // 16) * 16
+    hits = _expected_hits(prompts, size)
     if got != want:
         bad = next(i for i in range(len(prompts)) if got[i] != want[i])
         failures.append(f"[7.3] prompt {bad} with prefix caching gave {got[bad]}, without {want[bad]}: a shared block "
                         f"must hold exactly the same tokens at the same positions ({PREFIX})")
-    elif engine.stats["cached_tokens"] != 2 * shared or \
-            engine.stats["prefill_tokens"] != sum(map(len, prompts)) - 2 * shared:
-        failures.append(f"[7.3] 3 prompts sharing {len(system)} tokens ({shared} in full blocks of 16): "
-                        f"{engine.stats['cached_tokens']} tokens found cached, {engine.stats['prefill_tokens']} "
-                        f"computed; expected {2 * shared} and {sum(map(len, prompts)) - 2 * shared} ({PREFIX})")
-    if engine.manager.num_free_blocks != 24:
-        failures.append(f"[7.3] after every sequence finished {engine.manager.num_free_blocks} of 24 blocks are free "
-                        f"(free or evictable): blocks leaked ({PREFIX}.free)")
+        return failures
+    if engine.stats["cached_tokens"] != hits:
+        failures.append(f"[7.3] 3 prompts sharing {len(system)} tokens, two of them identical, admitted in one step: "
+                        f"{engine.stats['cached_tokens']} tokens found cached, expected {hits} — the blocks a request "
+                        f"is given are cached at once, so a later request of the same step hits them ({PREFIX})")
+        return failures
+    if engine.manager.num_free_blocks != blocks:
+        failures.append(f"[7.3] after every sequence finished {engine.manager.num_free_blocks} of {blocks} blocks are "
+                        f"free (free or evictable): blocks leaked ({PREFIX}.free)")
+        return failures
+    follow = prompts[0] + got[0] + encode(" and")
+    before = engine.stats["cached_tokens"]
+    ok, again = _call(failures, "[7.3] generate a follow-up turn (prompt + answer + new text)", engine.generate,
+                      [follow], 4)
+    if not ok:
+        return failures
+    computed = len(prompts[0]) + n - 1                  # the answer's last token was sampled, never computed
+    want_hits = size * min(computed // size, (len(follow) - 1) // size)
+    if again != _reference_tokens([follow], 4):
+        failures.append(f"[7.3] the follow-up turn gave {again[0]}, transformers {_reference_tokens([follow], 4)[0]} "
+                        f"({PREFIX})")
+    elif engine.stats["cached_tokens"] - before != want_hits:
+        failures.append(f"[7.3] a follow-up turn (the first prompt, its {n}-token answer, new text) found "
+                        f"{engine.stats['cached_tokens'] - before} tokens cached, expected {want_hits}: the full "
+                        f"blocks of the answer's generated tokens are cached too (cache_blocks), as vLLM does "
+                        f"({PREFIX}.cache_blocks)")
     return failures
 
 
