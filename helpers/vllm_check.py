@@ -5,7 +5,8 @@
 
 Two environments, kept apart. vLLM 0.32 pins transformers<5.20, the course uses 5.23, so they cannot share
 one venv. This file is run by the course's python (`python -m helpers.vllm_check`): it computes the
-course's side (the greedy ids of helpers.course.tiny_llama.generate, the course engine's decode tokens/s),
+course's side (the greedy ids of helpers.course.tiny_llama.generate, the decode tokens/s of the course's engine,
+LLMEngine.paged),
 then starts `.venv-vllm/bin/python helpers/vllm_check.py --vllm-worker TP` once per tensor-parallel degree.
 A worker imports only vLLM and the standard library (never `helpers`), runs the same prompts, and prints one
 JSON line. The course side compares and writes helpers/course/data/vllm_check.json (committed), which
@@ -202,13 +203,23 @@ def course_side() -> dict:
             "decode_tokens_per_s": {str(b): decode_rate(generate, b) for b in BATCHES}}
 
 
-def course_engine(model):
-    """(name, generate(prompts, n) -> new ids): the course's paged engine (helpers/course/paged_llama.py, with the
-    reference answers of exercises 7.1-7.2 unless COURSE_IMPL says otherwise), continuous batching on one pool."""
-    from helpers.course.paged_llama import PagedLlama
+def course_engine(model, num_blocks: int = 8 * 16, block_size: int = 16):
+    """(name, generate(prompts, n) -> new ids): the course's engine (helpers/course/engine: LLMEngine.paged, the
+    model on a paged KV cache, with the reference answers of exercises 7.1-7.4 unless COURSE_IMPL says otherwise),
+    continuous batching on one pool, every step's tokens in one forward. One engine serves every call, as a
+    server would (vLLM's LLM is also built once); each call is a replay of its prompts, all arriving at once."""
+    import itertools
 
-    engine = PagedLlama(model, num_blocks=8 * 16, block_size=16)       # 8 sequences of up to 256 tokens
-    return "helpers/course/paged_llama.py (PagedLlama)", engine.generate
+    from helpers.course.engine import LLMEngine, Request, run_requests
+
+    engine = LLMEngine.paged(model, num_blocks=num_blocks, block_size=block_size)   # 8 sequences of up to 256
+    rids = itertools.count()
+
+    def generate(prompts, n):
+        requests = [Request(next(rids), p, n, arrival=0.0) for p in prompts]
+        run_requests(engine, requests)
+        return [r.tokens for r in requests]
+    return "helpers/course/engine (LLMEngine.paged: one forward per step)", generate
 
 
 def compare(course: dict, workers: dict) -> dict:

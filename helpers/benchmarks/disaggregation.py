@@ -3,16 +3,18 @@
     python -m helpers.bench disaggregation
 
 1. KV transfer on real ranks (helpers/course/disaggregated.py: run_disaggregated; exercise 7.5's send_kv /
-   recv_kv of the implementation helpers/bench.py chose): rank 0 prefills prompts of several lengths with the
-   tiny Llama on a paged cache and sends each one's blocks and first token to one of 2 decode ranks, which
-   continue decoding. Per prompt: the
+   recv_kv of the implementation helpers/bench.py chose): rank 0, the course's engine (LLMEngine.paged: the
+   tiny Llama on its own paged cache), prefills prompts of several lengths and its connector sends each one's
+   blocks and first token to one of 2 decode ranks, each LLMEngine.paged on its own pool, which admit them
+   and continue decoding. Per prompt: the
    bytes rank 0's CommTracer counted, the formula (16 B header + 4 layers × 2 × whole blocks × 16 tokens × 4 KV
    heads × 32 × 4 B: 4,096 B per token, rounded up to blocks of 16) and bytes per prompt token. The tokens are
    compared with helpers.course.tiny_llama.generate.
 2. ITL under a prefill-heavy load, on modelled device time (helpers/course/engine_loop.py's Workload: 8 running
-   decodes, 2,048-token prompts arriving at 2/s; chapter 6's DeviceCost prices): colocated unchunked on one
-   device, chunked (budget 256) on one device, colocated unchunked on two replicas, and disaggregated (one
-   prefill + one decode device, a 25 GB/s link). ITL of the running decodes (p50, p99), TTFT, devices.
+   decodes, 2,048-token prompts arriving at 2/s; chapter 6's DeviceCost prices; every device an
+   LLMEngine.modelled whose scheduler is exercise 7.4's schedule_step): colocated unchunked on one device,
+   chunked (budget 256) on one device, colocated unchunked on two replicas, and disaggregated (one prefill + one
+   decode device, a 25 GB/s link). ITL of the running decodes (p50, p99), TTFT, devices.
 3. When it pays: short (64) vs long (2,048) prompts, a fast (25 GB/s) vs a slow (10 MB/s) link, the decode
    device waiting for each transfer (blocking recv_kv, as on the real ranks above); the break-even bandwidth.
 """
@@ -32,23 +34,25 @@ def _prompts():
 def kv_transfer() -> list[dict]:
     """Real ranks: bytes per prompt (tracer vs formula) and whether the tokens equal the colocated model's."""
     from helpers.course.disaggregated import run_disaggregated, transfer_bytes
-    from helpers.course.tiny_llama import generate, load_model
+    from helpers.course.tiny_llama import CONFIG, generate, load_model
     prompts = _prompts()
     run = run_disaggregated(prompts, NEW_TOKENS, decode_ranks=2, show_output=False, timeout=180)
     model = load_model()
     rows = []
     for prompt, transfer, tokens in zip(prompts, run.transfers, run.tokens):
         n = len(prompt)
-        rows.append({**transfer, "formula": transfer_bytes(n, 4, 4, 32), "same_tokens": tokens == generate(
-            model, prompt, NEW_TOKENS)})
+        formula = transfer_bytes(n, CONFIG.num_hidden_layers, CONFIG.num_key_value_heads, CONFIG.head_dim)
+        rows.append({**transfer, "formula": formula, "same_tokens": tokens == generate(model, prompt, NEW_TOKENS)})
     return rows
 
 
 def run():
     from helpers.course.disaggregated import Link, break_even_bandwidth, compare_disaggregation, tradeoff
-    from helpers.course.engine_loop import Workload, percentile
+    from helpers.course.engine_loop import PERCENTILE_METHOD, Workload, percentile
+    from helpers.impl import impl_package
 
-    print("1. KV of a finished prefill sent to a decode rank (real ranks: 1 prefill + 2 decode, gloo on loopback)")
+    print(f"1. KV of a finished prefill sent to a decode rank (real ranks: 1 prefill + 2 decode, gloo on loopback; "
+          f"each rank helpers/course/engine LLMEngine.paged; send_kv / recv_kv of {impl_package()}/)")
     print(f"   {'prompt tokens':>13} {'blocks':>6} {'-> rank':>7} {'bytes sent':>11} {'formula':>11} "
           f"{'B / prompt token':>16}  same tokens")
     rows = kv_transfer()
@@ -60,8 +64,10 @@ def run():
           f"(2 × 4 layers × 4 KV heads × 32 × 4 B), rounded up to whole blocks of 16 tokens, + a 16 B header")
 
     workload = Workload()
-    print(f"\n2. ITL under a prefill-heavy load (modelled device time): {workload.decoders} running decodes, "
-          f"{workload.long_prompts} prompts of {workload.long_prompt} tokens arriving at {workload.long_rate:g}/s")
+    print(f"\n2. ITL under a prefill-heavy load (modelled device time; every device helpers/course/engine "
+          f"LLMEngine.modelled, schedule_step of {impl_package()}/; percentiles: {PERCENTILE_METHOD}): "
+          f"{workload.decoders} running decodes, {workload.long_prompts} prompts of {workload.long_prompt} tokens "
+          f"arriving at {workload.long_rate:g}/s")
     results = compare_disaggregation(workload, Link())
     devices = {"colocated": 1, "chunked": 1, "colocated ×2": 2, "disaggregated": 2}
     print(f"   {'way':<24} {'devices':>7} {'ITL p50':>9} {'ITL p99':>9} {'TTFT p50':>9} {'TTFT p99':>9}")

@@ -11,15 +11,18 @@
    * paged (exercise 7.1's BlockManager, blocks of 16): each sequence holds
      ceil(length / 16) blocks, taken as it grows (allocate for the prompt, append_slot per new token).
    Then a fixed budget of BUDGET_BLOCKS blocks (4 MiB): how many of the workload's sequences fit at once,
-   counted both ways, and measured on the real engine (helpers/course/paged_llama.py on a pool of that
-   size: the largest decode batch it reached, its preemptions, and the tokens equal to transformers').
+   counted both ways, and measured on the course's engine (helpers/course/engine: LLMEngine.paged, the tiny
+   Llama on a pool of that size: the largest decode batch it reached, its preemptions, and the tokens equal to
+   transformers').
 2. TTFT with and without prefix caching at a 90 % shared prefix: SHARED_TOKENS of the corpus (a shared
-   "system prompt", 14 blocks of 16) + UNIQUE_TOKENS per request, PREFIX_REQUESTS requests one after another.
+   "system prompt", 14 blocks of 16) + UNIQUE_TOKENS per request, PREFIX_REQUESTS requests one after another,
+   each served to its first token by LLMEngine.paged with prefix caching on or off.
    Printed per request after the first (which fills the cache): prefill tokens computed; TTFT modelled with
    chapter 6's DeviceCost (a fixed 8 ms per forward + 0.1 ms per prompt token: the tiny Llama as if on an
    accelerator; the fixed cost is why the ratio is below the token ratio); prefill FLOPs (2 × parameters ×
    tokens, embedding excluded); and the measured wall time of admitting the request (allocate + prefill) on
-   this CPU, for the record. The first generated tokens are checked equal with and without the cache.
+   this CPU (the request's steps), for the record. The first generated tokens are checked equal with and without
+   the cache; the hit rate is vLLM's (tokens found / tokens looked up at admission, the engine's KV manager).
 """
 from __future__ import annotations
 
@@ -81,10 +84,27 @@ def fit_in_budget(requests, budget_blocks: int = BUDGET_BLOCKS, block_size: int 
     return {"padded": padded, "paged": paged}
 
 
+def _serve(engine, requests) -> tuple[int, float]:
+    """Serve `requests` (all there at once) on `engine` step by step; returns the most blocks held after a step
+    and the wall seconds. The engine's own loop is LLMEngine.step: this only watches the pool between steps."""
+    for request in requests:
+        engine.add_request(request)
+    peak, start = 0, time.perf_counter()
+    while engine.has_unfinished:
+        engine.step()
+        failed = engine.take_failed()
+        if failed:
+            raise RuntimeError(f"request {failed[0].rid!r} failed: {failed[0].error}")
+        peak = max(peak, engine.kv.num_blocks - engine.kv.num_free_blocks)
+    return peak, time.perf_counter() - start
+
+
 def engine_batch(requests, budget_blocks: int = BUDGET_BLOCKS) -> dict:
-    """Run the real paged engine on the workload's first ENGINE_REQUESTS prompts (ENGINE_NEW_TOKENS new tokens
-    each) on a pool of budget_blocks: the largest decode batch it reached; tokens vs transformers'."""
-    from helpers.course.paged_llama import PagedLlama
+    """Run the course's engine (helpers/course/engine: LLMEngine.paged, exercises 7.1-7.2 and 7.4 of the
+    implementation helpers/bench.py chose) on the workload's first ENGINE_REQUESTS prompts (ENGINE_NEW_TOKENS
+    new tokens each) on a pool of budget_blocks: the largest decode batch it reached, the most blocks held, its
+    preemptions; tokens vs transformers'."""
+    from helpers.course.engine import LLMEngine, Request
     from helpers.course.tiny_llama import CORPUS_PATH, encode, generate, load_model
     text = encode(CORPUS_PATH.read_text(encoding="utf-8"))
     rng = random.Random(1)
@@ -93,49 +113,45 @@ def engine_batch(requests, budget_blocks: int = BUDGET_BLOCKS) -> dict:
         start = rng.randrange(len(text) - prompt)
         prompts.append(text[start:start + min(prompt, MAX_LEN - ENGINE_NEW_TOKENS)])
     model = load_model()
-    start = time.perf_counter()
-    engine = _engine(PagedLlama, model, budget_blocks)
-    got = engine.generate(prompts, ENGINE_NEW_TOKENS)
-    seconds = time.perf_counter() - start
+    engine = LLMEngine.paged(model, num_blocks=budget_blocks, block_size=BLOCK_SIZE)
+    served = [Request(i, p, ENGINE_NEW_TOKENS, arrival=0.0) for i, p in enumerate(prompts)]
+    peak_blocks, seconds = _serve(engine, served)
     want = [generate(model, p, ENGINE_NEW_TOKENS) for p in prompts]
-    return {**engine.stats, "same_tokens": got == want, "seconds": seconds,
-            "padded_batch": budget_blocks * BLOCK_SIZE // MAX_LEN}
-
-
-def _engine(cls, model, num_blocks, prefix_caching=False):
-    """A PagedLlama on the exercises helpers/bench.py chose (--impl; the reference answers by default)."""
-    return cls(model, num_blocks=num_blocks, block_size=BLOCK_SIZE, prefix_caching=prefix_caching)
+    return {"peak_running": max(len(s.decodes) for s in engine.steps), "peak_blocks_used": peak_blocks,
+            "preemptions": engine.scheduler.num_preemptions, "same_tokens": [r.tokens for r in served] == want,
+            "seconds": seconds, "padded_batch": budget_blocks * BLOCK_SIZE // MAX_LEN}
 
 
 def prefix_ttft(prefix_caching: bool) -> dict:
-    """Admit PREFIX_REQUESTS requests sharing SHARED_TOKENS one after another; per request after the first:
-    prefill tokens computed, modelled TTFT, measured wall time; and every request's first token."""
-    from helpers.course.paged_llama import PagedLlama
+    """Serve PREFIX_REQUESTS requests sharing SHARED_TOKENS one after another on LLMEngine.paged (prefix caching
+    on or off), each to its first token; per request after the first: prefill tokens computed, modelled TTFT,
+    measured wall time of its step; every request's first token; the hit rate as vLLM counts it (the engine's
+    KV cache manager: tokens found / tokens looked up at admission)."""
+    from helpers.course.engine import LLMEngine, Request
     from helpers.course.serving.device_time import DeviceCost
     from helpers.course.tiny_llama import CORPUS_PATH, encode, load_model
     text = encode(CORPUS_PATH.read_text(encoding="utf-8"))
     shared = text[:SHARED_TOKENS]
     model = load_model()
-    engine = _engine(PagedLlama, model, 64, prefix_caching)
+    engine = LLMEngine.paged(model, num_blocks=64, block_size=BLOCK_SIZE, enable_prefix_caching=prefix_caching)
     cost = DeviceCost()
     computed, modelled, measured, first = [], [], [], []
     for r in range(PREFIX_REQUESTS):
         prompt = shared + text[1000 + 500 * r:1000 + 500 * r + UNIQUE_TOKENS]
-        before = engine.stats["prefill_tokens"]
-        start = time.perf_counter()
-        logits = engine.start(r, prompt)
-        measured.append(time.perf_counter() - start)
-        first.append(int(logits.argmax()))
-        tokens = engine.stats["prefill_tokens"] - before
+        request = Request(r, prompt, 1, arrival=0.0)
+        steps_before = len(engine.steps)
+        _, seconds = _serve(engine, [request])
+        tokens = sum(s.prefill_tokens for s in engine.steps[steps_before:])
+        measured.append(seconds)
+        first.append(request.tokens[0])
         computed.append(tokens)
         modelled.append(cost.seconds(1, tokens))
-        engine.free(r)
     params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     later = slice(1, None)
     return {"prompt": SHARED_TOKENS + UNIQUE_TOKENS, "computed": statistics.mean(computed[later]),
             "modelled": statistics.mean(modelled[later]), "measured": statistics.median(measured[later]),
             "flops": 2 * params * statistics.mean(computed[later]), "first": first,
-            "hit_rate": getattr(engine.manager, "hit_rate", 0.0)}
+            "hit_rate": engine.kv.stats.hit_rate}
 
 
 def run():
