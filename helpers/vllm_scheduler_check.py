@@ -38,9 +38,10 @@ What it found (vLLM 0.32.0, seed 19): prefix caching off, 80/80 workloads identi
 118 preemptions); on, 79/80 (4,678 steps, 111 preemptions), the other differing only after vLLM had cached one
 hash in two blocks (the deliberate difference above). Two rules of the course's engine were not vLLM's and were
 fixed when this check first ran: the long_prefill_token_threshold applies only when more than one request is
-running or waiting (4 workloads differed), and the full-sequence admission gate counts cached hit blocks that no
-request holds as taken (they are counted free until then; 6 workloads differed). `--show INDEX` prints one
-workload's two traces in full.
+running or waiting (without that, 4 workloads differed with prefix caching off, 2 more with it on), and the
+full-sequence admission gate counts cached hit blocks that no request holds as taken (they are counted free until
+then; without that, 4 more workloads differed with prefix caching on). `--show INDEX` prints one workload's two
+traces in full.
 
 `--json PATH` also writes the figures (the make target writes helpers/course/data/vllm_scheduler_check.json).
 The vLLM side's ModelConfig reads the tiny Llama's config.json (helpers/course/data/tiny_llama) for
