@@ -251,6 +251,8 @@ def disaggregated_worker(rank, world_size, prompts, max_new_tokens: int, num_blo
         return {i: ([connector.received[i].first_token], list(connector.received[i].block_table)) for i in mine}
     requests = [handed_over(i, prompts[i], max_new_tokens) for i in mine]
     run_requests(engine, requests, f"decode rank {rank}")
+    print(f"decode rank {rank}: {len(requests)} prompts decoded in {engine.num_steps} steps, "
+          f"{engine.scheduler.num_preemptions} preemptions")
     return {r.rid: (list(r.tokens), list(connector.received[r.rid].block_table)) for r in requests}
 
 
