@@ -10,17 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import JobTimeout, RankFailed, launch
+from helpers import JobTimeout, RankFailed, launch, proctree
 
 
 def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it is gone once reaped, which is what "left behind" means here.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
+    return proctree.alive(pid)   # a zombie does not count: it is gone once reaped, what "left behind" means here
 
 
 def _record_pid(tmp_path, rank):
@@ -284,7 +278,6 @@ def test_a_rank_that_leaves_a_forked_process_behind_still_finishes(tmp_path):
 def test_proctree_walks_and_kills_a_tree(tmp_path):
     """helpers.proctree (the launcher's, the server's and the tests' process-tree helpers): a child that forked a
     grandchild is found with it, killed with it, and reaped."""
-    from helpers import proctree
     child = os.fork()
     if child == 0:
         grandchild = os.fork()

@@ -1,5 +1,7 @@
 """start_server's launcher (helpers/course/serving/launcher.py): servers forked from one process that imported
 torch once behave like `python -m helpers.course.serving` processes of their own."""
+import os
+import pathlib
 import subprocess
 
 import pytest
@@ -19,6 +21,7 @@ def test_servers_are_forked_from_one_launcher_and_stop_cleanly():
         assert all(isinstance(s.process, background.LaunchedProcess) for s in servers)
         assert {proctree.parent(s.process.pid) for s in servers} == {launcher.process.pid}
         for s in servers:
+            assert f" on {s.url} with " in pathlib.Path(s.log_path).read_text()   # the pipe's port, the log's line
             reply = s.complete(prompt=tiny_llama.PROMPT, max_tokens=4, temperature=0, return_token_ids=True)
             assert reply["choices"][0]["token_ids"] == reference
         pids = [p for s in servers for p in [s.process.pid] + [r["pid"] for r in s.replicas()]]
@@ -51,3 +54,21 @@ def test_the_launcher_is_replaced_when_the_server_code_changes(monkeypatch):
     second = background._launcher()
     assert second is not first and second.alive
     assert first.process.wait(10) == 0, "the old launcher exits once its stdin is closed"
+
+
+def test_the_server_reports_its_port_through_a_pipe(tmp_path, monkeypatch):
+    """report_port, the server's half: one line on the named pipe start_server gave it; nothing, without
+    blocking, when no one reads it any more (start_server gave up) or no pipe was given (a server started by hand)."""
+    pipe = tmp_path / "port"
+    os.mkfifo(pipe)
+    monkeypatch.setenv(background.PORT_PIPE_ENV, str(pipe))
+    background.report_port(1234)                          # no reader: returns at once
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        monkeypatch.setenv(background.PORT_PIPE_ENV, str(pipe))
+        background.report_port(4321)
+        assert os.read(reader, 64) == b"4321\n" and background.PORT_PIPE_ENV not in os.environ
+        background.report_port(5555)                      # no pipe named: nothing
+        assert os.read(reader, 64) == b""
+    finally:
+        os.close(reader)

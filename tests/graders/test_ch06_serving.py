@@ -314,9 +314,8 @@ def check_engine_wiring(engine_cls, plan_cls, plan_args, policy, choose_spec):
     for name, value_wanted in want.items():
         field = ALIASES.get(name, name)
         also = f" ({field}=)" if field != name else ""
-        assert options[field] == value_wanted, f"6.4 start() for {plan}, policy={policy!r}: the server got " \
-            f"{name}={options[field]!r}{also}, expected {value_wanted!r}: pass start_server {name}= " \
-            "(labs/capstone/engine.py)"
+        assert options[field] == value_wanted, f"6.4 start() for {plan}, policy={policy!r}: start_server " \
+            f"option {name}={options[field]!r}{also}, expected {value_wanted!r} (labs/capstone/engine.py)"
 
 
 KV_CACHE = {"kv_cache": "paged", "enable_prefix_caching": True, "max_num_batched_tokens": 32, "block_size": 16}

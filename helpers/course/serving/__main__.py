@@ -52,7 +52,8 @@ async def serve(config: ServeConfig) -> None:
         front = CompletionServer(balancer, metrics, module, config.served_model_name, api_key=config.api_key)
         server = await asyncio.start_server(front.handle, sock=sock)
         port = sock.getsockname()[1]
-        print(f"serving {config.served_model_name} on http://127.0.0.1:{port} with {config.summary()}", flush=True)
+        host = "[::1]" if config.host == "::1" else config.host
+        print(f"serving {config.served_model_name} on http://{host}:{port} with {config.summary()}", flush=True)
         report_port(port)   # to start_server, through its pipe
         await stop.wait()
         server.close()
