@@ -285,8 +285,9 @@ def diagnose(pre, got, want):
         return (f"{len(got['running'])} requests run after the step, over max_num_seqs={config.max_num_seqs}: admit "
                 f"a waiting request only while len(running) < max_num_seqs {WHERE}")
     if got["preempted"] and admitted + resumed:
-        return (f"request {(admitted + resumed)[0]!r} was admitted in a step that preempted {got['preempted']}: no request is "
-                f"admitted in a step that preempted (the freed blocks go to the running requests first) {WHERE}")
+        return (f"request {(admitted + resumed)[0]!r} was admitted in a step that preempted {got['preempted']}: "
+                f"no request is admitted in a step that preempted (the freed blocks go to the running requests "
+                f"first) {WHERE}")
     if got["preempted"]:
         head = list(reversed(got["preempted"]))
         if got["waiting"][:len(head)] != head:
@@ -322,14 +323,15 @@ def diagnose(pre, got, want):
         share = min(pre.new[rid] if cap <= 0 else min(pre.new[rid], cap), left)
         n = got_tokens.get(rid, 0)
         later = [r for r in list(got_tokens) if r != rid and (r in pre.waiting or pre.running.index(r) > i)]
-        if n < share and later:
+        if n < share and (later or total < budget):
+            why = f"while {later[0]!r} after it got some" if later else f"with {budget - total} of the budget unused"
             if pre.computed[rid] < pre.prompt[rid]:
                 return (f"request {rid!r} is part-way through its prompt ({pre.computed[rid]}/{pre.prompt[rid]} "
-                        f"computed) and got {n} tokens while {later[0]!r} after it got some: partial prefills are "
+                        f"computed) and got {n} tokens {why}: partial prefills are "
                         f"continued — a running request gets min(num_new_tokens, threshold, budget left) = {share} "
                         f"{WHERE}")
-            return (f"running request {rid!r} got {n} tokens (its share: {share}) while {later[0]!r} after it got "
-                    f"some: running requests are served in admission order, each its full share {WHERE}")
+            return (f"running request {rid!r} got {n} tokens (its share: {share}) {why}: running requests are served "
+                    f"in admission order, each its full share {WHERE}")
         left -= n
     want_admitted = [rid for rid in want["running"] if rid in pre.waiting]
     if admitted != pre.waiting[:len(admitted)]:
@@ -502,15 +504,23 @@ def _graded(step):
     return checked
 
 
+# each workload's options: max_num_batched_tokens (None: unchunked, the longest request + 8), max_num_seqs,
+# long_prefill_token_threshold, full_sequence_must_fit, prefix caching, policy
+ENGINE_OPTIONS = {7400: (16, 256, 0, True, True, "fcfs"), 7401: (32, 3, 8, True, False, "fcfs"),
+                  7402: (48, 256, 12, False, True, "fcfs"), 7403: (None, 4, 0, True, False, "fcfs"),
+                  7404: (24, 256, 0, True, True, "decode_first"), 7405: (20, 6, 16, False, False, "fcfs")}
+WORKLOADS = tuple(ENGINE_OPTIONS)
+
+
 def _workload(seed):
     """A random workload: (requests, kv, config). Arrivals over ~0.3 s of modelled time, prompts that share one
     of two system prompts, pools small enough to preempt."""
     rng = random.Random(seed)
+    budget, seqs, threshold, fit, caching, policy = ENGINE_OPTIONS[seed]
     size = rng.choice((4, 8))
     systems = [_ids(90 + k, rng.randint(size, 5 * size)) for k in range(2)]
     requests, longest = [], 0
-    chunked = seed % 4 != 3
-    for i in range(rng.randint(8, 14)):
+    for i in range(rng.randint(10, 14)):
         n = rng.randint(3, 70)
         prompt = (rng.choice(systems) + _ids(i, n)) if rng.random() < 0.5 else _ids(i, n)
         request = Request(i, prompt, rng.randint(1, 20), arrival=round(rng.uniform(0, 0.3), 3),
@@ -518,15 +528,10 @@ def _workload(seed):
         requests.append(request)
         longest = max(longest, len(prompt) + request.max_tokens)
     blocks = -(-longest // size) + rng.randint(0, 8)
-    budget = rng.choice((16, 48, 96)) if chunked else longest + 8
-    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=rng.choice((4, 256)),
-                             long_prefill_token_threshold=rng.choice((0, 0, 12)), enable_chunked_prefill=chunked,
-                             full_sequence_must_fit=rng.random() < 0.7,
-                             policy="decode_first" if seed % 5 == 4 else "fcfs")
-    return requests, _kv(blocks, size, caching=seed % 2 == 0), config
-
-
-WORKLOADS = (7400, 7401, 7402, 7403, 7404, 7405)
+    config = SchedulerConfig(max_num_batched_tokens=budget or longest + 8, max_num_seqs=seqs,
+                             long_prefill_token_threshold=threshold, enable_chunked_prefill=budget is not None,
+                             full_sequence_must_fit=fit, policy=policy)
+    return requests, _kv(blocks, size, caching), config
 
 
 def check_engine(impl):

@@ -14,19 +14,28 @@ What the graders check:
       blocks (after freeing everything all blocks are free and a pool-sized sequence fits); OutOfBlocks (a
       RuntimeError naming the blocks needed and free) leaves the manager exactly as it was; the promised
       KeyError / ValueError; the invariants again after a seeded random mix of operations. End to end: the
-      tiny Llama on the paged cache (helpers/course/paged_llama.py) with a pool small enough to preempt
-      generates the same tokens as transformers' cache.
+      tiny Llama on the paged cache (helpers/course/paged_llama.py, the engine with the grader's scheduler step)
+      with a pool small enough to preempt generates the same tokens as transformers' cache.
   7.2 paged_attention: equal to the grader's own loop over heads of contiguous attention (GQA, KV head
       h // (heads / kv_heads)) on pools full of garbage elsewhere, shuffled block tables longer than needed,
       a partial last block, an exactly full one, context 1, MQA; the pools untouched; the promised
       ValueErrors. End to end: logits of a prefill + decode equal transformers'.
-  7.3 block_hashes: one int per FULL block, chained (equal prefixes -> equal hashes, the same block after a
-      different prefix -> a different hash), deterministic. PrefixCachingBlockManager: leading full blocks
-      shared (ref counts), never the block of the last prompt token, never a partial block cached; a block a
-      live sequence holds is never handed out again; freed cached blocks stay findable and are evicted least
-      recently used first (a re-used block is recent again); OutOfBlocks with the manager unchanged (hits in
-      the evictable list are not counted as free); hit/query counters. End to end: shared-prefix prompts give
-      the same tokens, and the engine computes exactly the prompt tokens that were not cached.
+  7.3 block_hashes: equal to the grader's own vLLM hashes (SHA-256 of pickle((parent, tuple(block tokens), extra
+      keys)), root parent NONE_HASH, the cache salt as (salt,) in the FIRST block's extra keys only, a chain
+      continued from `parent`), one per FULL block, deterministic; a wrong chain is explained by the rule it
+      breaks. PrefixCachingBlockManager: allocate registers the full blocks it is given (never the partial one)
+      under those hashes; cached_prefix finds the leading cached blocks, never the block of the last token, and
+      changes nothing; hits shared (ref counts); cache_blocks registers blocks filled by generated tokens, returns
+      only the hashes it registered, leaves a hash another block holds to that block; `cached`, `hash_of_block`,
+      `evictable`, `ref_counts` and `free_blocks` consistent after every operation (eviction removes the hash
+      from both maps); salted requests share only with the same salt; a block a live sequence holds is never
+      handed out again; free makes the last block evictable first, and eviction is least recently used first;
+      OutOfBlocks with the manager unchanged (hits in the evictable list are not counted as free). End to end:
+      the course's engine (as PagedLlama.generate runs it, with the grader's own scheduler step so that 7.1 and
+      7.3 do not wait for 7.4) on the learner's manager gives transformers' greedy tokens for prompts sharing a
+      system prompt, two of them identical and admitted in the same step (the second hits the blocks the first
+      is given in that step: the exact hit count is checked), and a follow-up turn (prompt + answer + new text)
+      hits the previous answer's blocks (exact count).
 
 Mistakes each grader catches (each one planted in tests/graders/planted_ch07_kv_cache.py and asserted caught):
   7.1 append_every_token   append_slot takes a new block for every token
@@ -38,12 +47,21 @@ Mistakes each grader catches (each one planted in tests/graders/planted_ch07_kv_
       attn_drop_partial    ignores the last, partial block
       attn_gqa_modulo      query head h reads KV head h % kv_heads (repeat, not repeat_interleave)
       attn_no_scale        forgets the 1/sqrt(head_dim) scale
-  7.3 hash_no_parent       each block hashed alone: the same block after different prefixes shares a hash
+  7.3 python_hash          Python's hash instead of SHA-256
+      hash_no_parent       each block hashed alone: the same block after different prefixes shares a hash
       hash_partial         a trailing partial block gets a hash
-      whole_prompt_hit     the block of the prompt's last token is reused: nothing left to compute
-      cache_partial        the manager registers a prompt's partial last block in the cache
+      salt_every_block     the cache salt in every block's extra keys
+      salt_ignored         the cache salt ignored
+      parent_ignored       the chain restarts at NONE_HASH whatever `parent` is
+      whole_prompt_hit     a hit covers the last token: nothing left to compute
+      cache_partial        the partial last block registered in the cache
+      cache_dup            cache_blocks re-registers a hash another block already holds
+      allocate_no_register allocate does not register its full blocks
+      cache_blocks_noop    cache_blocks registers nothing: blocks of generated tokens never cached (also seen
+                           through the engine: generated_not_cached_engine, a follow-up turn misses the answer)
       free_referenced      free returns every block to the free list, even one another sequence holds
       no_ref_on_hit        a shared block's ref count is not incremented
+      free_head_first      free makes the head evictable before the tail
       evict_mru            the most recently freed block is evicted first
       half_allocated_prefix  hits taken (ref counts, evictable list) before OutOfBlocks is raised
       hits_counted_free    hit blocks in the evictable list also counted as free: allocate crashes
@@ -466,7 +484,7 @@ def _engine(impl, graded, **kwargs):
     own code for the others."""
     from helpers.course.paged_llama import PagedLlama
     impl = _impl(impl)
-    engine = PagedLlama(_model(), **kwargs)
+    engine = PagedLlama(_model(), **kwargs)          # generate: the engine with the grader's scheduler step
     blocks, size = kwargs.get("num_blocks", 64), kwargs.get("block_size", 16)
     attention = impl.paged_kv_cache.paged_attention if graded == "7.2" else _grader_paged_attention
     engine.paged = types.SimpleNamespace(paged_attention=attention)
@@ -476,7 +494,31 @@ def _engine(impl, graded, **kwargs):
         engine.manager = impl.paged_kv_cache.BlockManager(blocks, size)
     else:
         engine.manager = _GraderBlockManager(blocks, size)
+    engine.generate = lambda prompts, n: _generate(engine, prompts, n)
     return engine
+
+
+def _grader_step(running, waiting, kv, config):
+    """The grader's own V1 scheduler step (tests/graders/test_ch07_chunked_prefill.py's reference), so that the
+    end-to-end checks of 7.1 and 7.3 do not depend on the learner's 7.4."""
+    from tests.graders.test_ch07_chunked_prefill import reference_step
+    tokens, preempted = reference_step(running, waiting, kv, config)
+    return types.SimpleNamespace(num_scheduled_tokens=tokens, preempted=preempted)
+
+
+def _generate(paged, prompts, n):
+    """PagedLlama.generate's run (the course's engine on this paged cache, every prompt whole in one step), with the
+    grader's scheduler step; the same figures in paged.stats."""
+    from helpers.course.engine import KVCacheManager, LLMEngine, PagedRunner, Request, SchedulerConfig, run_requests
+    kv = KVCacheManager(paged.manager.num_blocks, paged.pool.block_size, paged.prefix_caching,
+                        block_manager=paged.manager)
+    config = SchedulerConfig(max_num_batched_tokens=max(2048, max(len(p) for p in prompts) + n))
+    engine = LLMEngine(PagedRunner(paged), kv, config, schedule_step=_grader_step)
+    requests = [Request(i, p, n, arrival=0.0) for i, p in enumerate(prompts)]
+    run_requests(engine, requests)
+    paged.stats["cached_tokens"] += kv.stats.hits + kv.stats.preempted_hits
+    paged.stats["preemptions"] += engine.scheduler.num_preemptions
+    return [r.tokens for r in requests]
 
 
 _MODEL = {}
@@ -657,7 +699,8 @@ def _check_cache_consistent(failures, where, m):
                    f"block — register a block only if its hash is not in `cached`")
     elif {b: h for h, b in cached.items()} != of_block:
         problem = (f"`cached` {{hash: block}} and `hash_of_block` {{block: hash}} disagree (cached blocks "
-                   f"{sorted(cached.values())}, hash_of_block's {sorted(of_block)}): register and evict a block in both")
+                   f"{sorted(cached.values())}, hash_of_block's {sorted(of_block)}): register and evict a block in "
+                   f"both")
     elif any(b not in of_block or b in held for b in m.evictable):
         problem = (f"evictable {list(m.evictable)} holds a block that is not cached or that a sequence holds "
                    f"(held: {sorted(held)}): only cached blocks no sequence holds are evictable")
@@ -1005,8 +1048,9 @@ def check_prefix_llama(impl=None):
         return failures
     if engine.stats["cached_tokens"] != hits:
         failures.append(f"[7.3] 3 prompts sharing {len(system)} tokens, two of them identical, admitted in one step: "
-                        f"{engine.stats['cached_tokens']} tokens found cached, expected {hits} — the blocks a request "
-                        f"is given are cached at once, so a later request of the same step hits them ({PREFIX})")
+                        f"{engine.stats['cached_tokens']} tokens found cached, expected {hits} — the blocks a "
+                        f"request is given are cached at once, so a later request of the same step hits them "
+                        f"({PREFIX})")
         return failures
     if engine.manager.num_free_blocks != blocks:
         failures.append(f"[7.3] after every sequence finished {engine.manager.num_free_blocks} of {blocks} blocks are "
@@ -1136,8 +1180,8 @@ def test_planted_mistakes_are_caught(planted_results, name):
 
 
 def test_valid_alternatives_pass():
-    """Answers written differently (another free-list order, SDPA, another hash function) pass the same checks:
-    the graders grade the mechanism, not one way of writing it."""
+    """Answers written differently (another free-list order, SDPA, the hash chain written with hashlib directly)
+    pass the same checks: the graders grade the mechanism, not one way of writing it."""
     pytest.importorskip("solutions.prefix_cache", reason="the reference answers are absent")
     from tests.graders import planted_ch07_kv_cache as planted
     results = launch(_planted_job, 1, list(planted.ALTERNATIVES), show_output=False, timeout=120)[0]
