@@ -59,18 +59,27 @@ class ServerProcess:
     def __init__(self, config: ServeConfig, startup_timeout: float = 120.0, env: dict | None = None):
         self.config = config
         self.api_key = config.api_key
+        self.process = self.url = self._log = self._port_fd = None
         # The server's log, and a named pipe on which it writes "PORT\n" once it serves (report_port): the
         # port comes from the server itself, not from reading its log.
         self._dir = tempfile.mkdtemp(prefix="dil-server-")
         self.log_path = os.path.join(self._dir, "server.log")
+        try:
+            self._start(startup_timeout, env)
+            self._wait_started(startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, startup_timeout: float, env: dict | None) -> None:
         port_pipe = os.path.join(self._dir, "port")
         os.mkfifo(port_pipe, 0o600)
         self._port_fd = os.open(port_pipe, os.O_RDONLY | os.O_NONBLOCK)   # open before the server writes
-        argv = [sys.executable, "-m", "helpers.course.serving", *config.to_argv()]
+        argv = [sys.executable, "-m", "helpers.course.serving", *self.config.to_argv()]
         environment = dict(os.environ, **(env or {}))
         environment.pop(API_KEY_ENV, None)
-        if config.api_key is not None:
-            environment[API_KEY_ENV] = config.api_key   # not on the command line, where `ps` shows it to all
+        if self.config.api_key is not None:
+            environment[API_KEY_ENV] = self.config.api_key   # not on the command line, where `ps` shows it to all
         environment[PORT_PIPE_ENV] = port_pipe
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
         environment.setdefault("OMP_NUM_THREADS", "1")
@@ -82,12 +91,6 @@ class ServerProcess:
             self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
                                             env=environment, start_new_session=True)
         _live.add(self)
-        self.url = None
-        try:
-            self._wait_started(startup_timeout)
-        except BaseException:
-            self.stop()
-            raise
 
     def _log_text(self) -> str:
         try:
@@ -157,22 +160,24 @@ class ServerProcess:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """Stop the front end and every replica (SIGTERM to the process group, SIGKILL after `timeout`)."""
-        if self.process.poll() is None:
-            proctree.kill_group(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        proctree.kill_group(self.process.pid, signal.SIGKILL)  # whatever is left in the group (normally nothing)
-        if self.process.poll() is None:
-            self.process.wait()
-        self._log.close()
+        if self.process is not None:
+            if self.process.poll() is None:
+                proctree.kill_group(self.process.pid, signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+            proctree.kill_group(self.process.pid, signal.SIGKILL)  # what is left in the group (normally nothing)
+            if self.process.poll() is None:
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
         if self._port_fd is not None:
             os.close(self._port_fd)
             self._port_fd = None
         shutil.rmtree(self._dir, ignore_errors=True)
         _live.discard(self)
-        return self.process.returncode
+        return None if self.process is None else self.process.returncode
 
     def __enter__(self):
         return self
@@ -181,7 +186,7 @@ class ServerProcess:
         self.stop()
 
     def __repr__(self):
-        return f"ServerProcess({self.url}, running={self.process.poll() is None})"
+        return f"ServerProcess({self.url}, running={self.process is not None and self.process.poll() is None})"
 
 
 class LaunchedProcess:
