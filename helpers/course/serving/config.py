@@ -3,8 +3,8 @@
     python -m helpers.course.serving --replicas 2 --tensor-parallel-size 2 --kv-cache paged --max-num-seqs 8
     start_server(replicas=2, tp=2, kv_cache="paged", max_batch=8)          # the same server, from Python
 
-Each field below is one option: its name is vLLM's (`vllm serve --max-num-seqs ...`, the engine's
-SchedulerConfig), its command-line flag is generated from it (`max_num_seqs` -> `--max-num-seqs`), with the
+Each field below is one option: where vLLM has it, its name is vLLM's (`vllm serve --max-num-seqs ...`, the
+engine's SchedulerConfig); the rest (batching, kv_cache, the balancer's) are the course's. Its command-line flag is generated from it (`max_num_seqs` -> `--max-num-seqs`), with the
 course's older spellings as aliases (`--max-batch`, `--tp`, `--pp`, `--num-blocks`, `--model-name`). The parser,
 the command line start_server writes, and start_server's keyword arguments all come from these fields, and a
 ServeConfig checks itself when it is made (`validate`, with the errors the server prints): the config that
@@ -64,7 +64,8 @@ class ServeConfig:
     kv_cache: str = option("contiguous", "contiguous: one cache per request (chapter 6's transformers cache); "
                            "paged: blocks through a block table (helpers/course/engine, exercises 7.1-7.2); with "
                            "--tp each rank holds its own KV heads; --pp 1 only", choices=KV_CACHES, group=KV_GROUP)
-    num_gpu_blocks_override: int = option(256, "KV blocks per replica (paged)", "--num-blocks", group=KV_GROUP)
+    num_gpu_blocks_override: int = option(256, "KV blocks per replica (paged; vLLM sizes the pool from the free "
+                                          "memory unless this overrides it)", "--num-blocks", group=KV_GROUP)
     block_size: int = option(16, "tokens per KV block (paged)", group=KV_GROUP)
     enable_prefix_caching: bool = option(False, "share cached full blocks between requests (paged; exercise 7.3)",
                                          group=KV_GROUP)
