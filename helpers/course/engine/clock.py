@@ -13,16 +13,25 @@ construction: what it shows is a schedule's effect, not this machine's speed.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-from helpers.course.serving.device_time import DeviceCost
+if TYPE_CHECKING:
+    from helpers.course.serving.device_time import DeviceCost
 
 __all__ = ["WallClock", "ModelledClock", "step_seconds"]
+
+
+def _device_cost():
+    # imported when used: helpers.course.serving imports this package (its ServeConfig), so importing it at the
+    # top made `import helpers.course.engine` circular whenever the engine was imported first
+    from helpers.course.serving.device_time import DeviceCost
+    return DeviceCost()
 
 
 def step_seconds(decodes: int, prefill_tokens: int, cost: DeviceCost | None = None) -> float:
     """Modelled device seconds of one forward computing `decodes` decode tokens (one per request) and
     `prefill_tokens` prompt tokens (chunks, or a preempted request's recomputation)."""
-    cost = cost or DeviceCost()
+    cost = cost or _device_cost()
     if decodes < 0 or prefill_tokens < 0 or decodes + prefill_tokens == 0:
         raise ValueError(f"a step computes at least one token: decodes={decodes}, prefill_tokens={prefill_tokens}")
     if prefill_tokens == 0:
@@ -53,7 +62,7 @@ class ModelledClock:
     modelled = True
 
     def __init__(self, cost: DeviceCost | None = None, start: float = 0.0):
-        self.cost, self.t = cost or DeviceCost(), float(start)
+        self.cost, self.t = cost or _device_cost(), float(start)
 
     def now(self) -> float:
         return self.t

@@ -6,8 +6,6 @@ import math
 
 import torch
 
-from helpers.course.serving.protocol import MIN_TEMPERATURE, SAMPLING_EPS
-
 __all__ = ["sample"]
 
 
@@ -19,6 +17,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) ->
         raise ValueError(f"temperature={temperature} and top_p={top_p} must be finite")
     if bool(torch.isnan(logits).any()):  # argmax would quietly pick a NaN: answer an error, not garbage
         raise ValueError("the model's logits hold NaN: no token to choose")
+    from helpers.course.serving.protocol import MIN_TEMPERATURE, SAMPLING_EPS   # not at the top: serving
+    # imports this package, so a top-level import made `import helpers.course.engine` circular
     if temperature < SAMPLING_EPS:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / max(temperature, MIN_TEMPERATURE), dim=-1)
