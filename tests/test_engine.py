@@ -98,7 +98,7 @@ class V1Checker:
     def __init__(self, engine, kv, config, log):
         self.engine, self.kv, self.config, self.log = engine, kv, config, log
         self.replay = CacheReplay()
-        self.steps = self.preemptions = self.admissions_with_hits = 0
+        self.steps = self.preemptions = self.admissions_with_hits = self.cuts = self.concurrent_prefills = 0
         schedule = engine.scheduler.schedule
 
         def checked(*args, **kwargs):
@@ -224,6 +224,8 @@ class V1Checker:
                         f"{where}: request {rid} hit {hits} tokens; more were cached"
                 self.admissions_with_hits += hits > 0
         self.preemptions += len(output.preempted)
+        self.cuts += len(cut)
+        self.concurrent_prefills += sum(1 for _, n in got if n > 1) > 1
         self.steps += 1
 
 
@@ -270,8 +272,9 @@ def test_the_scheduler_follows_vllm_v1_rules_on_random_workloads(seed):
 
 
 def test_the_random_workloads_preempt_chunk_and_hit():
-    """The workloads above exercise what they check: preemptions, budget cuts, prefix hits."""
-    preemptions = hits = 0
+    """The workloads above exercise what they check: preemptions, prefix hits, budget cuts, several prompts part-way
+    through prefill in one step."""
+    preemptions = hits = cuts = concurrent = 0
     for seed in range(0, 80, 4):
         block_size, num_blocks, caching, config, specs = random_workload(seed)
         log = KVEventLog()
@@ -281,7 +284,9 @@ def test_the_random_workloads_preempt_chunk_and_hit():
         run_requests(engine, [Request(i, p, m, arrival=0.0) for i, p, m, _ in specs])
         preemptions += checker.preemptions
         hits += checker.admissions_with_hits
-    assert preemptions > 5 and hits > 5
+        cuts += checker.cuts
+        concurrent += checker.concurrent_prefills
+    assert preemptions > 5 and hits > 5 and cuts > 5 and concurrent > 5, (preemptions, hits, cuts, concurrent)
 
 
 # ---------------------------------------------------------------------------------------------- the model's tokens
