@@ -457,11 +457,13 @@ def test_a_connector_that_supplies_tokens_is_honoured(model):
     assert store.kv is not None
     prompt = SYSTEM + tiny_llama.encode(QUESTIONS[1])
     assert prompt[:want] == store.tokens
-    consumer = LLMEngine.paged(model, num_blocks=32, block_size=16, connector=store)
+    consumer = LLMEngine.paged(model, num_blocks=32, block_size=16, enable_prefix_caching=True, connector=store)
     request = Request("b", prompt, 12, arrival=0.0)
     run_requests(consumer, [request])
     assert store.loads == [("b", 0, want)]
     assert consumer.steps[0].chunks == (("b", len(prompt) - want),), "the supplied tokens were computed again"
+    stats = consumer.kv_stats()       # vLLM's prefix-cache metric counts local hits only, not a connector's
+    assert (stats["prefix_queries"], stats["prefix_hits"]) == (len(prompt), 0)
     assert request.tokens == reference(model, prompt, 12)
 
 

@@ -165,7 +165,8 @@ class Scheduler:
         for request in output.admitted:
             self._counter += 1
             self._admitted_order[request.rid] = self._counter
-            self.kv.record_admission(request, request.num_computed_tokens)
+            local = kv.lookups.get(request.rid, (request.num_computed_tokens, 0))[0]
+            self.kv.record_admission(request, local)     # vLLM: local hits only (a connector's tokens are not)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = request.num_computed_tokens
         self.num_preemptions += len(output.preempted)
