@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helpers.claims import tolerance
-from helpers.course.disaggregated import Link, break_even_bandwidth, run_disaggregated, run_disaggregated_model, \
-    transfer_bytes, tradeoff
-from helpers.course.engine_loop import Workload, step_seconds
+from helpers.course.disaggregated import Link, break_even_bandwidth, compare_disaggregation, run_disaggregated, \
+    run_disaggregated_model, transfer_bytes, tradeoff
+from helpers.course.engine_loop import Workload, percentile, step_seconds
 from helpers.course.tiny_llama import PROMPT, encode, generate, load_model
 
 
@@ -59,6 +59,17 @@ def test_decodes_never_wait_for_a_prompt_when_the_transfer_overlaps():
     # the clock is a float64 sum of the step times: one rounding per step at the scale of the makespan
     end = max(r.token_times[-1] for r in result.requests)
     assert max(gaps) <= longest + tolerance(end, torch.float64, factor=2 * len(result.steps))
+
+
+def test_chapter_7_claims_on_the_engine():
+    """Notebook 07's verdicts, every device an LLMEngine (vLLM V1's order): chunked (256) and disaggregated each
+    keep the running decodes' ITL p99 at most half of colocated unchunked; no chunked step over its budget."""
+    workload = Workload()
+    ways = compare_disaggregation(workload)
+    p99 = {k: percentile(r.itls(workload.decoder_ids), 99) for k, r in ways.items()}
+    assert p99["chunked"] <= p99["colocated"] / 2 and p99["disaggregated"] <= p99["colocated"] / 2, p99
+    assert max(s.tokens for s in ways["chunked"].steps) <= 256
+    assert all(len(r.tokens) == r.max_tokens for res in ways.values() for r in res.requests)
 
 
 def test_a_blocking_transfer_on_a_slow_link_stalls_the_decodes():
