@@ -269,6 +269,16 @@ def diagnose(pre, got, want):
     config = pre.config
     budget, cap = config.max_num_batched_tokens, config.long_prefill_token_threshold
     got_tokens, want_tokens = dict(got["tokens"]), dict(want["tokens"])
+    known = set(pre.running) | set(pre.waiting)
+    for rid in list(got_tokens) + got["preempted"]:
+        if rid not in known:
+            return f"request {rid!r} is neither running nor waiting before the step {WHERE}"
+    for rid in got_tokens:
+        if rid not in got["running"]:
+            return (f"request {rid!r} is scheduled but not in `running` after the step: an admitted request is popped "
+                    f"from waiting and appended to running (status RUNNING); a preempted one is not scheduled {WHERE}")
+    if any(rid not in pre.running for rid in got["preempted"]):
+        return f"preempted {got['preempted']}, but only running requests {pre.running} can be preempted {WHERE}"
     admitted = [rid for rid in got["running"] if rid in pre.waiting]
     resumed = [rid for rid in got["running"] if rid in got["preempted"]]      # preempted, then admitted again
     for rid in got["running"]:

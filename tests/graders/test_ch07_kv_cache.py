@@ -755,6 +755,7 @@ def check_prefix_manager(impl=None):
                                         ("a's tokens with cache_salt='x'", p, "x", []),
                                         ("other tokens", _prompt(2, 10), None, [])):
         ok, hits = _call(failures, f"{W} cached_prefix({label})", m.cached_prefix, tokens, salt)
+        hits = list(hits or []) if ok else hits
         if not ok:
             return failures
         if list(hits) != expect:
@@ -857,6 +858,7 @@ def _check_cache_blocks(pc):
     g = m.block_table("g")
     ok, new = _call(failures, f"{W}: cache_blocks('g', its 9 tokens: 6 of the prompt, 3 generated)", m.cache_blocks,
                     "g", t[:9])
+    new = list(new or []) if ok else new
     if not ok:
         return failures
     if dict(m.cached) != {h[0]: g[0], h[1]: g[1]} or list(new) != [h[1]]:
@@ -874,6 +876,7 @@ def _check_cache_blocks(pc):
                         f"{g[:2]} cached and [h_1] returned: {hint} ({PREFIX}.cache_blocks)")
         return failures
     ok, again = _call(failures, f"{W}: cache_blocks('g') again", m.cache_blocks, "g", t[:9])
+    again = list(again or []) if ok else again
     if not ok:
         return failures
     if list(again) or len(m.cached) != 2:
@@ -891,6 +894,7 @@ def _check_cache_blocks(pc):
             return failures
     y = m.block_table("y")
     ok, new = _call(failures, f"{W}: cache_blocks('y', the same 9 tokens as 'g')", m.cache_blocks, "y", t[:9])
+    new = list(new or []) if ok else new
     if not ok:
         return failures
     if list(new) or m.cached.get(h[1]) != g[1] or y[1] in m.hash_of_block:
@@ -914,6 +918,7 @@ def _check_cache_blocks(pc):
         return failures
     ok, hits = _call(failures, f"{W}: cached_prefix(g's 9 tokens + 3 new: a follow-up turn)", m.cached_prefix,
                      t[:9] + [1, 2, 3])
+    hits = list(hits or []) if ok else hits
     if ok and list(hits) != g[:2]:
         failures.append(f"{W}: a follow-up turn over g's prompt and answer found {hits}, expected {g[:2]}: freed "
                         f"cached blocks stay findable until evicted ({PREFIX})")
