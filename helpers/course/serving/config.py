@@ -4,8 +4,9 @@
     start_server(replicas=2, tp=2, kv_cache="paged", max_batch=8)          # the same server, from Python
 
 Each field below is one option: where vLLM has it, its name is vLLM's (`vllm serve --max-num-seqs ...`, the
-engine's SchedulerConfig); the rest (batching, kv_cache, the balancer's) are the course's. Its command-line flag is generated from it (`max_num_seqs` -> `--max-num-seqs`), with the
-course's older spellings as aliases (`--max-batch`, `--tp`, `--pp`, `--num-blocks`, `--model-name`). The parser,
+engine's SchedulerConfig); the rest (batching, kv_cache, the balancer's) are the course's. Its command-line
+flag is generated from it (`max_num_seqs` -> `--max-num-seqs`), with the course's older spellings as aliases
+(`--max-batch`, `--tp`, `--pp`, `--num-blocks`, `--model-name`). The parser,
 the command line start_server writes, and start_server's keyword arguments all come from these fields, and a
 ServeConfig checks itself when it is made (`validate`, with the errors the server prints): the config that
 reaches a replica is the one the learner typed, whole —
@@ -21,7 +22,11 @@ import importlib
 import os
 from dataclasses import dataclass, field, fields
 
-from helpers.course.engine import BATCHING, SchedulerConfig
+
+def _batching() -> tuple:
+    """The engine's batching modes (imported when used: the engine imports parts of helpers.course.serving)."""
+    from helpers.course.engine import BATCHING
+    return BATCHING
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 POLICIES = ("round_robin", "least_outstanding")    # the balancer's policies (balancer.py; exercise 6.2)
@@ -59,7 +64,7 @@ class ServeConfig:
     threads: int = option(1, "torch threads of a replica process (the ranks of a --tp/--pp replica use 1)")
     # --------------------------------------------------------------- the engine
     batching: str = option("continuous", "continuous (vLLM's), static (a batch runs to its end) or none "
-                           "(one request at a time)", choices=BATCHING)
+                           "(one request at a time)", choices=_batching)
     max_num_seqs: int = option(8, "requests in the running batch, per replica", "--max-batch")
     kv_cache: str = option("contiguous", "contiguous: one cache per request (chapter 6's transformers cache); "
                            "paged: blocks through a block table (helpers/course/engine, exercises 7.1-7.2); with "
@@ -96,7 +101,7 @@ class ServeConfig:
             error(f"--host {self.host}: this teaching server listens on loopback only (127.0.0.1)")
         if not (isinstance(self.port, int) and 0 <= self.port < 65536):
             error(f"--port {self.port} is not a TCP port")
-        for name, values in (("batching", BATCHING), ("kv_cache", KV_CACHES), ("policy", POLICIES)):
+        for name, values in (("batching", _batching()), ("kv_cache", KV_CACHES), ("policy", POLICIES)):
             if getattr(self, name) not in values:
                 error(f"{spelled(name)} {getattr(self, name)!r}: choose one of {', '.join(values)}")
         at_least_one = ["data_parallel_size", "tensor_parallel_size", "pipeline_parallel_size", "threads",
@@ -144,9 +149,10 @@ class ServeConfig:
                              f"tokens: give at least {-(-longest // self.block_size)} blocks")
 
     # ------------------------------------------------------------------------------------------ uses
-    def scheduler_config(self, model_config) -> SchedulerConfig:
+    def scheduler_config(self, model_config):
         """The engine's SchedulerConfig. Without a token budget a step computes whole prompts: a budget of
         max_num_seqs × the model's context fits every prompt of the batch (the contiguous cache always does)."""
+        from helpers.course.engine import SchedulerConfig
         budget = self.max_num_batched_tokens or self.max_num_seqs * model_config.max_position_embeddings
         return SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=self.max_num_seqs,
                                long_prefill_token_threshold=self.long_prefill_token_threshold)
@@ -188,7 +194,8 @@ class ServeConfig:
                                    help=meta["help"])
                 continue
             kind = meta["type"] or (str if f.default is None else type(f.default))
-            where.add_argument(*flags, dest=f.name, type=kind, default=default, choices=meta["choices"],
+            choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+            where.add_argument(*flags, dest=f.name, type=kind, default=default, choices=choices,
                                metavar="N" if kind is int else None,
                                help=meta["help"] + ("" if f.default is None else " (default: %(default)s)"))
         return p
