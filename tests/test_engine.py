@@ -132,6 +132,7 @@ class V1Checker:
             return min(threshold if 0 < threshold < n else n, budget)
 
         expected, preempted, admitted = {}, [], []
+        where = f"step {self.steps} (running {[r.rid for r in running]})"
         index = 0
         while index < len(running) and budget > 0:                   # 1. running, in admission order
             request = running[index]
@@ -174,6 +175,7 @@ class V1Checker:
                 break
             if new + evictable_hits > free:
                 break
+            assert request in output.admitted, f"{where}: V1 admits request {request.rid} ({hits} hits, {n} tokens)"
             waiting.pop(0)
             admitted.append((request.rid, hits))
             refs.update(held)
@@ -186,7 +188,6 @@ class V1Checker:
             budget -= n
 
         got = list(output.num_scheduled_tokens.items())
-        where = f"step {self.steps} (running {[r.rid for r, *_ in before['running']]})"
         assert got == list(expected.items()), f"{where}: scheduled {got}, V1 schedules {list(expected.items())}"
         assert [r.rid for r in output.preempted] == preempted, f"{where}: preempted {output.preempted}, V1 {preempted}"
         assert [(r.rid, r.num_computed_tokens) for r in output.admitted] == admitted, f"{where}: admitted"
@@ -511,3 +512,14 @@ def test_a_runner_failing_for_one_request_fails_only_that_request():
         if request.rid != "bad":
             assert request.status == RequestStatus.FINISHED and len(request.tokens) == 5
     assert kv.num_free_blocks == 32 and not kv.block_manager.tables
+
+
+def test_the_vllm_scheduler_checks_course_side_runs():
+    """`make vllm-scheduler-check` (not part of make test: it needs .venv-vllm) drives the engine as here; its
+    course side must keep running as the engine changes."""
+    from helpers import vllm_scheduler_check
+    workloads = vllm_scheduler_check.make_workloads(3)
+    for caching in (False, True):
+        for workload in workloads:
+            trace = vllm_scheduler_check.run_course(workload, caching)
+            assert trace["steps"] and trace["steps"][-1]["free"] == workload["num_blocks"]
