@@ -25,7 +25,8 @@
    digits; the unchunked spikes (a whole prefill inside one step) stay. Then decode tokens/s at batch 1 and 8,
    measured as `make vllm-check` measures them (helpers/vllm_check.py: batch × (n - 1) / (t(n) - t(1)), medians;
    the same LLMEngine.paged), beside vLLM CPU's figures stored by the last `make vllm-check`
-   (helpers/course/data/vllm_check.json; the issue's target: batch 8 at least 0.8× vLLM's).
+   (helpers/course/data/vllm_check.json; the issue's target: batch 8 at least 0.8× vLLM's). The load average is
+   printed with them: on a busy 2-core machine torch's threads wait for each other and the figures collapse.
 """
 from __future__ import annotations
 
@@ -106,12 +107,21 @@ def _measured_itls(config, decoders=4, decoder_tokens=100, long_prompts=4, every
     return [gap for r in decoding for gap in r.itls()], max(s.tokens for s in engine.steps)
 
 
+def _machine() -> str:
+    """CPUs, torch threads and the load average: wall-clock figures on a busy machine say little."""
+    import os
+
+    import torch
+    return (f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average "
+            f"{os.getloadavg()[0]:.1f}")
+
+
 def measured_on_the_engine():
     from helpers.claims import verdict
     from helpers.course import tiny_llama
     from helpers.course.engine import SchedulerConfig, percentile
-    print("\n2. Measured (wall clock, this machine) on helpers/course/engine LLMEngine.paged, the tiny Llama, one "
-          "forward per step: 4 requests decode while 4 prompts of 224 tokens join")
+    print(f"\n2. Measured (wall clock, this machine: {_machine()}) on helpers/course/engine LLMEngine.paged, the tiny "
+          f"Llama, one forward per step: 4 requests decode while 4 prompts of 224 tokens join")
     model = tiny_llama.load_model().eval()
     p99 = {}
     chunked = f"chunked (budget {MEASURED_BUDGET})"
@@ -131,16 +141,14 @@ def decode_throughput():
     """Decode tokens/s of LLMEngine.paged at batch 1 and 8, as helpers/vllm_check.py measures both engines."""
     import json
 
-    import torch
-
     from helpers.course import tiny_llama
     from helpers.vllm_check import BATCHES, RESULT_PATH, course_engine, decode_rate
     model = tiny_llama.load_model().eval()
     name, generate = course_engine(model)
     stored = json.loads(RESULT_PATH.read_text()) if RESULT_PATH.exists() else {}
     vllm = stored.get("vllm", {}).get("1", {}).get("decode_tokens_per_s", {})
-    print(f"\n   decode tokens/s ({name}, {torch.get_num_threads()} torch threads; helpers/vllm_check.py's "
-          f"measurement), beside vLLM CPU TP=1 as stored by the last make vllm-check:")
+    print(f"\n   decode tokens/s ({name}; {_machine()}; helpers/vllm_check.py's measurement), beside vLLM CPU TP=1 "
+          f"as stored by the last make vllm-check (its machine's figures):")
     for batch in BATCHES:
         rate = decode_rate(generate, batch)
         theirs = vllm.get(str(batch))
