@@ -49,6 +49,8 @@ from collections import OrderedDict, deque
 import pytest
 
 from helpers import launch, load_impl
+from helpers.course import tiny_llama  # noqa: F401  imported once here, so every forked rank has it (its
+#                                       transformers Llama takes seconds to import on a busy machine)
 from helpers.course.engine import KVCacheManager, LLMEngine, Request, RequestStatus, SchedulerConfig, run_requests
 from helpers.course.kv_cache import OutOfBlocks
 

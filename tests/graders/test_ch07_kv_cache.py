@@ -79,6 +79,8 @@ import torch
 
 from helpers import launch, load_impl
 from helpers.claims import max_abs_diff, tolerance
+from helpers.course import tiny_llama  # noqa: F401  imported once here, so every forked rank has it (its
+#                                       transformers Llama takes seconds to import on a busy machine)
 from helpers.course.kv_cache import OutOfBlocks
 
 # Rounding budget (helpers.claims policy): a dot product over head_dim ≤ 32 and a softmax over ≤ 64 positions,
