@@ -167,6 +167,9 @@ class V1Checker:
                 hits = self.replay.hits(request.all_token_ids, bs) if self.kv.enable_caching else 0
                 held = [manager.cached[self.replay.prefixes[tuple(request.all_token_ids[:(i + 1) * bs])]]
                         for i in range(hits // bs)]
+            if not config.enable_chunked_prefill and \
+                    min(request.num_tokens - hits, threshold or request.num_tokens) > budget:
+                break                                            # without chunked prefill a prompt is not split
             n = share(request.num_tokens - hits)
             evictable_hits = sum(1 for b in held if refs[b] == 0)    # cached blocks no one holds count as free
             new = blocks(hits + n, bs) - hits // bs
@@ -192,6 +195,13 @@ class V1Checker:
         assert [r.rid for r in output.preempted] == preempted, f"{where}: preempted {output.preempted}, V1 {preempted}"
         assert [(r.rid, r.num_computed_tokens) for r in output.admitted] == admitted, f"{where}: admitted"
         assert self.kv.num_free_blocks == free, f"{where}: {self.kv.num_free_blocks} free blocks, V1 leaves {free}"
+        queue = [r.rid for r in self.engine.scheduler.waiting]
+        rest = [r.rid for r in before["waiting"] if r not in output.admitted]
+        assert queue == preempted[::-1] + rest, f"{where}: waiting {queue}; V1: the preempted at the head, {rest}"
+        for request in output.preempted:                             # blocks freed, computed reset, tokens kept
+            assert request.num_computed_tokens == 0 and request.status == RequestStatus.PREEMPTED
+            assert request.rid not in manager.tables and request.num_tokens == dict(
+                (r.rid, n) for r, _, n, _ in before["running"])[request.rid]
 
         # The same rules, stated one by one (the re-derivation above implies them; these say which one broke).
         total = output.total_num_scheduled_tokens
@@ -241,9 +251,14 @@ def random_workload(seed: int):
         requests.append((i, prompt, rng.randint(1, 24), rng.choice([0, 0, rng.randint(0, 10)])))
     largest = max(blocks(len(p) + m, block_size) for _, p, m, _ in requests)
     seqs = rng.randint(1, 6)
-    config = SchedulerConfig(max_num_batched_tokens=rng.randint(max(seqs, 4), 64), max_num_seqs=seqs,
-                             long_prefill_token_threshold=rng.choice([0, 0, rng.randint(2, 24)]))
-    return (block_size, largest + rng.randint(0, 2 * largest), rng.random() < 0.5, config, requests)
+    budget, threshold = rng.randint(max(seqs, 4), 64), rng.choice([0, 0, rng.randint(2, 24)])
+    num_blocks, caching = largest + rng.randint(0, 2 * largest), rng.random() < 0.5
+    chunked = rng.random() < 0.8
+    if not chunked:              # whole prompts (and recomputations) must fit a step, as vLLM requires
+        budget = max(budget, max(len(p) + m for _, p, m, _ in requests))
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=seqs, long_prefill_token_threshold=threshold,
+                             enable_chunked_prefill=chunked)
+    return block_size, num_blocks, caching, config, requests
 
 
 @pytest.mark.parametrize("seed", range(80))
