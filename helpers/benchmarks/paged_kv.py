@@ -155,6 +155,7 @@ def prefix_ttft(prefix_caching: bool) -> dict:
 
 
 def run():
+    from helpers.impl import impl_package
     torch.set_num_threads(1)
     requests = workload()
     b = kv_bytes(requests)
@@ -174,11 +175,12 @@ def run():
           f"{BUDGET_BLOCKS * BLOCK_SIZE * b['per_token'] / mib:.0f} MiB at once: padded to {MAX_LEN} tokens "
           f"{fit['padded']}, paged {fit['paged']} ({fit['paged'] / fit['padded']:.1f}x the batch)")
     e = engine_batch(requests)
-    print(f"   The engine on that pool ({ENGINE_REQUESTS} prompts of the workload, {ENGINE_NEW_TOKENS} new tokens "
+    print(f"   The engine on that pool (helpers/course/engine LLMEngine.paged, exercises of {impl_package()}/; "
+          f"{ENGINE_REQUESTS} prompts of the workload, {ENGINE_NEW_TOKENS} new tokens "
           f"each): largest decode batch {e['peak_running']} (padded: {e['padded_batch']}), peak "
           f"{e['peak_blocks_used']} blocks, {e['preemptions']} preemptions, same tokens as transformers: "
           f"{e['same_tokens']} ({e['seconds']:.1f} s)")
-    print(f"\n2. TTFT at a {SHARED_TOKENS / (SHARED_TOKENS + UNIQUE_TOKENS):.0%} shared prefix "
+    print(f"\n2. TTFT at a {SHARED_TOKENS / (SHARED_TOKENS + UNIQUE_TOKENS):.0%} shared prefix on LLMEngine.paged "
           f"({SHARED_TOKENS} shared + {UNIQUE_TOKENS} unique tokens, {PREFIX_REQUESTS} requests one after "
           f"another; mean of requests 2..{PREFIX_REQUESTS}, measured: median)")
     off, on = prefix_ttft(False), prefix_ttft(True)
