@@ -17,18 +17,8 @@ with its queues and its KV cache manager, and checks what comes back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from helpers.course.engine.request import RequestStatus
-from helpers.course.engine.scheduler import preempt
-
-
-@dataclass
-class StepPlan:
-    """What schedule_step returns: num_scheduled_tokens {rid: tokens} in the order scheduled; preempted: the
-    requests preempted during the step, in order."""
-    num_scheduled_tokens: dict = field(default_factory=dict)
-    preempted: list = field(default_factory=list)
+from helpers.course.engine.scheduler import StepPlan, preempt  # noqa: F401  (StepPlan: what the step returns)
 
 
 def schedule_step(running: list, waiting, kv, config) -> StepPlan:

@@ -20,10 +20,12 @@ from helpers.course.engine.kv_events import AllBlocksCleared, BlockRemoved, Bloc
 from helpers.course.engine.request import Request, RequestStatus
 from helpers.course.engine.runner import ContiguousRunner, ModelledRunner, PagedRunner
 from helpers.course.engine.sampling import sample
-from helpers.course.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, ScheduleError
+from helpers.course.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, ScheduleError, StepPlan, \
+    continuous_batching_step
 from helpers.course.engine.stats import EngineResult, StepRecord, percentile
 
 __all__ = ["LLMEngine", "BATCHING", "run_requests", "Request", "RequestStatus", "Scheduler", "SchedulerConfig",
            "SchedulerOutput", "ScheduleError", "KVCacheManager", "PrefixCacheStats", "UnlimitedKV", "KVConnector",
            "KVEventLog", "BlockStored", "BlockRemoved", "AllBlocksCleared", "WallClock", "ModelledClock",
-           "step_seconds", "sample", "PagedRunner", "ContiguousRunner", "ModelledRunner", "percentile", "StepRecord", "EngineResult"]
+           "step_seconds", "sample", "PagedRunner", "ContiguousRunner", "ModelledRunner", "percentile", "StepRecord",
+           "EngineResult", "StepPlan", "continuous_batching_step"]

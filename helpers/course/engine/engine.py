@@ -35,7 +35,7 @@ from helpers.course.engine.kv_cache_manager import KVCacheManager, UnlimitedKV
 from helpers.course.engine.request import Request, RequestStatus
 from helpers.course.engine.runner import ContiguousRunner, ModelledRunner, PagedRunner
 from helpers.course.engine.sampling import sample
-from helpers.course.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from helpers.course.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, continuous_batching_step
 from helpers.course.engine.stats import EngineResult, StepRecord
 from helpers.course.kv_cache import OutOfBlocks
 
@@ -82,8 +82,10 @@ class LLMEngine:
 
     @classmethod
     def contiguous(cls, model, **options) -> "LLMEngine":
-        """Chapter 6's engine: a transformers model, one contiguous cache per request; whole prompts."""
+        """Chapter 6's engine: a transformers model, one contiguous cache per request; whole prompts, chapter 6's
+        continuous-batching step (scheduler.py's continuous_batching_step: no exercise of chapter 7 needed)."""
         options.setdefault("config", SchedulerConfig(max_num_batched_tokens=1 << 20, max_num_seqs=8))
+        options.setdefault("schedule_step", continuous_batching_step)
         return cls(ContiguousRunner(model), UnlimitedKV(), **options)
 
     @classmethod

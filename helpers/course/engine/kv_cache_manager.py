@@ -63,7 +63,8 @@ class KVCacheManager:
                  events: KVEventLog | None = None, block_manager=None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be at least 1")
-        self.num_blocks, self.block_size, self.enable_caching, self.events = num_blocks, block_size, enable_caching, events
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_caching, self.events = enable_caching, events
         if block_manager is None:
             if enable_caching:
                 block_manager = load_impl("prefix_cache").PrefixCachingBlockManager(num_blocks, block_size)

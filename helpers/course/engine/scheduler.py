@@ -32,7 +32,8 @@ from dataclasses import dataclass, field, replace
 from helpers.course.engine.request import Request, RequestStatus
 from helpers.impl import load_impl
 
-__all__ = ["SchedulerConfig", "SchedulerOutput", "Scheduler", "ScheduleError", "POLICIES"]
+__all__ = ["SchedulerConfig", "SchedulerOutput", "Scheduler", "ScheduleError", "POLICIES", "StepPlan", "preempt",
+           "continuous_batching_step"]
 
 POLICIES = ("fcfs", "decode_first")
 
@@ -76,6 +77,31 @@ class SchedulerOutput:
     @property
     def total_num_scheduled_tokens(self) -> int:
         return sum(self.num_scheduled_tokens.values())
+
+
+@dataclass
+class StepPlan:
+    """What a step function returns: num_scheduled_tokens {rid: tokens} in the order scheduled; preempted: the
+    requests preempted during the step, in order."""
+    num_scheduled_tokens: dict = field(default_factory=dict)
+    preempted: list = field(default_factory=list)
+
+
+def continuous_batching_step(running: list, waiting, kv, config) -> StepPlan:
+    """Chapter 6's step, for an engine whose memory is not the subject (a contiguous cache, a modelled replay):
+    every running request computes what it has not yet computed (its whole prompt the step it is admitted, then
+    one token per step), and waiting requests join first come first served while max_num_seqs allows — continuous
+    batching. No budget cuts a prompt and no allocation fails, so nothing is preempted. Chapter 7's paged engine
+    replaces this with exercise 7.4, vLLM V1's step with a token budget and a KV cache that can run out."""
+    plan = StepPlan()
+    for request in running:
+        plan.num_scheduled_tokens[request.rid] = request.num_new_tokens
+    while waiting and len(running) < config.max_num_seqs:
+        request = waiting.popleft()
+        request.status = RequestStatus.RUNNING
+        running.append(request)
+        plan.num_scheduled_tokens[request.rid] = request.num_new_tokens
+    return plan
 
 
 def preempt(request: Request, kv) -> None:

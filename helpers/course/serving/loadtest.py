@@ -221,11 +221,11 @@ class ReplayResult(EngineResult):
 
 def _replay_engine(model, cost, max_batch, batching):
     """One replica's engine on modelled device time: the model's real forwards, or none for a ScheduleOnlyLM."""
-    from helpers.course.engine import LLMEngine, ModelledClock, SchedulerConfig
+    from helpers.course.engine import LLMEngine, ModelledClock, SchedulerConfig, continuous_batching_step
     from helpers.course.serving.device_time import ScheduleOnlyLM
     config = SchedulerConfig(max_num_batched_tokens=1 << 20, max_num_seqs=max_batch)
     if isinstance(model, ScheduleOnlyLM):
-        return LLMEngine.modelled(cost=cost, config=config, batching=batching)
+        return LLMEngine.modelled(cost=cost, config=config, batching=batching, schedule_step=continuous_batching_step)
     return LLMEngine.contiguous(model, config=config, batching=batching, clock=ModelledClock(cost))
 
 
