@@ -55,6 +55,7 @@ max_model_len and the architecture; no weights are loaded and nothing is compute
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -110,6 +111,45 @@ def make_workloads(n: int = NUM_WORKLOADS, seed: int = SEED) -> list[dict]:
     return workloads
 
 
+class _Stored:
+    """A BlockStored event (the fields _EventPrefixes reads)."""
+
+    def __init__(self, block_hashes, parent_block_hash, token_ids, block_size):
+        self.block_hashes, self.parent_block_hash = block_hashes, parent_block_hash
+        self.token_ids, self.block_size = token_ids, block_size
+
+
+_Stored.__name__ = "BlockStored"
+
+
+class _EventPrefixes:
+    """KV events (BlockStored / BlockRemoved, the course's or vLLM's: same fields) turned into what they mean,
+    independent of how each side hashes: every block named by the tokens from the start of its sequence to its
+    end (a short digest of them). Hashes are mapped through the parent chain the events carry."""
+
+    def __init__(self):
+        self.prefix_of = {}
+
+    @staticmethod
+    def key(prefix) -> str:
+        return hashlib.sha1(repr(tuple(prefix)).encode()).hexdigest()[:10]
+
+    def step(self, events) -> tuple[list, list]:
+        stored, removed = [], []
+        for event in events:
+            kind = type(event).__name__
+            if kind == "BlockStored":
+                size = event.block_size
+                prefix = self.prefix_of.get(event.parent_block_hash, ()) if event.parent_block_hash else ()
+                for i, h in enumerate(event.block_hashes):
+                    prefix = tuple(prefix) + tuple(event.token_ids[i * size:(i + 1) * size])
+                    self.prefix_of[h] = prefix
+                    stored.append(self.key(prefix))
+            elif kind == "BlockRemoved":
+                removed.extend(self.key(self.prefix_of.get(h, ("?",))) for h in event.block_hashes)
+        return sorted(stored), sorted(removed)
+
+
 def _arrivals(workload) -> dict:
     by_step: dict = {}
     for r in workload["requests"]:
@@ -120,12 +160,13 @@ def _arrivals(workload) -> dict:
 # ---------------------------------------------------------------------------------------------- the course's side
 def run_course(workload: dict, enable_caching: bool) -> dict:
     """The course's engine (LLMEngine.modelled on a KVCacheManager) on one workload: a trace of every step."""
-    from helpers.course.engine import KVCacheManager, LLMEngine, Request, SchedulerConfig
+    from helpers.course.engine import KVCacheManager, KVEventLog, LLMEngine, Request, SchedulerConfig
     config = SchedulerConfig(max_num_batched_tokens=workload["max_num_batched_tokens"],
                              max_num_seqs=workload["max_num_seqs"],
                              long_prefill_token_threshold=workload["long_prefill_token_threshold"],
                              enable_chunked_prefill=True, full_sequence_must_fit=True, policy="fcfs")
-    kv = KVCacheManager(workload["num_blocks"], workload["block_size"], enable_caching)
+    log, events = KVEventLog(), _EventPrefixes()
+    kv = KVCacheManager(workload["num_blocks"], workload["block_size"], enable_caching, events=log)
     engine = LLMEngine.modelled(kv=kv, config=config)
     outputs = []
     schedule = engine.scheduler.schedule
@@ -149,7 +190,8 @@ def run_course(workload: dict, enable_caching: bool) -> dict:
         if failed:
             raise RuntimeError(f"workload {workload['index']}: request {failed[0].rid} failed: {failed[0].error}")
         output = outputs[-1]
-        steps.append({"t": t,
+        stored, removed = events.step(log.take())
+        steps.append({"t": t, "stored": stored, "removed": removed,
                       "scheduled": [[str(rid), n] for rid, n in output.num_scheduled_tokens.items()],
                       "preempted": sorted(str(r.rid) for r in output.preempted),
                       "admitted": [[str(r.rid), r.num_computed_tokens - output.num_scheduled_tokens[r.rid]]
@@ -175,11 +217,11 @@ def vllm_worker() -> None:
     try:
         import torch
         import vllm
-        from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+        from vllm.config import CacheConfig, KVEventsConfig, ModelConfig, SchedulerConfig, VllmConfig
         from vllm.sampling_params import SamplingParams
         from vllm.utils.hashing import sha256
-        from vllm.v1.core.kv_cache_utils import (get_request_block_hasher, init_none_hash,
-                                                 make_block_hash_with_group_id)
+        from vllm.v1.core.kv_cache_utils import (get_block_hash, get_request_block_hasher, init_none_hash,
+                                                 make_block_hash_with_group_id, maybe_convert_block_hash)
         from vllm.v1.core.sched.scheduler import Scheduler
         from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
         from vllm.v1.outputs import ModelRunnerOutput
@@ -198,7 +240,8 @@ def vllm_worker() -> None:
                 max_model_len=MAX_MODEL_LEN, is_encoder_decoder=False)
             cache_config = CacheConfig(block_size=w["block_size"], enable_prefix_caching=enable_caching)
             vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config,
-                                     cache_config=cache_config)
+                                     cache_config=cache_config,     # KV events, kept here (no publisher)
+                                     kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="null"))
             num_blocks = w["num_blocks"] + 1                 # + vLLM's null block
             cache_config.num_gpu_blocks = num_blocks
             kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[
@@ -215,12 +258,16 @@ def vllm_worker() -> None:
             scheduler = make_scheduler(w, enable_caching)
             pool = scheduler.kv_cache_manager.block_pool
             hashes = pool.cached_block_hash_to_block
+            captured, skipped, late, events = [], [], [], _EventPrefixes()
+            scheduler.kv_event_publisher.publish = lambda batch: captured.extend(batch.events)
             if one_block_per_hash:           # the course's rule (exercise 7.3), to show it is the only difference
                 insert, cache_full = pool._insert_block_hash, pool.cache_full_blocks
 
                 def insert_once(key, block, num_tokens):
                     if hashes.get_one_block(key) is None or hashes.contain(key, block.block_id):
                         insert(key, block, num_tokens)
+                    else:
+                        skipped.append(maybe_convert_block_hash(get_block_hash(key)))   # still in its BlockStored
 
                 def cache_like_the_course(request, blocks, num_cached_blocks, num_full_blocks, block_size,
                                           kv_cache_group_id, block_mask=None):
@@ -232,6 +279,10 @@ def vllm_worker() -> None:
                         key = make_block_hash_with_group_id(request.block_hashes[i], kv_cache_group_id)
                         if blocks[i].block_hash is None and hashes.get_one_block(key) is None:
                             insert(key, blocks[i], (i + 1) * block_size)   # a skipped duplicate, its hash now free
+                            late.append(_Stored([maybe_convert_block_hash(request.block_hashes[i])],
+                                                maybe_convert_block_hash(request.block_hashes[i - 1]) if i else None,
+                                                request.all_token_ids[i * block_size:(i + 1) * block_size],
+                                                block_size))
                 pool._insert_block_hash, pool.cache_full_blocks = insert_once, cache_like_the_course
             hasher = get_request_block_hasher(w["block_size"], sha256)
             arrivals, pending, steps = _arrivals(w), len(w["requests"]), []
@@ -261,7 +312,12 @@ def vllm_worker() -> None:
                     if s is not None:
                         stats = [stats[0] + s.queries, stats[1] + s.hits, stats[2] + s.preempted_queries,
                                  stats[3] + s.preempted_hits]
-                steps.append({"t": t, "scheduled": [[rid, n] for rid, n in output.num_scheduled_tokens.items()],
+                stored, removed = events.step(captured + late)
+                for h in skipped:
+                    stored.remove(events.key(events.prefix_of[h]))
+                captured.clear(), skipped.clear(), late.clear()
+                steps.append({"t": t, "stored": stored, "removed": removed,
+                              "scheduled": [[rid, n] for rid, n in output.num_scheduled_tokens.items()],
                               "preempted": sorted(output.preempted_req_ids or ()),
                               "admitted": admitted, "free": pool.get_num_free_blocks(),
                               "cached": len(hashes),
@@ -292,6 +348,16 @@ def run_vllm(workloads: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the comparison
 DECISIONS = ("scheduled", "preempted", "admitted", "free")      # compared; "cached", "duplicates": shown only
+
+
+def events_differ(course: dict, vllm: dict) -> int | None:
+    """The first step whose KV events (blocks stored and removed, by token prefix) differ; None: none."""
+    a, b = course["steps"], vllm["steps"]
+    for i in range(max(len(a), len(b))):
+        x, y = (a[i] if i < len(a) else None), (b[i] if i < len(b) else None)
+        if x is None or y is None or (x["stored"], x["removed"]) != (y["stored"], y["removed"]):
+            return i
+    return None
 
 
 def _same(x, y) -> bool:
@@ -368,9 +434,10 @@ def main(argv=None) -> int:
     summary, same_in = {}, {w["index"]: 0 for w in workloads}
     for caching in ("False", "True"):
         label = "prefix caching " + ("on" if caching == "True" else "off")
-        same = duplicated = steps = preemptions = 0
+        same = duplicated = steps = preemptions = same_events = 0
         print(f"\n== {label}")
         for w, c, v in zip(workloads, course[caching], theirs["runs"][caching]):
+            same_events += events_differ(c, v) is None
             steps += len(v["steps"])
             preemptions += sum(len(s["preempted"]) for s in v["steps"])
             lines = compare(c, v)
@@ -390,15 +457,22 @@ def main(argv=None) -> int:
         print(f"{label}: {same}/{n} workloads identical step by step ({steps} steps, {preemptions} preemptions in "
               f"all)" + (f"; {duplicated} of the {n - same} others differ after vLLM cached a hash in two blocks"
                          if duplicated else ""))
+        if caching == "True":
+            print(f"{label}: KV events (blocks stored and removed each step, by their tokens) identical in "
+                  f"{same_events}/{n} workloads")
         summary[label] = {"identical": same, "workloads": n, "steps": steps, "preemptions": preemptions,
-                          "differ_after_duplicate_hash": duplicated}
+                          "differ_after_duplicate_hash": duplicated, "kv_events_identical": same_events}
     # The check that the deliberate difference is the only one: vLLM patched to keep one block per hash (its
     # BlockPool._insert_block_hash skips a hash another block holds, the course's rule) against the course.
-    differing = [w["index"] for w, c, v in zip(workloads, course["True"], theirs["runs"][ONE_BLOCK]) if compare(c, v)]
+    pairs = list(zip(workloads, course["True"], theirs["runs"][ONE_BLOCK]))
+    differing = [w["index"] for w, c, v in pairs if compare(c, v)]
+    events = [w["index"] for w, c, v in pairs if events_differ(c, v) is not None]
     print(f"\nprefix caching on, vLLM patched to keep one block per hash as the course does: {n - len(differing)}/{n} "
-          f"workloads identical step by step" + (f" (still differing: {differing})" if differing else ""))
-    summary["prefix caching on, vLLM keeping one block per hash"] = {"identical": n - len(differing), "workloads": n}
-    unexplained = n - summary["prefix caching off"]["identical"] + len(differing)
+          f"workloads identical step by step" + (f" (still differing: {differing})" if differing else "")
+          + f", KV events identical in {n - len(events)}/{n}" + (f" (differing: {events})" if events else ""))
+    summary["prefix caching on, vLLM keeping one block per hash"] = {"identical": n - len(differing), "workloads": n,
+                                                                     "kv_events_identical": n - len(events)}
+    unexplained = n - summary["prefix caching off"]["identical"] + len(set(differing) | set(events))
     identical_both = sum(1 for k in same_in.values() if k == 2)
     print(f"\n{identical_both}/{n} workloads identical step by step (prefix caching off and on; "
           f"{time.perf_counter() - started:.0f} s)")

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import load_impl
 from helpers.course import tiny_llama
-from helpers.course.paged_llama import PagedLlama
+from helpers.course.paged_llama import PagedLlamaRunner
 from helpers.course.serving import start_server
 from helpers.course.serving import background
 from helpers.course.serving.__main__ import parse_args
@@ -176,14 +176,14 @@ def test_kv_metrics_count_what_grew_and_restart_from_zero():
 
 def _paged_tp_rank(rank, world_size, prompts):
     model = load_impl("tp_llama").shard_llama(tiny_llama.load_model())
-    engine = PagedLlama(model, num_blocks=32, block_size=16)
+    engine = PagedLlamaRunner(model, num_blocks=32, block_size=16)
     return {"ids": engine.generate(prompts, 8), "kv_heads": engine.pool.kv_heads,
             "bytes_per_token": engine.pool.bytes_per_token}
 
 
 def test_a_tensor_parallel_rank_holds_its_own_kv_heads(model):
     prompts = [tiny_llama.encode(p) for p in PROMPTS[:3]]
-    whole = PagedLlama(model, num_blocks=32, block_size=16)
+    whole = PagedLlamaRunner(model, num_blocks=32, block_size=16)
     want = whole.generate(prompts, 8)
     ranks = launch(_paged_tp_rank, 2, prompts, show_output=False)
     for r in ranks:

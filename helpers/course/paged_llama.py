@@ -1,16 +1,16 @@
-"""The course's tiny Llama running on a paged KV cache: what a serving engine's model runner does.
+"""The course's tiny Llama on a paged KV cache: the engine's model runner (chapter 7).
 
-    from helpers.course.paged_llama import PagedLlama, generate_paged
+    from helpers.course.paged_llama import PagedLlamaRunner, generate_paged
 
     new_ids = generate_paged([encode(PROMPT), encode("We hold these truths")], max_new_tokens=20)
     # -> two lists of 20 ids, the same as helpers.course.tiny_llama.generate gives for each prompt alone
 
-    engine = PagedLlama(num_blocks=32, block_size=16, prefix_caching=True)
-    new_ids = engine.generate(prompts, max_new_tokens=20)
-    engine.stats            # {"prefill_tokens": computed, "cached_tokens": found in the prefix cache,
+    runner = PagedLlamaRunner(num_blocks=32, block_size=16, prefix_caching=True)
+    new_ids = runner.generate(prompts, max_new_tokens=20)   # served by helpers/course/engine on this runner
+    runner.stats            # {"prefill_tokens": computed, "cached_tokens": found in the prefix cache,
                             #  "preemptions", "peak_blocks_used", "peak_running": the largest decode batch, ...}
-    engine.manager          # the block manager (exercise 7.1, or 7.3 with prefix_caching=True)
-    engine.pool             # the KV pools (helpers/course/kv_cache.py)
+    runner.manager          # the block manager (exercise 7.1, or 7.3 with prefix_caching=True)
+    runner.pool             # the KV pools (helpers/course/kv_cache.py)
 
 The model is helpers.course.tiny_llama's, with its own weights: this file only re-does the forward pass so
 that keys and values go to, and come from, the pools through each sequence's block table instead of
@@ -18,47 +18,31 @@ transformers' contiguous cache. The layers' own modules do the rest (RMSNorm, th
 rotary embedding, the SwiGLU MLP, lm_head), so the logits equal transformers' within rounding
 (`check_against_transformers`).
 
-Two kinds of forward pass, as in vLLM:
-  prefill(seq_id, token_ids, start)  the positions start .. len(token_ids)-1 of one sequence at once (a whole
-      prompt, or a chunk of one): their K/V are written into the sequence's blocks, and each attends to
-      everything before it, positions < start read back from the pool (written by an earlier chunk, or found
-      in the prefix cache). Returns their logits.
-  decode(seq_ids, token_ids)         one new token for each of several sequences of different lengths: the
-      projections and the MLP run batched; each sequence gets a slot from `manager.append_slot` (a new block
-      only when its last one is full), and attention is `paged_attention` (exercise 7.2) over its own blocks.
-
-Both exercises are loaded with load_impl when the engine is built, so the learner's labs/ code runs here:
-labs/paged_kv_cache.py (BlockManager, paged_attention) and, with prefix_caching=True, labs/prefix_cache.py
-(PrefixCachingBlockManager: cached prompt blocks are shared, not computed again; `stats["prefill_tokens"]`
-counts only the tokens computed, so prefill FLOPs saved = 2 × parameters × cached tokens, roughly).
-
-`generate` is a small continuous-batching loop on top: requests are admitted while their prompt's blocks
-fit (allocate raises OutOfBlocks otherwise), all running sequences decode together, and when a decode step
-needs a new block and none is free the most recently admitted sequence is PREEMPTED by recomputation (vLLM's
-default policy): its blocks are freed, it goes back to the front of the queue, and when blocks free up it is
-prefilled again over its prompt and the tokens it had generated, then continues. Greedy tokens are the same
-with or without preemption, with or without prefix caching (tests/graders/test_ch07_kv_cache.py checks both).
+One forward per engine step, as vLLM's model runner does (`forward_batch`): the step's tokens — prompt chunks and
+decodes of several sequences — are embedded, projected and run through the MLP together; in every layer each
+sequence's new keys and values are written into its blocks first, then each sequence attends over its own
+blocks: a decode (one token) with `paged_attention` (exercise 7.2), a chunk causally over its positions. Which
+blocks a sequence holds is not decided here: the engine's KV cache manager (helpers/course/engine/
+kv_cache_manager.py) allocates them with the block manager (exercise 7.1, or 7.3 with prefix caching) before the
+step. `prefill(seq_id, token_ids, start)` and `decode(seq_ids, token_ids)` are the same forward for one chunk or
+one batched decode step, for the graders and the recipes below; `generate` serves prompts with the engine
+(vLLM V1's scheduling, preemption by recomputation when blocks run out) on this runner.
 
 Recipes for the notebook (each prints evidence a verdict can check; token ids and counts are exact, logits
 within `helpers.claims.tolerance`):
 
     from helpers.claims import check_close, verdict
-    engine = PagedLlama(num_blocks=16, block_size=16)
-    got, want = check_against_transformers(engine, encode(PROMPT), split=12)     # chunked prefill + 1 decode
+    runner = PagedLlamaRunner(num_blocks=16, block_size=16)
+    got, want = check_against_transformers(runner, encode(PROMPT), split=12)     # chunked prefill + 1 decode
     check_close("paged logits vs transformers'", got, want)
-    engine.manager.block_table(seq_id), engine.manager.num_free_blocks           # who holds which block
-    engine.pool.bytes_per_block, engine.pool.bytes_per_token                     # 65,536 B and 4,096 B
-    engine = PagedLlama(num_blocks=7, block_size=8); engine.generate(prompts, 12)
-    engine.stats["preemptions"], engine.stats["peak_running"]                    # a small pool preempts, same ids
-    engine = PagedLlama(num_blocks=64, prefix_caching=True)                       # shared system prompt:
-    engine.stats["prefill_tokens"], engine.stats["cached_tokens"], engine.manager.hit_rate
+    runner.manager.block_table(seq_id), runner.manager.num_free_blocks           # who holds which block
+    runner.pool.bytes_per_block, runner.pool.bytes_per_token                     # 65,536 B and 4,096 B
+    runner = PagedLlamaRunner(num_blocks=7, block_size=8); runner.generate(prompts, 12)
+    runner.stats["preemptions"], runner.stats["peak_running"]                    # a small pool preempts, same ids
+    plot_block_tables(runner.manager)                                            # block tables -> the pool
 
-`block_owners(engine.manager)` lists, per block id, the sequences holding it (several for a shared prefix
-block) or "cached" / "free": the data for a picture of the pool.
-
-Chunked prefill: `prefill(seq_id, token_ids[:end], start)` computes positions start .. end-1 after
-`manager.allocate` of the whole prompt. With prefix caching, allocate registers the prompt's full blocks in
-the cache at once, so finish a prompt's prefill before admitting another that could hit its blocks.
+`block_owners(manager)` lists, per block id, the sequences holding it (several for a shared prefix block) or
+"cached" / "free": the data for a picture of the pool (`plot_block_tables`).
 
 `python -m helpers.bench paged_kv` prints the chapter's figures (bytes padded vs paged, sequences that fit
 a budget, TTFT with and without prefix caching at a 90 % shared prefix).
@@ -71,13 +55,13 @@ from collections import deque
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from helpers.course.kv_cache import KVPool, OutOfBlocks
+from helpers.course.kv_cache import KVPool, OutOfBlocks, slots_of
 from helpers.impl import load_impl
 
-__all__ = ["PagedLlama", "generate_paged", "check_against_transformers", "block_owners", "plot_block_tables"]
+__all__ = ["PagedLlamaRunner", "generate_paged", "check_against_transformers", "block_owners", "plot_block_tables"]
 
 
-class PagedLlama:
+class PagedLlamaRunner:
     """The tiny Llama's forward through a KVPool, driven by a block manager (exercises 7.1-7.3).
 
     model: a transformers LlamaForCausalLM (default: helpers.course.tiny_llama.load_model()), whole or sharded by
@@ -151,14 +135,14 @@ class PagedLlama:
                                  f"table holds {len(table)} blocks of {self.pool.block_size}: allocate first")
             items.append((token_ids, start, table))
         positions = torch.cat([torch.arange(start, start + len(ids)) for ids, start, _ in items])
+        slots = [slots_of(table, start, len(ids), self.pool.block_size) for ids, start, table in items]
+        blocks, offsets = torch.cat([b for b, _ in slots]), torch.cat([o for _, o in slots])
         x = self.model.model.embed_tokens(torch.tensor([t for ids, _, _ in items for t in ids]))   # [T, hidden]
         group = self.heads // self.kv_heads
         for index, layer in enumerate(self.model.model.layers):
             q, k, v = self._project_qkv(layer, layer.input_layernorm(x), positions)
-            offset = 0
-            for ids, start, table in items:                                      # write every new K/V first
-                self.pool.write(index, table, start, k[offset:offset + len(ids)], v[offset:offset + len(ids)])
-                offset += len(ids)
+            self.pool.k[index][blocks, offsets] = k.to(self.pool.dtype)          # write every new K/V first
+            self.pool.v[index][blocks, offsets] = v.to(self.pool.dtype)
             outs, offset = [], 0
             for ids, start, table in items:
                 n, end = len(ids), start + len(ids)
@@ -288,16 +272,16 @@ class PagedLlama:
 
 def generate_paged(prompts, max_new_tokens: int, num_blocks: int | None = None, block_size: int = 16,
                    prefix_caching: bool = False, model=None) -> list[list[int]]:
-    """Greedy new ids for each prompt, run on a fresh PagedLlama. num_blocks: default enough for every
+    """Greedy new ids for each prompt, run on a fresh PagedLlamaRunner. num_blocks: default enough for every
     sequence at full length at once (no preemption); fewer makes the engine queue and preempt."""
     if num_blocks is None:
         num_blocks = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
-    engine = PagedLlama(model, num_blocks=num_blocks, block_size=block_size, prefix_caching=prefix_caching)
+    engine = PagedLlamaRunner(model, num_blocks=num_blocks, block_size=block_size, prefix_caching=prefix_caching)
     return engine.generate(prompts, max_new_tokens)
 
 
 @torch.no_grad()
-def check_against_transformers(engine: PagedLlama, token_ids, split: int | None = None):
+def check_against_transformers(engine: PagedLlamaRunner, token_ids, split: int | None = None):
     """Admit `token_ids` as a new sequence, prefill it (in two chunks, cut at position `split`, if given),
     decode one more token, and run transformers' forward over the same ids, to compare the logits.
 

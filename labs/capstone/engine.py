@@ -13,13 +13,13 @@ from .plan import Plan, check_plan
 PACKAGE = __package__  # "solutions.capstone" or "labs.capstone": the server imports *this* router
 
 
-class CapstoneEngine:
-    """Serve the course's tiny Llama with a (dp, pp, tp) plan behind a load balancer.
+class CapstoneServer:
+    """A handle on a running server: the course's tiny Llama with a (dp, pp, tp) plan behind a load balancer.
 
-        with CapstoneEngine(Plan(dp=2, pp=1, tp=1)) as engine:
-            results = engine.generate(["Four score", "We hold"], max_tokens=16)
+        with CapstoneServer(Plan(dp=2, pp=1, tp=1)) as server:
+            results = server.generate(["Four score", "We hold"], max_tokens=16)
             # [{"tokens": [...], "replica": 0}, {"tokens": [...], "replica": 1}]
-            engine.report()       # summarize() of the server's /metrics (exercise 6.3)
+            server.report()       # summarize() of the server's /metrics (exercise 6.3)
     """
 
     def __init__(self, plan: Plan, policy: str = "least_outstanding", batching: str = "continuous",
@@ -31,7 +31,7 @@ class CapstoneEngine:
         cache, e.g. {"kv_cache": "paged", "enable_prefix_caching": True, "max_num_batched_tokens": 64}."""
         raise NotImplementedError("Exercise 6.4: __init__ is not written yet (labs/capstone/engine.py)")
 
-    def start(self) -> "CapstoneEngine":
+    def start(self) -> "CapstoneServer":
         """Exercise 6.4b — start the server (helpers.course.serving.start_server) with plan.dp replicas of
         plan.pp pipeline stages × plan.tp ranks each (its `pp` and `tp` options), the chosen batching and
         policy, and *your* router: pass choose=f"{PACKAGE}.router:choose_replica". Return self once every

@@ -273,7 +273,7 @@ VALID_REPORTS = {"prometheus_client parser": summarize_with_prometheus_parser}
 # --------------------------------------------------------------------------------------- 6.4-6.7 engine
 
 class GoodEngine:
-    """A correct CapstoneEngine, self-contained: the base of the wrong variants below."""
+    """A correct CapstoneServer, self-contained: the base of the wrong variants below."""
 
     check = staticmethod(lambda plan, config: _check_plan(plan, config))
 

@@ -20,7 +20,7 @@ What the graders catch (each one planted, see test_planted_*_are_caught):
 6.3 summarize
   - requests or errors of other endpoints counted; only 400s counted as errors
   - replica labels left as strings; quantiles as bucket bounds instead of PromQL's interpolation
-6.4-6.7 CapstoneEngine
+6.4-6.7 CapstoneServer
   - the plan not checked in __init__, or a server started there
   - dp, tp, pp or the policy not passed to start_server; the learner's router not plugged in (`choose`)
   - (live) prompts sent one after another; replica index not read from X-Replica; max_tokens ignored
@@ -284,16 +284,16 @@ def check_engine_init(engine_cls, plan_cls):
         except ValueError:
             pass
         except _Recorded:
-            raise AssertionError("6.4 CapstoneEngine.__init__ must check the plan and start nothing yet: it "
+            raise AssertionError("6.4 CapstoneServer.__init__ must check the plan and start nothing yet: it "
                                  "started a server (labs/capstone/engine.py)") from None
         else:
-            raise AssertionError("6.4 CapstoneEngine(Plan(tp=3)) must raise check_plan's ValueError in __init__ "
+            raise AssertionError("6.4 CapstoneServer(Plan(tp=3)) must raise check_plan's ValueError in __init__ "
                                  "(tp=3 does not divide the 8 heads); it raised nothing (labs/capstone/engine.py)")
         try:
             engine_cls(plan_cls(dp=2, pp=1, tp=1), policy="round_robin")
         except _Recorded:
             pass
-        assert not started, "6.4 CapstoneEngine.__init__ must start nothing yet (start() or `with` does): " \
+        assert not started, "6.4 CapstoneServer.__init__ must start nothing yet (start() or `with` does): " \
                             "it started a server (labs/capstone/engine.py)"
 
 
@@ -323,11 +323,11 @@ SYSTEM_PROMPT = "You are a careful assistant. Answer in one short sentence, and 
 
 
 def check_engine_kv_wiring(engine_cls, plan_cls):
-    """6.7, a dry run: CapstoneEngine(plan, kv_cache={...}).start() passes every option to start_server."""
+    """6.7, a dry run: CapstoneServer(plan, kv_cache={...}).start() passes every option to start_server."""
     try:
         engine = engine_cls(plan_cls(1, 1, 1), kv_cache=dict(KV_CACHE))
     except TypeError as e:
-        raise AssertionError(f"6.7 CapstoneEngine(plan, kv_cache={{...}}) raised {e}: add the kv_cache argument "
+        raise AssertionError(f"6.7 CapstoneServer(plan, kv_cache={{...}}) raised {e}: add the kv_cache argument "
                              "to __init__ (labs/capstone/engine.py)") from None
     with watch_servers(start=False) as started:
         try:
@@ -449,8 +449,8 @@ def check_stop(engine, server):
 def _serve_live(plan_args, reference, policy, steer=False):
     impl, plan = load_impl("capstone.engine"), load_impl("capstone.plan")
     choose_spec = f"{impl.PACKAGE}.router:choose_replica"
-    check_engine_wiring(impl.CapstoneEngine, plan.Plan, plan_args, policy, choose_spec)
-    engine = impl.CapstoneEngine(plan.Plan(*plan_args), policy=policy)
+    check_engine_wiring(impl.CapstoneServer, plan.Plan, plan_args, policy, choose_spec)
+    engine = impl.CapstoneServer(plan.Plan(*plan_args), policy=policy)
     with watch_servers(start=True) as started:
         engine.start()
     assert len(started) == 1, f"6.4 start() must start one server, it started {len(started)}"
@@ -464,12 +464,12 @@ def _serve_live(plan_args, reference, policy, steer=False):
         server.stop()
 
 
-@pytest.mark.exercise("6.7", "CapstoneEngine on chapter 7's paged KV cache: prefix caching and chunked prefill")
+@pytest.mark.exercise("6.7", "CapstoneServer on chapter 7's paged KV cache: prefix caching and chunked prefill")
 def test_engine_paged_kv_cache():
     impl, plan = load_impl("capstone.engine"), load_impl("capstone.plan")
-    check_engine_kv_wiring(impl.CapstoneEngine, plan.Plan)
+    check_engine_kv_wiring(impl.CapstoneServer, plan.Plan)
     model = tiny_llama.load_model()
-    engine = impl.CapstoneEngine(plan.Plan(1, 1, 1), kv_cache=dict(KV_CACHE))
+    engine = impl.CapstoneServer(plan.Plan(1, 1, 1), kv_cache=dict(KV_CACHE))
     with watch_servers(start=True) as started:
         engine.start()
     server = started[0][0]
@@ -480,14 +480,14 @@ def test_engine_paged_kv_cache():
         server.stop()
 
 
-@pytest.mark.exercise("6.4", "CapstoneEngine: dp=2 replicas serve the unsharded model's tokens, balanced, measured")
+@pytest.mark.exercise("6.4", "CapstoneServer: dp=2 replicas serve the unsharded model's tokens, balanced, measured")
 def test_engine_data_parallel(reference):
     impl, plan = load_impl("capstone.engine"), load_impl("capstone.plan")
-    check_engine_init(impl.CapstoneEngine, plan.Plan)
+    check_engine_init(impl.CapstoneServer, plan.Plan)
     _serve_live((2, 1, 1), reference, "least_outstanding", steer=True)
 
 
-@pytest.mark.exercise("6.5", "CapstoneEngine with tensor-parallel replicas (chapter 2's shard_llama)")
+@pytest.mark.exercise("6.5", "CapstoneServer with tensor-parallel replicas (chapter 2's shard_llama)")
 def test_engine_tensor_parallel(reference):
     _serve_live((1, 1, 2), reference, "least_outstanding")
 

@@ -592,14 +592,14 @@ def check_model(impl):
 
     from helpers.course import tiny_llama
     from helpers.course.engine import PagedRunner
-    from helpers.course.paged_llama import PagedLlama
+    from helpers.course.paged_llama import PagedLlamaRunner
     step, failures = _impl(impl).schedule_step, []
     model = tiny_llama.load_model()
     ids = tiny_llama.encode(tiny_llama.CORPUS_PATH.read_text(encoding="utf-8"))
     prompts = [ids[:20], ids[100:160], ids[:20] + ids[300:330], ids[40:100]]
     new = 6
     want = [tiny_llama.generate(model, p, new) for p in prompts]
-    paged = PagedLlama(model, num_blocks=12, block_size=8)
+    paged = PagedLlamaRunner(model, num_blocks=12, block_size=8)
     paged.paged = types.SimpleNamespace(paged_attention=_grader_paged_attention)
     paged.manager = GraderBlocks(12, 8, caching=True)
     kv = KVCacheManager(12, 8, True, block_manager=paged.manager)

@@ -31,7 +31,7 @@ What the graders check:
       from both maps); salted requests share only with the same salt; a block a live sequence holds is never
       handed out again; free makes the last block evictable first, and eviction is least recently used first;
       OutOfBlocks with the manager unchanged (hits in the evictable list are not counted as free). End to end:
-      the course's engine (as PagedLlama.generate runs it, with the grader's own scheduler step so that 7.1 and
+      the course's engine (as PagedLlamaRunner.generate runs it, with the grader's own scheduler step so that 7.1 and
       7.3 do not wait for 7.4) on the learner's manager gives transformers' greedy tokens for prompts sharing a
       system prompt, two of them identical and admitted in the same step (the second hits the blocks the first
       is given in that step: the exact hit count is checked), and a follow-up turn (prompt + answer + new text)
@@ -482,11 +482,11 @@ def _grader_paged_attention(q, k_pool, v_pool, block_table, context_len):
 
 
 def _engine(impl, graded, **kwargs):
-    """A PagedLlama running `impl`'s code for the exercise `graded` ("7.1", "7.2" or "7.3") and the grader's
+    """A PagedLlamaRunner running `impl`'s code for the exercise `graded` ("7.1", "7.2" or "7.3") and the grader's
     own code for the others."""
-    from helpers.course.paged_llama import PagedLlama
+    from helpers.course.paged_llama import PagedLlamaRunner
     impl = _impl(impl)
-    engine = PagedLlama(_model(), **kwargs)          # generate: the engine with the grader's scheduler step
+    engine = PagedLlamaRunner(_model(), **kwargs)          # generate: the engine with the grader's scheduler step
     blocks, size = kwargs.get("num_blocks", 64), kwargs.get("block_size", 16)
     attention = impl.paged_kv_cache.paged_attention if graded == "7.2" else _grader_paged_attention
     engine.paged = types.SimpleNamespace(paged_attention=attention)
@@ -509,7 +509,7 @@ def _grader_step(running, waiting, kv, config):
 
 
 def _generate(paged, prompts, n):
-    """PagedLlama.generate's run (the course's engine on this paged cache, every prompt whole in one step), with the
+    """PagedLlamaRunner.generate's run (the course's engine on this paged cache, every prompt whole in one step), with the
     grader's scheduler step; the same figures in paged.stats."""
     from helpers.course.engine import KVCacheManager, LLMEngine, PagedRunner, Request, SchedulerConfig, run_requests
     kv = KVCacheManager(paged.manager.num_blocks, paged.pool.block_size, paged.prefix_caching,
@@ -1033,7 +1033,7 @@ def _expected_hits(prompts, size):
 
 
 def check_prefix_llama(impl=None):
-    """The engine (PagedLlama.generate: LLMEngine on the paged cache) with the learner's manager: transformers'
+    """The engine (PagedLlamaRunner.generate: LLMEngine on the paged cache) with the learner's manager: transformers'
     greedy tokens for prompts sharing a system prompt — two of them identical, admitted in the same step, the
     second hitting blocks the first computes in that step — and a follow-up turn (prompt + answer + new text)
     that hits the previous answer's blocks."""

@@ -73,8 +73,8 @@ class LLMEngine:
     def paged(cls, model=None, num_blocks: int = 256, block_size: int = 16, enable_prefix_caching: bool = False,
               events=None, **options) -> "LLMEngine":
         """The tiny Llama (or `model`) on a paged KV cache of num_blocks × block_size tokens."""
-        from helpers.course.paged_llama import PagedLlama
-        paged = PagedLlama(model, num_blocks=num_blocks, block_size=block_size, prefix_caching=enable_prefix_caching)
+        from helpers.course.paged_llama import PagedLlamaRunner
+        paged = PagedLlamaRunner(model, num_blocks=num_blocks, block_size=block_size, prefix_caching=enable_prefix_caching)
         kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, events, block_manager=paged.manager)
         engine = cls(PagedRunner(paged), kv, **options)
         engine.paged_model = paged

@@ -4,7 +4,7 @@ A runner's `execute(output, kv)` runs one scheduled step (SchedulerOutput: {rid:
 {rid: logits [vocab]} for every request that has caught up in this step (its next token is due); the engine
 samples. `release(rid)` forgets a request's state (finished, failed or preempted).
 
-    PagedRunner(PagedLlama(...))   the paged KV cache (chapter 7): every scheduled token — prompt chunks and
+    PagedRunner(PagedLlamaRunner(...))   the paged KV cache (chapter 7): every scheduled token — prompt chunks and
                                    decodes of several requests — in ONE forward pass, as vLLM's model runner does
     ContiguousRunner(model)        chapter 6's transformers cache, one tensor per request, left-padded to batch
                                    the decodes (prompt chunks run one request at a time)
@@ -40,7 +40,7 @@ class ModelledRunner:
 
 
 class PagedRunner:
-    """The tiny Llama on a paged KV cache (helpers/course/paged_llama.py's PagedLlama, whose block manager is the
+    """The tiny Llama on a paged KV cache (helpers/course/paged_llama.py's PagedLlamaRunner, whose block manager is the
     KV cache manager's): one forward over every token of the step."""
 
     def __init__(self, paged):
