@@ -36,7 +36,8 @@ def blocks(tokens: int, block_size: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- KV event replay
 def chain_hash(parent, tokens, extra=None) -> bytes:
-    """vLLM's block hash, written out here: SHA-256 of the pickled (parent hash, block tokens, extra keys)."""
+    """The block hash, written out here: vLLM's scheme, SHA-256 of the pickled (parent hash, block tokens, extra
+    keys), with the course's first parent (32 zero bytes; vLLM 0.32's is sha256 of "vllm-none-hash")."""
     data = pickle.dumps((parent if parent is not None else bytes(32), tuple(int(t) for t in tokens), extra),
                         protocol=pickle.HIGHEST_PROTOCOL)
     return hashlib.sha256(data).digest()
