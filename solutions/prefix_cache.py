@@ -26,9 +26,10 @@ from helpers.course.kv_cache import OutOfBlocks
 
 from .paged_kv_cache import BlockManager
 
-# The parent of a sequence's first block. vLLM seeds it from PYTHONHASHSEED, or os.urandom when unset (so hashes
-# cannot be predicted from outside); the course fixes it, so every process and replica computes the same hashes
-# (chapter 9's router compares them across replicas, which in vLLM needs PYTHONHASHSEED set for the same reason).
+# The parent of a sequence's first block. vLLM 0.32 derives it from a fixed string for SHA-256 (sha256 of
+# "vllm-none-hash"; older versions seeded it from PYTHONHASHSEED or os.urandom, so hashes could not be predicted from
+# outside); the course fixes it to 32 zero bytes. Either way every process and replica computes the same hashes,
+# which chapter 9's router needs to compare them across replicas.
 NONE_HASH = bytes(32)
 
 

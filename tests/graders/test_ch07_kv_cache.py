@@ -509,8 +509,8 @@ def _grader_step(running, waiting, kv, config):
 
 
 def _generate(paged, prompts, n):
-    """PagedLlamaRunner.generate's run (the course's engine on this paged cache, every prompt whole in one step), with the
-    grader's scheduler step; the same figures in paged.stats."""
+    """PagedLlamaRunner.generate's run (the course's engine on this paged cache, every prompt whole in one step),
+    with the grader's scheduler step; the same figures in paged.stats."""
     from helpers.course.engine import KVCacheManager, LLMEngine, PagedRunner, Request, SchedulerConfig, run_requests
     kv = KVCacheManager(paged.manager.num_blocks, paged.pool.block_size, paged.prefix_caching,
                         block_manager=paged.manager)

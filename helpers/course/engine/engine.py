@@ -74,7 +74,8 @@ class LLMEngine:
               events=None, **options) -> "LLMEngine":
         """The tiny Llama (or `model`) on a paged KV cache of num_blocks × block_size tokens."""
         from helpers.course.paged_llama import PagedLlamaRunner
-        paged = PagedLlamaRunner(model, num_blocks=num_blocks, block_size=block_size, prefix_caching=enable_prefix_caching)
+        paged = PagedLlamaRunner(model, num_blocks=num_blocks, block_size=block_size,
+                                 prefix_caching=enable_prefix_caching)
         kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, events, block_manager=paged.manager)
         engine = cls(PagedRunner(paged), kv, **options)
         engine.paged_model = paged
