@@ -3,9 +3,9 @@
 Exercise 7.1  `BlockManager`: fixed-size blocks of KV memory handed out from a free list, a block table per
               sequence, a new block only when a sequence's last block is full, blocks returned on `free`, and a
               clear `OutOfBlocks` error (with the manager unchanged) when a request needs more than is free.
-Exercise 7.2  `paged_attention`: one decode step of attention for one sequence, reading its keys and values
-              through its block table straight out of the pools (grouped-query attention), equal to attention
-              over a contiguous cache.
+Exercise 7.2  `paged_attention`: one decode step of attention for a batch of sequences in one call (vLLM's
+              paged-attention kernel), each reading its keys and values through its own block table straight
+              out of the pools (grouped-query attention), equal to attention over a contiguous cache.
 
 The pools and the error are given in helpers/course/kv_cache.py (KVPool, OutOfBlocks); the tiny Llama running
 on them is helpers/course/paged_llama.py (it calls both exercises through load_impl, so your code runs there).
@@ -90,20 +90,30 @@ class BlockManager:
         raise NotImplementedError("Exercise 7.1: BlockManager.free is not written yet (labs/paged_kv_cache.py)")
 
 
-def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table,
-                    context_len: int) -> torch.Tensor:
-    """Attention of one new token over positions 0 .. context_len-1 of its sequence (one decode step).
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables,
+                    context_lens) -> torch.Tensor:
+    """One decode step of attention for a whole batch of sequences, each over its own blocks: vLLM's
+    `paged_attention_v1(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens, ...)`.
 
-    q: [heads, head_dim], the new token's query (rotary already applied); its own key and value are already
-       written at position context_len-1.
-    k_pool, v_pool: [num_blocks, block_size, kv_heads, head_dim] (one layer's pools, KVPool.k[layer]).
-    block_table: list of block ids; position p is in block block_table[p // block_size], offset
-       p % block_size. Only the first ceil(context_len / block_size) blocks are read, and of the last one
-       only the positions below context_len (the rest is another token's future, or garbage).
+    q: [num_seqs, heads, head_dim]: row i is sequence i's one new token's query (rotary already applied); its
+       own key and value are already written at position context_lens[i]-1.
+    k_pool, v_pool: [num_blocks, block_size, kv_heads, head_dim] (one layer's pools, KVPool.k[layer]), shared by
+       all the sequences.
+    block_tables: one list of block ids per sequence (lists of different lengths). A block table maps a
+       sequence's positions to the pool: position p of sequence i is in block block_tables[i][p // block_size],
+       at offset p % block_size; its blocks need not be adjacent or in order, and two sequences may hold the
+       same block (a shared prefix). Only the first ceil(context_lens[i] / block_size) blocks are read, and of
+       the last one only the positions below context_lens[i]: a position beyond context_len is another
+       token's future, or garbage, and must be masked.
+    context_lens: one int per sequence, the positions it attends over (0 .. context_len-1).
     Grouped-query attention as in Llama (transformers' repeat_kv): heads is a multiple of kv_heads, and query
     head h reads KV head h // (heads // kv_heads).
-    softmax(q·kᵀ / sqrt(head_dim)) · v, the softmax in float32. Returns [heads, head_dim] in q's dtype.
-    Raises ValueError when heads is not a multiple of kv_heads, or context_len is not in
-    [1, len(block_table) · block_size].
+    softmax(q·kᵀ / sqrt(head_dim)) · v, the softmax in float32. Returns [num_seqs, heads, head_dim] in q's dtype.
+    Raises ValueError when heads is not a multiple of kv_heads, when len(block_tables) or len(context_lens) is not
+    num_seqs, or when a context_len is not in [1, len(its block table) · block_size].
+
+    One call for the whole batch, as the engine runs it (helpers/course/paged_llama.py, once per layer): gather
+    every sequence's slots into one padded tensor [num_seqs, longest context, kv_heads, head_dim] and mask each
+    sequence's positions at and beyond its own context_len, rather than loop over the sequences.
     """
     raise NotImplementedError("Exercise 7.2: paged_attention is not written yet (labs/paged_kv_cache.py)")

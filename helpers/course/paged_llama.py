@@ -21,12 +21,13 @@ rotary embedding, the SwiGLU MLP, lm_head), so the logits equal transformers' wi
 One forward per engine step, as vLLM's model runner does (`forward_batch`): the step's tokens — prompt chunks and
 decodes of several sequences — are embedded, projected and run through the MLP together; in every layer each
 sequence's new keys and values are written into its blocks first, then each sequence attends over its own
-blocks: a decode (one token) with `paged_attention` (exercise 7.2), a chunk causally over its positions. Which
-blocks a sequence holds is not decided here: the engine's KV cache manager (helpers/course/engine/
-kv_cache_manager.py) allocates them with the block manager (exercise 7.1, or 7.3 with prefix caching) before the
-step. `prefill(seq_id, token_ids, start)` and `decode(seq_ids, token_ids)` are the same forward for one chunk or
-one batched decode step, for the graders and the recipes below; `generate` serves prompts with the engine
-(vLLM V1's scheduling, preemption by recomputation when blocks run out) on this runner.
+blocks: the step's decodes (one token each) all in one call of `paged_attention` (exercise 7.2, vLLM's batched
+paged-attention kernel), a chunk causally over its positions. Which blocks a sequence holds is not decided
+here: the engine's KV cache manager (helpers/course/engine/kv_cache_manager.py) allocates them with the block
+manager (exercise 7.1, or 7.3 with prefix caching) before the step. `prefill(seq_id, token_ids, start)` and
+`decode(seq_ids, token_ids)` are the same forward for one chunk or one batched decode step, for the graders and
+the recipes below; `generate` serves prompts with the engine (vLLM V1's scheduling, preemption by recomputation
+when blocks run out) on this runner.
 
 Recipes for the notebook (each prints evidence a verdict can check; token ids and counts are exact, logits
 within `helpers.claims.tolerance`):
@@ -120,8 +121,9 @@ class PagedLlamaRunner:
         batch = [(seq_id, token_ids, start), ...], the tokens of positions start .. start+len-1 of each (a prompt
         chunk, or the one token of a decode). Their blocks must already hold those positions (the KV cache manager
         allocated them). The projections and the MLP run on all tokens at once; in every layer each sequence's new
-        keys and values are written to the pool FIRST, then each sequence attends over its own blocks: a decode
-        (one token) with `paged_attention` (exercise 7.2), a chunk with causal attention over its positions
+        keys and values are written to the pool FIRST, then each sequence attends over its own blocks: all the
+        decodes (one token each) in ONE call of `paged_attention` (exercise 7.2, vLLM's batched kernel: a query
+        per sequence, their block tables and lengths), each chunk with causal attention over its positions
         0 .. end-1 read back from the pool. Returns the logits of each sequence's last token [len(batch), vocab]
         (all_logits: of every token, [total tokens, vocab])."""
         items = []
@@ -139,26 +141,31 @@ class PagedLlamaRunner:
         blocks, offsets = torch.cat([b for b, _ in slots]), torch.cat([o for _, o in slots])
         x = self.model.model.embed_tokens(torch.tensor([t for ids, _, _ in items for t in ids]))   # [T, hidden]
         group = self.heads // self.kv_heads
+        starts = [0] + [len(ids) for ids, _, _ in items][:-1]
+        starts = torch.tensor(starts).cumsum(0).tolist()                     # each sequence's first row in x
+        decodes = [i for i, (ids, _, _) in enumerate(items) if len(ids) == 1]
+        decode_rows = torch.tensor([starts[i] for i in decodes], dtype=torch.long)
+        decode_tables = [items[i][2] for i in decodes]
+        decode_lens = [items[i][1] + 1 for i in decodes]
+        chunks = [(starts[i], ids, start, table) for i, (ids, start, table) in enumerate(items) if len(ids) > 1]
         for index, layer in enumerate(self.model.model.layers):
             q, k, v = self._project_qkv(layer, layer.input_layernorm(x), positions)
             self.pool.k[index][blocks, offsets] = k.to(self.pool.dtype)          # write every new K/V first
             self.pool.v[index][blocks, offsets] = v.to(self.pool.dtype)
-            outs, offset = [], 0
-            for ids, start, table in items:
+            out = torch.empty_like(q)                                            # [T, heads, head_dim]
+            if decodes:                                                          # ONE call for every decode
+                out[decode_rows] = self.paged.paged_attention(q[decode_rows], self.pool.k[index],
+                                                              self.pool.v[index], decode_tables, decode_lens)
+            for row, ids, start, table in chunks:
                 n, end = len(ids), start + len(ids)
-                if n == 1:
-                    outs.append(self.paged.paged_attention(q[offset], self.pool.k[index], self.pool.v[index],
-                                                           table, end)[None])
-                else:
-                    keys, values = self.pool.gather(index, table, end)          # [end, kv_heads, head_dim]
-                    keys = keys.repeat_interleave(group, dim=1)                 # query head h reads h // group
-                    values = values.repeat_interleave(group, dim=1)
-                    scores = torch.einsum("thd,shd->hts", q[offset:offset + n], keys) / math.sqrt(self.head_dim)
-                    future = torch.arange(end)[None, :] > torch.arange(start, end)[:, None]
-                    probs = torch.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1).to(q.dtype)
-                    outs.append(torch.einsum("hts,shd->thd", probs, values))
-                offset += n
-            x = self._finish_layer(layer, x, torch.cat(outs).reshape(x.shape[0], -1))
+                keys, values = self.pool.gather(index, table, end)              # [end, kv_heads, head_dim]
+                keys = keys.repeat_interleave(group, dim=1)                     # query head h reads h // group
+                values = values.repeat_interleave(group, dim=1)
+                scores = torch.einsum("thd,shd->hts", q[row:row + n], keys) / math.sqrt(self.head_dim)
+                future = torch.arange(end)[None, :] > torch.arange(start, end)[:, None]
+                probs = torch.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1).to(q.dtype)
+                out[row:row + n] = torch.einsum("hts,shd->thd", probs, values)
+            x = self._finish_layer(layer, x, out.reshape(x.shape[0], -1))
         self._note_usage()
         if not all_logits:
             ends = torch.tensor([len(ids) for ids, _, _ in items]).cumsum(0) - 1

@@ -38,10 +38,18 @@ VARIANTS = {
     "shared_free_block": Variant("7.1", ("manager",), "free ids read without being removed",
                                  ("held by two sequences",)),
     "attn_past_context": Variant("7.2", ("attention",), "reads the whole of every gathered block",
-                                 ("first context_len positions",)),
+                                 ("tail of its last block",)),
     "attn_drop_partial": Variant("7.2", ("attention",), "ignores the last, partial block", ("partial block",)),
     "attn_gqa_modulo": Variant("7.2", ("attention",), "query head h reads KV head h % kv_heads", ("h // ",)),
     "attn_no_scale": Variant("7.2", ("attention",), "no 1/sqrt(head_dim)", ("sqrt(head_dim)",)),
+    "attn_float32_out": Variant("7.2", ("attention",), "the float32 softmax's result not brought back to q's dtype",
+                                ("q's dtype",)),
+    "attn_one_length": Variant("7.2", ("attention",), "sequence 0's context_len applied to every sequence",
+                               ("OWN context_len",)),
+    "attn_padding_unmasked": Variant("7.2", ("attention",), "padded to the longest sequence, the padding not masked",
+                                     ("padding",)),
+    "attn_tables_cut": Variant("7.2", ("attention",), "block tables of different lengths cut to the shortest",
+                               ("different lengths",)),
     "python_hash": Variant("7.3", ("hashes",), "Python's hash instead of SHA-256", ("SHA-256",)),
     "hash_no_parent": Variant("7.3", ("hashes",), "each block hashed alone", ("parent",)),
     "hash_partial": Variant("7.3", ("hashes",), "a partial block gets a hash", ("FULL block",)),
@@ -75,8 +83,10 @@ VARIANTS = {
 ALTERNATIVES = {
     "lifo_free_list": Variant("7.1", ("manager",), "a LIFO free list (the most recently freed block "
                                                               "is handed out first)"),
-    "attn_sdpa": Variant("7.2", ("attention",), "gather with index tensors, then PyTorch's "
-                                                           "scaled_dot_product_attention with enable_gqa"),
+    "attn_sdpa": Variant("7.2", ("attention",), "one sequence at a time: gather with index tensors, then "
+                                                "PyTorch's scaled_dot_product_attention with enable_gqa"),
+    "attn_sdpa_masked": Variant("7.2", ("attention",), "vectorised another way: tables padded with -1, "
+                                                       "repeat_interleave, SDPA with a boolean length mask"),
     "hashes_inline": Variant("7.3", ("hashes", "prefix", "prefix_llama"), "block_hashes written with hashlib and "
                                                                            "pickle directly, the chain by recursion"),
     "prefix_lifo": Variant("7.3", ("prefix",), "prefix caching on a LIFO free list"),
@@ -183,41 +193,94 @@ def _lifo_append(self, seq_id):
 # ------------------------------------------------------------------------------------------------ 7.2
 
 def _attention(mistake):
-    def paged_attention(q, k_pool, v_pool, block_table, context_len):
-        heads, head_dim = q.shape
-        _, block_size, kv_heads, _ = k_pool.shape
-        if heads % kv_heads or not 1 <= context_len <= len(block_table) * block_size:
-            raise ValueError("bad shapes")
-        n_blocks = context_len // block_size if mistake == "drop_partial" else -(-context_len // block_size)
-        used = torch.as_tensor(list(block_table[:n_blocks]), dtype=torch.long)
-        k = k_pool[used].reshape(-1, kv_heads, head_dim)
-        v = v_pool[used].reshape(-1, kv_heads, head_dim)
-        if mistake != "past_context":
-            k, v = k[:context_len], v[:context_len]
-        group = heads // kv_heads
-        if mistake == "gqa_modulo":
-            k, v = k.repeat(1, group, 1), v.repeat(1, group, 1)
+    """The batched reference (padded gather, a length mask, grouped heads by reshape) with one mistake."""
+    def paged_attention(q, k_pool, v_pool, block_tables, context_lens):
+        num_seqs, heads, head_dim = q.shape
+        _, size, kv_heads, _ = k_pool.shape
+        if heads % kv_heads or len(block_tables) != num_seqs or len(context_lens) != num_seqs or \
+                any(not 1 <= n <= len(t) * size for t, n in zip(block_tables, context_lens)):
+            raise ValueError("bad arguments")
+        lengths = list(context_lens)
+        if mistake == "one_length":                       # sequence 0's length applied to all
+            lengths = [lengths[0]] * num_seqs
+        blocks_of = (lambda n: n // size) if mistake == "drop_partial" else (lambda n: -(-n // size))
+        rows = [list(t[:blocks_of(n)]) for t, n in zip(block_tables, context_lens)]
+        if mistake == "cut_tables":                       # every table cut to the shortest one: a rectangle
+            width = min(len(t) for t in block_tables)
+            rows = [list(t[:width]) for t in block_tables]
+            lengths = [min(n, width * size) for n in lengths]
+        width = max(max(len(r) for r in rows), -(-max(lengths) // size))
+        padded = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+        k = k_pool[padded].reshape(num_seqs, width * size, kv_heads, head_dim)
+        v = v_pool[padded].reshape(num_seqs, width * size, kv_heads, head_dim)
+        positions = torch.arange(width * size)[None, :]
+        if mistake == "no_mask":                          # padded to the longest, nothing masked
+            valid = positions < max(context_lens)
+        elif mistake in ("past_context", "drop_partial"):  # whole blocks: the last block's tail read (or dropped)
+            valid = positions < torch.tensor([blocks_of(n) * size for n in context_lens])[:, None]
         else:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,thd->ht", q, k) / (1.0 if mistake == "no_scale" else math.sqrt(head_dim))
-        return torch.einsum("ht,thd->hd", torch.softmax(scores.float(), -1).to(q.dtype), v)
+            valid = positions < torch.tensor(lengths)[:, None]
+        group = heads // kv_heads
+        if mistake == "gqa_modulo":                       # head h -> KV head h % kv_heads
+            grouped = q.reshape(num_seqs, group, kv_heads, head_dim).transpose(1, 2)
+        else:
+            grouped = q.reshape(num_seqs, kv_heads, group, head_dim)
+        scores = torch.einsum("skgd,stkd->skgt", grouped, k).float()
+        scores = scores / (1.0 if mistake == "no_scale" else math.sqrt(head_dim))
+        probs = torch.softmax(scores.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
+        if mistake == "float32_out":                      # the float32 softmax never brought back to q's dtype
+            out = torch.einsum("skgt,stkd->skgd", probs, v.float())
+        else:
+            out = torch.einsum("skgt,stkd->skgd", probs.to(q.dtype), v)
+        if mistake == "gqa_modulo":
+            out = out.transpose(1, 2)
+        return out.reshape(num_seqs, heads, head_dim)
     return lambda pkv_sol, pc_sol, pkv, pc: setattr(pkv, "paged_attention", paged_attention)
 
 
 def _attention_sdpa(pkv_sol, pc_sol, pkv, pc):
-    def paged_attention(q, k_pool, v_pool, block_table, context_len):
-        heads, head_dim = q.shape
+    """One sequence at a time: gather with index tensors, PyTorch's scaled_dot_product_attention with enable_gqa
+    (valid, though not what the engine wants: a loop over the sequences)."""
+    def paged_attention(q, k_pool, v_pool, block_tables, context_lens):
+        num_seqs, heads, head_dim = q.shape
         _, block_size, kv_heads, _ = k_pool.shape
         if heads % kv_heads:
             raise ValueError(f"heads={heads} not a multiple of kv_heads={kv_heads}")
-        if not 0 < context_len <= len(block_table) * block_size:
-            raise ValueError(f"context_len={context_len} out of range")
-        positions = torch.arange(context_len)
-        blocks = torch.tensor(block_table)[positions // block_size]
-        k = k_pool[blocks, positions % block_size].transpose(0, 1)              # [kv_heads, context, d]
-        v = v_pool[blocks, positions % block_size].transpose(0, 1)
-        out = F.scaled_dot_product_attention(q[:, None], k, v, enable_gqa=True)  # [heads, 1, d]
-        return out[:, 0]
+        if not len(block_tables) == len(context_lens) == num_seqs:
+            raise ValueError("one block table and one context_len per sequence")
+        outs = []
+        for query, table, context_len in zip(q, block_tables, context_lens):
+            if not 0 < context_len <= len(table) * block_size:
+                raise ValueError(f"context_len={context_len} out of range")
+            positions = torch.arange(context_len)
+            blocks = torch.tensor(table)[positions // block_size]
+            k = k_pool[blocks, positions % block_size].transpose(0, 1)              # [kv_heads, context, d]
+            v = v_pool[blocks, positions % block_size].transpose(0, 1)
+            outs.append(F.scaled_dot_product_attention(query[:, None], k, v, enable_gqa=True)[:, 0])
+        return torch.stack(outs)
+    pkv.paged_attention = paged_attention
+
+
+def _attention_sdpa_masked(pkv_sol, pc_sol, pkv, pc):
+    """Vectorised another way: tables padded with -1 (the pool's LAST block, garbage), every sequence's slots
+    gathered by (block, offset) index tensors, repeat_interleave for the heads, SDPA with a boolean mask."""
+    def paged_attention(q, k_pool, v_pool, block_tables, context_lens):
+        num_seqs, heads, head_dim = q.shape
+        _, size, kv_heads, _ = k_pool.shape
+        if heads % kv_heads or not len(block_tables) == len(context_lens) == num_seqs:
+            raise ValueError("heads must be a multiple of kv_heads; one table and one length per sequence")
+        if any(not 1 <= n <= len(t) * size for t, n in zip(block_tables, context_lens)):
+            raise ValueError("a context_len outside [1, len(table) * block_size]")
+        longest = max(context_lens)
+        width = max(len(t) for t in block_tables)
+        table = torch.tensor([list(t) + [-1] * (width - len(t)) for t in block_tables])
+        positions = torch.arange(longest)
+        slots = table[:, (positions // size).clamp(max=width - 1)]                   # [seqs, longest]
+        k = k_pool[slots, positions % size].repeat_interleave(heads // kv_heads, dim=2).transpose(1, 2)
+        v = v_pool[slots, positions % size].repeat_interleave(heads // kv_heads, dim=2).transpose(1, 2)
+        mask = positions[None, :] < torch.tensor(context_lens)[:, None]                # [seqs, longest]
+        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :])
+        return out[:, :, 0]
     pkv.paged_attention = paged_attention
 
 
@@ -375,6 +438,10 @@ _PLANT = {
     "attn_drop_partial": _attention("drop_partial"),
     "attn_gqa_modulo": _attention("gqa_modulo"),
     "attn_no_scale": _attention("no_scale"),
+    "attn_float32_out": _attention("float32_out"),
+    "attn_one_length": _attention("one_length"),
+    "attn_padding_unmasked": _attention("no_mask"),
+    "attn_tables_cut": _attention("cut_tables"),
     "python_hash": _prefix(hashes=_hashes("python_hash")),
     "hash_no_parent": _prefix(hashes=_hashes("no_parent")),
     "hash_partial": _prefix(hashes=_hashes("partial")),
@@ -396,6 +463,7 @@ _PLANT = {
     # valid alternatives
     "lifo_free_list": _manager(allocate=_lifo_allocate, append_slot=_lifo_append),
     "attn_sdpa": _attention_sdpa,
+    "attn_sdpa_masked": _attention_sdpa_masked,
     "hashes_inline": _prefix(hashes=_hashes_inline),
     "prefix_lifo": _prefix("lifo"),
 }

@@ -16,10 +16,14 @@ What the graders check:
       KeyError / ValueError; the invariants again after a seeded random mix of operations. End to end: the
       tiny Llama on the paged cache (helpers/course/paged_llama.py, the engine with the grader's scheduler step)
       with a pool small enough to preempt generates the same tokens as transformers' cache.
-  7.2 paged_attention: equal to the grader's own loop over heads of contiguous attention (GQA, KV head
-      h // (heads / kv_heads)) on pools full of garbage elsewhere, shuffled block tables longer than needed,
-      a partial last block, an exactly full one, context 1, MQA; the pools untouched; the promised
-      ValueErrors. End to end: logits of a prefill + decode equal transformers'.
+  7.2 paged_attention (batched, vLLM's kernel contract): one call for several sequences of different lengths,
+      each output row equal to the grader's own loop over heads of contiguous attention over that sequence alone
+      (GQA, KV head h // (heads / kv_heads); MQA); pools full of huge garbage wherever no sequence has written,
+      block tables scattered, of different lengths, longer than needed, sharing a prefix block; a partial last
+      block, a context that fills its table exactly (the last block full), context 1, block_size 1, a batch of
+      one; bfloat16 in, bfloat16 out; q, the pools, the tables and the lengths untouched; the promised
+      ValueErrors (heads vs kv_heads, a length out of range, as many tables and lengths as queries). A wrong
+      row is explained by the rule it breaks. End to end: logits of a prefill + decode equal transformers'.
   7.3 block_hashes: equal to the grader's own vLLM hashes (SHA-256 of pickle((parent, tuple(block tokens), extra
       keys)), root parent NONE_HASH, the cache salt as (salt,) in the FIRST block's extra keys only, a chain
       continued from `parent`), one per FULL block, deterministic; a wrong chain is explained by the rule it
@@ -47,6 +51,10 @@ Mistakes each grader catches (each one planted in tests/graders/planted_ch07_kv_
       attn_drop_partial    ignores the last, partial block
       attn_gqa_modulo      query head h reads KV head h % kv_heads (repeat, not repeat_interleave)
       attn_no_scale        forgets the 1/sqrt(head_dim) scale
+      attn_float32_out     the float32 softmax's result left in float32 (not q's dtype)
+      attn_one_length      sequence 0's context_len applied to every sequence
+      attn_padding_unmasked  padded to the longest sequence, the padding not masked
+      attn_tables_cut      block tables of different lengths cut to the shortest
   7.3 python_hash          Python's hash instead of SHA-256
       hash_no_parent       each block hashed alone: the same block after different prefixes shares a hash
       hash_partial         a trailing partial block gets a hash
@@ -324,8 +332,8 @@ def _random_mix(pkv):
 # ---------------------------------------------------------------------------------------- 7.2 paged attention
 
 def reference_attention(q, k, v, scale=True, kv_of=None):
-    """The grader's loop: for each query head h, softmax(q_h · K_g / sqrt(d)) · V_g with g = kv_of(h).
-    q [heads, d]; k, v contiguous [context, kv_heads, d]."""
+    """The grader's loop for ONE sequence: for each query head h, softmax(q_h · K_g / sqrt(d)) · V_g with
+    g = kv_of(h). q [heads, d]; k, v contiguous [context, kv_heads, d]."""
     heads, d = q.shape
     group = heads // k.shape[1]
     kv_of = kv_of or (lambda h: h // group)
@@ -337,53 +345,95 @@ def reference_attention(q, k, v, scale=True, kv_of=None):
     return torch.stack(rows).to(q.dtype)
 
 
-ATTENTION_CASES = [  # heads, kv_heads, head_dim, block_size, num_blocks, context_len, extra blocks in the table
-    (8, 4, 32, 16, 9, 37, 2),       # the tiny Llama's shapes, a partial last block
-    (6, 2, 8, 4, 12, 16, 1),        # exactly full last block; 3 query heads per KV head
-    (4, 4, 8, 4, 5, 1, 0),          # context 1
-    (8, 1, 16, 8, 7, 23, 1),        # multi-query attention
-    (4, 2, 8, 1, 20, 13, 3),        # block_size 1
+# One call each: (heads, kv_heads, head_dim, block_size, num_blocks, dtype, sequences). A sequence is
+# (context_len, block table, shares): `shares` = (j, n) means its first n blocks are sequence j's first n (a shared
+# prefix: the same block ids, the same keys and values). Tables may hold blocks past the ones needed; every slot
+# no sequence holds is huge garbage. None as a table: blocks in a seeded random order (block_size 1).
+ATTENTION_CASES = [
+    (8, 4, 32, 16, 16, torch.float32, [     # the tiny Llama's shapes
+        (21, [9, 3, 12, 5], None),          # a partial last block, 2 blocks past the ones needed
+        (1, [14, 7], None),                 # context 1
+        (48, [2, 11, 6], None),             # fills its table exactly: the last block full
+        (20, [9, 13, 1], (0, 1))]),         # shares its first block with sequence 0
+    (6, 2, 8, 4, 12, torch.float32, [       # 3 query heads per KV head
+        (16, [5, 0, 9, 2], None), (5, [7, 11], None), (1, [3], None), (13, [5, 0, 10, 4, 8], (0, 2))]),
+    (8, 1, 16, 8, 10, torch.float32, [      # multi-query attention
+        (23, [4, 8, 1, 6], None), (8, [2], None), (2, [9, 0], None)]),
+    (4, 2, 8, 1, 24, torch.float32, [(13, None, None), (3, None, None)]),     # block_size 1
+    (4, 4, 8, 4, 5, torch.float32, [(1, [2], None)]),                          # one sequence, context 1
+    (8, 4, 32, 16, 8, torch.bfloat16, [(30, [6, 1], None), (17, [3, 5, 0], None)]),  # bfloat16 in and out
 ]
+GARBAGE = 1e4       # every slot no sequence holds: reading one shows as a huge output
+
+
+def _attention_case(i, heads, kv_heads, d, size, num_blocks, dtype, sequences):
+    """Pools full of garbage, each sequence's keys and values written through its table; q; the contiguous
+    keys and values of each sequence for the grader's reference."""
+    gen = torch.Generator().manual_seed(7200 + i)
+    k_pool = torch.randn(num_blocks, size, kv_heads, d, generator=gen) * GARBAGE
+    v_pool = torch.randn(num_blocks, size, kv_heads, d, generator=gen) * GARBAGE
+    tables, lengths, contiguous = [], [], []
+    shuffled = torch.randperm(num_blocks, generator=gen).tolist()       # for tables given as None, disjoint
+    for length, table, shares in sequences:
+        if table is None:
+            table, shuffled = shuffled[:length + 3], shuffled[length + 3:]
+        k = torch.randn(length, kv_heads, d, generator=gen)
+        v = torch.randn(length, kv_heads, d, generator=gen)
+        if shares is not None:
+            j, n = shares
+            k[:n * size], v[:n * size] = contiguous[j][0][:n * size], contiguous[j][1][:n * size]
+        pos = torch.arange(length)
+        blocks = torch.tensor(table)[pos // size]
+        k_pool[blocks, pos % size], v_pool[blocks, pos % size] = k, v
+        tables.append(list(table))
+        lengths.append(length)
+        contiguous.append((k, v))
+    q = torch.randn(len(sequences), heads, d, generator=gen)
+    return q.to(dtype), k_pool.to(dtype), v_pool.to(dtype), tables, lengths, \
+        [(k.to(dtype), v.to(dtype)) for k, v in contiguous]
 
 
 def check_paged_attention(impl=None):
     pkv, failures = _impl(impl).paged_kv_cache, []
-    for i, (heads, kv_heads, d, size, num_blocks, context, extra) in enumerate(ATTENTION_CASES):
-        gen = torch.Generator().manual_seed(7200 + i)
-        # garbage everywhere, much larger than the real entries: reading a wrong position shows
-        k_pool = torch.randn(num_blocks, size, kv_heads, d, generator=gen) * 30
-        v_pool = torch.randn(num_blocks, size, kv_heads, d, generator=gen) * 30
-        used = -(-context // size)
-        table = torch.randperm(num_blocks, generator=gen)[:used + extra].tolist()
-        k = torch.randn(context, kv_heads, d, generator=gen)
-        v = torch.randn(context, kv_heads, d, generator=gen)
-        pos = torch.arange(context)
-        blocks = torch.tensor(table)[pos // size]
-        k_pool[blocks, pos % size] = k
-        v_pool[blocks, pos % size] = v
-        q = torch.randn(heads, d, generator=gen)
-        where = (f"[7.2] heads={heads} kv_heads={kv_heads} head_dim={d} block_size={size} context_len={context} "
-                 f"block table {table}")
-        before = (k_pool.clone(), v_pool.clone())
-        ok, out = _call(failures, f"{where}: paged_attention", pkv.paged_attention, q, k_pool, v_pool, table, context)
+    for i, (heads, kv_heads, d, size, num_blocks, dtype, sequences) in enumerate(ATTENTION_CASES):
+        q, k_pool, v_pool, tables, lengths, contiguous = _attention_case(i, heads, kv_heads, d, size, num_blocks,
+                                                                         dtype, sequences)
+        where = (f"[7.2] {len(lengths)} sequences in one call, heads={heads} kv_heads={kv_heads} head_dim={d} "
+                 f"block_size={size} {str(dtype).replace('torch.', '')}, context_lens {lengths}, block tables "
+                 f"{tables if size > 1 else '(block_size 1: long tables)'}")
+        before = (q.clone(), k_pool.clone(), v_pool.clone(), [list(t) for t in tables], list(lengths))
+        ok, out = _call(failures, f"{where}: paged_attention", pkv.paged_attention, q, k_pool, v_pool, tables,
+                        lengths)
         if not ok:
             continue
-        want = reference_attention(q, k, v)
-        if not torch.equal(k_pool, before[0]) or not torch.equal(v_pool, before[1]):
-            failures.append(f"{where}: paged_attention changed the pools: it only reads them ({ATTENTION})")
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (heads, d) or out.dtype != q.dtype:
+        changed = [name for name, now, was in (("q", q, before[0]), ("k_pool", k_pool, before[1]),
+                                                ("v_pool", v_pool, before[2])) if not torch.equal(now, was)]
+        changed += [name for name, now, was in (("block_tables", tables, before[3]), ("context_lens", lengths,
+                                                                                       before[4])) if now != was]
+        if changed:
+            failures.append(f"{where}: paged_attention changed its inputs {changed}: it only reads them "
+                            f"({ATTENTION})")
+        shape = (len(lengths), heads, d)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != q.dtype:
             failures.append(f"{where}: returned {getattr(out, 'shape', type(out).__name__)} "
-                            f"{getattr(out, 'dtype', '')}, expected [{heads}, {d}] {q.dtype} ({ATTENTION})")
+                            f"{getattr(out, 'dtype', '')}, expected {list(shape)} in q's dtype {q.dtype} "
+                            f"(the softmax in float32, the result back in q's dtype) ({ATTENTION})")
             continue
-        diff, tol = max_abs_diff(out, want), tolerance(want, torch.float32, FACTOR)
-        if diff <= tol:
-            continue
-        failures.append(f"{where}: output differs from contiguous attention by {diff:.2e} > {tol:.1e} — "
-                        f"{_attention_hint(out, q, k_pool, v_pool, table, context, tol)} ({ATTENTION})")
+        wants = [reference_attention(q[s], k, v) for s, (k, v) in enumerate(contiguous)]
+        tols = [tolerance(want, dtype, FACTOR) for want in wants]
+        wrong = [s for s in range(len(lengths)) if not max_abs_diff(out[s], wants[s]) <= tols[s]]
+        if wrong:
+            s, hint = _attention_hint(out, q, k_pool, v_pool, tables, lengths, contiguous, wrong, tols)
+            failures.append(f"{where}: sequence {s} (context_len {lengths[s]}) differs from contiguous attention "
+                            f"by {max_abs_diff(out[s], wants[s]):.2e} > {tols[s]:.1e} (sequences {wrong} wrong) — "
+                            f"{hint} ({ATTENTION})")
     pools = lambda blocks, kv_heads: (torch.zeros(blocks, 4, kv_heads, 8), torch.zeros(blocks, 4, kv_heads, 8))
-    for label, args in (("heads=6, kv_heads=4", (torch.randn(6, 8), *pools(2, 4), [0, 1], 3)),
-                        ("context_len=0", (torch.randn(4, 8), *pools(2, 2), [0], 0)),
-                        ("context_len=9 > 2 blocks of 4", (torch.randn(4, 8), *pools(3, 2), [2, 0], 9))):
+    for label, args in (("heads=6, kv_heads=4", (torch.randn(1, 6, 8), *pools(2, 4), [[0, 1]], [3])),
+                        ("context_len=0", (torch.randn(2, 4, 8), *pools(3, 2), [[1], [0]], [2, 0])),
+                        ("context_len=9 > 2 blocks of 4 (sequence 1)", (torch.randn(2, 4, 8), *pools(4, 2),
+                                                                        [[3], [2, 0]], [4, 9])),
+                        ("3 queries, 2 block tables", (torch.randn(3, 4, 8), *pools(3, 2), [[0], [1]], [1, 2, 3])),
+                        ("2 queries, 3 context_lens", (torch.randn(2, 4, 8), *pools(3, 2), [[0], [1]], [1, 2, 3]))):
         try:
             pkv.paged_attention(*args)
             failures.append(f"[7.2] paged_attention with {label} raised no ValueError — the docstring promises one "
@@ -398,31 +448,56 @@ def check_paged_attention(impl=None):
     return failures
 
 
-def _attention_hint(out, q, k_pool, v_pool, table, context, tol):
-    size, kv_heads = k_pool.shape[1], k_pool.shape[2]
-    heads = q.shape[0]
+def _attention_hint(out, q, k_pool, v_pool, tables, lengths, contiguous, wrong, tols):
+    """(sequence, the rule its wrong output breaks): each wrong sequence's output is compared with attention
+    computed the wrong ways (the first that matches names the rule), else with what its own keys and values
+    can give at all (garbage read: padding not masked)."""
+    size, kv_heads, d = k_pool.shape[1], k_pool.shape[2], q.shape[2]
+    heads = q.shape[1]
 
-    def contiguous(n_blocks, length):
-        k = k_pool[table[:n_blocks]].reshape(-1, kv_heads, q.shape[1])[:length]
-        v = v_pool[table[:n_blocks]].reshape(-1, kv_heads, q.shape[1])[:length]
+    def through(table, n_blocks, length):
+        """Keys and values of positions 0 .. length-1 read through the first n_blocks of `table`."""
+        k = k_pool[table[:n_blocks]].reshape(-1, kv_heads, d)[:length]
+        v = v_pool[table[:n_blocks]].reshape(-1, kv_heads, d)[:length]
         return k, v
-    used = -(-context // size)
-    k, v = contiguous(used, context)
-    guesses = [
-        ("read only the first context_len positions: the tail of the last block (and any block after it) is "
-         "not this sequence's yet", [contiguous(used, used * size), contiguous(len(table), len(table) * size)], {}),
-        ("read the last, partial block too: ceil(context_len / block_size) blocks",
-         [contiguous(context // size, (context // size) * size)] if context >= size else [], {}),
-        ("query head h reads KV head h // (heads // kv_heads), not h % kv_heads (repeat_interleave, as "
-         "transformers' repeat_kv)", [(k, v)], {"kv_of": lambda h: h % kv_heads}),
-        ("scale the scores by 1 / sqrt(head_dim)", [(k, v)], {"scale": False}),
-    ]
-    for hint, candidates, options in guesses:
-        for gk, gv in candidates:
-            if gk.shape[0] and max_abs_diff(out, reference_attention(q, gk, gv, **options)) <= tol:
-                return hint
-    return (f"gather positions 0..context_len-1 through the block table, query head h with KV head "
-            f"h // {heads // kv_heads}, softmax(q·kᵀ / sqrt(head_dim)) in float32")
+
+    def guesses(s):
+        table, n = tables[s], lengths[s]
+        used, own = -(-n // size), contiguous[s]
+        yield ("mask every position at or beyond the sequence's context_len: the tail of its last block (and any "
+               "block after it) is not this sequence's yet", [through(table, used, used * size),
+                                                               through(table, len(table), len(table) * size)], {})
+        if n >= size and n % size:
+            yield ("read the last, partial block too: ceil(context_len / block_size) blocks",
+                   [through(table, n // size, (n // size) * size)], {})
+        yield ("query head h reads KV head h // (heads // kv_heads), not h % kv_heads (reshape q to [num_seqs, "
+               "kv_heads, group, head_dim], as transformers' repeat_kv groups them)", [own],
+               {"kv_of": lambda h: h % kv_heads})
+        yield "scale the scores by 1 / sqrt(head_dim)", [own], {"scale": False}
+        for other in sorted(set(lengths) - {n}):
+            if other <= len(table) * size:
+                yield (f"each sequence attends over its OWN context_len: sequence {s} has {n} positions, not "
+                       f"{other} (another sequence's length)", [through(table, -(-other // size), other)], {})
+        for width in sorted({len(t) for t in tables}):
+            if width * size < n:
+                yield (f"block tables of different lengths: sequence {s} needs {used} blocks, not the {width} of the "
+                       f"shortest table — pad every table to the longest one needed, never cut them",
+                       [through(table, width, width * size)], {})
+
+    for s in wrong:
+        for hint, candidates, options in guesses(s):
+            for k, v in candidates:
+                if k.shape[0] and max_abs_diff(out[s], reference_attention(q[s], k, v, **options)) <= tols[s]:
+                    return s, hint
+    for s in wrong:
+        k, v = contiguous[s]
+        if not torch.isfinite(out[s]).all() or float(out[s].abs().max()) > 2 * float(v.abs().max()) + tols[s]:
+            return s, (f"its output holds values none of its own positions 0..{lengths[s] - 1} has (the pools hold "
+                       f"huge garbage everywhere else): mask each sequence's positions from its own context_len on — "
+                       f"the padding up to the longest sequence ({max(lengths)}) and the block read for padding "
+                       f"are not its tokens")
+    return wrong[0], (f"gather positions 0..context_len-1 of each sequence through its own block table, query head h "
+                      f"with KV head h // {heads // kv_heads}, softmax(q·kᵀ / sqrt(head_dim)) in float32")
 
 
 # ------------------------------------------------------------------------- end to end: the tiny Llama on the cache
@@ -469,16 +544,18 @@ class _GraderBlockManager:
         del self.lengths[seq_id]
 
 
-def _grader_paged_attention(q, k_pool, v_pool, block_table, context_len):
-    """The grader's own paged attention (7.2's contract), so that 7.1's and 7.3's end-to-end checks do not
-    depend on the learner's 7.2."""
-    positions = torch.arange(context_len)
-    blocks = torch.tensor(list(block_table), dtype=torch.long)[positions // k_pool.shape[1]]
-    group = q.shape[0] // k_pool.shape[2]
-    k = k_pool[blocks, positions % k_pool.shape[1]].repeat_interleave(group, dim=1)     # [context, heads, d]
-    v = v_pool[blocks, positions % k_pool.shape[1]].repeat_interleave(group, dim=1)
-    probs = torch.softmax(torch.einsum("hd,thd->ht", q, k).float() / math.sqrt(q.shape[1]), dim=-1)
-    return torch.einsum("ht,thd->hd", probs.to(q.dtype), v)
+def _grader_paged_attention(q, k_pool, v_pool, block_tables, context_lens):
+    """The grader's own paged attention (7.2's batched contract, one sequence at a time), so that 7.1's and 7.3's
+    end-to-end checks do not depend on the learner's 7.2."""
+    size, group, outs = k_pool.shape[1], q.shape[1] // k_pool.shape[2], []
+    for query, table, length in zip(q, block_tables, context_lens):
+        positions = torch.arange(length)
+        blocks = torch.tensor(list(table), dtype=torch.long)[positions // size]
+        k = k_pool[blocks, positions % size].repeat_interleave(group, dim=1)          # [context, heads, d]
+        v = v_pool[blocks, positions % size].repeat_interleave(group, dim=1)
+        probs = torch.softmax(torch.einsum("hd,thd->ht", query, k).float() / math.sqrt(q.shape[2]), dim=-1)
+        outs.append(torch.einsum("ht,thd->hd", probs.to(q.dtype), v))
+    return torch.stack(outs)
 
 
 def _engine(impl, graded, **kwargs):
