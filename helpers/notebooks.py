@@ -121,6 +121,77 @@ def execute(path: pathlib.Path, timeout: int = 600) -> float:
     return result.seconds
 
 
+def control_values(control) -> list:
+    """The values a check moves one control through: every option of a dropdown (or radio buttons), the first,
+    middle and last of a selection slider, the minimum, a middle value and the maximum of a numeric slider,
+    both states of a checkbox."""
+    import ipywidgets
+    options = getattr(control, "options", None)
+    if options is not None:
+        values = [value for _, value in control._options_full] if hasattr(control, "_options_full") else \
+            [o[1] if isinstance(o, tuple) else o for o in options]
+        if isinstance(control, ipywidgets.SelectionSlider):
+            values = list(dict.fromkeys([values[0], values[len(values) // 2], values[-1]]))
+        return values
+    if isinstance(control.value, bool):
+        return [False, True]
+    if hasattr(control, "min") and hasattr(control, "max") and not isinstance(control.value, tuple):
+        low, high = control.min, control.max
+        step = getattr(control, "step", None) or 1
+        middle = low + round((high - low) / 2 / step) * step
+        return list(dict.fromkeys([low, type(low)(middle), high]))
+    return [control.value]
+
+
+def drive_widgets() -> list[str]:
+    """Run in a kernel after Run All: move every control of every live `interact`/`interactive` through its
+    values (one control at a time, the others at their defaults) and call the view as a slider move does.
+    Returns one line per failure, "<function>(<kwargs>): <exception>"; empty when every call ran.
+
+    A view's function runs long after its cell, when later cells may have reassigned the globals it reads
+    (chapter 8's capacity explorer read `block`, which a later cell made an int): this is what catches it."""
+    import sys
+
+    import ipywidgets
+    import matplotlib.pyplot as plt
+    from IPython import get_ipython
+    from ipywidgets.widgets.widget import _instances
+
+    shell = get_ipython()
+    problems, raised = [], []
+    drive_widgets.calls = 0
+
+    def record(*args, **kwargs):        # interactive.update catches the error and shows it: keep it instead
+        raised.append(sys.exc_info()[1])
+
+    original = shell.showtraceback
+    shell.showtraceback = record
+    try:
+        for view in [w for w in list(_instances.values()) if isinstance(w, ipywidgets.interactive)]:
+            name = getattr(view.f, "__name__", repr(view.f))
+            controls = list(view.kwargs_widgets)
+            for control in controls:         # moved by hand below, one call per value
+                control.unobserve(view.update, names="value")
+            try:
+                for control in controls:
+                    default = control.value
+                    for value in control_values(control):
+                        control.value = value
+                        raised.clear()
+                        view.update()
+                        drive_widgets.calls += 1
+                        kwargs = ", ".join(f"{c._kwarg}={c.value!r}" for c in controls)
+                        problems += [f"{name}({kwargs}): {type(e).__name__}: {e}" for e in raised]
+                        plt.close("all")
+                    control.value = default
+            finally:
+                for control in controls:
+                    control.observe(view.update, names="value")
+    finally:
+        shell.showtraceback = original
+    return problems
+
+
 def main(argv=None):
     args = (argv if argv is not None else sys.argv[1:]) or [str(p) for p in notebook_paths()]
     for name in args:
