@@ -268,7 +268,8 @@ def test_grade_a_class_in_one_command(tmp_path):
     ada = [r for r in rows if r["learner"] == "ada"]
     assert re.fullmatch(r"[0-9a-f]{40}", ada[0]["fork_commit"]) and re.fullmatch(r"[0-9a-f]{40}", ada[0]["commit"])
     assert rows[-1]["fork_commit"] == ""                         # bob's folder is no git checkout
-    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["started"]) and float(r["seconds"]) > 0 for r in rows)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["started"]) and float(r["seconds"]) > 0
+               for r in rows)
     listed = tmp_path / "class.txt"
     listed.write_text(f"# one checkout per line\n{forks / 'bob'}\n")
     assert [r["learner"] for r in grade.grade_class([str(listed)], str(tmp_path / "class.json"), "0")] == ["bob"]
