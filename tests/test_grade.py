@@ -264,7 +264,8 @@ def test_grade_a_class_in_one_command(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == grade.CLASS_COLUMNS
     assert [(r["learner"], r["exercise"], r["status"]) for r in rows] == [
-        ("ada", "0.1", "passed"), ("ada", "0.2", "passed"), ("bob", "0.1", "not started"), ("bob", "0.2", "not started")]
+        ("ada", "0.1", "passed"), ("ada", "0.2", "passed"),
+        ("bob", "0.1", "not started"), ("bob", "0.2", "not started")]
     ada = [r for r in rows if r["learner"] == "ada"]
     assert re.fullmatch(r"[0-9a-f]{40}", ada[0]["fork_commit"]) and re.fullmatch(r"[0-9a-f]{40}", ada[0]["commit"])
     assert rows[-1]["fork_commit"] == ""                         # bob's folder is no git checkout
