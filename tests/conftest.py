@@ -16,14 +16,20 @@ os.environ.setdefault("COURSE_FALLBACK", "0")
 # ------------------------------------------------------------------------------- widgets, after nbval's Run All
 # nbval runs each notebook's cells in one kernel but never moves a slider. After a notebook's last cell, in the
 # same kernel (no second Run All), one more item moves every control of every `interact` view through its values
-# and fails on any exception (helpers.notebooks.drive_widgets): a view whose function reads a global that a later
+# and fails on any exception (helpers.widgets.drive_widgets): a view whose function reads a global that a later
 # cell reassigned breaks only there.
 import json  # noqa: E402
 
 import pytest  # noqa: E402
 
-_DRIVE = ("import json as _json\nfrom helpers.notebooks import drive_widgets as _drive_widgets\n"
-          "print('WIDGETS ' + _json.dumps({'problems': _drive_widgets(), 'calls': _drive_widgets.calls}))")
+_DRIVE = """
+import json as _json, sys as _sys
+_report = {"problems": [], "calls": 0}
+if "ipywidgets" in _sys.modules:           # no widget without it: a notebook without any pays nothing
+    from helpers.widgets import drive_widgets as _drive_widgets
+    _report = {"problems": _drive_widgets(), "calls": _drive_widgets.calls}
+print("WIDGETS " + _json.dumps(_report))
+"""
 
 
 class WidgetsItem(pytest.Item):
