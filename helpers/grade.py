@@ -726,7 +726,6 @@ def grade_class(paths: list[str], out: str | None = None, chapter=None, ref="HEA
     """Grade every learner's fork, one after the other, each alone (grade_submission). Writes `out` (.csv: one
     row per learner per exercise, CLASS_COLUMNS; .json: the same rows and each learner's report) after
     every learner, so an interrupted run keeps what it graded. Returns the learners' reports."""
-    import csv
     reports = []
     forks = class_forks(paths)
     for i, (learner, fork) in enumerate(forks.items(), 1):
@@ -735,17 +734,24 @@ def grade_class(paths: list[str], out: str | None = None, chapter=None, ref="HEA
         reports.append(report)
         print(f"      {summary_line(report['exercises'])}  ({report['seconds']:.0f} s, fork at "
               f"{(report['fork_commit'] or 'no git commit')[:12]})", flush=True)
-        rows = [{**{k: r[k] for k in CLASS_COLUMNS[:6]}, **{k: e[k] for k in CLASS_COLUMNS[6:]}}
-                for r in reports for e in r["exercises"]]
-        if out and out.endswith(".csv"):
-            with open(out, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=CLASS_COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows)
-        elif out:
-            with open(out, "w") as f:
-                json.dump({"rows": rows, "learners": reports}, f, indent=2)
+        if out:
+            write_class_report(reports, out)
     return reports
+
+
+def write_class_report(reports: list[dict], out: str) -> None:
+    """FILE.csv: one row per learner per exercise (CLASS_COLUMNS); FILE.json: those rows and every report."""
+    import csv
+    rows = [{**{k: r[k] for k in CLASS_COLUMNS[:6]}, **{k: e[k] for k in CLASS_COLUMNS[6:]}}
+            for r in reports for e in r["exercises"]]
+    if str(out).endswith(".csv"):
+        with open(out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CLASS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        with open(out, "w") as f:
+            json.dump({"rows": rows, "learners": reports}, f, indent=2)
 
 
 def main(argv=None) -> int:

@@ -244,35 +244,39 @@ def test_optional_exercises_are_counted_apart_and_the_table_fits_100_columns():
     assert grade.score(done) == {"score": required, "total": required, "optional_passed": 0, "optional_total": 1}
 
 
-def test_grade_a_class_in_one_command(tmp_path):
-    """`--class FOLDER --out FILE.csv`: each learner's fork graded alone, one row per learner per exercise,
-    with the fork's commit, the course commit, when and how long."""
+def test_grade_a_class_in_one_command(tmp_path, capsys):
+    """`--class PATH --out FILE.csv`: each learner's fork graded alone, one row per learner per exercise,
+    with the fork's commit, the course commit, when and how long; a .json holds the rows and the reports."""
     import csv
     forks = tmp_path / "class"
-    for learner, fixture in (("ada", "correct"), ("bob", None)):
+    for learner, source in (("ada", "tests/fixtures/correct/warmup.py"), ("bob", "labs/warmup.py")):
         labs = forks / learner / "labs"
         labs.mkdir(parents=True)
         (labs / "__init__.py").write_text("")
-        source = grade.ROOT / ("tests/fixtures/correct/warmup.py" if fixture else "labs/warmup.py")
-        (labs / "warmup.py").write_text(source.read_text())
+        (labs / "warmup.py").write_text((grade.ROOT / source).read_text())
     git = ["git", "-C", str(forks / "ada"), "-c", "user.name=a", "-c", "user.email=a@b"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "mine"], check=True)
+    assert list(grade.class_forks([str(forks)])) == ["ada", "bob"]       # a folder of checkouts, one per learner
+    listed = tmp_path / "class.txt"
+    listed.write_text(f"# one checkout per line\n{forks / 'ada'}\n{forks / 'bob'}\n")
     out = tmp_path / "class.csv"
-    assert grade.main(["0", "--class", str(forks), "--out", str(out)]) == 0
+    assert grade.main(["0", "--class", str(listed), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[2/2] bob" in printed and "score: 0/2 exercises passed; 2 exercises left" in printed, printed
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == grade.CLASS_COLUMNS
     assert [(r["learner"], r["exercise"], r["status"]) for r in rows] == [
         ("ada", "0.1", "passed"), ("ada", "0.2", "passed"),
         ("bob", "0.1", "not started"), ("bob", "0.2", "not started")]
-    ada = [r for r in rows if r["learner"] == "ada"]
-    assert re.fullmatch(r"[0-9a-f]{40}", ada[0]["fork_commit"]) and re.fullmatch(r"[0-9a-f]{40}", ada[0]["commit"])
+    assert re.fullmatch(r"[0-9a-f]{40}", rows[0]["fork_commit"]) and re.fullmatch(r"[0-9a-f]{40}", rows[0]["commit"])
     assert rows[-1]["fork_commit"] == ""                         # bob's folder is no git checkout
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["started"]) and float(r["seconds"]) > 0
                for r in rows)
-    listed = tmp_path / "class.txt"
-    listed.write_text(f"# one checkout per line\n{forks / 'bob'}\n")
-    assert [r["learner"] for r in grade.grade_class([str(listed)], str(tmp_path / "class.json"), "0")] == ["bob"]
+    reports = [{**{k: r[k] for k in grade.CLASS_COLUMNS[:6]}, "exercises": [r]} for r in rows[:1]]
+    grade.write_class_report(reports, str(tmp_path / "class.json"))
     data = json.loads((tmp_path / "class.json").read_text())
-    assert [r["status"] for r in data["rows"]] == ["not started"] * 2 and data["learners"][0]["total"] == 2
+    assert data["rows"] == rows[:1] and data["learners"] == reports
+    with pytest.raises(SystemExit, match="no such folder"):
+        grade.class_forks([str(tmp_path / "nobody")])
