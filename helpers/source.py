@@ -32,7 +32,12 @@ def source_lines(obj, start: str | None = None, end: str | None = None) -> str:
     if last is None:
         raise ValueError(f"{obj.__qualname__}: no line from {start!r} on contains {end!r}")
     indent = len(lines[first]) - len(lines[first].lstrip())
-    shown = ([lines[0], " " * indent + "..."] if first > 1 else lines[:first]) + lines[first:last + 1]
+    # the signature stays (after any decorators), then `...` for what is left out before `start`
+    head = next((i for i, line in enumerate(lines) if line.lstrip().startswith(("def ", "async def ", "class "))), 0)
+    if first <= head:
+        shown = lines[first:last + 1]
+    else:
+        shown = lines[:head + 1] + ([" " * indent + "..."] if first > head + 1 else []) + lines[first:last + 1]
     if last < len(lines) - 1:
         shown.append(" " * indent + "...")
     return "\n".join(shown)
