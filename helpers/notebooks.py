@@ -22,7 +22,7 @@ import time
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellTimeoutError
+from nbclient.exceptions import CellExecutionComplete, CellTimeoutError
 from nbclient.client import timestamp
 from nbclient.util import ensure_async
 
@@ -63,15 +63,29 @@ class _Client(NotebookClient):
         self.log.warning("no kernel_info reply within %s s: going on without it", self.KERNEL_INFO_WAIT_S)
         return None
 
-    # A cell's execute_reply is awaited in slices, never in one wait as long as the cell's timeout. Once, at load
-    # 5-7, a labs-mode Run All of chapter 5 sat idle for the whole 600 s cell timeout after its widget cell: the
-    # kernel had executed the cell and was idle (it answered a fresh client at once), nbclient still waited for the
-    # reply in one 600 s poll of a zmq socket whose edge-triggered wake-up it had missed. A new poll asks the socket
-    # itself, so a reply that is there is read within a slice. And a request the kernel has not started after a
-    # few seconds (no iopub message for it: ipykernel 7's shell socket can strand a request until something else
-    # arrives, ipython/ipykernel#1554) is nudged with a kernel_info request.
+    # A cell's execute_reply (and its iopub output) is awaited in 1 s polls, never in one poll as long as the
+    # cell's timeout. Issue 22's 620 s: a labs-mode Run All of chapter 5 sat idle for the whole 600 s cell timeout
+    # after its widget cell, then went on and passed (reproduced at load 5-7: 623 s). The kernel had executed the
+    # cell and was idle (it answered a fresh client at once); nbclient was in one 600 s poll of the shell socket.
+    # pyzmq's asyncio poll waits for the socket's edge-triggered descriptor, and checks the socket itself only when
+    # that fires or the timeout ends: a missed wake-up costs the whole timeout, after which the reply that had been
+    # there all along is read. A poll per second asks the socket every second. And a request the kernel has not
+    # started after 5 s (no iopub message for it: ipykernel 7's shell socket can strand a request until another
+    # message arrives, ipython/ipykernel#1554) is nudged with a kernel_info request.
     POLL_SLICE_S = 1.0
     NUDGE_AFTER_S = 5.0
+
+    async def _async_poll_output_msg(self, parent_msg_id, cell, cell_index):
+        while True:
+            try:
+                msg = await ensure_async(self.kc.iopub_channel.get_msg(timeout=self.POLL_SLICE_S))
+            except Empty:
+                continue
+            if msg["parent_header"].get("msg_id") == parent_msg_id:
+                try:
+                    self.process_message(msg, cell, cell_index)     # raises CellExecutionComplete at the end
+                except CellExecutionComplete:
+                    return
 
     def process_message(self, msg, cell, cell_index):
         self._iopub_seen = True
