@@ -208,3 +208,46 @@ def test_run_all_in_labs_mode(path):
         assert exercises == file_stubs, f"labs/{module}.py: announced {exercises}, unwritten {file_stubs}"
     silent = {module: found for module, found in stubs.items() if module not in announced}
     assert not silent, f"{path.name} used the reference for {silent} without saying so"
+
+
+def test_a_cells_reply_is_polled_every_second_and_an_unstarted_request_nudged(monkeypatch):
+    """The 620 s of issue 22: one 600 s poll of the shell socket that missed its wake-up. The Run All client
+    polls in 1 s slices (a reply that is there is read within one) and nudges a request the kernel has not
+    started with kernel_info."""
+    import asyncio
+    from queue import Empty
+
+    import nbformat.v4
+
+    class Shell:
+        def __init__(self):
+            self.polls = []
+
+        async def get_msg(self, timeout=None):
+            self.polls.append(timeout)
+            if len(self.polls) < 4:
+                raise Empty
+            if len(self.polls) == 4:
+                return {"parent_header": {"msg_id": "another request"}}
+            return {"parent_header": {"msg_id": "mine"}, "header": {}}
+
+    class Kernel:
+        shell_channel, nudges = Shell(), 0
+
+        def kernel_info(self):
+            Kernel.nudges += 1
+
+    client = notebooks._Client(nbformat.v4.new_notebook(), record_timing=False)
+    client.kc = Kernel()
+    monkeypatch.setattr(notebooks._Client, "NUDGE_AFTER_S", 0.0)
+
+    async def run():
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)                        # the cell's iopub output: already complete
+        alive = asyncio.ensure_future(asyncio.sleep(60))
+        return await client._async_poll_for_reply("mine", nbformat.v4.new_code_cell("1"), 600, done, alive)
+
+    reply = asyncio.run(run())
+    assert reply["parent_header"]["msg_id"] == "mine"
+    assert max(Kernel.shell_channel.polls) <= notebooks._Client.POLL_SLICE_S, Kernel.shell_channel.polls
+    assert Kernel.nudges >= 1
