@@ -18,7 +18,8 @@ A stub raises `NotImplementedError("Exercise 1.2: ...")`; when that error reache
 from inside a rank via RankFailed) the exercise is "not started".
 
 Instructors: `--submission DIR` grades DIR/labs alone against this course's graders at a commit
-(`--ref`, default HEAD), in a temporary checkout made with `git archive`, without `solutions/`.
+(`--ref`, default HEAD), in a temporary checkout made with `git archive`, without `solutions/`. `--class PATH
+--out FILE.csv` grades a whole class that way, one learner after the other, one row per learner per exercise.
 """
 from __future__ import annotations
 
@@ -91,6 +92,10 @@ def _reason(excinfo) -> str:
         text = str(exc) or "assertion failed"
     else:
         text = f"{excinfo.typename}: {exc}"
+    notes = [str(n) for n in getattr(exc, "__notes__", ()) or ()]       # e.g. the case: helpers.launch.case
+    if notes and not isinstance(exc, RankFailed):
+        first, _, rest = text.strip().partition("\n")
+        text = first + "".join(f" [{n}]" for n in notes) + ("\n" + rest if rest else "")
     lines = [line for line in text.strip().splitlines() if line.strip()] or [excinfo.typename]
     first = lines[0]
     if first.startswith("assert ") and len(lines) > 1:
@@ -193,8 +198,8 @@ class Exercise:
     """One exercise as the grader files state it: id, title, grader file and its test functions with the
     number of parametrised cases each must report (None where the file does not state it literally)."""
 
-    def __init__(self, exercise_id, title, file):
-        self.id, self.title, self.file = exercise_id, title, file
+    def __init__(self, exercise_id, title, file, optional=False):
+        self.id, self.title, self.file, self.optional = exercise_id, title, file, optional
         self.tests: dict[str, int | None] = {}
 
     def __repr__(self):
@@ -255,7 +260,9 @@ def collect(root: pathlib.Path = ROOT, chapter: str | None = None) -> list[Exerc
                 name = _dotted(dec.func)
                 if name.endswith("mark.exercise") and dec.args and isinstance(dec.args[0], ast.Constant):
                     title = dec.args[1].value if len(dec.args) > 1 and isinstance(dec.args[1], ast.Constant) else ""
-                    mark = (str(dec.args[0].value), str(title))
+                    optional = any(k.arg == "optional" and isinstance(k.value, ast.Constant) and k.value.value is True
+                                   for k in dec.keywords)
+                    mark = (str(dec.args[0].value), str(title), optional)
                 elif name.endswith("mark.parametrize"):
                     values = dec.args[1] if len(dec.args) > 1 else next(
                         (k.value for k in dec.keywords if k.arg == "argvalues"), None)
@@ -264,7 +271,8 @@ def collect(root: pathlib.Path = ROOT, chapter: str | None = None) -> list[Exerc
             if mark is None:
                 continue
             rel = path.relative_to(root).as_posix()
-            ex = exercises.setdefault(mark[0], Exercise(mark[0], mark[1], rel))
+            ex = exercises.setdefault(mark[0], Exercise(mark[0], mark[1], rel, mark[2]))
+            ex.optional = ex.optional or mark[2]
             ex.tests[f"{rel}::{node.name}"] = count
     return [exercises[k] for k in sorted(exercises, key=_exercise_key)]
 
@@ -539,23 +547,32 @@ def _missing(ex, tests) -> str:
 def _row(ex, status, reason, tests):
     counts = list(ex.tests.values())
     total = sum(counts) if None not in counts else len({t["test"] for t in tests})
-    return {"exercise": ex.id, "title": ex.title, "tests": total,
+    return {"exercise": ex.id, "title": ex.title, "optional": ex.optional, "tests": total,
             "passed": sum(t["status"] == PASSED for t in tests), "status": status, "reason": shorten(reason)}
 
 
 def run(chapter: str | None = None, impl: str = "labs", timeout: int = 180, quiet: bool = True,
-        root: pathlib.Path | str = ROOT) -> list[dict]:
-    """Grade `impl` against the graders under `root`: one row per exercise, in exercise order."""
+        root: pathlib.Path | str = ROOT, child_per_file: bool = True) -> list[dict]:
+    """Grade `impl` against the graders under `root`: one row per exercise, in exercise order.
+
+    child_per_file=False runs every grader file in one child (one start-up, one import of torch and
+    transformers, instead of one per file): for code that cannot tamper with the run, such as the course's
+    own stubs (tests/test_stubs.py). A learner's code is always graded one file per child, so that it can
+    misreport at most its own chapter's tests."""
     root = pathlib.Path(root)
     exercises = collect(root, chapter)
     borrowed = borrowed_reference(root, impl)
     marker = f"GRADE_RUN={secrets.token_hex(8)}".encode()
     rows: dict[str, dict] = {}
     files = list(dict.fromkeys(ex.file for ex in exercises))
+    groups = [[rel] for rel in files] if child_per_file else [files]
     with tempfile.TemporaryDirectory(prefix="dil-grade-") as tmp:
-        for rel in files:
-            batch = [ex for ex in exercises if ex.file == rel]
+        for group in groups:
+            rel = group[0]
+            batch = [ex for ex in exercises if ex.file in group]
             if borrowed:
+                if len(group) > 1:
+                    raise ValueError("a package that uses the reference answers is graded one file per child")
                 uses = _modules_loaded(root, rel)
                 uses |= {m for u in list(uses) for m in _imports_within(root, impl, u)}
                 why = [borrowed[m] for m in sorted(uses) if m in borrowed]
@@ -613,24 +630,128 @@ def checkout_for_submission(submission: str | pathlib.Path, dest: pathlib.Path, 
 
 # ============================================================================================ command line
 
-def render(exercises: list[dict]) -> str:
+TABLE_WIDTH = 100    # columns: the table fits a terminal and a CI log without wrapping
+
+
+def render(exercises: list[dict], width: int = TABLE_WIDTH) -> str:
+    """The table a learner reads: one line per exercise (longer titles and the reasons wrap), at most `width`
+    columns, then the score line."""
+    import textwrap
     mark = {PASSED: "PASS", FAILED: "FAIL", NOT_STARTED: "TODO"}
-    width = max([len(e["title"]) for e in exercises] + [10])
-    lines = [f"{'':4}  {'exercise':<8} {'title':<{width}}  {'tests':>7}  status"]
+    head = f"{'':4}  {'exercise':<8} {'tests':>7}  {'status':<11}  "
+    lines = [head + "title"]
     for e in exercises:
-        lines.append(f"{mark[e['status']]:4}  {e['exercise']:<8} {e['title']:<{width}}  "
-                     f"{e['passed']:>3}/{e['tests']:<3}  {e['status']}")
+        title = e["title"] + (" (optional)" if e.get("optional") and "optional" not in e["title"] else "")
+        first = f"{mark.get(e['status'], e['status'][:4].upper()):4}  {e['exercise']:<8} " \
+                f"{e['passed']:>3}/{e['tests']:<3}  {e['status']:<11}  "
+        wrapped = textwrap.wrap(title, width - len(first)) or [""]
+        lines.append(first + wrapped[0])
+        lines += [" " * len(first) + more for more in wrapped[1:]]
         if e["reason"]:
-            lines.append(f"{'':14}↳ {e['reason']}")
+            lines += textwrap.wrap(e["reason"], width, initial_indent=" " * 6 + "↳ ", subsequent_indent=" " * 8,
+                                   break_long_words=True, break_on_hyphens=False)
     lines.append("\n" + summary_line(exercises))
     return "\n".join(lines)
 
 
+def score(exercises: list[dict]) -> dict:
+    """Required exercises decide the score (and the exit status); optional ones are counted apart."""
+    required = [e for e in exercises if not e.get("optional")]
+    optional = [e for e in exercises if e.get("optional")]
+    return {"score": sum(e["status"] == PASSED for e in required), "total": len(required),
+            "optional_passed": sum(e["status"] == PASSED for e in optional), "optional_total": len(optional)}
+
+
 def summary_line(exercises: list[dict]) -> str:
-    done = sum(e["status"] == PASSED for e in exercises)
-    left = len(exercises) - done
-    return f"score: {done}/{len(exercises)} exercises passed" + \
+    s = score(exercises)
+    left = s["total"] - s["score"]
+    line = f"score: {s['score']}/{s['total']} exercises passed" + \
         (f"; {left} exercise{'s' if left != 1 else ''} left" if left else "; all done")
+    if s["optional_total"]:
+        line += f" (optional: {s['optional_passed']}/{s['optional_total']} passed, not counted)"
+    return line
+
+
+def fork_commit(fork: str | pathlib.Path) -> str | None:
+    """The commit the learner's checkout is at (None when it is not a git checkout)."""
+    out = subprocess.run(["git", "-C", str(fork), "rev-parse", "--verify", "HEAD^{commit}"], capture_output=True,
+                         text=True)
+    return out.stdout.strip() if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", out.stdout.strip()) else None
+
+
+def grade_submission(fork, chapter=None, ref="HEAD", timeout=180, quiet=True) -> dict:
+    """Grade one learner's labs/ alone, in a clean checkout of the course at `ref` (see
+    checkout_for_submission). Returns its report: the fork, its commit, the course commit, when the grading
+    started (UTC), how long it took, the score and one row per exercise."""
+    started, clock = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
+    info = {"submission": str(fork), "fork_commit": fork_commit(fork), "started": started}
+    with tempfile.TemporaryDirectory(prefix="dil-submission-") as tmp:
+        root = pathlib.Path(tmp) / "course"
+        info["commit"] = checkout_for_submission(fork, root, ref)
+        exercises = run(chapter, "labs", timeout, quiet=quiet, root=root)
+    return {**info, "seconds": round(time.monotonic() - clock, 1), **score(exercises), "exercises": exercises}
+
+
+def class_forks(paths: list[str]) -> dict[str, pathlib.Path]:
+    """{learner: fork} from `--class` arguments: a learner's checkout (it has labs/), a folder of such
+    checkouts (one per learner, named after them), or a text file listing checkouts, one per line."""
+    forks: dict[str, pathlib.Path] = {}
+    for arg in paths:
+        path = pathlib.Path(arg)
+        if path.is_file():
+            listed = [pathlib.Path(line.strip()) for line in path.read_text().splitlines()
+                      if line.strip() and not line.lstrip().startswith("#")]
+        elif (path / "labs").is_dir():
+            listed = [path]
+        elif path.is_dir():
+            listed = sorted(p for p in path.iterdir() if (p / "labs").is_dir())
+            if not listed:
+                raise SystemExit(f"--class {arg}: no learner's checkout (a folder with labs/) in it")
+        else:
+            raise SystemExit(f"--class {arg}: no such folder or list file")
+        for fork in listed:
+            name = fork.resolve().name
+            if name in forks and forks[name].resolve() != fork.resolve():
+                name = f"{name}-{len(forks)}"
+            forks[name] = fork
+    return forks
+
+
+CLASS_COLUMNS = ["learner", "submission", "fork_commit", "commit", "started", "seconds", "exercise", "title",
+                 "optional", "status", "passed", "tests", "reason"]
+
+
+def grade_class(paths: list[str], out: str | None = None, chapter=None, ref="HEAD", timeout=180,
+                quiet=True) -> list[dict]:
+    """Grade every learner's fork, one after the other, each alone (grade_submission). Writes `out` (.csv: one
+    row per learner per exercise, CLASS_COLUMNS; .json: the same rows and each learner's report) after
+    every learner, so an interrupted run keeps what it graded. Returns the learners' reports."""
+    reports = []
+    forks = class_forks(paths)
+    for i, (learner, fork) in enumerate(forks.items(), 1):
+        print(f"[{i}/{len(forks)}] {learner} ({fork}) ...", flush=True)
+        report = {"learner": learner, **grade_submission(fork, chapter, ref, timeout, quiet)}
+        reports.append(report)
+        print(f"      {summary_line(report['exercises'])}  ({report['seconds']:.0f} s, fork at "
+              f"{(report['fork_commit'] or 'no git commit')[:12]})", flush=True)
+        if out:
+            write_class_report(reports, out)
+    return reports
+
+
+def write_class_report(reports: list[dict], out: str) -> None:
+    """FILE.csv: one row per learner per exercise (CLASS_COLUMNS); FILE.json: those rows and every report."""
+    import csv
+    rows = [{**{k: r[k] for k in CLASS_COLUMNS[:6]}, **{k: e[k] for k in CLASS_COLUMNS[6:]}}
+            for r in reports for e in r["exercises"]]
+    if str(out).endswith(".csv"):
+        with open(out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CLASS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        with open(out, "w") as f:
+            json.dump({"rows": rows, "learners": reports}, f, indent=2)
 
 
 def main(argv=None) -> int:
@@ -641,7 +762,13 @@ def main(argv=None) -> int:
     parser.add_argument("--submission", metavar="DIR",
                         help="instructors: grade DIR/labs alone in a clean checkout of this course (git archive "
                              "of --ref), without solutions/")
-    parser.add_argument("--ref", default="HEAD", help="with --submission: the course commit to grade against")
+    parser.add_argument("--class", dest="klass", metavar="PATH", nargs="+",
+                        help="instructors: grade a class, each learner as --submission does; PATH is a folder of "
+                             "learners' checkouts, a checkout, or a file listing checkouts (one per line)")
+    parser.add_argument("--out", metavar="FILE.csv|FILE.json",
+                        help="with --class: one row per learner per exercise (CSV), or the rows and each "
+                             "learner's report (JSON)")
+    parser.add_argument("--ref", default="HEAD", help="with --submission/--class: the course commit to grade against")
     parser.add_argument("--json", metavar="FILE", help="also write a machine-readable report here")
     parser.add_argument("--markdown", metavar="FILE", help="append a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY)")
     parser.add_argument("--timeout", type=int, default=180, help="seconds before one grader test is failed")
@@ -651,34 +778,51 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.chapter is not None and not args.chapter.isdigit():
         parser.error(f"CHAPTER must be a chapter number such as 1, got {args.chapter!r}")
-    info = {"impl": args.impl}
-    with tempfile.TemporaryDirectory(prefix="dil-submission-") as tmp:
-        root = ROOT
-        if args.submission:
-            if args.impl != "labs":
-                parser.error("--submission grades the learner's labs/; leave --impl out")
-            root = pathlib.Path(tmp) / "course"
-            info.update(submission=str(args.submission),
-                        commit=checkout_for_submission(args.submission, root, args.ref))
-        exercises = run(args.chapter, args.impl, args.timeout, quiet=not args.verbose, root=root)
+    if (args.submission or args.klass) and args.impl != "labs":
+        parser.error("--submission and --class grade the learners' labs/; leave --impl out")
+    if args.klass:
+        if args.submission or args.json:
+            parser.error("--class writes its report with --out; leave --submission and --json out")
+        reports = grade_class(args.klass, args.out, args.chapter, args.ref, args.timeout, quiet=not args.verbose)
+        if args.markdown:
+            with open(args.markdown, "a") as f:
+                f.write(class_markdown(reports))
+        return 0
+    if args.submission:
+        report = grade_submission(args.submission, args.chapter, args.ref, args.timeout, quiet=not args.verbose)
+        exercises = report.pop("exercises")
+        info = {"impl": "labs", **report}
+    else:
+        started, clock = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
+        exercises = run(args.chapter, args.impl, args.timeout, quiet=not args.verbose, root=ROOT)
+        info = {"impl": args.impl, "started": started, "seconds": round(time.monotonic() - clock, 1)}
     if not exercises:
         print(f"no exercises found{' in chapter ' + args.chapter if args.chapter else ''}")
         return 2
     print(render(exercises), flush=True)
-    done = sum(e["status"] == PASSED for e in exercises)
+    totals = score(exercises)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**info, "score": done, "total": len(exercises), "exercises": exercises}, f, indent=2)
+            json.dump({**info, **totals, "exercises": exercises}, f, indent=2)
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write(markdown(exercises))
-    return 0 if done == len(exercises) or args.exit_zero else 1
+    return 0 if totals["score"] == totals["total"] or args.exit_zero else 1
+
+
+def class_markdown(reports: list[dict]) -> str:
+    rows = ["## Class grade\n", "| learner | score | optional | fork commit | graded (UTC) | seconds |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for r in reports:
+        rows.append(f"| {r['learner']} | {r['score']}/{r['total']} | {r['optional_passed']}/{r['optional_total']} "
+                    f"| {(r['fork_commit'] or '')[:12]} | {r['started']} | {r['seconds']:.0f} |")
+    return "\n".join(rows) + "\n"
 
 
 def markdown(exercises: list[dict]) -> str:
-    done = sum(e["status"] == PASSED for e in exercises)
     icon = {PASSED: "✅", FAILED: "❌", NOT_STARTED: "⬜"}
-    rows = [f"## Score: {done}/{len(exercises)} exercises passed\n", "| | exercise | title | status | reason |",
+    rows = [f"## {summary_line(exercises)[0].upper()}{summary_line(exercises)[1:]}\n",
+            "| | exercise | title | status | reason |",
             "| --- | --- | --- | --- | --- |"]
     for e in exercises:
         reason = e["reason"].replace("|", "\\|").replace("\n", " ")

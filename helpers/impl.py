@@ -18,7 +18,11 @@ Two things make the learner's path smooth in a notebook (and only there):
 A fallback is never silent. In the kernel the line is printed at once. A process the kernel started (a
 launched rank whose output the cell does not show, a server replica, a torchrun worker) cannot print into
 the cell, so it appends its line to a notes file the kernel named in COURSE_FALLBACK_NOTES, and the kernel
-prints each new line once at the end of the cell that was running.
+prints its new lines before the cell's value (`Out[n]`) and at the end of the cell that was running. A cell
+prints one line per file, however often it (or given code it calls, or its ranks) loads the module.
+
+A class runs whole: while any of its exercise methods still raises the stub, the reference class runs in its
+place, and the line names the methods still missing (a learner who wrote `allocate` sees why it did not run).
 """
 from __future__ import annotations
 
@@ -67,7 +71,7 @@ def announce(line: str) -> None:
     in the kernel (or any process the kernel did not start), otherwise appended to the kernel's notes file."""
     notes = os.environ.get("COURSE_FALLBACK_NOTES")
     if not notes or os.environ.get("COURSE_FALLBACK_KERNEL") == str(os.getpid()):
-        print(line, flush=True)
+        _show_once(line)
         return
     try:
         with open(notes, "a") as f:           # one short append: atomic with O_APPEND
@@ -76,10 +80,35 @@ def announce(line: str) -> None:
         print(line, flush=True)
 
 
+_SHOWN_THIS_CELL: set[str] = set()    # fallback lines printed during the cell that is running
+
+
+def _show_once(line: str) -> None:
+    """Print a fallback line unless the running cell already printed it: one line per file per cell, however
+    often the cell (or given code it calls) loads the module, and whichever process reported it."""
+    if line in _SHOWN_THIS_CELL:
+        return
+    _SHOWN_THIS_CELL.add(line)
+    print(line, flush=True)
+
+
+class _NotesFirst:
+    """The kernel's displayhook (what shows a cell's trailing value as `Out[n]`), preceded by the fallback
+    lines that arrived so far: they belong above the cell's value, not under it."""
+
+    def __init__(self, hook, show_new_notes):
+        self.hook, self.show_new_notes = hook, show_new_notes
+
+    def __call__(self, value):
+        if value is not None:
+            self.show_new_notes()
+        return self.hook(value)
+
+
 def _watch_notes_in_kernel() -> None:
     """In a notebook kernel: export the fallback to the processes it starts (`python -m
     helpers.course.serving`, torchrun's workers are no kernel, but still the learner's Run All), name the notes
-    file they write to, and print its new lines at the end of each cell."""
+    file they write to, and print its new lines before the cell's value and at the end of each cell."""
     try:
         from IPython import get_ipython
         shell = get_ipython()
@@ -101,10 +130,19 @@ def _watch_notes_in_kernel() -> None:
                 read["offset"] = f.tell()
         except OSError:
             return
-        for line in dict.fromkeys(line for line in text.splitlines() if line):     # each line once, in order
-            print(line)
+        for line in text.splitlines():
+            if line:
+                _show_once(line)
 
+    def new_cell(*_):
+        show_new_notes()                      # what a background process wrote between cells: shown, then
+        _SHOWN_THIS_CELL.clear()              # a new cell may say it again (once)
+
+    shell.events.register("pre_run_cell", new_cell)
     shell.events.register("post_run_cell", show_new_notes)
+    trap = getattr(shell, "display_trap", None)
+    if trap is not None and not isinstance(trap.hook, _NotesFirst):
+        trap.hook = _NotesFirst(trap.hook, show_new_notes)
     atexit.register(lambda: os.path.exists(path) and os.remove(path))
 
 
@@ -161,10 +199,49 @@ def _with_reference_for_stubs(mod, module: str):
             setattr(mod, name, getattr(reference, name))
             used.append(message.split(":")[0])
     if used and _is_rank_zero():
-        exercises = ", ".join(sorted(set(used)))
-        announce(f"{exercises} not written yet in labs/{module.replace('.', '/')}.py: "
-                 f"this run uses the reference answer (solutions/).")
+        announce(fallback_line(module, sorted(set(used)), partly_written_classes(mod.__file__, reference.__file__)))
     return mod
+
+
+def fallback_line(module: str, exercises: list[str], partly: dict[str, tuple[list[str], list[str]]]) -> str:
+    """The one line a fallback prints. A class runs whole or not at all: where the learner wrote some of its
+    methods, the line names the methods still missing (their own ones wait for those)."""
+    detail = "; ".join(f"{cls}: {', '.join(missing)} still missing, so your {', '.join(written)} "
+                       f"{'waits' if len(written) == 1 else 'wait'} too" for cls, (missing, written) in partly.items())
+    return (f"{', '.join(exercises)} not written yet in labs/{module.replace('.', '/')}.py"
+            + (f" ({detail})" if detail else "") + ": this run uses the reference answer (solutions/).")
+
+
+def _methods(path) -> dict[str, dict[str, ast.AST]]:
+    tree = ast.parse(pathlib.Path(path).read_text())
+    return {node.name: {m.name: m for m in node.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
+def _raises_stub(node) -> bool:
+    return any(isinstance(sub, ast.Raise) and isinstance(sub.exc, ast.Call) and
+               getattr(sub.exc.func, "id", None) == "NotImplementedError" and sub.exc.args and
+               isinstance(sub.exc.args[0], ast.Constant) and str(sub.exc.args[0].value).startswith("Exercise")
+               for sub in ast.walk(node))
+
+
+def partly_written_classes(lab_path, reference_path) -> dict[str, tuple[list[str], list[str]]]:
+    """Classes of a lab file with some exercise methods written and some still stubs:
+    {class: ([methods still raising the stub], [methods the learner wrote])}. A written method is one that
+    no longer raises the stub and differs from the reference file's (given methods are the same in both)."""
+    try:
+        lab, ref = _methods(lab_path), _methods(reference_path)
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    found = {}
+    for cls, methods in lab.items():
+        missing = [name for name, node in methods.items() if _raises_stub(node)]
+        given = ref.get(cls, {})
+        written = [name for name, node in methods.items() if name not in missing and name in given
+                   and ast.dump(node) != ast.dump(given[name])]
+        if missing and written:
+            found[cls] = (missing, written)
+    return found
 
 
 def _is_rank_zero() -> bool:

@@ -54,7 +54,7 @@ import torch.distributed as dist
 from helpers.proctree import die_with_parent, kill_tree   # noqa: F401 (die_with_parent: also imported from here)
 
 __all__ = ["launch", "rank_device", "init_rank", "default_timeout", "LaunchError", "RankFailed", "JobTimeout",
-           "Results"]
+           "case", "Results"]
 
 # Seconds; a teaching job that runs longer than this is almost always a deadlock. COURSE_TIMEOUT overrides
 # it, read at each launch (not at import): the graders' conftest sets it after this module is imported.
@@ -251,7 +251,7 @@ def _rank_main(fn, rank, world_size, backend, listener, workdir, threads, timeou
         payload = ("ok", _to_cpu(fn(rank, world_size, *args, **kwargs)))
     except BaseException as exc:  # SystemExit and KeyboardInterrupt included: report them all
         code = 1
-        payload = ("error", type(exc).__name__, str(exc), _user_traceback(exc), time.time())
+        payload = ("error", type(exc).__name__, with_notes(exc), _user_traceback(exc), time.time())
     try:
         _write_result(workdir, rank, payload)
     except Exception as exc:  # e.g. the function returned something that cannot be pickled
@@ -291,6 +291,32 @@ def _serve_store(listener, timeout):
     while True:  # serve until the parent stops the job
         signal.pause()
     del store
+
+
+def with_notes(exc: BaseException) -> str:
+    """str(exc) followed by its notes (`exc.add_note`, e.g. the case a grader was checking: see `case`)."""
+    notes = [str(n) for n in getattr(exc, "__notes__", ()) or ()]
+    first, newline, rest = str(exc).partition("\n")         # on the first line: a report may keep only that one
+    return first + "".join(f" [{note}]" for note in notes) + newline + rest
+
+
+class case:
+    """`with case("SUM of a non-contiguous tensor"): ...` — an exception raised inside gets a note naming the
+    case, and the note travels with it out of a rank (RankFailed's message) and into the grader's reason: a
+    learner reads which input broke their code, not only the error."""
+
+    def __init__(self, description: str):
+        self.description = description
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        # A stub's NotImplementedError needs no case: the exercise is not started, whatever the input.
+        if isinstance(exc, Exception) and not isinstance(exc, NotImplementedError) and \
+                f"case: {self.description}" not in getattr(exc, "__notes__", ()):
+            exc.add_note(f"case: {self.description}")
+        return False
 
 
 def _user_traceback(exc: BaseException) -> str:

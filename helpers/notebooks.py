@@ -10,6 +10,7 @@ tests/test_learner_path.py uses it, and `make bench` times every notebook with `
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import os
@@ -21,6 +22,8 @@ import time
 
 import nbformat
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionComplete, CellTimeoutError
+from nbclient.client import timestamp
 from nbclient.util import ensure_async
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -59,6 +62,71 @@ class _Client(NotebookClient):
                 return msg
         self.log.warning("no kernel_info reply within %s s: going on without it", self.KERNEL_INFO_WAIT_S)
         return None
+
+    # A cell's execute_reply (and its iopub output) is awaited in 1 s polls, never in one poll as long as the
+    # cell's timeout. Issue 22's 620 s: a labs-mode Run All of chapter 5 sat idle for the whole 600 s cell timeout
+    # after its widget cell, then went on and passed (reproduced at load 5-7: 623 s). The kernel had executed the
+    # cell and was idle (it answered a fresh client at once); nbclient was in one 600 s poll of the shell socket.
+    # pyzmq's asyncio poll waits for the socket's edge-triggered descriptor, and checks the socket itself only when
+    # that fires or the timeout ends: a missed wake-up costs the whole timeout, after which the reply that had been
+    # there all along is read. A poll per second asks the socket every second. And a request the kernel has not
+    # started after 5 s (no iopub message for it: ipykernel 7's shell socket can strand a request until another
+    # message arrives, ipython/ipykernel#1554) is nudged with a kernel_info request.
+    POLL_SLICE_S = 1.0
+    NUDGE_AFTER_S = 5.0
+
+    async def _async_poll_output_msg(self, parent_msg_id, cell, cell_index):
+        while True:
+            try:
+                msg = await ensure_async(self.kc.iopub_channel.get_msg(timeout=self.POLL_SLICE_S))
+            except Empty:
+                continue
+            if msg["parent_header"].get("msg_id") == parent_msg_id:
+                try:
+                    self.process_message(msg, cell, cell_index)     # raises CellExecutionComplete at the end
+                except CellExecutionComplete:
+                    return
+
+    def process_message(self, msg, cell, cell_index):
+        self._iopub_seen = True
+        return super().process_message(msg, cell, cell_index)
+
+    async def _async_poll_for_reply(self, msg_id, cell, timeout, task_poll_output_msg, task_poll_kernel_alive):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sent, self._iopub_seen, nudged = time.monotonic(), False, 0
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                task_poll_kernel_alive.cancel()
+                await self._async_check_alive()
+                reply = await self._async_handle_timeout(timeout, cell)      # raises unless configured not to
+                if reply:
+                    reply["parent_header"] = {"msg_id": msg_id}
+                    return reply
+                continue
+            try:
+                msg = await ensure_async(self.kc.shell_channel.get_msg(
+                    timeout=self.POLL_SLICE_S if left is None else min(self.POLL_SLICE_S, left)))
+            except Empty:
+                waited = time.monotonic() - sent
+                if not self._iopub_seen and waited > self.NUDGE_AFTER_S * (nudged + 1):
+                    self.kc.kernel_info()       # its reply is not ours: skipped below
+                    nudged += 1
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if self.record_timing:
+                cell["metadata"]["execution"]["shell.execute_reply"] = timestamp(msg)
+            try:
+                await asyncio.wait_for(task_poll_output_msg, self.iopub_timeout)
+            except (asyncio.TimeoutError, Empty):
+                if self.raise_on_iopub_timeout:
+                    task_poll_kernel_alive.cancel()
+                    raise CellTimeoutError.error_from_timeout_and_cell(
+                        "Timeout waiting for IOPub output", self.iopub_timeout, cell) from None
+                self.log.warning("Timeout waiting for IOPub output")
+            task_poll_kernel_alive.cancel()
+            return msg
 
 
 def notebook_paths() -> list[pathlib.Path]:

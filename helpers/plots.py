@@ -15,7 +15,8 @@ def gantt(events: list[dict], title: str = "", ax=None, label_key: str | None = 
           time_unit: str = "ms", ranks: list[int] | None = None):
     """A Gantt chart: one row per rank, one bar per event {rank, label, start, end[, micro_batch]}.
 
-    Bars are coloured by `label` (F, B, W, comm, ...) and annotated with `event[label_key]` if present.
+    Bars are coloured by `label` (F, B, W, comm, ...) and annotated with `event[label_key]` if present and the
+    bar is wide enough to hold it. Text sizes follow matplotlib's font.size (a chapter may raise it).
     The legend sits to the right of the axes, outside the bars.
     """
     from helpers.timeline import normalize
@@ -25,13 +26,15 @@ def gantt(events: list[dict], title: str = "", ax=None, label_key: str | None = 
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 0.6 + 0.45 * len(ranks)))
     bars: dict = {}            # one broken_barh per (rank, label): far fewer artists than one bar each
+    span = (max((e["end"] for e in events), default=1) - min((e["start"] for e in events), default=0)) * scale
     for e in events:
         y = ranks.index(e["rank"])
         width = (e["end"] - e["start"]) * scale
         bars.setdefault((y, e["label"]), []).append((e["start"] * scale, width))
-        if label_key and label_key in e:
+        # A label only where the bar can hold it: on a sliver it reads as a stray digit between two bars.
+        if label_key and label_key in e and width >= 0.02 * span * max(1, len(str(e[label_key]))):
             ax.text(e["start"] * scale + width / 2, y, str(e[label_key]), ha="center", va="center",
-                    fontsize=7, color="white")
+                    fontsize="x-small", color="white")
     for (y, label), spans in bars.items():
         ax.broken_barh(spans, (y - 0.4, 0.8), facecolors=COLORS.get(label, "#999999"), edgecolor="white",
                        linewidth=0.5)
@@ -41,9 +44,9 @@ def gantt(events: list[dict], title: str = "", ax=None, label_key: str | None = 
     order = list(COLORS)       # F, B, W, comm, ...: the order of the work, then any other label
     labels = sorted({e["label"] for e in events}, key=lambda l: (order.index(l) if l in order else len(order), l))
     ax.legend(handles=[Patch(color=COLORS.get(l, "#999999"), label=l) for l in labels],
-              loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=9, frameon=False, borderaxespad=0)
+              loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize="small", frameon=False, borderaxespad=0)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize="medium")
     return ax
 
 

@@ -11,3 +11,68 @@ os.environ.setdefault("COURSE_TIMEOUT", "30")
 # Kernels the tests start (nbval, tests/test_learner_path.py) decide for themselves: the learner-path tests
 # remove COURSE_FALLBACK from their kernels' environment.
 os.environ.setdefault("COURSE_FALLBACK", "0")
+
+
+# ------------------------------------------------------------------------------- widgets, after nbval's Run All
+# nbval runs each notebook's cells in one kernel but never moves a slider. After a notebook's last cell, in the
+# same kernel (no second Run All), one more item moves every control of every `interact` view through its values
+# and fails on any exception (helpers.widgets.drive_widgets): a view whose function reads a global that a later
+# cell reassigned breaks only there.
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+_DRIVE = """
+import json as _json, sys as _sys
+_report = {"problems": [], "calls": 0}
+if "ipywidgets" in _sys.modules:           # no widget without it: a notebook without any pays nothing
+    from helpers.widgets import drive_widgets as _drive_widgets
+    _report = {"problems": _drive_widgets(), "calls": _drive_widgets.calls}
+print("WIDGETS " + _json.dumps(_report))
+"""
+
+
+class WidgetsItem(pytest.Item):
+    """`notebooks/NN_x.ipynb::widgets`: runs in the kernel nbval kept for the notebook's cells."""
+
+    def runtest(self):
+        kernel = self.parent.kernel
+        if kernel is None or not kernel.is_alive():
+            pytest.skip("the notebook's kernel is gone (a cell timed out or crashed it)")
+        msg_id = kernel.execute_cell_input(_DRIVE, allow_stdin=False)
+        text, error = [], None
+        while True:
+            msg = kernel.get_message("iopub", timeout=300)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream" and content["name"] == "stdout":
+                text.append(content["text"])
+            elif kind == "error":
+                error = f"{content['ename']}: {content['evalue']}"
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+        assert error is None, f"driving the widgets raised {error}"
+        line = next((ln for ln in "".join(text).splitlines() if ln.startswith("WIDGETS ")), None)
+        assert line, f"no report from the widget driver: {''.join(text)[-2000:]}"
+        report = json.loads(line[len("WIDGETS "):])
+        self.user_properties.append(("widget_calls", report["calls"]))
+        assert not report["problems"], f"{len(report['problems'])} widget call(s) raised:\n" + \
+            "\n".join(report["problems"][:20])
+
+    def reportinfo(self):
+        return self.path, None, f"{self.path.name}::widgets"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Append a WidgetsItem after the last cell of every notebook nbval collected."""
+    out, last_parent = [], None
+    for item in items:
+        parent = item.parent if type(item).__name__ == "IPyNbCell" else None
+        if last_parent is not None and parent is not last_parent:
+            out.append(WidgetsItem.from_parent(last_parent, name="widgets"))
+        out.append(item)
+        last_parent = parent
+    if last_parent is not None:
+        out.append(WidgetsItem.from_parent(last_parent, name="widgets"))
+    items[:] = out

@@ -212,3 +212,72 @@ def test_make_grade_exits_non_zero_while_work_remains_and_says_how_much():
     last = learner.stdout.rstrip().splitlines()[-1]
     assert last == "score: 0/2 exercises passed; 2 exercises left", last
     assert "Error" not in learner.stdout
+
+
+# ------------------------------------------------------------------ reasons, optional exercises, the table
+
+def test_a_reason_names_the_case_that_raised():
+    """A failing 1.1 used to say only "rank 0 raised RuntimeError: view size is not compatible"; the case the
+    grader was checking (helpers.launch.case) travels with the error out of the rank into the reason."""
+    result = by_id(grade.run("1", impl="tests.fixtures.noncontiguous"))
+    reason = result["1.1"]["reason"]
+    assert result["1.1"]["status"] == "failed" and "view size is not compatible" in reason, reason
+    assert "[case: SUM of a non-contiguous tensor (a transposed [4, 6])]" in reason, reason
+    assert reason.startswith("test_ring_all_reduce[1]: rank 0 raised RuntimeError"), reason
+    assert {result[ex]["status"] for ex in ("1.2", "1.3", "1.4")} == {"not started"}
+    assert "[case:" not in result["1.2"]["reason"], result["1.2"]        # a stub is not started, whatever the case
+
+
+def test_optional_exercises_are_counted_apart_and_the_table_fits_100_columns():
+    exercises = grade.collect()
+    assert [ex.id for ex in exercises if ex.optional] == ["1.4"]
+    long = "rank 2 raised AssertionError: " + "expected [0, 1, 2, 3] got [0, 1, 2, 4]; " * 30
+    rows = [grade._row(ex, grade.PASSED if ex.optional else grade.FAILED, long if ex.id == "1.1" else "", [])
+            for ex in exercises]
+    table = grade.render(rows)
+    assert max(len(line) for line in table.splitlines()) <= 100, table
+    required = len(exercises) - 1
+    assert table.splitlines()[-1] == (f"score: 0/{required} exercises passed; {required} exercises left "
+                                      "(optional: 1/1 passed, not counted)")
+    done = [dict(r, status=grade.PASSED) if not r["optional"] else dict(r, status=grade.NOT_STARTED) for r in rows]
+    assert grade.summary_line(done) == f"score: {required}/{required} exercises passed; all done " \
+                                       "(optional: 0/1 passed, not counted)"
+    assert grade.score(done) == {"score": required, "total": required, "optional_passed": 0, "optional_total": 1}
+
+
+def test_grade_a_class_in_one_command(tmp_path, capsys):
+    """`--class PATH --out FILE.csv`: each learner's fork graded alone, one row per learner per exercise,
+    with the fork's commit, the course commit, when and how long; a .json holds the rows and the reports."""
+    import csv
+    forks = tmp_path / "class"
+    for learner, source in (("ada", "tests/fixtures/correct/warmup.py"), ("bob", "labs/warmup.py")):
+        labs = forks / learner / "labs"
+        labs.mkdir(parents=True)
+        (labs / "__init__.py").write_text("")
+        (labs / "warmup.py").write_text((grade.ROOT / source).read_text())
+    git = ["git", "-C", str(forks / "ada"), "-c", "user.name=a", "-c", "user.email=a@b"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "mine"], check=True)
+    assert list(grade.class_forks([str(forks)])) == ["ada", "bob"]       # a folder of checkouts, one per learner
+    listed = tmp_path / "class.txt"
+    listed.write_text(f"# one checkout per line\n{forks / 'ada'}\n{forks / 'bob'}\n")
+    out = tmp_path / "class.csv"
+    assert grade.main(["0", "--class", str(listed), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[2/2] bob" in printed and "score: 0/2 exercises passed; 2 exercises left" in printed, printed
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == grade.CLASS_COLUMNS
+    assert [(r["learner"], r["exercise"], r["status"]) for r in rows] == [
+        ("ada", "0.1", "passed"), ("ada", "0.2", "passed"),
+        ("bob", "0.1", "not started"), ("bob", "0.2", "not started")]
+    assert re.fullmatch(r"[0-9a-f]{40}", rows[0]["fork_commit"]) and re.fullmatch(r"[0-9a-f]{40}", rows[0]["commit"])
+    assert rows[-1]["fork_commit"] == ""                         # bob's folder is no git checkout
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["started"]) and float(r["seconds"]) > 0
+               for r in rows)
+    reports = [{**{k: r[k] for k in grade.CLASS_COLUMNS[:6]}, "exercises": [r]} for r in rows[:1]]
+    grade.write_class_report(reports, str(tmp_path / "class.json"))
+    data = json.loads((tmp_path / "class.json").read_text())
+    assert data["rows"] == rows[:1] and data["learners"] == reports
+    with pytest.raises(SystemExit, match="no such folder"):
+        grade.class_forks([str(tmp_path / "nobody")])

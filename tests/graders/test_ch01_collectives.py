@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from helpers import launch, load_impl
+from helpers.launch import case
 from helpers.comm_trace import CommTracer
 from helpers.course.partition import chunk_bounds
 
@@ -211,7 +212,7 @@ def _all_reduce_cases(rank, world_size, fn_name="ring_all_reduce", impl=None, qu
         expected = x.clone()
         dist.all_reduce(expected, op=op, group=group)
         mine = x.clone()
-        with CommTracer() as tracer:
+        with case(what), CommTracer() as tracer:
             out = fn(mine, op=op, group=group)
         failures.extend(_only_p2p(what, tracer) or _in_group(what, tracer, _members(group))
                         or traffic(what, tracer, _members(group), rank, x.numel(), x.element_size()))
@@ -259,7 +260,7 @@ def _all_gather_cases(rank, world_size, impl=None, quick=False):
         expected = torch.empty((len(members) * x.shape[0], *x.shape[1:]), dtype=x.dtype)
         dist.all_gather_single(expected, x, group=group)
         out = torch.full_like(expected, -1)
-        with CommTracer() as tracer:
+        with case(what), CommTracer() as tracer:
             returned = impl.ring_all_gather(out, x, group=group)
         failures.extend(_only_p2p(what, tracer) or _in_group(what, tracer, members)
                         or _block_ring_traffic(what, tracer, members, rank, x.numel() * x.element_size()))
@@ -300,7 +301,7 @@ def _reduce_scatter_cases(rank, world_size, impl=None, quick=False):
         expected = torch.empty(out_shape, dtype=dtype)
         dist.reduce_scatter_single(expected, x.clone(), op=op, group=group)
         out = torch.full(out_shape, -1, dtype=dtype)
-        with CommTracer() as tracer:
+        with case(what), CommTracer() as tracer:
             returned = impl.ring_reduce_scatter(out, x, op=op, group=group)
         failures.extend(_only_p2p(what, tracer) or _in_group(what, tracer, members)
                         or _block_ring_traffic(what, tracer, members, rank, out.numel() * out.element_size()))
@@ -338,7 +339,7 @@ def test_ring_reduce_scatter(world_size):
 
 # ------------------------------------------------------------------------- 1.4 recursive doubling
 
-@pytest.mark.exercise("1.4", "Recursive-doubling all-reduce (optional)")
+@pytest.mark.exercise("1.4", "Recursive-doubling all-reduce", optional=True)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_recursive_doubling_all_reduce(world_size):
     failures = launch(_all_reduce_cases, world_size, "recursive_doubling_all_reduce", show_output=False)
