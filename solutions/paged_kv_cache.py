@@ -159,8 +159,9 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     v = v_pool[padded].reshape(num_seqs, width * block_size, kv_heads, head_dim)[:, :longest]
     group = heads // kv_heads
     grouped = q.reshape(num_seqs, kv_heads, group, head_dim)                      # head h = (h // group, h % group)
-    scores = torch.einsum("skgd,stkd->skgt", grouped, k).float() / math.sqrt(head_dim)   # [seqs, kv, group, t]
-    beyond = torch.arange(longest)[None, :] >= torch.tensor(lengths)[:, None]    # [seqs, t]: not this sequence's
-    scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
+    scores = (grouped @ k.permute(0, 2, 3, 1)).float() / math.sqrt(head_dim)    # [seqs, kv_heads, group, longest]
+    if min(lengths) < longest:                                                    # mask what is not a sequence's
+        beyond = torch.arange(longest)[None, :] >= torch.tensor(lengths)[:, None]            # [seqs, longest]
+        scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.einsum("skgt,stkd->skgd", probs, v).reshape(num_seqs, heads, head_dim)
+    return (probs @ v.transpose(1, 2)).reshape(num_seqs, heads, head_dim)      # [seqs, kv_heads, group, head_dim]

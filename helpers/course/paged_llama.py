@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from itertools import accumulate
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -141,8 +142,7 @@ class PagedLlamaRunner:
         blocks, offsets = torch.cat([b for b, _ in slots]), torch.cat([o for _, o in slots])
         x = self.model.model.embed_tokens(torch.tensor([t for ids, _, _ in items for t in ids]))   # [T, hidden]
         group = self.heads // self.kv_heads
-        starts = [0] + [len(ids) for ids, _, _ in items][:-1]
-        starts = torch.tensor(starts).cumsum(0).tolist()                     # each sequence's first row in x
+        starts = list(accumulate([len(ids) for ids, _, _ in items][:-1], initial=0))   # each one's first row in x
         decodes = [i for i, (ids, _, _) in enumerate(items) if len(ids) == 1]
         decode_rows = torch.tensor([starts[i] for i in decodes], dtype=torch.long)
         decode_tables = [items[i][2] for i in decodes]
@@ -152,10 +152,14 @@ class PagedLlamaRunner:
             q, k, v = self._project_qkv(layer, layer.input_layernorm(x), positions)
             self.pool.k[index][blocks, offsets] = k.to(self.pool.dtype)          # write every new K/V first
             self.pool.v[index][blocks, offsets] = v.to(self.pool.dtype)
-            out = torch.empty_like(q)                                            # [T, heads, head_dim]
-            if decodes:                                                          # ONE call for every decode
-                out[decode_rows] = self.paged.paged_attention(q[decode_rows], self.pool.k[index],
-                                                              self.pool.v[index], decode_tables, decode_lens)
+            if not chunks:                                                       # a decode step: every row
+                out = self.paged.paged_attention(q, self.pool.k[index], self.pool.v[index], decode_tables,
+                                                 decode_lens)                    # is a decode, ONE call
+            else:
+                out = torch.empty_like(q)                                        # [T, heads, head_dim]
+                if decodes:                                                      # ONE call for every decode
+                    out[decode_rows] = self.paged.paged_attention(q[decode_rows], self.pool.k[index],
+                                                                  self.pool.v[index], decode_tables, decode_lens)
             for row, ids, start, table in chunks:
                 n, end = len(ids), start + len(ids)
                 keys, values = self.pool.gather(index, table, end)              # [end, kv_heads, head_dim]
