@@ -194,6 +194,7 @@ def course_side() -> dict:
     import torch
     from helpers.course import tiny_llama
 
+    torch.set_num_threads(1)     # one core, as vLLM's TP=1 model worker (bound to one core; its engine has the other)
     model = tiny_llama.load_model()
     expected = [tiny_llama.generate(model, encode(p), MAX_NEW_TOKENS) for p in PROMPTS]
     engine, generate = course_engine(model)
