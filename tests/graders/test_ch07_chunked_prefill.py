@@ -571,18 +571,21 @@ def check_engine(impl):
     return failures
 
 
-def _grader_paged_attention(q, k_pool, v_pool, block_table, context_len):
-    """The grader's paged attention (7.2's contract), so the model run does not depend on the learner's 7.2."""
+def _grader_paged_attention(q, k_pool, v_pool, block_tables, context_lens):
+    """The grader's paged attention (7.2's batched contract, one sequence at a time), so the model run does not
+    depend on the learner's 7.2."""
     import math
 
     import torch
-    positions = torch.arange(context_len)
-    blocks = torch.tensor(list(block_table), dtype=torch.long)[positions // k_pool.shape[1]]
-    group = q.shape[0] // k_pool.shape[2]
-    k = k_pool[blocks, positions % k_pool.shape[1]].repeat_interleave(group, dim=1)
-    v = v_pool[blocks, positions % k_pool.shape[1]].repeat_interleave(group, dim=1)
-    probs = torch.softmax(torch.einsum("hd,thd->ht", q, k).float() / math.sqrt(q.shape[1]), dim=-1)
-    return torch.einsum("ht,thd->hd", probs.to(q.dtype), v)
+    size, group, outs = k_pool.shape[1], q.shape[1] // k_pool.shape[2], []
+    for query, table, length in zip(q, block_tables, context_lens):
+        positions = torch.arange(length)
+        blocks = torch.tensor(list(table), dtype=torch.long)[positions // size]
+        k = k_pool[blocks, positions % size].repeat_interleave(group, dim=1)
+        v = v_pool[blocks, positions % size].repeat_interleave(group, dim=1)
+        probs = torch.softmax(torch.einsum("hd,thd->ht", query, k).float() / math.sqrt(q.shape[2]), dim=-1)
+        outs.append(torch.einsum("ht,thd->hd", probs.to(q.dtype), v))
+    return torch.stack(outs)
 
 
 def check_model(impl):
