@@ -72,3 +72,11 @@ def test_grader_reports_every_stub_as_not_started():
     for ex in sorted(stubbed):
         assert ex in results, f"exercise {ex} was not graded at all"
         assert results[ex]["status"] == "not started", f"exercise {ex} is a stub but graded {results[ex]}"
+
+
+def test_no_shipped_class_counts_as_partly_written():
+    """The fallback names the methods still missing only where a learner wrote some (helpers/impl.py): as shipped,
+    every exercise class is a whole stub, so no line may claim a method of the learner's."""
+    from helpers.impl import partly_written_classes
+    found = {str(rel): partly_written_classes(ROOT / "labs" / rel, ROOT / "solutions" / rel) for rel in LAB_FILES}
+    assert not {rel: classes for rel, classes in found.items() if classes}
