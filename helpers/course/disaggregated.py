@@ -312,7 +312,7 @@ def plot_handover(run: DisaggregatedRun):
                     arrowprops={"arrowstyle": "->", "color": colours(i % 10), "linewidth": 1})
         along = 0.2 + 0.2 * (i % 3)                       # labels of neighbouring arrows at different heights
         ax.text(start + along * (end - start), 1.95 - along * 1.4, f"{transfer['bytes'] / 1024:.0f} KiB", fontsize=7,
-                color=colours(i % 10), ha="center", va="center", backgroundcolor="white")
+                color=colours(i % 10), ha="center", va="center", backgroundcolor="white", zorder=4)
     for (ranks, widths, offsets, _), y, kind in ((prefill, 2.6, "prefill"), (decode, -0.25, "decode")):
         for r in ranks:
             ax.text(offsets[r], y, f"rank {r} ({kind}): block ids 0..{widths[r] - 1}", fontsize=8,
