@@ -8,7 +8,7 @@ without Megatron's sequence-parallel region, and a count of the activation bytes
 
 The all-reduce is a reduce-scatter followed by an all-gather: sequence parallelism runs the same two halves
 at two different places, so the bytes on the wire are the same, and between them (norm, residual) each
-rank holds only its 1/n of the tokens. The operators come from exercise 8.3 (pass `load_impl("context_parallel")`).
+rank holds only its 1/n of the tokens. The operators come from exercise 8.3 (pass `load_impl("sequence_parallel")`).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class ParallelNormMLP(nn.Module):
     def __init__(self, full: NormMLP, group=None, sequence_parallel: bool = False, regions=None):
         super().__init__()
         if sequence_parallel and regions is None:
-            raise ValueError("sequence_parallel=True needs `regions`: pass load_impl('context_parallel')")
+            raise ValueError("sequence_parallel=True needs `regions`: pass load_impl('sequence_parallel')")
         rank, world_size = group_rank_and_size(group=group)
         self.group, self.sequence_parallel, self.regions = group, sequence_parallel, regions
         self.norm = nn.LayerNorm(full.norm.normalized_shape)

@@ -4,8 +4,9 @@ Each wrong variant is a realistic mistake; several give the RIGHT values the wro
 reduce-scatter belongs, masked-out work computed anyway, one block too many sent), so only a grader that checks
 the collectives, the bytes and the work catches them. The ALTERNATIVES are correct answers written another
 way (all_gather_into_tensor / reduce_scatter_tensor; separate isend/irecv of K and V around the ring the
-other way); they must pass. `build(name)` returns an implementation object (`.context_parallel`) that the
-graders' check functions accept in place of load_impl("context_parallel").
+other way); they must pass. `build(name)` returns an implementation object (`.context_parallel`,
+`.sequence_parallel`) that the graders' check functions accept in place of load_impl("context_parallel") and
+load_impl("sequence_parallel").
 """
 from __future__ import annotations
 
@@ -51,19 +52,21 @@ ALTERNATIVES = ("alt_into_tensor", "alt_separate_kv_reverse_ring")
 def build(name: str | None):
     """The reference implementation, or a variant of it (a key of VARIANTS or ALTERNATIVES)."""
     import solutions.context_parallel as sol
+    import solutions.sequence_parallel as sp_sol
     cp = types.SimpleNamespace(**{k: v for k, v in vars(sol).items() if not k.startswith("__")})
+    sp = types.SimpleNamespace(**{k: v for k, v in vars(sp_sol).items() if not k.startswith("__")})
     if name is not None:
         if name not in VARIANTS and name not in ALTERNATIVES:
             raise KeyError(name)
         if name.startswith("sp_") or name == "alt_into_tensor":
             ops = _sequence_parallel_ops(name)
-            cp.scatter_to_sequence_parallel_region = ops["scatter"]
-            cp.gather_from_sequence_parallel_region = ops["gather"]
-            cp.reduce_scatter_to_sequence_parallel_region = ops["reduce_scatter"]
+            sp.scatter_to_sequence_parallel_region = ops["scatter"]
+            sp.gather_from_sequence_parallel_region = ops["gather"]
+            sp.reduce_scatter_to_sequence_parallel_region = ops["reduce_scatter"]
         else:
             cp.ring_attention = lambda q, k, v, group=None, causal=True, order="zigzag": \
                 _ring_attention(q, k, v, group, causal, order, name)
-    return types.SimpleNamespace(context_parallel=cp)
+    return types.SimpleNamespace(context_parallel=cp, sequence_parallel=sp)
 
 
 # ------------------------------------------------------------------------------------------- 8.3

@@ -1,5 +1,5 @@
-"""Graders for chapter 8, part B (labs/context_parallel.py): the sequence-parallel region (8.3) and ring
-attention (8.4).
+"""Graders for chapter 8, part B (labs/sequence_parallel.py, labs/context_parallel.py): the sequence-parallel
+region (8.3) and ring attention (8.4).
 
 Each exercise has a check function `check_*(impl, rank, world_size, group, label) -> [failure, ...]` run inside
 every rank of a real job: world sizes 1-4, and at 4 also inside the sub-groups {0,1} and {2,3}. Every rank
@@ -58,7 +58,7 @@ from helpers.course.ring_attention import ORDERS, attention_reference, causal_wo
 # Rounding budget (helpers.claims policy): the reduce-scatter sums ≤ 4 terms; ring attention sums softmax
 # terms over ≤ 24 keys and head_dim 4, rescaled once per chunk pair: a few ulps, 64 leaves room.
 FACTOR = 64
-SP = "labs/context_parallel.py: the sequence-parallel operators"
+SP = "labs/sequence_parallel.py: the sequence-parallel operators"
 RING = "labs/context_parallel.py: ring_attention"
 GATHERS = {"all_gather", "all_gather_into_tensor", "all_gather_single"}
 REDUCE_SCATTERS = {"reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single"}
@@ -70,6 +70,10 @@ HEADS, HEAD_DIM, CHUNK = 2, 4, 3
 
 def _cp(impl):
     return impl.context_parallel if impl is not None else load_impl("context_parallel")
+
+
+def _sp(impl):
+    return impl.sequence_parallel if impl is not None else load_impl("sequence_parallel")
 
 
 def _seeded(seed, *shape):
@@ -116,7 +120,7 @@ def _traced_backward(y, grad, where, failures):
 
 def check_sp(impl, rank, world_size, group=None, label="WORLD"):
     """The three sequence-parallel operators in `group`: forward values, gradients, and the collectives."""
-    cp, failures = _cp(impl), []
+    cp, failures = _sp(impl), []
     ranks, r, n = _group_info(group)
     seq, where = n * ROWS, f"[8.3 {label}, rank {rank}]"
     mine = slice(r * ROWS, (r + 1) * ROWS)
@@ -194,7 +198,7 @@ def check_sp(impl, rank, world_size, group=None, label="WORLD"):
 
 
 def check_sp_errors(impl, rank, world_size, group=None, label="WORLD"):
-    cp, failures = _cp(impl), []
+    cp, failures = _sp(impl), []
     _, _, n = _group_info(group)
     if n == 1:
         return failures
