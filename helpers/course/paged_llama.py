@@ -97,14 +97,15 @@ class PagedLlamaRunner:
                       "preemptions": 0, "peak_blocks_used": 0, "peak_running": 0}
 
     # ------------------------------------------------------------------------------ the forward passes
-    def _project_qkv(self, layer, h: torch.Tensor, positions: torch.Tensor):
-        """h: [T, hidden] (normed) -> q [T, heads, head_dim], k, v [T, kv_heads, head_dim], rotary applied."""
+    def _project_qkv(self, layer, h: torch.Tensor, rotary):
+        """h: [T, hidden] (normed) -> q [T, heads, head_dim], k, v [T, kv_heads, head_dim], rotary applied.
+        rotary: (cos, sin) of the tokens' positions, [1, T, head_dim] each (the same in every layer)."""
         attn = layer.self_attn
         tokens = h.shape[0]
         q = attn.q_proj(h).view(tokens, self.heads, self.head_dim)
         k = attn.k_proj(h).view(tokens, self.kv_heads, self.head_dim)
         v = attn.v_proj(h).view(tokens, self.kv_heads, self.head_dim)
-        cos, sin = self.model.model.rotary_emb(h, positions[None])              # [1, T, head_dim]
+        cos, sin = rotary
         q, k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
         return q[0].transpose(0, 1), k[0].transpose(0, 1), v
 
@@ -148,8 +149,9 @@ class PagedLlamaRunner:
         decode_tables = [items[i][2] for i in decodes]
         decode_lens = [items[i][1] + 1 for i in decodes]
         chunks = [(starts[i], ids, start, table) for i, (ids, start, table) in enumerate(items) if len(ids) > 1]
+        rotary = self.model.model.rotary_emb(x, positions[None])                 # cos, sin: once per step
         for index, layer in enumerate(self.model.model.layers):
-            q, k, v = self._project_qkv(layer, layer.input_layernorm(x), positions)
+            q, k, v = self._project_qkv(layer, layer.input_layernorm(x), rotary)
             self.pool.k[index][blocks, offsets] = k.to(self.pool.dtype)          # write every new K/V first
             self.pool.v[index][blocks, offsets] = v.to(self.pool.dtype)
             if not chunks:                                                       # a decode step: every row
