@@ -239,12 +239,6 @@ class PagedLlamaRunner:
         self.stats["cached_tokens"] += cached
         return cached
 
-    def start(self, seq_id, token_ids) -> torch.Tensor:
-        """Admit a sequence: allocate its blocks and prefill what the prefix cache does not hold. Returns the
-        logits of its last position [vocab]."""
-        cached = self.allocate(seq_id, token_ids)
-        return self.prefill(seq_id, [int(t) for t in token_ids], start=cached)[-1]
-
     def free(self, seq_id) -> None:
         self.manager.free(seq_id)
 
@@ -294,31 +288,27 @@ def generate_paged(prompts, max_new_tokens: int, num_blocks: int | None = None, 
 
 
 @torch.no_grad()
-def check_against_transformers(engine: PagedLlamaRunner, token_ids, split: int | None = None):
+def check_against_transformers(runner: PagedLlamaRunner, token_ids, split: int | None = None):
     """Admit `token_ids` as a new sequence, prefill it (in two chunks, cut at position `split`, if given),
     decode one more token, and run transformers' forward over the same ids, to compare the logits.
 
-    Returns (the engine's logits, transformers' logits), both [len + 1 - cached, vocab]: with prefix caching
+    Returns (the runner's logits, transformers' logits), both [len + 1 - cached, vocab]: with prefix caching
     the positions found in the cache are not computed, so not compared. The sequence is freed.
     """
     token_ids = [int(t) for t in token_ids]
-    seq = ("check", len(engine.manager.tables))
-    if engine.prefix_caching:
-        cached = engine.manager.allocate(seq, token_ids)
-    else:
-        cached = 0
-        engine.manager.allocate(seq, len(token_ids))
+    seq = ("check", len(runner.manager.tables))
+    cached = runner.allocate(seq, token_ids)
     try:
         parts, start = [], cached
         if split is not None and cached < split < len(token_ids):
-            parts.append(engine.prefill(seq, token_ids[:split], cached))
+            parts.append(runner.prefill(seq, token_ids[:split], cached))
             start = split
-        parts.append(engine.prefill(seq, token_ids, start))
+        parts.append(runner.prefill(seq, token_ids, start))
         next_id = int(parts[-1][-1].argmax())
-        got = torch.cat(parts + [engine.decode([seq], [next_id])])
+        got = torch.cat(parts + [runner.decode([seq], [next_id])])
     finally:
-        engine.free(seq)
-    want = engine.model(input_ids=torch.tensor([token_ids + [next_id]])).logits[0, cached:]
+        runner.free(seq)
+    want = runner.model(input_ids=torch.tensor([token_ids + [next_id]])).logits[0, cached:]
     return got, want
 
 

@@ -111,6 +111,7 @@ class KVCacheManager:
                         manager.free(rid)
                         raise AssertionError(f"allocate found {got} cached tokens, get_computed_blocks "
                                              f"{num_new_computed_tokens} (labs/prefix_cache.py)")
+                    self._cached_upto[rid] = min(end, len(tokens)) // self.block_size   # allocate cached them
                 else:
                     manager.allocate(rid, min(end, len(tokens)))
             except OutOfBlocks:

@@ -172,7 +172,7 @@ class Scheduler:
         kv = _ConnectorKV(self.kv, self.connector, output)
         if self.config.policy == "decode_first":
             self.running.sort(key=lambda r: (r.num_computed_tokens < r.num_prompt_tokens, self._admitted_order[r.rid]))
-        waiting_before = {id(r): r.status for r in self.waiting}
+        waiting_before = {id(r) for r in self.waiting}
         waiting = self.waiting if admit else deque()
         config = self.config
         if config.long_prefill_token_threshold and len(self.running) + len(self.waiting) <= 1:
@@ -218,11 +218,11 @@ class Scheduler:
         if len(self.running) > config.max_num_seqs:
             raise ScheduleError(f"{len(self.running)} running requests, over max_num_seqs={config.max_num_seqs} "
                                 f"{where}")
-        running = {r.rid for r in self.running}
+        running = {r.rid: r for r in self.running}
         for rid, n in output.num_scheduled_tokens.items():
-            if rid not in running:
+            request = running.get(rid)
+            if request is None:
                 raise ScheduleError(f"request {rid!r} is scheduled but not in the running queue {where}")
-            request = next(r for r in self.running if r.rid == rid)
             if not isinstance(n, int) or not 1 <= n <= request.num_new_tokens:
                 raise ScheduleError(f"request {rid!r}: {n!r} tokens scheduled, it has {request.num_new_tokens} "
                                     f"to compute {where}")
