@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import ctypes
 import io
 import json
 import os
@@ -41,6 +40,8 @@ import tempfile
 import time
 
 import pytest
+
+from helpers import proctree
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PASSED, FAILED, NOT_STARTED, SKIPPED = "passed", "failed", "not started", "skipped"
@@ -358,54 +359,34 @@ def _set_subreaper():
     """Orphans of the children (a lab that forks and lets its child linger, even under setsid and with its
     environment scrubbed) become this process's children rather than init's, so _kill_leftovers finds them."""
     global _SUBREAPER
-    if sys.platform.startswith("linux"):
-        try:
-            _SUBREAPER = ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1) == 0  # PR_SET_CHILD_SUBREAPER
-        except OSError:
-            pass
+    _SUBREAPER = proctree.set_child_subreaper()
 
 
 def _kill_leftovers(session: int, marker: bytes):
     """SIGKILL every process of the child's session, and every process carrying this grading run's marker
     in its environment or left to us as an orphan, until none is left; reap those that are ours."""
-    try:
-        os.killpg(session, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if not os.path.isdir("/proc"):
-        return
+    proctree.kill_group(session)
     me = os.getpid()
     for _ in range(100):
         victims = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == me:
+        for proc in proctree.processes():
+            if proc.pid == me:
                 continue
-            pid = int(entry)
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    stat = f.read()
-                fields = stat[stat.rindex(")") + 2:].split()
-                state, ppid, session_of = fields[0], int(fields[1]), int(fields[3])
-                ours = session_of == session or (_SUBREAPER and ppid == me and pid not in _OWN_CHILDREN)
-                if not ours:
-                    with open(f"/proc/{pid}/environ", "rb") as f:
-                        ours = marker in f.read()
-            except (OSError, ValueError, IndexError):
-                continue
-            if ours and state != "Z":
-                victims.append(pid)
-            if ours and ppid == me:
+            ours = proc.session == session or (_SUBREAPER and proc.ppid == me and proc.pid not in _OWN_CHILDREN)
+            if not ours:
                 try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
+                    with open(f"/proc/{proc.pid}/environ", "rb") as f:
+                        ours = marker in f.read()
+                except OSError:
+                    continue
+            if ours and proc.state != "Z":
+                victims.append(proc.pid)
+            if ours and proc.ppid == me:
+                proctree.reap(proc.pid)
         if not victims:
             return
         for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            proctree.kill(pid)
         time.sleep(0.05)
 
 
