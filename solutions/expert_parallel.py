@@ -88,6 +88,12 @@ class ExpertParallelMoE(nn.Module):
       6. Multiply by the gate weights and add each slot to its token's row: the tokens' original order.
     Returns [T, hidden], equal to MoEBlock(x, routing) on one process. (On gloo, dist.all_to_all on lists
     needs tensors of one size: send variable sizes with dist.all_to_all_single and its split sizes.)
+    What is graded: only all_to_all (all_gather allowed for the counts), the counts first, then the rows: one
+    row per kept slot each way, exactly as above — or, as DeepEP's normal mode, one row per (token,
+    destination rank) each way, the token's top-k ids and weights sent beside it (as extra columns or in
+    calls of their own), the receiving rank summing its experts' weighted outputs. No padding, no dropped
+    slot sent. An all-gather of every token with a reduce-scatter of the outputs (vLLM's default backend,
+    section A4) gives the same output but is not this exercise.
 
     Raises ValueError when num_experts is not divisible by the group size, or x and routing disagree on the
     number of tokens.

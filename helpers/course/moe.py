@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["Routing", "Expert", "MoEBlock", "from_mixtral", "tiny_mixtral_block", "experts_of_rank",
-           "tokens_per_expert", "load_imbalance", "skew_towards", "ExpertDeviceTime", "TensorParallelMoE"]
+           "tokens_per_expert", "load_imbalance", "skew_towards", "ExpertDeviceTime", "TensorParallelMoE",
+           "AllGatherReduceScatterMoE", "PerRankAllToAllMoE", "LowLatencyMoE"]
 
 
 class Routing(NamedTuple):
@@ -182,8 +183,8 @@ class TensorParallelMoE(nn.Module):
         cols = slice(rank * block.ffn // n, (rank + 1) * block.ffn // n)
         self.router = block.router
         self.experts = nn.ModuleList()
-        for full in block.experts:
-            part = Expert(block.hidden, block.ffn // n)
+        for full in block.experts:       # in the wrapped block's dtype (float64, bfloat16 blocks too)
+            part = Expert(block.hidden, block.ffn // n).to(full.gate_proj.weight.dtype)
             with torch.no_grad():
                 part.gate_proj.weight.copy_(full.gate_proj.weight[cols])
                 part.up_proj.weight.copy_(full.up_proj.weight[cols])
@@ -194,3 +195,128 @@ class TensorParallelMoE(nn.Module):
         from helpers.course.tp_regions import reduce_from_tensor_model_parallel_region
         partial = MoEBlock.forward(self, x, routing)     # the same loop, on this rank's slice of every expert
         return reduce_from_tensor_model_parallel_region(partial, self.group)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Other ways to move the tokens of an expert-parallel layer (chapter 8, section A4): the same experts split over
+# the ranks as in exercise 8.2, the same output, different bytes. Each is written after a real system:
+#   AllGatherReduceScatterMoE  vLLM's default --all2all-backend "allgather_reducescatter"
+#                              (vllm/config/parallel.py all2all_backend; AgRsAll2AllManager in
+#                              vllm/distributed/device_communicators/all2all.py: all_gatherv of the hidden states
+#                              and top-k ids/weights, reduce_scatterv of the outputs);
+#   PerRankAllToAllMoE         DeepEP's normal mode (deep_ep/buffer.py: get_dispatch_layout gives is_token_in_rank,
+#                              dispatch sends a token ONCE to each rank holding one of its experts, with its top-k
+#                              ids and weights; the received counts come back to the CPU as a Python list);
+#   LowLatencyMoE              DeepEP's low-latency mode (deep_ep/buffer.py low_latency_dispatch: receive buffers of
+#                              a fixed shape [local experts, max tokens per rank × ranks, hidden], one row per
+#                              (token, expert), no count exchange with the CPU, so it can run inside a CUDA graph).
+# On gloo, collectives stand in for DeepEP's NVLink/RDMA kernels; the rows they carry are the ones those move.
+
+class _LocalExperts(nn.Module):
+    """The router and this rank's experts [r·E/n, (r+1)·E/n) of `block` (the layout of exercise 8.2)."""
+
+    def __init__(self, block: MoEBlock, group=None):
+        super().__init__()
+        self.group = group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        mine = experts_of_rank(block.num_experts, self.rank, self.world_size)
+        self.num_experts, self.first_expert, self.experts_per_rank = block.num_experts, mine.start, len(mine)
+        self.router = block.router
+        self.experts = nn.ModuleList(block.experts[e] for e in mine)
+
+    def _local_sum(self, rows, expert_ids, weights):
+        """Σ over the slots that name one of MY experts of weight · expert(row): rows [R, h], ids/weights [R, k]
+        (id -1: no expert)."""
+        out = torch.zeros_like(rows)
+        for j, expert in enumerate(self.experts):
+            row, slot = torch.where(expert_ids == self.first_expert + j)
+            if row.numel():
+                out.index_add_(0, row, expert(rows[row]) * weights[row, slot, None].to(rows.dtype))
+        return out
+
+
+class AllGatherReduceScatterMoE(_LocalExperts):
+    """vLLM's default EP dispatch: every rank all-gathers every rank's tokens and their top-k ids and weights,
+    computes its experts' share of EVERY token, and a reduce-scatter sums the shares and hands each rank back
+    its own tokens' rows. Bytes do not depend on the routing (the same as a tensor-parallel all-reduce), no
+    counts need to travel; ranks with different numbers of tokens are padded here (vLLM's all_gatherv is not)."""
+
+    def forward(self, x, routing: Routing):
+        n = self.world_size
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(n)]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]]), group=self.group)
+        most = int(max(s.item() for s in sizes))
+        ids = torch.where(routing.kept, routing.expert_ids, -1)
+        packed = torch.cat([x, ids.to(x.dtype), routing.weights.to(x.dtype)], dim=1)   # hidden + k + k columns
+        packed = torch.cat([packed, packed.new_zeros(most - x.shape[0], packed.shape[1])])
+        gathered = [torch.empty_like(packed) for _ in range(n)]
+        dist.all_gather(gathered, packed, group=self.group)
+        every = torch.cat(gathered)
+        h, k = x.shape[1], ids.shape[1]
+        shares = self._local_sum(every[:, :h], every[:, h:h + k].long(), every[:, h + k:])
+        mine = torch.empty(most, h, dtype=x.dtype)
+        dist.reduce_scatter(mine, list(shares.chunk(n)), group=self.group)
+        return mine[:x.shape[0]]
+
+
+class PerRankAllToAllMoE(_LocalExperts):
+    """DeepEP's normal mode: a token goes ONCE to each rank that holds at least one of its kept experts (not
+    once per expert), with its top-k ids and weights; that rank sums its experts' weighted outputs for the
+    token and sends back one row. Counts per rank travel first (DeepEP returns them to the CPU)."""
+
+    def forward(self, x, routing: Routing):
+        n, per = self.world_size, self.experts_per_rank
+        ids = torch.where(routing.kept, routing.expert_ids, -1)
+        in_rank = torch.zeros(x.shape[0], n, dtype=torch.bool)
+        token, slot = torch.where(routing.kept)
+        in_rank[token, routing.expert_ids[token, slot] // per] = True                  # is_token_in_rank
+        dest, token = torch.where(in_rank.t())                                          # sorted by rank
+        send = in_rank.sum(0)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        send, recv = send.tolist(), recv.tolist()
+        packed = torch.cat([x[token], ids[token].to(x.dtype), routing.weights[token].to(x.dtype)], dim=1)
+        received = packed.new_empty(sum(recv), packed.shape[1])
+        dist.all_to_all_single(received, packed, recv, send, group=self.group)
+        h, k = x.shape[1], ids.shape[1]
+        summed = self._local_sum(received[:, :h], received[:, h:h + k].long(), received[:, h + k:])
+        back = x.new_empty(sum(send), h)
+        dist.all_to_all_single(back, summed, send, recv, group=self.group)
+        return torch.zeros_like(x).index_add_(0, token, back)
+
+
+class LowLatencyMoE(_LocalExperts):
+    """DeepEP's low-latency mode: every (rank, expert) pair owns a FIXED buffer of `max_tokens` rows, whatever
+    the routing; a token's row goes once per kept expert into the next free row of that expert's buffer, a flag
+    column marks the rows in use, and no count is exchanged first. The combine returns the same fixed buffers,
+    and the sender adds each row, weighted, to its token. Raises ValueError when a rank has more than
+    max_tokens tokens (DeepEP's num_max_dispatch_tokens_per_rank)."""
+
+    def __init__(self, block: MoEBlock, group=None, max_tokens: int = 64):
+        super().__init__(block, group)
+        self.max_tokens = max_tokens
+
+    def forward(self, x, routing: Routing):
+        if x.shape[0] > self.max_tokens:
+            raise ValueError(f"{x.shape[0]} tokens > max_tokens={self.max_tokens}: the buffers have a fixed size")
+        n, per, m, h = self.world_size, self.experts_per_rank, self.max_tokens, x.shape[1]
+        buffers = x.new_zeros(self.num_experts, m, h + 1)                               # last column: in use
+        token, slot = torch.where(routing.kept)
+        expert = routing.expert_ids[token, slot]
+        order = torch.argsort(expert, stable=True)
+        token, slot, expert = token[order], slot[order], expert[order]
+        counts = torch.bincount(expert, minlength=self.num_experts)
+        row = torch.arange(len(expert)) - (counts.cumsum(0) - counts)[expert]             # place in its buffer
+        buffers[expert, row, :h], buffers[expert, row, h] = x[token], 1
+        received = torch.empty_like(buffers)                                            # [n × per, m, h + 1]
+        dist.all_to_all_single(received, buffers, group=self.group)
+        results = x.new_zeros(n * per, m, h)
+        for j, module in enumerate(self.experts):
+            for source in range(n):
+                used = received[source * per + j, :, h] > 0
+                if used.any():
+                    results[source * per + j, used] = module(received[source * per + j, used, :h])
+        back = torch.empty_like(results)
+        dist.all_to_all_single(back, results, group=self.group)
+        weighted = back[expert, row] * routing.weights[token, slot, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, weighted)

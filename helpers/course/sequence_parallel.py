@@ -13,6 +13,7 @@ rank holds only its 1/n of the tokens. The operators come from exercise 8.3 (pas
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.nn as nn
@@ -79,8 +80,7 @@ class ParallelNormMLP(nn.Module):
             raise ValueError("sequence_parallel=True needs `regions`: pass load_impl('sequence_parallel')")
         rank, world_size = group_rank_and_size(group=group)
         self.group, self.sequence_parallel, self.regions = group, sequence_parallel, regions
-        self.norm = nn.LayerNorm(full.norm.normalized_shape)
-        self.norm.load_state_dict(full.norm.state_dict())
+        self.norm = copy.deepcopy(full.norm)      # the wrapped block's norm, in its dtype (float64, bfloat16 too)
         self.fc1_weight = nn.Parameter(split_along_dim(full.fc1.weight, 0, rank, world_size, "ffn"))
         self.fc1_bias = nn.Parameter(split_along_dim(full.fc1.bias, 0, rank, world_size, "ffn"))
         self.fc2_weight = nn.Parameter(split_along_dim(full.fc2.weight, 1, rank, world_size, "ffn"))

@@ -52,6 +52,8 @@ ALTERNATIVES = {
     # (dist.all_to_all on lists needs equal-size tensors on gloo: fine for the counts, not for the rows)
     "ep_list_all_to_all": "the counts exchanged with dist.all_to_all on lists of tensors",
     "ep_counts_all_gather": "the whole count matrix all-gathered, rows with all_to_all_single",
+    "ep_per_rank": "DeepEP's normal mode: a token sent once per destination rank with its top-k ids and weights "
+                   "packed beside it, its experts' weighted sum sent back once",
 }
 
 
@@ -242,8 +244,18 @@ def _route_softmax_of_top_k(sol, ep):
     ep.top_k_route = top_k_route
 
 
+def _ep_per_rank(sol, ep):
+    from helpers.course.moe import PerRankAllToAllMoE, _LocalExperts
+
+    class PerRank(sol.ExpertParallelMoE):
+        _local_sum = _LocalExperts._local_sum
+        forward = PerRankAllToAllMoE.forward
+    ep.ExpertParallelMoE = PerRank
+
+
 _ALTERNATIVE = {
     "route_softmax_of_top_k": _route_softmax_of_top_k,
+    "ep_per_rank": _ep_per_rank,
     "ep_list_all_to_all": _ep_forward("list_all_to_all"),
     "ep_counts_all_gather": _ep_forward("counts_all_gather"),
 }
