@@ -6,13 +6,23 @@ grade is recorded by a parent process in which no learner code ever runs:
   * The parent reads the grader files as text (`ast`), never importing them, and lists the tests each
     exercise must report, with the number of parametrised cases where the file states them literally.
   * Each grader file runs in a child pytest (this module is its plugin, `-p helpers.grade`), in a session
-    of its own, with `solutions/` unimportable unless the reference itself is graded. The child appends
-    one JSON line per event to a report file: collected, test started, test outcome, finished.
-  * The parent trusts only what it checks: an exercise passes when every test the parent expected reported
-    exactly once, all passed, and nothing else was reported. A child that dies (os._exit, a signal, the
-    OOM killer) fails the exercise whose test was running; the exercises it had not reached run again in a
-    new child. Every process a child started is killed before the parent reads the report, and only the
-    parent writes the table, the JSON report and the exit status.
+    of its own, with `solutions/` unimportable unless the reference itself is graded. The child writes one
+    JSON line per event (collected, test started, test outcome, finished) into a pipe that only it holds:
+    no path to it is in any command line, environment or file; before any learner code is imported the
+    child makes it close-on-exec, closes it in every process it forks (the ranks), and makes itself
+    non-dumpable so that no other process can open it through /proc/PID/fd (the parent, which holds the
+    read end, is non-dumpable too while it grades).
+  * The parent trusts only what it checks: an exercise passes when the child finished its session and
+    exited with the status it reported, its events read as one session (one collection of exactly the
+    tests asked for, each started once, each result while its test runs, "finished" last), and every test
+    of the exercise reported exactly once and passed. A child that dies (os._exit, a signal, the OOM
+    killer) fails the exercise whose test was running; every other exercise it had not failed, passed
+    ones included, runs again in a new child. Every process a child started is killed before the parent
+    reads the last events, and only the parent writes the table, the JSON report and the exit status.
+  * One limit remains: the graders call learner code inside the child pytest itself, and code running in a
+    process can do anything that process can (write a consistent stream of passes into its pipe and exit
+    with status 0). Tampering of that kind is aimed at one chapter's child, is visible in the learner's
+    code, and is for an instructor's review; no other chapter, the table or the report can be touched.
 
 A stub raises `NotImplementedError("Exercise 1.2: ...")`; when that error reaches the test (directly, or
 from inside a rank via RankFailed) the exercise is "not started".
@@ -120,10 +130,10 @@ class _NoReference:
 
 
 class GradePlugin:
-    def __init__(self, report_path: str, exercises: set[str] | None):
+    def __init__(self, fd: int, exercises: set[str] | None):
         self.exercises = exercises
         self.failed: set[str] = set()
-        self.fd = os.open(report_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.fd = fd
 
     def _emit(self, **event):
         os.write(self.fd, (json.dumps(event) + "\n").encode())  # one write per line: lines never interleave
@@ -177,20 +187,41 @@ class GradePlugin:
 
 
 def pytest_addoption(parser):
-    parser.addoption("--grade-report", default=None, help="append grading events (JSON lines) to this file")
+    parser.addoption("--grade-report-fd", type=int, default=None,
+                     help="write grading events (JSON lines) to this inherited pipe")
     parser.addoption("--grade-exercises", default=None, help="comma-separated exercise ids to run")
     parser.addoption("--grade-block-reference", default=None, metavar="IMPL",
                      help="make solutions/ unimportable (IMPL, the package graded, names it in the error)")
+
+
+def _guard_report_pipe(fd: int) -> None:
+    """Keep the events pipe away from every other process, before any learner code is imported: it is not
+    inherited across exec (close-on-exec), a forked child (a rank, the store, a process a lab forks) closes
+    it at once, and this process is made non-dumpable, so that no other process of the user can open
+    /proc/PID/fd/N to reach it. A forked child is made dumpable again (the parent must read its environment
+    to find it if it lingers): it holds no pipe."""
+    os.set_inheritable(fd, False)
+
+    def close_in_child():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        proctree.set_dumpable(True)
+
+    os.register_at_fork(after_in_child=close_in_child)
+    proctree.set_dumpable(False)
 
 
 def pytest_configure(config):
     impl = config.getoption("--grade-block-reference")
     if impl:
         sys.meta_path.insert(0, _NoReference(impl))
-    path = config.getoption("--grade-report")
-    if path:
+    fd = config.getoption("--grade-report-fd")
+    if fd is not None:
+        _guard_report_pipe(fd)
         ids = config.getoption("--grade-exercises")
-        config.pluginmanager.register(GradePlugin(path, set(ids.split(",")) if ids else None), "grade-plugin")
+        config.pluginmanager.register(GradePlugin(fd, set(ids.split(",")) if ids else None), "grade-plugin")
 
 
 # ============================================================ the parent: what must be reported (read as text)
@@ -393,55 +424,84 @@ def _kill_leftovers(session: int, marker: bytes):
 _EVENTS_LIMIT = 64 << 20   # bytes of events read from one child: a report larger than this is flooded
 
 
-def _read_events(path) -> list[dict]:
-    events = []
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_EVENTS_LIMIT + 1)
-    except OSError:
+class _EventPipe:
+    """The read end of a child's events pipe. The parent drains it while the child runs (a pipe holds 64 KiB:
+    a child that wrote more would block) and once more after every process of the child is gone."""
+
+    def __init__(self, fd: int):
+        self.fd, self.data, self.size, self.eof = fd, bytearray(), 0, False
+        os.set_blocking(fd, False)
+
+    def pump(self, wait: float) -> None:
+        """Read what is there, waiting up to `wait` s for something to arrive."""
+        if self.eof:
+            time.sleep(wait)
+            return
+        import select
+        ready, _, _ = select.select([self.fd], [], [], wait)
+        while ready and not self.eof:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.eof = True
+                return
+            self.size += len(chunk)
+            if len(self.data) <= _EVENTS_LIMIT:
+                self.data += chunk
+
+    def close(self) -> list[dict]:
+        """The events read, one per line (a line cut short by a dying child is dropped)."""
+        self.pump(0)
+        os.close(self.fd)
+        if self.size > _EVENTS_LIMIT:
+            return [{"event": "flooded"}]
+        events = []
+        for line in bytes(self.data).split(b"\n"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            events.append(event if isinstance(event, dict) else {"event": repr(event)[:40]})
         return events
-    if len(data) > _EVENTS_LIMIT:
-        return [{"event": "result", "test": "(a flooded report)", "when": "call", "status": "flooded"}]
-    for line in data.split(b"\n"):
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a dying child
-        if isinstance(event, dict):
-            events.append(event)
-    return events
 
 
-def _run_child(root, batch, impl, timeout, quiet, tmp, marker):
+def _run_child(root, batch, impl, timeout, quiet, marker):
     """Run the tests of `batch` (exercises of one grader file) in a child pytest; returns (events, how it
-    ended: None when pytest finished, else a sentence)."""
-    report = os.path.join(tmp, f"events-{secrets.token_hex(4)}.jsonl")
+    ended: None when pytest finished and exited with the status it reported, else a sentence).
+
+    The events come over a pipe that only the child pytest holds (see _guard_report_pipe): no path to it is
+    in any command line, environment or file, so a rank cannot reach it."""
     nodeids = [test for ex in batch for test in ex.tests]
+    read_end, write_end = os.pipe()
     # COURSE_FALLBACK=0: a graded exercise never runs the reference in place of a stub (helpers/impl.py).
     env = dict(os.environ, COURSE_IMPL=impl, COURSE_FALLBACK="0", PYTHONDONTWRITEBYTECODE="1",
                GRADE_RUN=marker.decode().split("=")[1])
     cmd = [sys.executable, "-m", "pytest", *nodeids, "-p", "helpers.grade", "-p", "no:nbval", "-p", "no:cacheprovider",
-           f"--grade-report={report}", f"--grade-exercises={','.join(ex.id for ex in batch)}",
+           f"--grade-report-fd={write_end}", f"--grade-exercises={','.join(ex.id for ex in batch)}",
            f"--timeout={timeout}", "-q", "-rN", "--no-header", "-p", "no:warnings"]
     if not (impl == "solutions" or impl.startswith("solutions.")):
         cmd.append(f"--grade-block-reference={impl}")
     out = subprocess.DEVNULL if quiet else None
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    try:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                start_new_session=True, pass_fds=(write_end,))
+    finally:
+        os.close(write_end)   # the child's copy is the only write end: EOF once it (and all it forked) is gone
+    pipe = _EventPipe(read_end)
     _OWN_CHILDREN.add(proc.pid)
     # pytest-timeout stops a test after `timeout` s; this is the backstop should learner code disarm it.
     running_since, seen = time.monotonic(), 0
     ended = None
     try:
         while True:
-            try:
-                code = proc.wait(timeout=0.5)
+            pipe.pump(0.5)
+            code = proc.poll()
+            if code is not None:
                 break
-            except subprocess.TimeoutExpired:
-                pass
-            size = os.path.getsize(report) if os.path.exists(report) else 0
-            if size != seen:  # the report grew: a test started or ended
-                seen, running_since = size, time.monotonic()
+            if pipe.size != seen:  # the report grew: a test started or ended
+                seen, running_since = pipe.size, time.monotonic()
             limit = timeout + 60 if seen else timeout + 120   # collecting (imports) gets longer
             if time.monotonic() - running_since > limit:
                 ended = f"made no progress for {limit:g} s and was stopped"
@@ -453,41 +513,88 @@ def _run_child(root, batch, impl, timeout, quiet, tmp, marker):
             proc.kill()
             proc.wait()
         _kill_leftovers(proc.pid, marker)
-    events = _read_events(report)
-    if ended is None and not any(e.get("event") == "finished" for e in events):
-        if code < 0:
-            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
-            ended = f"was killed by signal {name}" + (" (out of memory? the OOM killer sends SIGKILL)"
-                                                      if -code == signal.SIGKILL else "")
-        else:
-            ended = f"exited with code {code} before pytest finished (os._exit or sys.exit in the code under test?)"
+        events = pipe.close()
+    finished = [e for e in events if e.get("event") == "finished"]
+    if ended is None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        ended = f"was killed by signal {name}" + (" (out of memory? the OOM killer sends SIGKILL)"
+                                                  if -code == signal.SIGKILL else "")
+    elif ended is None and not finished:
+        ended = f"exited with code {code} before pytest finished (os._exit or sys.exit in the code under test?)"
+    elif ended is None and finished[-1].get("exitstatus") != code:
+        ended = f"exited with code {code}, not the status {finished[-1].get('exitstatus')!r} that pytest reported"
     return events, ended
 
 
+def _inconsistent(events, expected) -> str:
+    """'' when the events read as one pytest session told them, else what is wrong: one "collected" first,
+    holding only tests the parent asked for, each once; each test started once, after it was collected and
+    before its results; each (test, phase) reported once, while that test runs, with a known status; at most
+    one "finished", last."""
+    if not events:
+        return ""
+    if events[0].get("event") == "flooded":
+        return f"it wrote more than {_EVENTS_LIMIT >> 20} MiB of events"
+    collected, started, seen, running, done = None, set(), set(), None, False
+    for i, e in enumerate(events):
+        kind = e.get("event")
+        if done:
+            return f"an event after the session finished ({kind!r})"
+        if kind == "collected":
+            tests = e.get("tests")
+            if i != 0 or not isinstance(tests, list) or len(set(map(str, tests))) != len(tests):
+                return "the collection was reported twice, late, or with a test twice"
+            collected = set(tests)
+            stray = sorted(t for t in collected if _function_of(t) not in expected)
+            if stray:
+                return f"results it was not asked for ({shorten(', '.join(stray), 200)})"
+        elif collected is None:
+            return f"an event before the collection ({kind!r})"
+        elif kind == "start":
+            running = e.get("test")
+            if running not in collected or running in started:
+                return f"{running!r} started twice or was never collected"
+            started.add(running)
+        elif kind == "result":
+            test, key = e.get("test"), (e.get("test"), e.get("when"))
+            if test != running or key in seen or e.get("status") not in (PASSED, FAILED, NOT_STARTED, SKIPPED):
+                return f"results it was not asked for ({shorten(str(test), 200)}: reported twice, while " \
+                       f"another test ran, or with an unknown status)"
+            seen.add(key)
+        elif kind == "finished":
+            done = True
+            failed = any(x.get("status") in (FAILED, NOT_STARTED) for x in events if x.get("event") == "result")
+            if e.get("exitstatus") == 0 and failed:
+                return "pytest reported success for a session in which a test failed"
+        else:
+            return f"an unknown event {shorten(str(kind), 40)!r}"
+    return ""
+
+
 def _judge(batch, events, ended):
-    """Decide the exercises of one child from its events. Returns ({id: row}, [exercises to run again])."""
+    """Decide the exercises of one child from its events. Returns ({id: row}, [exercises to run again]).
+
+    A pass is trusted only from a child that finished its session and exited with the status it reported,
+    with events consistent with what was asked (_inconsistent). When the child went down (a signal, os._exit,
+    no progress), the exercise whose test was running fails; an exercise that already failed keeps its
+    failure; every other one, passed or not reached, runs again in a new child."""
     expected = {test: ex for ex in batch for test in ex.tests}
+    problem = _inconsistent(events, expected)
+    if problem:
+        reason = f"the grading process reported {problem}: its report is not trusted"
+        return {ex.id: _row(ex, FAILED, reason, []) for ex in batch}, []
     results: dict[str, list[dict]] = {ex.id: [] for ex in batch}
-    seen, stray, running = set(), [], None
+    running = None
     for e in events:
         if e.get("event") == "start":
             running = e.get("test")
         elif e.get("event") == "result":
             test = str(e.get("test"))
-            ex = expected.get(_function_of(test))
-            if ex is None or (test, e.get("when")) in seen or e.get("status") not in (PASSED, FAILED, NOT_STARTED,
-                                                                                       SKIPPED):
-                stray.append(test)
-                continue
-            seen.add((test, e.get("when")))
-            results[ex.id].append({"test": test, "status": e["status"], "reason": str(e.get("reason", ""))})
-            if test == running and (e.get("when") == "call" or e["status"] != PASSED):
+            results[expected[_function_of(test)].id].append(
+                {"test": test, "status": e["status"], "reason": str(e.get("reason", ""))})
+            if e.get("when") == "call" or e["status"] != PASSED:
                 running = None  # the test is over (a teardown cannot change its outcome to passed)
     rows, again = {}, []
-    if stray:
-        reason = (f"the grading process reported results it was not asked for ({shorten(', '.join(stray), 200)}): "
-                  "its report is not trusted")
-        return {ex.id: _row(ex, FAILED, reason, []) for ex in batch}, []
     culprit = expected.get(_function_of(running)) if running and ended else None
     for ex in batch:
         tests = results[ex.id]
@@ -498,12 +605,12 @@ def _judge(batch, events, ended):
             name = bad["test"].split("::")[-1]
             reason = bad["reason"] if bad["status"] == NOT_STARTED else f"{name}: {bad['reason']}"
             rows[ex.id] = _row(ex, bad["status"], reason, tests)
+        elif ended:
+            again.append(ex)  # the process went down: a pass it reported is not trusted; run it again
         else:
             missing = _missing(ex, tests)
             if not missing:
                 rows[ex.id] = _row(ex, PASSED, "", tests)
-            elif ended:
-                again.append(ex)  # the process went down before this exercise finished: run it again
             else:
                 rows[ex.id] = _row(ex, FAILED, "not every test of this exercise reported a result (" + missing +
                                    "): the run was cut short or tampered with", tests)
@@ -547,7 +654,10 @@ def run(chapter: str | None = None, impl: str = "labs", timeout: int = 180, quie
     rows: dict[str, dict] = {}
     files = list(dict.fromkeys(ex.file for ex in exercises))
     groups = [[rel] for rel in files] if child_per_file else [files]
-    with tempfile.TemporaryDirectory(prefix="dil-grade-") as tmp:
+    # No process of this user may open this one's /proc/PID/fd (the read ends of the events pipes) while it
+    # grades: a rank could otherwise write events into them.
+    dumpable = proctree.set_dumpable(False)
+    try:
         for group in groups:
             rel = group[0]
             batch = [ex for ex in exercises if ex.file in group]
@@ -562,7 +672,7 @@ def run(chapter: str | None = None, impl: str = "labs", timeout: int = 180, quie
                         rows[ex.id] = _row(ex, FAILED, why[0] + ": the grade counts only your own code", [])
                     continue
             while batch:
-                events, ended = _run_child(root, batch, impl, timeout, quiet, tmp, marker)
+                events, ended = _run_child(root, batch, impl, timeout, quiet, marker)
                 decided, again = _judge(batch, events, ended)
                 rows.update(decided)
                 if len(again) == len(batch):  # nothing decided: it died outside any test; never loop
@@ -570,6 +680,9 @@ def run(chapter: str | None = None, impl: str = "labs", timeout: int = 180, quie
                                                          "importing or collecting the graders?)", []) for ex in again})
                     again = []
                 batch = again
+    finally:
+        if dumpable:
+            proctree.set_dumpable(True)
     return [rows[ex.id] for ex in exercises]
 
 

@@ -16,6 +16,7 @@ is a session), start_server's launcher and its tests. Where there is no /proc, t
     wait_gone(pids)      wait until none of them is alive
     die_with_parent()    ask Linux to SIGKILL this process when its parent dies
     set_child_subreaper() orphans below this process become its children, not init's
+    set_dumpable(on)     whether other processes of this user may open this one's /proc files (its fds)
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import sys
 import time
 from typing import NamedTuple
 
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+PR_SET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 3, 4, 36
 
 
 class Proc(NamedTuple):
@@ -161,3 +162,19 @@ def set_child_subreaper() -> bool:
     """Orphans of this process's descendants (a child that forks and lets its own child linger, even under
     setsid) become this process's children rather than init's, so a walk of our tree still finds them."""
     return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def set_dumpable(on: bool) -> bool | None:
+    """Turn this process's "dumpable" flag on or off (prctl PR_SET_DUMPABLE; proc(5)). Off, its /proc/PID
+    files belong to root, so no other unprivileged process (a child included) can open /proc/PID/fd/N, a
+    way into any pipe or file it holds, nor ptrace it; it also writes no core dump. A fork inherits the flag,
+    an exec resets it to on. Returns the previous value (None where there is no prctl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        before = libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+        libc.prctl(PR_SET_DUMPABLE, 1 if on else 0, 0, 0, 0)
+    except OSError:
+        return None
+    return before == 1

@@ -118,14 +118,30 @@ def test_a_forging_lab_module_gets_nothing(tmp_path, monkeypatch):
     written = target.read_text()
     data = json.loads(written)
     assert (data["score"], data["total"]) == (0, 2)
-    for ex in data["exercises"]:
-        assert ex["status"] == "failed" and "not trusted" in ex["reason"], ex
+    for ex in data["exercises"]:   # its claims reach no channel (not started), or one that is not trusted
+        assert ex["status"] == "not started" or ex["status"] == "failed" and "not trusted" in ex["reason"], ex
     ran_in = [int(p) for p in pids.read_text().split()]
     assert ran_in and os.getpid() not in ran_in                  # never in the recording process
     assert "tests.fixtures.forging.warmup" not in sys.modules
     assert not any(_alive(p, f"FORGE_PIDS={pids}") for p in ran_in)   # the detached rewriters are gone ...
     time.sleep(0.3)
     assert target.read_text() == written                         # ... so the report stays the grader's
+
+
+def test_a_forged_events_channel_and_a_killed_test_process_score_nothing(tmp_path):
+    """Issue 21 item 17: a stub-only labs/ whose __init__.py (tests/fixtures/forging_init) finds the grading
+    pytest among its ancestors, writes a pass for every test and "finished" into its events channel and
+    SIGKILLs it, used to score full marks through --submission. The channel is now a pipe that no other
+    process can open, and a child killed by a signal has its passes run again, not trusted."""
+    fork = tmp_path / "fork"
+    shutil.copytree(grade.ROOT / "labs", fork / "labs", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copyfile(grade.ROOT / "tests" / "fixtures" / "forging_init" / "__init__.py", fork / "labs" / "__init__.py")
+    report = tmp_path / "grade.json"
+    assert grade.main(["0", "--submission", str(fork), "--json", str(report)]) == 1
+    data = json.loads(report.read_text())
+    assert (data["score"], data["total"]) == (0, 2), data
+    for ex in data["exercises"]:
+        assert ex["status"] == "failed" and ("not trusted" in ex["reason"] or "signal SIGKILL" in ex["reason"]), ex
 
 
 def test_a_lab_that_exits_at_import_fails_and_the_report_survives(tmp_path):
