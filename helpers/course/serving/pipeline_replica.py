@@ -1,160 +1,249 @@
-"""A pipeline-parallel replica (pp > 1, optionally × tp): the tiny Llama cut into stages on real ranks —
-not an exercise, code to read (chapter 6). It reuses, through `load_impl` (COURSE_IMPL's package):
+"""A pipeline-parallel replica (pp > 1, optionally × tp): the course's engine on the tiny Llama cut into stages on
+real ranks — not an exercise, code to read (chapter 6).
 
-    chapter 3  helpers.course.llama_stages.LlamaStage           the stage's layers and its own KV caches
-               pipelined_decoding.pipelined_generate      several request groups in flight, ring of ranks
-    chapter 5  hybrid.build_hybrid_stage (tp > 1 only)    each stage's layers sharded over its tp ranks
+The replica process launches pp × tp ranks laid out like chapter 5's grid with dp = 1 (rank = stage · tp + t).
 
-The replica process launches pp × tp ranks laid out like chapter 5's grid with dp = 1
-(rank = stage · tp + t). Rank 0 (stage 0, tp rank 0) reads the front end's pipe and broadcasts what arrived,
-so every rank keeps the same queue. Then all ranks serve one *round*: up to max_num_seqs waiting requests, each
-its own group of `pipelined_generate`, so while stage 1 computes request 0's next token, stage 0 computes
-request 1's. The round decodes max(max_tokens) steps and each request keeps its first max_tokens tokens.
+    rank 0 (stage 0, tp rank 0)   the engine: helpers/course/engine's Scheduler, KVCacheManager, Request, driven by
+                                  helpers/course/engine/pipeline_runner.py's PipelineEngine (vLLM's
+                                  step_with_batch_queue: up to pp batches in flight); it reads the front end's
+                                  pipe, computes stage 0 and samples what the last stage sends back
+    every rank                    a PipelineStageRunner: its stage's layers (chapter 3's LlamaStage; with tp > 1
+                                  chapter 5's build_hybrid_stage shards them) and those layers' KV cache,
+                                  contiguous or paged as the ServeConfig says
+    between stages                the batch's plan and hidden states, rank (s, t) -> rank (s+1, t) with isend/recv
+                                  (gloo); the last stage's tp rank 0 sends the due requests' logits to rank 0; a
+                                  stage's tp ranks > 0 get stage 0's plan by broadcast over their tp group
 
-What a pipeline changes for serving, compared with the one-process engine (helpers/course/engine):
-  * rounds, not continuous batching: a request that arrives during a round joins the next one (chapter 3's
-    `pipelined_generate` takes a fixed set of groups; vLLM's pipeline scheduler admits new sequences
-    between micro-batches instead). batching="none" serves one request per round.
-  * greedy only: the last stage sends back argmax tokens. The front end answers temperature > 0 with 400.
-  * a cancelled request leaves the queue, but not a round already running.
-  * a round is one long call: rank 0 reports its heartbeat from a thread meanwhile (`Heartbeat`), but
-    only while the round makes progress (rank 0's timeline gains spans), so the front end can tell a long
-    round from a stopped stage.
+While stage 1 computes batch b, stage 0 computes batch b+1: a request that arrives while a batch is in flight
+joins the next one, so under load both stages hold work (the replica's "stats" report it: `pipeline`). A request
+is in at most one batch in flight, so it decodes one token per trip through the pipeline, as in vLLM.
+
+Messages are replica.py's: ("ready"), ("tokens", rid, new ids, logprobs) after each batch that gave a request
+tokens, ("done"), ("failed"), ("cancelled"), ("stats"). A cancel aborts the request at once on rank 0 (its KV blocks
+go back to the pool, which every stage's pool mirrors) and the next message down the pipeline tells every stage to
+drop the request's cache; a batch already in flight finishes and its output for the request is dropped. Sampling
+happens on rank 0 with the request's own generator, so seeded samples equal the single-process engine's.
 """
 from __future__ import annotations
 
 import os
-import threading
+import pickle
+import random
+import sys
 import time
-from collections import deque
+import traceback
 
 from helpers.course.serving.config import HEARTBEAT, ServeConfig
 from helpers.course.serving.replica import STATS_EVERY, load_model_module
 
+STREAM_TOKENS = True   # send ("tokens", rid, ids, logprobs) after each batch (issue 20's streaming balancer)
 
-class Heartbeat:
-    """`with Heartbeat(conn, stats, progress):` sends ("stats", stats()) every HEARTBEAT seconds from a
-    thread while the block runs (a long pipeline round), as long as progress() has grown since the last
-    beat: a round stuck on a stopped stage falls silent, and the front end's watchdog notices. (While
-    progress() is still 0 it beats regardless: an implementation may record nothing.) Nothing else sends
-    on conn meanwhile, so no lock is needed."""
 
-    def __init__(self, conn, stats, progress=lambda: 0):
-        self.conn, self.stats, self.progress, self.stop = conn, stats, progress, threading.Event()
-        self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+class Link:
+    """Point-to-point messages between ranks: any picklable object, sent with isend (the sender goes on with its
+    next batch while the receiver is busy) and received with a blocking recv. Two sends per message: its size,
+    then its bytes (gloo keeps the order between two ranks)."""
 
-    def _beat(self):
-        seen = 0
-        while not self.stop.wait(HEARTBEAT):
-            now = self.progress()
-            if now and now == seen:
-                continue  # no step since the last beat: stay silent
-            seen = now
+    def __init__(self):
+        self.pending: list = []
+
+    def send(self, dst: int, obj) -> None:
+        import torch
+        import torch.distributed as dist
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.int64)
+        self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
+        self.pending += [(dist.isend(size, dst), size), (dist.isend(data, dst), data)]   # keep the buffers alive
+
+    def recv(self, src: int):
+        import torch
+        import torch.distributed as dist
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, src)
+        data = torch.empty(int(size), dtype=torch.uint8)
+        dist.recv(data, src)
+        return pickle.loads(data.numpy().tobytes())
+
+    def wait(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending = []
+
+
+class DistributedPipeline:
+    """Rank 0's executor for PipelineEngine: launch() computes stage 0 and sends the batch on; result() waits for
+    the last stage's answer (batch_id, {rid: logits}, trail, error)."""
+
+    def __init__(self, runner, link: Link, tp: int, pp: int, tp_group=None):
+        self.runner, self.link, self.tp_group = runner, link, tp_group
+        self.next_rank, self.last_rank = tp, (pp - 1) * tp
+
+    def launch(self, batch) -> None:
+        if self.tp_group is not None:
+            import torch.distributed as dist
+            dist.broadcast_object_list([batch], src=0, group=self.tp_group)
+        x, error = None, None
+        if not batch.stop:
             try:
-                self.conn.send(("stats", self.stats()))
-            except OSError:
-                return
+                x = self.runner.run(batch, None)
+            except Exception as e:
+                traceback.print_exc()
+                error = f"{type(e).__name__}: {e}"
+        self.link.send(self.next_rank, (batch, x, [self.runner.trail(0)], error))
 
-    def __enter__(self):
-        if self.conn is not None:
-            self.thread.start()
-        return self
+    def result(self):
+        return self.link.recv(self.last_rank)
 
-    def __exit__(self, *exc):
-        self.stop.set()
-        if self.thread.is_alive():
-            self.thread.join()
+    def stop(self) -> None:
+        self.link.wait()
 
 
-def build_pipeline_stage(model, pp: int, tp: int):
-    """This rank's (stage, stage_ranks, group) for `pipelined_generate`, in a job of pp × tp ranks."""
+def build_stage(model, pp: int, tp: int):
+    """This rank's (LlamaStage, tp group or None), in a job of pp × tp ranks (rank = stage · tp + t)."""
     import torch.distributed as dist
 
     from helpers import load_impl
     from helpers.course.llama_stages import LlamaStage
     if tp == 1:
-        return LlamaStage(model, dist.get_rank(), pp), list(range(pp)), None
+        return LlamaStage(model, dist.get_rank(), pp), None
     stage, grid = load_impl("hybrid").build_hybrid_stage(model, 1, pp, tp)
-    return stage.module, grid.ranks["pp"], grid.groups["pp"]
+    return stage.module, grid.groups["tp"]
 
 
 def pipeline_rank(rank, world_size, conn, config: ServeConfig):
     """Body of one rank of a pipeline replica (launched by replica_main with world_size = pp · tp; config: the
     server's ServeConfig)."""
     import torch
-    import torch.distributed as dist
 
-    from helpers import load_impl
-    from helpers.course.engine import Request
-    from helpers.timeline import Timeline
+    from helpers.course.engine.pipeline_runner import PipelineStageRunner
     torch.set_num_threads(1)
-    conn = conn if rank == 0 else None   # only rank 0 (stage 0, tp rank 0) talks to the front end
+    pp, tp = config.pipeline_parallel_size, config.tensor_parallel_size
     model = load_model_module(config.model).load_model().eval()
-    stage, stage_ranks, group = build_pipeline_stage(model, config.pipeline_parallel_size, config.tensor_parallel_size)
-    generate = load_impl("pipelined_decoding").pipelined_generate
-    per_round = 1 if config.batching == "none" else config.max_num_seqs
-    clock = time.monotonic() - time.perf_counter()   # Timeline's perf_counter -> Request's monotonic
+    module, tp_group = build_stage(model, pp, tp)
+    runner = PipelineStageRunner(module, config.kv_cache, config.num_gpu_blocks_override, config.block_size)
+    link = Link()
+    if rank == 0:
+        _serve(conn, _build_engine(model, config, DistributedPipeline(runner, link, tp, pp, tp_group)))
+    else:
+        _stage_loop(runner, link, rank, tp, pp, tp_group)
+    link.wait()
 
-    waiting: deque = deque()
-    busy = 0.0
-    rounds = tokens = 0
+
+def _build_engine(model, config: ServeConfig, executor, max_concurrent_batches: int | None = None):
+    from helpers.course.engine.pipeline_runner import PipelineEngine
+    scheduler = config.scheduler_config(model.config)
+    return PipelineEngine.build(executor, config.kv_cache, config.num_gpu_blocks_override, config.block_size,
+                                config.enable_prefix_caching, scheduler, batching=config.batching,
+                                max_concurrent_batches=max_concurrent_batches or config.pipeline_parallel_size)
+
+
+def _stage_loop(runner, link: Link, rank: int, tp: int, pp: int, tp_group) -> None:
+    """Every rank but 0: take a batch (stage 0's tp ranks by broadcast from rank 0, the others from the same tp rank
+    of the previous stage), compute it, pass it on; the last stage's tp rank 0 answers rank 0."""
+    import torch.distributed as dist
+    stage, t = divmod(rank, tp)
+    last = stage == pp - 1
+    while True:
+        if stage == 0:
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=tp_group)
+            batch, x, trail, error = box[0], None, [], None
+        else:
+            batch, x, trail, error = link.recv(rank - tp)
+        if batch.stop:
+            if not last:
+                link.send(rank + tp, (batch, None, [], None))
+            return
+        if error is None:
+            try:
+                x = runner.run(batch, x)
+            except Exception as e:    # the batch's requests fail (rank 0 answers them); the pipeline goes on
+                traceback.print_exc()
+                x, error = None, f"stage {stage}: {type(e).__name__}: {e}"
+        else:
+            runner.release(batch.release)
+            runner.last_interval = None
+        trail = trail + [runner.trail(stage)]
+        if not last:
+            link.send(rank + tp, (batch, x, trail, error))
+        elif t == 0:
+            link.send(0, (batch.batch_id, x if error is None else {}, trail, error))
+
+
+def pipeline_stats(engine) -> dict:
+    """The replica's load report, with what shows the pipeline pipelining: batches launched while another was in
+    flight, each stage's compute seconds, and over the latest intervals the seconds two stages computed at once."""
+    from helpers.course.engine.pipeline_runner import both_busy_seconds
+    both, anyone = both_busy_seconds(engine.intervals)
+    return {"busy_seconds": engine.busy_seconds, "waiting": len(engine.waiting), "running": len(engine.running),
+            "steps": engine.num_steps, "tokens": engine.tokens_generated, **engine.kv_stats(),
+            "pipeline": {"batches": engine.num_steps, "overlapped_launches": engine.overlapped_launches,
+                         "in_flight": len(engine.batch_queue), "stage_requests": list(engine.stage_requests),
+                         "stage_busy_seconds": [engine.stage_busy.get(s, 0.0) for s in sorted(engine.stage_busy)],
+                         "both_busy_seconds": both, "any_busy_seconds": anyone}}
+
+
+def _serve(conn, engine) -> None:
+    """Rank 0's loop: replica.py's, on a PipelineEngine (each step launches a batch or takes one back)."""
+    from helpers.course.engine import Request
+    conn.send(("ready", os.getpid()))
     last_stats = 0.0
-    if conn is not None:
-        conn.send(("ready", os.getpid()))
+    live = {}   # rid -> [Request, tokens sent]
     try:
         while True:
             messages = []
-            if conn is not None:
-                timeout = 0 if waiting else HEARTBEAT   # idle: wake to report, and so the broadcast never times out
-                try:
-                    while conn.poll(timeout):
-                        messages.append(conn.recv())
-                        timeout = 0
-                except (EOFError, OSError):
-                    messages.append(("stop",))
-            box = [messages]
-            dist.broadcast_object_list(box, src=0)
-            for msg in box[0]:
+            timeout = 0 if engine.has_unfinished else HEARTBEAT
+            try:
+                while conn.poll(timeout):
+                    messages.append(conn.recv())
+                    timeout = 0
+            except (EOFError, OSError):
+                messages.append(("stop",))
+            failed = []
+            for msg in messages:
                 if msg[0] == "submit":
                     _, rid, p = msg
-                    waiting.append(Request(rid, p["prompt"], p["max_tokens"]))   # greedy
+                    try:
+                        seed = p.get("seed")
+                        if p.get("temperature", 0) > 0 and seed is None:
+                            seed = random.getrandbits(63)
+                        options = {"logprobs": p["logprobs"]} if p.get("logprobs") is not None else {}
+                        request = Request(rid, p["prompt"], p["max_tokens"], p.get("temperature", 0.0),
+                                          p.get("top_p", 1.0), seed, **options)
+                        live[rid] = [request, 0]
+                        engine.add_request(request)
+                    except (ValueError, TypeError, KeyError) as e:
+                        live.pop(rid, None)
+                        failed.append((rid, 400, f"invalid request: {type(e).__name__}: {e}"))
                 elif msg[0] == "cancel":
-                    for seq in [s for s in waiting if s.rid == msg[1]]:
-                        waiting.remove(seq)
-                    if conn is not None:   # rounds run whole: a request not waiting was already answered
-                        conn.send(("cancelled", msg[1]))
+                    live.pop(msg[1], None)
+                    engine.abort(msg[1])
+                    conn.send(("cancelled", msg[1]))
                 elif msg[0] == "stop":
+                    engine.stop()
                     return
-            batch = [waiting.popleft() for _ in range(min(per_round, len(waiting)))]
-            if batch:
-                start = time.perf_counter()
-                for seq in batch:
-                    seq.started = time.monotonic()
-                timeline = Timeline(rank) if conn is not None else None
-                stats = {"busy_seconds": busy, "waiting": len(waiting), "running": len(batch), "steps": rounds,
-                         "tokens": tokens}
-                with Heartbeat(conn, lambda: stats, lambda: len(timeline.events) if timeline else 0):
-                    out = generate(stage, stage_ranks, [torch.tensor([s.prompt]) for s in batch],
-                                   max(s.max_tokens for s in batch), group=group, timeline=timeline)
-                busy += time.perf_counter() - start
-                rounds += 1
-                tokens += sum(s.max_tokens for s in batch)
-                if conn is not None:
-                    now = time.monotonic()
-                    for g, seq in enumerate(batch):
-                        seq.tokens = out[g][0, len(seq.prompt):len(seq.prompt) + seq.max_tokens].tolist()
-                        # the first token is back at stage 0 when it starts the group's first decode step
-                        decodes = [e["start"] for e in timeline.events if e["label"] == "decode"
-                                   and e["micro_batch"] == g]
-                        seq.token_times = [min(decodes) + clock if decodes else now]
-                        seq.finished = now
-                        conn.send(("done", seq.rid, seq.tokens, seq.timings()))
-            if conn is None:
-                continue
+            finished = engine.step() if engine.has_unfinished else []
+            for seq in engine.take_failed():
+                live.pop(seq.rid, None)
+                print(f"replica {os.getpid()}: request {seq.rid} failed: {seq.error}", file=sys.stderr, flush=True)
+                failed.append((seq.rid, 500, f"the engine failed on this request: {seq.error}"))
+            for rid, status, message in failed:
+                conn.send(("failed", rid, status, message))
+            if STREAM_TOKENS:
+                for rid, entry in live.items():
+                    request, sent = entry
+                    if len(request.tokens) > sent:
+                        logprobs = getattr(request, "output_logprobs", [])[sent:] \
+                            if getattr(request, "logprobs", None) is not None else None
+                        conn.send(("tokens", rid, request.tokens[sent:], logprobs))
+                        entry[1] = len(request.tokens)
+            for seq in finished:
+                live.pop(seq.rid, None)
+                conn.send(("done", seq.rid, seq.tokens, seq.timings()))
             now = time.monotonic()
-            if batch or now - last_stats > (STATS_EVERY if waiting else HEARTBEAT * 0.8):
-                conn.send(("stats", {"busy_seconds": busy, "waiting": len(waiting), "running": 0,
-                                     "steps": rounds, "tokens": tokens}))
+            if finished or failed or now - last_stats > (STATS_EVERY if engine.has_unfinished else HEARTBEAT * 0.8):
+                conn.send(("stats", pipeline_stats(engine)))
                 last_stats = now
     except (BrokenPipeError, ConnectionResetError):
+        engine.stop()
         return
