@@ -8,7 +8,7 @@
     kv_connector.py      KVConnector: KV supplied by another process or tier (none by default)
     runner.py            PagedRunner (one forward per step), ContiguousRunner, ModelledRunner
     clock.py             WallClock, ModelledClock, step_seconds (modelled device time)
-    sampling.py          sample: greedy or temperature + top_p with the request's generator
+    sampling.py          sample: greedy or temperature + top_p with the request's generator; token_logprobs
     stats.py             percentile (defined once), StepRecord, EngineResult
     engine.py            LLMEngine.step: schedule → run → sample; run_requests: a replay with arrivals
 """
@@ -19,7 +19,7 @@ from helpers.course.engine.kv_connector import KVConnector
 from helpers.course.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventLog
 from helpers.course.engine.request import Request, RequestStatus
 from helpers.course.engine.runner import ContiguousRunner, ModelledRunner, PagedRunner
-from helpers.course.engine.sampling import sample
+from helpers.course.engine.sampling import sample, token_logprobs
 from helpers.course.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, ScheduleError, StepPlan, \
     continuous_batching_step
 from helpers.course.engine.stats import EngineResult, StepRecord, percentile
@@ -27,5 +27,5 @@ from helpers.course.engine.stats import EngineResult, StepRecord, percentile
 __all__ = ["LLMEngine", "BATCHING", "run_requests", "Request", "RequestStatus", "Scheduler", "SchedulerConfig",
            "SchedulerOutput", "ScheduleError", "KVCacheManager", "PrefixCacheStats", "UnlimitedKV", "KVConnector",
            "KVEventLog", "BlockStored", "BlockRemoved", "AllBlocksCleared", "WallClock", "ModelledClock",
-           "step_seconds", "sample", "PagedRunner", "ContiguousRunner", "ModelledRunner", "percentile", "StepRecord",
-           "EngineResult", "StepPlan", "continuous_batching_step"]
+           "step_seconds", "sample", "token_logprobs", "PagedRunner", "ContiguousRunner", "ModelledRunner",
+           "percentile", "StepRecord", "EngineResult", "StepPlan", "continuous_batching_step"]

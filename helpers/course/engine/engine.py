@@ -34,7 +34,7 @@ from helpers.course.engine.clock import ModelledClock, WallClock
 from helpers.course.engine.kv_cache_manager import KVCacheManager, UnlimitedKV
 from helpers.course.engine.request import Request, RequestStatus
 from helpers.course.engine.runner import ContiguousRunner, ModelledRunner, PagedRunner
-from helpers.course.engine.sampling import sample
+from helpers.course.engine.sampling import sample, token_logprobs
 from helpers.course.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, continuous_batching_step
 from helpers.course.engine.stats import EngineResult, StepRecord
 from helpers.course.kv_cache import OutOfBlocks
@@ -190,6 +190,8 @@ class LLMEngine:
         try:
             token = logits if isinstance(logits, int) else sample(logits, request.temperature, request.top_p,
                                                                    request.generator)
+            if request.logprobs is not None and not isinstance(logits, int):   # a modelled runner has no logits
+                request.output_logprobs.append(token_logprobs(logits, token, request.logprobs))
         except Exception as e:          # sampling failed for this request only
             self.fail(request, e)
             return

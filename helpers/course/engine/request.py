@@ -35,21 +35,30 @@ class Request:
     request gives the same tokens on any replica, in any batch, after any preemption.
     arrival: when it arrived, on the engine's clock (a replay's virtual time, or time.monotonic()).
     cache_salt: mixed into its first block's hash (vLLM's `cache_salt`): only requests with the same salt share
-    prefix-cache blocks."""
+    prefix-cache blocks.
+    logprobs: None, or how many most likely tokens to record with each generated token (vLLM's
+    SamplingParams.logprobs; 0: the chosen token's logprob only): output_logprobs then holds, per generated token,
+    {"logprob": its logprob, "top": [[token_id, logprob], ...] best first} under the model's raw distribution
+    (sampling.token_logprobs)."""
 
     def __init__(self, rid, prompt, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, arrival: float | None = None, cache_salt: str | None = None):
+                 seed: int | None = None, arrival: float | None = None, cache_salt: str | None = None,
+                 logprobs: int | None = None):
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError(f"request {rid!r}: a request needs at least one prompt token")
         if int(max_tokens) < 1:
             raise ValueError(f"request {rid!r}: max_tokens={max_tokens} must be >= 1")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise ValueError(f"request {rid!r}: logprobs={logprobs!r} must be None or an integer >= 0")
         self.rid, self.prompt, self.max_tokens = rid, prompt, int(max_tokens)
+        self.logprobs = logprobs
         self.temperature, self.top_p, self.seed, self.cache_salt = float(temperature), float(top_p), seed, cache_salt
         self.generator = None
         if self.temperature > 0:
             self.generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
         self.tokens: list[int] = []               # generated so far
+        self.output_logprobs: list[dict] = []     # one per generated token when logprobs is not None
         self.num_computed_tokens = 0              # of prompt + tokens, in the KV cache
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0

@@ -27,6 +27,18 @@ Fault tolerance
     engine (400) or it raised inside the engine (500) — is not retried: it would fail the same way on every
     replica. Only the death of a replica, which says nothing about the request, sends a request elsewhere.
 
+Streaming
+    `stream = balancer.submit(params)` returns at once; `async for out in stream` gives one item per replica
+    message: out["token_ids"] (the tokens new since the last item), out["logprobs"] (None, or one
+    {"logprob", "top"} per new token), out["finished"] (True on the last item, which carries the replica's
+    "timings"), out["replica"], out["retries"]. The iterator raises RequestFailed or NoReplicaError, and ends
+    quietly after `balancer.cancel(stream.rid)`. A replica sends ("tokens", rid, ids, logprobs) after every step
+    and ("done", rid, all tokens, timings) at the end; a replica that sends only "done" (the pipeline replica)
+    streams in one piece. After a retry the new attempt regenerates the tokens already streamed (the same ones:
+    the seed of an unseeded sampled request is drawn here, once, not in the replica); they are dropped, so a
+    client never receives a token twice. vLLM's front end likewise consumes a per-request output queue fed by
+    the engine (vllm/v1/engine/output_processor.py, RequestOutputCollector; async_llm.py `generate`).
+
 Outstanding requests
     A replica's outstanding count is what it still holds: requests sent and not answered, plus requests
     cancelled by the front end (client gone, timeout) whose cancel the replica has not yet acknowledged.
@@ -39,6 +51,7 @@ import importlib
 import itertools
 import multiprocessing as mp
 import os
+import random
 import time
 from collections import deque
 
@@ -83,13 +96,55 @@ class RequestFailed(RuntimeError):
         self.status, self.message, self.replica = status, message, replica
 
 
+class Stream:
+    """What `Balancer.submit` returns: `rid`, and an async iterator of the request's output items (module
+    docstring). Fed by the balancer on the event loop; read by the front end."""
+
+    def __init__(self, rid: int):
+        self.rid = rid
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.closed = False      # nothing more will be put (finished, failed or cancelled)
+        self._ended = False      # the reader reached the end
+
+    def _put(self, item) -> None:
+        """An output dict; an exception to raise in the reader; None: end without a finished item (cancelled)."""
+        if self.closed:
+            return
+        self.closed = item is None or isinstance(item, BaseException) or item["finished"]
+        self._queue.put_nowait(item)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is None or isinstance(item, BaseException):
+            self._ended = True
+            if item is None:
+                raise StopAsyncIteration
+            raise item
+        self._ended = item["finished"]
+        return item
+
+
 class Pending:
     """A request the balancer owns until a replica answers it."""
 
-    def __init__(self, rid: int, params: dict, future: asyncio.Future):
-        self.rid, self.params, self.future = rid, params, future
+    def __init__(self, rid: int, params: dict):
+        self.rid, self.params, self.stream = rid, params, Stream(rid)
         self.attempts = 0
         self.replicas: list[int] = []  # every replica it was sent to, in order
+        self.emitted: list[int] = []   # tokens given to the stream, over all attempts
+        self.received = 0              # tokens the current attempt has sent
+
+    @property
+    def closed(self) -> bool:
+        return self.stream.closed
+
+    def fail(self, error: BaseException) -> None:
+        self.stream._put(error)
 
 
 class ReplicaHandle:
@@ -134,6 +189,7 @@ class Balancer:
         self._ids = itertools.count()
         self._rr = itertools.count()
         self._ready_event = None
+        self._collectors: set = set()   # submit_for_result's tasks (kept referenced until they end)
         self.stopping = False
 
     # ------------------------------------------------------------------ processes
@@ -210,14 +266,19 @@ class Balancer:
             self._ready_event.set()
             while self.backlog and r.state == "ready":
                 self._dispatch(self.backlog.popleft())
+        elif kind == "tokens":
+            _, rid, token_ids, logprobs = msg
+            pending = r.inflight.get(rid)
+            if pending is not None and not pending.closed:
+                self._emit(pending, r, token_ids, logprobs)
         elif kind == "done":
-            _, rid, tokens, timings = msg
+            _, rid, tokens, timings = msg[:4]
             pending = r.inflight.pop(rid, None)
             r.cancelling.discard(rid)
             r.served += 1
-            if pending is not None and not pending.future.done():
-                pending.future.set_result({"tokens": tokens, "replica": r.index, "retries": pending.attempts - 1,
-                                           "replicas": pending.replicas, "timings": timings})
+            if pending is not None and not pending.closed:
+                # a replica that streamed has sent every token already; one that did not sends them all here
+                self._emit(pending, r, tokens[pending.received:], None, timings=timings)
                 if self.metrics is not None and hasattr(self.metrics, "observe_timings"):
                     self.metrics.observe_timings(timings, len(tokens))   # TTFT and time per output token
             self._gauge(r)
@@ -225,8 +286,8 @@ class Balancer:
             _, rid, status, message = msg
             pending = r.inflight.pop(rid, None)
             r.cancelling.discard(rid)
-            if pending is not None and not pending.future.done():
-                pending.future.set_exception(RequestFailed(status, message, r.index))
+            if pending is not None and not pending.closed:
+                pending.fail(RequestFailed(status, message, r.index))
             self._gauge(r)
         elif kind == "cancelled":
             r.cancelling.discard(msg[1])
@@ -258,7 +319,7 @@ class Balancer:
         orphans, r.inflight, r.cancelling = list(r.inflight.values()), {}, set()
         self._gauge(r)
         for pending in orphans:
-            if pending.future.done():
+            if pending.closed:
                 continue
             if self.metrics is not None:
                 self.metrics.retries.inc()
@@ -298,25 +359,74 @@ class Balancer:
                     r.process.join()
             r.state = "stopped"
             for pending in r.inflight.values():
-                if not pending.future.done():
-                    pending.future.set_exception(NoReplicaError("the server is shutting down"))
+                pending.fail(NoReplicaError("the server is shutting down"))
         for pending in self.backlog:
-            if not pending.future.done():
-                pending.future.set_exception(NoReplicaError("the server is shutting down"))
+            pending.fail(NoReplicaError("the server is shutting down"))
 
     # ------------------------------------------------------------------ requests
-    def submit(self, params: dict) -> tuple[int, asyncio.Future]:
-        """Queue one request; returns (request id, future of {tokens, replica, retries, ...})."""
-        pending = Pending(next(self._ids), params, asyncio.get_running_loop().create_future())
+    def submit(self, params: dict) -> Stream:
+        """Queue one request ({prompt, max_tokens, temperature, top_p, seed, logprobs}); returns its Stream at once
+        (module docstring). A sampled request without a seed gets one here, drawn once: every attempt of it, on
+        any replica, samples the same tokens, so a retry can continue the stream where the dead replica left it."""
+        params = dict(params)
+        if params.get("temperature", 0) > 0 and params.get("seed") is None:
+            params["seed"] = random.getrandbits(63)
+        pending = Pending(next(self._ids), params)
         self._dispatch(pending)
-        return pending.rid, pending.future
+        return pending.stream
+
+    def submit_for_result(self, params: dict) -> tuple[int, asyncio.Future]:
+        """The whole answer at once: (request id, future of {tokens, replica, retries, replicas, timings}), the
+        stream collected (the future raises what the stream raises; it is cancelled by cancel(rid))."""
+        stream = self.submit(params)
+        future = asyncio.get_running_loop().create_future()
+
+        async def collect():
+            tokens = []
+            try:
+                async for out in stream:
+                    tokens += out["token_ids"]
+                    if out["finished"] and not future.done():
+                        future.set_result({"tokens": tokens, "replica": out["replica"], "retries": out["retries"],
+                                           "replicas": out["replicas"], "timings": out["timings"]})
+            except (RequestFailed, NoReplicaError) as e:
+                if not future.done():
+                    future.set_exception(e)
+            if not future.done():
+                future.cancel()     # cancelled: the stream ended without its last item
+        task = asyncio.ensure_future(collect())
+        self._collectors.add(task)
+        task.add_done_callback(self._collectors.discard)
+        return stream.rid, future
+
+    def _emit(self, pending: Pending, r: ReplicaHandle, token_ids: list, logprobs, timings=None) -> None:
+        """Give the stream what it has not had of `token_ids`, the next tokens of the current attempt (after a
+        retry its first tokens repeat what an earlier attempt streamed: dropped). timings: the last item."""
+        start = pending.received
+        pending.received += len(token_ids)
+        repeat = max(0, min(len(token_ids), len(pending.emitted) - start))   # streamed by an earlier attempt
+        if token_ids[:repeat] != pending.emitted[start:start + repeat]:
+            print(f"request {pending.rid}: replica {r.index} regenerated different tokens than an earlier attempt "
+                  f"({token_ids[:repeat]} vs {pending.emitted[start:start + repeat]}); the stream keeps the first",
+                  flush=True)
+        new = list(token_ids[repeat:])
+        finished = timings is not None
+        if not new and not finished:
+            return
+        pending.emitted += new
+        if logprobs is None and not new and pending.params.get("logprobs") is not None:
+            logprobs = []    # the last item, with no token: none of their logprobs either
+        pending.stream._put({"token_ids": new, "logprobs": None if logprobs is None else list(logprobs[repeat:]),
+                             "finished": finished, "replica": r.index, "retries": pending.attempts - 1,
+                             "replicas": list(pending.replicas), "timings": timings})
 
     def cancel(self, rid: int) -> None:
-        """Forget a request whose client went away, and tell its replica to stop computing it."""
+        """Forget a request (its client went away, or the front end found a stop string): its stream ends, and its
+        replica stops computing it and frees its KV blocks."""
         for r in self.replicas:
             pending = r.inflight.pop(rid, None)
             if pending is not None:
-                pending.future.cancel()
+                pending.stream._put(None)
                 try:
                     r.conn.send(("cancel", rid))
                     r.cancelling.add(rid)   # still the replica's until it acknowledges
@@ -326,7 +436,7 @@ class Balancer:
         for pending in list(self.backlog):
             if pending.rid == rid:
                 self.backlog.remove(pending)
-                pending.future.cancel()
+                pending.stream._put(None)
 
     def choose(self) -> ReplicaHandle | None:
         """The replica the next request goes to, or None while none is up."""
@@ -338,8 +448,8 @@ class Balancer:
 
     def _dispatch(self, pending: Pending) -> None:
         if pending.attempts > self.max_retries:
-            pending.future.set_exception(NoReplicaError(
-                f"request failed on {pending.attempts} replicas ({pending.replicas}); giving up"))
+            pending.fail(NoReplicaError(f"request failed on {pending.attempts} replicas ({pending.replicas}); "
+                                        "giving up"))
             return
         r = self.choose()
         if r is None:
@@ -347,6 +457,7 @@ class Balancer:
             self._backlog_gauge()
             return
         pending.attempts += 1
+        pending.received = 0   # this attempt starts from the first token (the ones already streamed are dropped)
         pending.replicas.append(r.index)
         r.inflight[pending.rid] = pending
         self._gauge(r)

@@ -2,10 +2,14 @@
 over a pipe. Data parallelism for serving is exactly this: N independent copies, each with its own batch.
 
 Messages (tuples, pickled by multiprocessing.Connection):
-    front end -> replica   ("submit", rid, {prompt, max_tokens, temperature, top_p, seed})
-                           ("cancel", rid)           the client went away: stop computing it
+    front end -> replica   ("submit", rid, {prompt, max_tokens, temperature, top_p, seed, logprobs})
+                           ("cancel", rid)           the client went away (or a stop string was found): stop
+                                                     computing it and free its KV blocks
     replica -> front end   ("ready", pid)            model loaded, accepting work
-                           ("done", rid, tokens, timings)
+                           ("tokens", rid, token_ids, logprobs)   after each step, for each request that produced
+                                                     tokens: the new ones (logprobs: None, or one
+                                                     {"logprob", "top"} per token; engine/sampling.py)
+                           ("done", rid, tokens, timings)   all its tokens (the ones streamed, whole)
                            ("failed", rid, status, message)   this request failed here (400: it was
                                                      invalid, 500: it hit a bug); the replica carries on
                            ("cancelled", rid)        the cancel was handled: the replica holds rid no more
@@ -130,6 +134,7 @@ def _serve(conn, engine, group_size: int) -> None:
     if conn is not None:
         conn.send(("ready", os.getpid()))
     last_stats = 0.0
+    live = {}   # rid -> [Request, how many of its tokens were sent]: what streams after each step
     try:
         while True:
             messages = []
@@ -141,7 +146,9 @@ def _serve(conn, engine, group_size: int) -> None:
                     while conn.poll(timeout):
                         msg = conn.recv()
                         if msg[0] == "submit" and msg[2].get("temperature", 0) > 0 and msg[2].get("seed") is None:
-                            msg[2]["seed"] = random.getrandbits(63)  # the same draw on every rank
+                            # the balancer draws it (once per request: a retry samples the same tokens); this
+                            # is for other senders, drawn on rank 0 only, so every rank samples alike
+                            msg[2]["seed"] = random.getrandbits(63)
                         messages.append(msg)
                         timeout = 0
                 except (EOFError, OSError):
@@ -155,11 +162,15 @@ def _serve(conn, engine, group_size: int) -> None:
                 if msg[0] == "submit":
                     _, rid, p = msg
                     try:
-                        engine.add_request(Request(rid, p["prompt"], p["max_tokens"], p.get("temperature", 0.0),
-                                                   p.get("top_p", 1.0), p.get("seed")))
+                        request = Request(rid, p["prompt"], p["max_tokens"], p.get("temperature", 0.0),
+                                          p.get("top_p", 1.0), p.get("seed"), logprobs=p.get("logprobs"))
+                        live[rid] = [request, 0]
+                        engine.add_request(request)
                     except (ValueError, TypeError, KeyError) as e:
+                        live.pop(rid, None)
                         failed.append((rid, 400, f"invalid request: {type(e).__name__}: {e}"))
                 elif msg[0] == "cancel":
+                    live.pop(msg[1], None)
                     engine.abort(msg[1])
                     if conn is not None:
                         conn.send(("cancelled", msg[1]))
@@ -173,15 +184,20 @@ def _serve(conn, engine, group_size: int) -> None:
                 for request in [*engine.running, *engine.waiting]:
                     engine.fail(request, e)
             for seq in engine.take_failed():
+                live.pop(seq.rid, None)
                 if conn is not None:
                     print(f"replica {os.getpid()}: request {seq.rid} failed:\n{seq.traceback}",
                           file=sys.stderr, flush=True)
                 failed.append((seq.rid, 500, f"the engine failed on this request: {seq.error}"))
             if conn is None:
+                for seq in finished:
+                    live.pop(seq.rid, None)
                 continue
             for rid, status, message in failed:
                 conn.send(("failed", rid, status, message))
+            _send_new_tokens(conn, live)
             for seq in finished:
+                live.pop(seq.rid, None)
                 conn.send(("done", seq.rid, seq.tokens, seq.timings()))
             now = time.monotonic()
             if finished or failed or now - last_stats > (STATS_EVERY if engine.has_unfinished else HEARTBEAT * 0.8):
@@ -191,3 +207,15 @@ def _serve(conn, engine, group_size: int) -> None:
                 last_stats = now
     except (BrokenPipeError, ConnectionResetError):
         return  # the front end is gone
+
+
+def _send_new_tokens(conn, live: dict) -> None:
+    """("tokens", rid, new token ids, their logprobs or None) for every request that produced tokens since the
+    last call: what a streaming client receives as they come (vLLM's engine core likewise returns each step's new
+    tokens per request, EngineCoreOutput.new_token_ids in vllm/v1/engine/__init__.py)."""
+    for rid, entry in live.items():
+        request, sent = entry
+        if len(request.tokens) > sent:
+            logprobs = request.output_logprobs[sent:] if request.logprobs is not None else None
+            conn.send(("tokens", rid, request.tokens[sent:], logprobs))
+            entry[1] = len(request.tokens)
