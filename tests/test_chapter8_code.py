@@ -51,3 +51,28 @@ def _variants_job(rank, world_size):
 
 def test_dispatch_variants_equal_the_single_process_block():
     assert all(all(ok) for ok in launch(_variants_job, 3, show_output=False))
+
+
+def _overlap_job(rank, world_size, overlap):
+    import torch.distributed as dist
+    from helpers.course.ring_attention import TransferOverlap
+    a, peer = torch.randn(8, 4), (rank + 1) % world_size
+    incoming = torch.empty(3)
+    with TransferOverlap() as meter:
+        if not overlap:
+            a @ a.t()                                       # computed before anything is posted
+        ops = [dist.P2POp(dist.isend, torch.ones(3), peer), dist.P2POp(dist.irecv, incoming, (rank - 1) % 2)]
+        requests = dist.batch_isend_irecv(ops)
+        if overlap:
+            a @ a.t()                                       # computed while the transfer is in flight
+        for r in requests:
+            r.wait()
+        a @ a.t()                                           # after the wait: never overlapped
+    return meter.overlapped_flops, meter.total_flops
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_transfer_overlap_counts_only_work_between_post_and_wait(overlap):
+    for overlapped, total in launch(_overlap_job, 2, overlap, show_output=False):
+        assert total == 2 * 2 * 8 * 8 * 4
+        assert overlapped == (total // 2 if overlap else 0)

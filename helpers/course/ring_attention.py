@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["ORDERS", "chunks_of_rank", "positions_of_rank", "shard_sequence", "unshard_sequence",
-           "attention_reference", "causal_work", "PeakMemory"]
+           "attention_reference", "causal_work", "PeakMemory", "TransferOverlap"]
 
 ORDERS = ("zigzag", "contiguous")
 
@@ -116,4 +116,72 @@ class PeakMemory(TorchDispatchMode):
                     self._live[key] = weakref.finalize(storage, self._free, key, storage.nbytes())
                     self.current += storage.nbytes()
                     self.peak = max(self.peak, self.current)
+        return out
+
+
+class TransferOverlap(TorchDispatchMode):
+    """Measures how much of a function's matmul work runs while one of its point-to-point transfers is in flight
+    (posted by dist.isend / dist.irecv / dist.batch_isend_irecv and not yet waited for): the overlap a ring
+    attention can get on real hardware, read off the learner's own code instead of a timing.
+
+        with TransferOverlap() as meter:
+            out = ring_attention(q, k, v)
+        meter.overlapped_flops, meter.total_flops     # matmul FLOPs (mm, bmm, addmm, baddbmm)
+
+    A blocking dist.send / dist.recv is never in flight; a request counts as done when its wait() returns."""
+
+    _MATMULS = {"mm", "bmm", "addmm", "baddbmm"}
+
+    def __init__(self):
+        super().__init__()
+        self.total_flops = self.overlapped_flops = 0
+        self._pending = set()
+        self._saved = {}
+
+    def _track(self, work):
+        meter, key = self, object()
+        self._pending.add(key)
+
+        class Tracked:
+            def wait(self, *args, **kwargs):
+                result = work.wait(*args, **kwargs)
+                meter._pending.discard(key)
+                return result
+
+            def __getattr__(self, name):
+                return getattr(work, name)
+        return Tracked()
+
+    def __enter__(self):
+        import torch.distributed as dist
+        for name in ("isend", "irecv", "batch_isend_irecv", "P2POp"):
+            self._saved[name] = getattr(dist, name)
+        originals = {}
+
+        def wrap(original, many):
+            def call(*args, **kwargs):
+                works = original(*args, **kwargs)
+                return [self._track(w) for w in works] if many else self._track(works)
+            originals[call] = original
+            return call
+        dist.isend, dist.irecv = wrap(self._saved["isend"], False), wrap(self._saved["irecv"], False)
+        dist.batch_isend_irecv = wrap(self._saved["batch_isend_irecv"], True)
+        p2p_op = self._saved["P2POp"]          # a P2POp must hold the real isend/irecv (c10d checks `op is isend`)
+        dist.P2POp = lambda op, *args, **kwargs: p2p_op(originals.get(op, op), *args, **kwargs)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in self._MATMULS:
+            a, b = args[-2], args[-1]
+            flops = 2 * a.numel() * b.shape[-1]
+            self.total_flops += flops
+            if self._pending:
+                self.overlapped_flops += flops
         return out
