@@ -83,3 +83,11 @@ vllm-check: $(STAMP) $(VLLM_STAMP)
 # "N/80 workloads identical step by step". Writes helpers/course/data/vllm_scheduler_check.json.
 vllm-scheduler-check: $(STAMP) $(VLLM_STAMP)
 	COURSE_IMPL=solutions $(PY) -m helpers.vllm_scheduler_check --json helpers/course/data/vllm_scheduler_check.json
+
+# vLLM's own benchmark client, `vllm bench serve`, against the course's server (paged, prefix caching, one replica)
+# and `vllm serve` on the same model: same datasets (random; prefix_repetition), 40 prompts, 4 concurrent, greedy.
+# Prints TTFT / TPOT / ITL / throughput side by side (about 7 minutes); writes helpers/course/data/bench_serve.json,
+# which notebook 06 shows. `python -m helpers.bench_serve --show` prints the stored run.
+.PHONY: bench-serve
+bench-serve: $(STAMP) $(VLLM_STAMP)
+	$(PY) -m helpers.bench_serve

