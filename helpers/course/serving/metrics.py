@@ -33,6 +33,9 @@ class ServingMetrics:
         self.up = Gauge("serving_replica_up", "1 when the replica accepts work", ["replica"], registry=r)
         self.retries = Counter("serving_retries", "Requests re-sent to another replica after a failure", registry=r)
         self.restarts = Counter("serving_replica_restarts", "Replica processes restarted after dying", registry=r)
+        self.spawn_failures = Counter("serving_replica_spawn_failures", "Replica processes that could not be "
+                                      "started (fork or pipe failed, e.g. EMFILE); each is retried with backoff",
+                                      registry=r)
         self.ttft = Histogram("serving_time_to_first_token_seconds", "Time from a request reaching its replica "
                               "to its first token (vllm:time_to_first_token_seconds)", buckets=LATENCY_BUCKETS,
                               registry=r)
