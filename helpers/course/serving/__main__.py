@@ -7,6 +7,8 @@
     python -m helpers.course.serving --help   # every option: ServeConfig's fields (config.py), vLLM's names
     curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "It was the best of times", "max_tokens": 24, "temperature": 0}'
+    curl -sN 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 24, "stream": true, "stop": "\\n<|"}'
     curl -s 127.0.0.1:8000/metrics
 
 Ctrl-C (or SIGTERM) stops the front end and every replica process.
@@ -26,9 +28,10 @@ import sys
 from helpers.course.serving.background import report_port
 from helpers.course.serving.balancer import Balancer
 from helpers.course.serving.config import ServeConfig
+from helpers.course.serving.limits import make_server
 from helpers.course.serving.metrics import ServingMetrics
 from helpers.course.serving.replica import load_model_module
-from helpers.course.serving.server import CompletionServer
+from helpers.course.serving.server import build_app
 
 
 def parse_args(argv=None) -> ServeConfig:
@@ -37,6 +40,10 @@ def parse_args(argv=None) -> ServeConfig:
 
 
 async def serve(config: ServeConfig) -> None:
+    """The front end: the balancer (which starts the replicas) and the FastAPI app (server.py) on uvicorn, on one
+    event loop, until SIGTERM or Ctrl-C. The socket is bound first, so that port 0 gives a free port to report;
+    uvicorn serves on it with the course's limits (limits.py), as vLLM's serve_http runs its NoSignalServer on a
+    socket bound before the engine starts (vllm/entrypoints/launchers/launcher.py)."""
     module = load_model_module(config.model)
     config.check_model(module.CONFIG)
     metrics = ServingMetrics()
@@ -47,19 +54,26 @@ async def serve(config: ServeConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A write to a client that has gone (a stream it left) must fail with EPIPE, not kill the server: Python
+    # ignores SIGPIPE from its start, but a process forked by the launcher (launcher.py) has the default back.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    http = None
     try:
         await balancer.start()
-        front = CompletionServer(balancer, metrics, module, config.served_model_name, api_key=config.api_key)
-        server = await asyncio.start_server(front.handle, sock=sock)
+        app = build_app(balancer, metrics, module, config.served_model_name, api_key=config.api_key)
+        server = make_server(app, sock, log_level="warning")
+        http = asyncio.ensure_future(server.serve())
+        await server.wait_started()
         port = sock.getsockname()[1]
         host = "[::1]" if config.host == "::1" else config.host
         print(f"serving {config.served_model_name} on http://{host}:{port} with {config.summary()}", flush=True)
         report_port(port)   # to start_server, through its pipe
-        await stop.wait()
-        server.close()
-        for task in list(front.connections):
-            task.cancel()
+        await asyncio.wait({http, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True   # uvicorn closes its connections (open streams get timeout_graceful_shutdown)
+        await http
     finally:
+        if http is not None and not http.done():
+            http.cancel()
         await balancer.stop()
         sock.close()
 

@@ -1,0 +1,174 @@
+"""The official `openai` client, unchanged, against the course's server (contiguous, paged and TP=2 replicas):
+completions and chat, both streamed, stop strings, n, logprobs, seeds, model listing and the API key. Greedy
+results are checked against the model run offline (tiny_llama.generate, a forward pass for logprobs), not
+against the server itself."""
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from helpers.course import tiny_llama
+from helpers.course.serving import start_server
+from helpers.course.serving.metrics import parse, value
+from helpers.course.tokenizer import load_tokenizer
+
+KEY = "test-key-3a1f"
+MODEL = "tiny-llama"
+CONFIGS = {"contiguous": dict(replicas=1, max_batch=8),
+           "paged": dict(replicas=1, max_batch=8, kv_cache="paged", num_blocks=64, block_size=16),
+           "tp2": dict(replicas=1, max_batch=8, tp=2)}
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "It was the best of"}]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama.load_model()
+
+
+@pytest.fixture(scope="module")
+def chat_ids():
+    text = load_tokenizer().apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    return tiny_llama.encode(text)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def server(request):
+    with start_server(api_key=KEY, **CONFIGS[request.param], env={"COURSE_IMPL": "solutions"}) as s:
+        s.kind = request.param
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def reference(model, ids, n) -> str:
+    return tiny_llama.decode(tiny_llama.generate(model, ids, n))
+
+
+def test_completion_and_its_stream_give_the_models_tokens(client, model):
+    ids = tiny_llama.encode(tiny_llama.PROMPT)
+    want = reference(model, ids, 12)
+    reply = client.completions.create(model=MODEL, prompt=tiny_llama.PROMPT, max_tokens=12, temperature=0)
+    assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
+    assert reply.choices[0].text == want and reply.choices[0].finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), 12)
+    chunks = list(client.completions.create(model=MODEL, prompt=tiny_llama.PROMPT, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == want and len(texts) > 1, texts
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id != reply.id
+
+
+def test_chat_and_its_stream_use_the_chat_template(client, model, chat_ids):
+    want = reference(model, chat_ids, 10)
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0)
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content == want
+    assert reply.choices[0].finish_reason == "length" and reply.usage.prompt_tokens == len(chat_ids)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0,
+                                                 stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_strings_cut_the_text_also_across_streamed_chunks(client, model):
+    ids = tiny_llama.encode(tiny_llama.PROMPT)
+    full = reference(model, ids, 24)
+    stop = full[6:9]                      # three characters: three tokens, three streamed chunks
+    cut = full.index(stop)
+    reply = client.completions.create(model=MODEL, prompt=tiny_llama.PROMPT, max_tokens=24, temperature=0,
+                                      stop=["never appears", stop])
+    assert reply.choices[0].text == full[:cut] and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == len(tiny_llama.encode(full[:cut + len(stop)]))
+    chunks = list(client.completions.create(model=MODEL, prompt=tiny_llama.PROMPT, max_tokens=24, temperature=0,
+                                            stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full[:cut]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(stop not in c.choices[0].text for c in chunks)
+
+
+def test_n_choices_and_seeds_as_vllm_derives_them(client):
+    def sample(n, seed):
+        reply = client.completions.create(model=MODEL, prompt="It was", max_tokens=8, temperature=1.0, n=n,
+                                          seed=seed)
+        return [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+    three = sample(3, 1234)
+    assert len(three) == 3 and sample(3, 1234) == three, "the same seed must give the same choices"
+    assert len(set(three)) > 1, three
+    assert sample(1, 1235) == three[1:2], "choice i of a seeded request is sampled with seed + i (vLLM's)"
+
+
+def test_logprobs_are_the_models(client, model):
+    ids = tiny_llama.encode(tiny_llama.PROMPT)
+    reply = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, logprobs=3)
+    out = tiny_llama.generate(model, ids, 6)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + out])).logits[0, len(ids) - 1:-1].float()
+    want = torch.log_softmax(logits, -1)
+    lp = reply.choices[0].logprobs
+    assert lp.tokens == [tiny_llama.decode([t]) for t in out]
+    assert torch.allclose(torch.tensor(lp.token_logprobs), want[range(6), out], atol=1e-4)
+    for step, top in enumerate(lp.top_logprobs):
+        best = want[step].topk(3)
+        expected = {tiny_llama.decode([int(t)]): float(x) for t, x in zip(best.indices, best.values)}
+        assert top.keys() == expected.keys() and all(abs(top[k] - expected[k]) < 1e-4 for k in top), (top, expected)
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.logprob - 1e-6
+                                     for c in content)
+
+
+def test_models_and_the_api_key(client, server):
+    listed = client.models.list().data
+    assert [m.id for m in listed] == [MODEL] and listed[0].owned_by and listed[0].created > 0
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+    assert e.value.code == "model_not_found" and e.value.type == "not_found_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body={"max_new_tokens": 3})
+    assert e.value.param == "max_new_tokens" and "use max_tokens" in e.value.message
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="not-the-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    lower = httpx.get(server.url + "/v1/models", headers={"Authorization": f"bearer {KEY}"})
+    assert lower.status_code == 200, "the scheme is case-insensitive (RFC 9110)"
+    assert httpx.get(server.url + "/health").status_code == 200, "/health needs no key"
+
+
+def test_a_client_leaving_mid_stream_frees_its_kv_blocks(server):
+    if server.kind != "paged":
+        pytest.skip("KV blocks are counted by a paged replica")
+
+    def used():
+        return server.replicas()[0].get("kv_blocks_used")
+
+    def disconnects():
+        return value(parse(server.get("/metrics")), "serving_client_disconnects_total")
+    before = disconnects()
+    body = {"model": MODEL, "prompt": "It was", "max_tokens": 240, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
+        lines = response.iter_lines()
+        deadline = time.monotonic() + 20
+        while not used():   # the request holds blocks while it streams
+            assert time.monotonic() < deadline, "the request never held a KV block"
+            line = next(lines)
+            assert not line.startswith("data: [DONE]"), "the request finished before the test could leave"
+        assert json.loads(next(line for line in lines if line.startswith("data:"))[5:])["choices"]
+    deadline = time.monotonic() + 20   # left: the server cancels the request and the replica frees its blocks
+    while used() or disconnects() == before:
+        assert time.monotonic() < deadline, f"still {used()} KV blocks used after the client left"
+        time.sleep(0.05)
