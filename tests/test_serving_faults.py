@@ -10,12 +10,16 @@ Llama with two planted faults, so that "a bug inside the engine, hit by one requ
 
 Ordinary prompts never meet them, so every other request gets the tiny Llama's own tokens.
 """
+import asyncio
+import errno
 import json
 import math
 import os
+import resource
 import signal
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -25,10 +29,11 @@ from helpers import proctree
 from helpers.course import tiny_llama
 from helpers.course.serving import start_server
 from helpers.course.engine import Request, sample
+from helpers.course.serving.balancer import Balancer
 from helpers.course.serving.config import ServeConfig
 from helpers.course.serving.replica import build_engine
 from helpers.course.serving.loadtest import load_test
-from helpers.course.serving.metrics import parse, value
+from helpers.course.serving.metrics import ServingMetrics, parse, value
 
 RAISES_IN_PREFILL, NAN_LOGITS, RAISES_AT_POSITION = 0, 1, 200
 CONFIG, encode, decode, PROMPT = tiny_llama.CONFIG, tiny_llama.encode, tiny_llama.decode, tiny_llama.PROMPT
@@ -221,3 +226,135 @@ def test_a_stopped_replica_is_replaced_and_its_requests_retried(server):
             os.kill(stopped, signal.SIGCONT)
         except ProcessLookupError:
             pass
+
+
+# ---------------------------------------------------------------- the balancer, in this process
+
+def _greedy(prompt, lengths) -> dict:
+    """{n: the model's first n greedy tokens} for each n, computed on one thread (several spin against the
+    replicas for the two cores of a busy machine, ten times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tokens = tiny_llama.generate(tiny_llama.load_model(), prompt, max(lengths))
+    finally:
+        torch.set_num_threads(threads)
+    return {n: tokens[:n] for n in lengths}
+
+
+async def _collect(stream):
+    """A stream's tokens, or the exception it raised."""
+    tokens = []
+    try:
+        async for out in stream:
+            tokens += out["token_ids"]
+    except Exception as e:      # RequestFailed, NoReplicaError: what a client would get as an error
+        return e
+    return tokens
+
+
+def test_killing_rank_1_of_a_tp_replica_loses_no_request():
+    """20 concurrent streams on 2 replicas of 2 TP ranks; SIGKILL rank 1 of replica 0 while they run. Rank 0 sees
+    gloo's "Connection closed by peer" inside its step: that is the death of the replica (it exits, the balancer
+    retries its requests on replica 1), not a failure of the requests it held. Every request gets the model's
+    tokens, none an error."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COURSE_IMPL", "solutions")   # chapter 2's shard_llama, read by the forked ranks
+        asyncio.run(_kill_rank_1(ServeConfig(data_parallel_size=2, tensor_parallel_size=2, stuck_after=0,
+                                             policy="round_robin")))
+
+
+async def _kill_rank_1(config):
+    prompt, lengths = encode(PROMPT), [24 + 8 * (i % 2) for i in range(20)]
+    expected = _greedy(prompt, set(lengths))
+    balancer = Balancer(config)
+    try:
+        await balancer.start(timeout=60)
+        victim = balancer.replicas[0].ranks[1]
+        streams = [balancer.submit({"prompt": prompt, "max_tokens": n, "temperature": 0}) for n in lengths]
+        results = asyncio.gather(*(_collect(s) for s in streams))
+        deadline = time.monotonic() + 30
+        while balancer.replicas[0].stats["tokens"] < 20:      # replica 0 is decoding its share
+            assert time.monotonic() < deadline, balancer.describe()
+            await asyncio.sleep(0.01)
+        os.kill(victim, signal.SIGKILL)
+        got = await asyncio.wait_for(results, timeout=120)
+        errors = [g for g in got if isinstance(g, Exception)]
+        assert not errors, f"{len(errors)} of 20 requests failed: {errors[:2]}"
+        assert got == [expected[n] for n in lengths]
+        assert balancer.replicas[0].restarts == 1, balancer.describe()
+    finally:
+        await balancer.stop()
+
+
+def test_a_replica_whose_respawn_fails_comes_back_and_says_why(monkeypatch):
+    """Replica 0 is killed while this process has no file descriptor left (EMFILE, as under `ulimit -n 256`
+    with idle connections held): mp.Pipe() fails, so no new process can start. The balancer tries again with
+    backoff, health() says why (what /health answers), serving_replica_spawn_failures_total counts the tries,
+    replica 1 serves meanwhile; once descriptors are free again the replica comes back."""
+    monkeypatch.setenv("COURSE_IMPL", "solutions")   # exercise 6.2's choose_replica
+    metrics = ServingMetrics()
+    expected = _greedy(encode(PROMPT), [6])[6]
+
+    async def run():
+        balancer = Balancer(ServeConfig(data_parallel_size=2, stuck_after=0), metrics)
+        await balancer.start(timeout=60)
+        try:
+            held, limits = [], resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))) + 32,
+                                                        limits[1]))
+            try:
+                with pytest.raises(OSError) as full:
+                    while True:
+                        held.append(os.open(os.devnull, os.O_RDONLY))
+                assert full.value.errno == errno.EMFILE
+                os.kill(balancer.replicas[0].process.pid, signal.SIGKILL)
+                deadline = time.monotonic() + 30
+                while value(parse(metrics.exposition().decode()), "serving_replica_spawn_failures_total") < 2:
+                    assert time.monotonic() < deadline, balancer.describe()
+                    await asyncio.sleep(0.02)
+                health = balancer.health()
+                served = await _collect(balancer.submit({"prompt": encode(PROMPT), "max_tokens": 6,
+                                                         "temperature": 0}))
+            finally:
+                for fd in held:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            await balancer.wait_ready(2, timeout=30)
+            return health, served, balancer.health(), balancer.replicas[0].restarts
+        finally:
+            await balancer.stop()
+
+    health, served, after, restarts = asyncio.run(run())
+    assert health["replicas_up"] == 1 and "Too many open files" in health["reasons"]["0"], health
+    assert served == expected, "replica 1 serves while replica 0 cannot start"
+    assert after == {"status": "ok", "replicas_up": 2, "replicas": 2, "reasons": {}} and restarts == 1, after
+
+
+def test_paged_replicas_with_labs_stubs_fall_back_or_refuse_to_start(monkeypatch, capfd):
+    """`--kv-cache paged` with labs/ as shipped (exercises 7.1, 7.2, 7.4 unwritten) used to serve a healthy server
+    whose every request failed with NotImplementedError. Under a grader (COURSE_FALLBACK=0) the server does not
+    start and says which exercises; in a learner's terminal (COURSE_FALLBACK unset) one line says so and the
+    replicas run the reference answers: requests get the model's tokens."""
+    from helpers.impl import unwritten_exercises
+    if "BlockManager" not in unwritten_exercises("labs/paged_kv_cache.py"):
+        pytest.skip("exercise 7.1 is written in labs/")
+    monkeypatch.setenv("COURSE_IMPL", "labs")
+    monkeypatch.setenv("COURSE_FALLBACK", "0")
+    config = ServeConfig(data_parallel_size=1, kv_cache="paged", stuck_after=0)
+    with pytest.raises(SystemExit, match=r"Exercise 7\.1, Exercise 7\.2, Exercise 7\.4, not written yet"):
+        Balancer(config)
+    monkeypatch.delenv("COURSE_FALLBACK")
+    expected = _greedy(encode(PROMPT), [6])[6]
+
+    async def run():
+        balancer = Balancer(config)
+        await balancer.start(timeout=60)
+        try:
+            return await _collect(balancer.submit({"prompt": encode(PROMPT), "max_tokens": 6, "temperature": 0}))
+        finally:
+            await balancer.stop()
+
+    assert asyncio.run(run()) == expected
+    out = capfd.readouterr().out
+    assert out.count("Exercise 7.1, Exercise 7.2, Exercise 7.4 not written yet in labs/") == 1, out

@@ -18,6 +18,11 @@ Fault tolerance
     exactly what the first attempt would have. A new process is started in the dead one's place and takes
     work once it reports "ready".
 
+    A replica whose new process cannot even be started (fork or mp.Pipe failing, e.g. EMFILE: too many open files)
+    is tried again with a growing delay (RESPAWN_DELAYS, then every RESPAWN_MAX_DELAY seconds), never given up
+    once the server serves; why a replica is not up is in `health()` (the front end's /health) and `describe()`,
+    and the failed starts are counted in serving_replica_spawn_failures_total.
+
     A replica that is alive but stuck (stopped with SIGSTOP, hung in a step, starved) sends no EOF. Every
     replica reports at least every replica.HEARTBEAT seconds; a watchdog takes one that stays silent for
     `stuck_after` seconds out of rotation, kills it (and its ranks) and then treats it as dead: its requests
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import itertools
 import multiprocessing as mp
 import os
@@ -60,7 +66,16 @@ from helpers.course.serving.config import HEARTBEAT, POLICIES, STUCK_AFTER, Serv
 from helpers.course.serving.replica import replica_main
 from helpers.impl import DEFAULT, REFERENCE, impl_package, load_impl, unwritten_exercises
 
-MAX_FAILED_STARTS = 3
+MAX_FAILED_STARTS = 3     # deaths before "ready", in a row, that make the server's start fail
+RESPAWN_FIRST_DELAY = 0.25   # seconds before a replica's process is started again after a failed start; doubles
+RESPAWN_MAX_DELAY = 30.0     # up to this
+
+# The exercises a replica's code runs, by option: module of COURSE_IMPL -> names it calls (helpers/impl.py)
+EXERCISES_USED = {
+    "paged": {"paged_kv_cache": ("BlockManager", "paged_attention"), "chunked_prefill": ("schedule_step",)},
+    "prefix caching": {"prefix_cache": ("block_hashes", "PrefixCachingBlockManager")},
+    "tensor parallel": {"tp_llama": ("shard_llama",)},
+}
 
 
 def course_router():
@@ -81,6 +96,52 @@ def course_router():
     print("Exercise 6.2 not written yet in labs/capstone/router.py: this server balances with the reference "
           "answer (solutions/).", flush=True)
     return reference.choose_replica
+
+
+def _fallback_setting() -> bool | None:
+    """COURSE_FALLBACK: True (on), False (off: a grader), None (unset: a learner's terminal)."""
+    setting = os.environ.get("COURSE_FALLBACK")
+    return None if setting is None else setting not in ("0", "", "false", "no")
+
+
+def replica_exercises(config: ServeConfig) -> dict:
+    """Environment for the replica processes, after checking the exercises their code runs (the paged KV cache,
+    chapter 7; shard_llama for --tp, chapter 2). With labs/ as shipped those are stubs, and a server whose every
+    request fails with NotImplementedError would report itself healthy. So, as course_router does for 6.2: in a
+    learner's terminal (COURSE_FALLBACK unset) one line says which exercises are not written yet and the replicas
+    use the reference answers (helpers/impl.py's fallback, switched on for them: {"COURSE_FALLBACK": "1"}, its
+    per-module lines silenced); under a grader (COURSE_FALLBACK=0) the server does not start (SystemExit naming
+    them); in a notebook (COURSE_FALLBACK=1) the replicas fall back and report it to the kernel by themselves."""
+    if impl_package() != DEFAULT:
+        return {}
+    used = dict(EXERCISES_USED["paged"]) if config.kv_cache == "paged" else {}
+    if config.kv_cache == "paged" and config.enable_prefix_caching:
+        used.update(EXERCISES_USED["prefix caching"])
+    if config.tensor_parallel_size > 1 and config.pipeline_parallel_size == 1:
+        used.update(EXERCISES_USED["tensor parallel"])
+    missing = {}   # stub message -> file
+    for module, names in used.items():
+        try:
+            path = importlib.util.find_spec(f"{DEFAULT}.{module}").origin
+        except (ImportError, AttributeError):
+            continue
+        for name, message in unwritten_exercises(path).items():
+            if name in names:
+                missing[message.split(":")[0]] = f"{DEFAULT}/{module.replace('.', '/')}.py"
+    if not missing:
+        return {}
+    exercises = ", ".join(sorted(missing, key=lambda e: [int(x) for x in e.split()[-1].split(".")]))
+    files = ", ".join(sorted(set(missing.values())))
+    fallback = _fallback_setting()
+    if fallback is False:
+        raise SystemExit(f"this server's replicas run {exercises}, not written yet ({files}): write "
+                         f"{'it' if len(missing) == 1 else 'them'}, or serve the reference answers with "
+                         "COURSE_IMPL=solutions (COURSE_FALLBACK=0: no fallback to them)")
+    if fallback:
+        return {}
+    print(f"{exercises} not written yet in {files}: this server's replicas use the reference answers "
+          "(solutions/).", flush=True)
+    return {"COURSE_FALLBACK": "1", "COURSE_FALLBACK_NOTES": os.devnull}
 
 
 class NoReplicaError(RuntimeError):
@@ -159,16 +220,21 @@ class ReplicaHandle:
         self.stats = {"busy_seconds": 0.0, "waiting": 0, "running": 0, "steps": 0, "tokens": 0}
         self.started_at = self.ready_at = self.died_at = None
         self.restarts = self.served = 0
-        self.failed_starts = 0       # deaths before "ready" in a row: a crash loop is not restarted for ever
+        self.ranks: list[int] = []   # the pids of its ranks (a --tp replica's ranks are children of its process)
+        self.failed_starts = 0       # deaths before "ready" in a row (at the server's start: a crash loop fails it)
+        self.spawn_failures = 0      # processes that could not be started, in a row (retried with backoff)
+        self.reason: str | None = None   # why it is not up (None while ready)
 
     @property
     def outstanding(self) -> int:
         return len(self.inflight) + len(self.cancelling)
 
     def describe(self) -> dict:
-        return {"index": self.index, "pid": self.process.pid if self.process else None, "state": self.state,
+        return {"index": self.index, "pid": self.process.pid if self.process else None, "ranks": self.ranks,
+                "state": self.state,
                 "outstanding": self.outstanding, "served": self.served, "restarts": self.restarts,
                 "stuck": self.stuck,
+                "reason": self.reason,
                 "started_at": self.started_at, "ready_at": self.ready_at, "died_at": self.died_at, **self.stats}
 
 
@@ -185,6 +251,8 @@ class Balancer:
         self.replicas = [ReplicaHandle(i) for i in range(config.data_parallel_size)]
         self.metrics = metrics
         self.choose_policy = config.choose_function() or course_router()   # (policy, outstanding, turn) -> index
+        self.replica_env = replica_exercises(config)   # SystemExit when they would fail every request
+        self.serving = False         # set once every replica was ready: from then on, replicas are never given up
         self.backlog: deque[Pending] = deque()
         self._ids = itertools.count()
         self._rr = itertools.count()
@@ -200,6 +268,7 @@ class Balancer:
         if self.stuck_after:
             self._watchdog = asyncio.ensure_future(self._watch())
         await self.wait_ready(len(self.replicas), timeout)
+        self.serving = True
 
     async def wait_ready(self, n: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -219,10 +288,16 @@ class Balancer:
 
     def _spawn(self, r: ReplicaHandle) -> None:
         ours, theirs = mp.Pipe()
-        r.process = mp.get_context("fork").Process(
-            target=replica_main, name=f"replica{r.index}", daemon=False,  # a tp replica has children
-            args=(theirs, r.index, self.config))
-        r.process.start()
+        try:
+            process = mp.get_context("fork").Process(
+                target=replica_main, name=f"replica{r.index}", daemon=False,  # a tp replica has children
+                args=(theirs, r.index, self.config, self.replica_env))
+            process.start()
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        r.process = process
         theirs.close()  # only the child holds its end now: its death means EOF on ours
         r.conn, r.state, r.started_at = ours, "starting", time.time()
         r.last_heard = time.monotonic()
@@ -261,7 +336,8 @@ class Balancer:
         r.last_heard = time.monotonic()
         kind = msg[0]
         if kind == "ready":
-            r.state, r.ready_at, r.failed_starts = "ready", time.time(), 0
+            r.state, r.ready_at, r.failed_starts, r.reason = "ready", time.time(), 0, None
+            r.ranks = list(msg[2]) if len(msg) > 2 else [msg[1]]
             self._gauge(r)
             self._ready_event.set()
             while self.backlog and r.state == "ready":
@@ -310,8 +386,13 @@ class Balancer:
         r.conn.close()
         if r.state == "starting":
             r.failed_starts += 1
-        r.conn, r.state, r.died_at = None, "dead", time.time()
+        stuck = r.state == "stuck"
+        r.conn, r.state, r.died_at, r.ranks = None, "dead", time.time(), []
         r.process.join(timeout=1.0)
+        code = r.process.exitcode
+        r.reason = ("stuck (no heartbeat), killed" if stuck else
+                    "died" + (" before becoming ready" if r.failed_starts else "") +
+                    ("" if code is None else f" (killed by signal {-code})" if code < 0 else f" (exit code {code})"))
         r.stats = dict(r.stats, busy_seconds=0.0, waiting=0, running=0)
         for key in ("prefix_queries", "prefix_hits", "preemptions"):   # a new process counts from 0
             if key in r.stats:
@@ -324,19 +405,36 @@ class Balancer:
             if self.metrics is not None:
                 self.metrics.retries.inc()
             self._dispatch(pending)
-        if r.failed_starts >= MAX_FAILED_STARTS:
-            r.state = "failed"  # it cannot even start (a bug, a missing file): say so, don't loop
+        if r.failed_starts >= MAX_FAILED_STARTS and not self.serving:
+            r.state = "failed"  # it cannot even start (a bug, a missing file): the server's start fails, saying so
+            r.reason = f"died {r.failed_starts} times before becoming ready (its traceback is in the server's log)"
             self._ready_event.set()
         elif self.restart and not self.stopping:
-            r.restarts += 1
-            if self.metrics is not None:
-                self.metrics.restarts.inc()
-            delay = 0.0 if r.failed_starts == 0 else 0.5 * 2 ** r.failed_starts
+            delay = 0.0 if r.failed_starts == 0 else min(RESPAWN_MAX_DELAY, 0.5 * 2 ** r.failed_starts)
             asyncio.get_running_loop().call_later(delay, self._respawn, r)
 
     def _respawn(self, r: ReplicaHandle) -> None:
-        if not self.stopping and r.state == "dead":
+        """Start r's new process; if that fails (fork or pipe: out of file descriptors, of processes, of
+        memory), try again later, for as long as the server runs, saying why in r.reason."""
+        if self.stopping or r.state != "dead":
+            return
+        try:
             self._spawn(r)
+        except Exception as e:
+            r.spawn_failures += 1
+            delay = min(RESPAWN_MAX_DELAY, RESPAWN_FIRST_DELAY * 2 ** (r.spawn_failures - 1))
+            r.reason = f"could not start a new process: {type(e).__name__}: {e} (tried {r.spawn_failures} " \
+                       f"time(s); next try in {delay:g} s)"
+            if r.spawn_failures == 1 or r.spawn_failures % 10 == 0:   # not a line a second while it lasts
+                print(f"replica {r.index}: {r.reason}", flush=True)
+            if self.metrics is not None and hasattr(self.metrics, "spawn_failures"):
+                self.metrics.spawn_failures.inc()
+            asyncio.get_running_loop().call_later(delay, self._respawn, r)
+            return
+        r.spawn_failures = 0
+        r.restarts += 1
+        if self.metrics is not None:
+            self.metrics.restarts.inc()
 
     async def stop(self) -> None:
         """Stop every replica and fail what is still pending. Leaves no process behind."""
@@ -483,3 +581,10 @@ class Balancer:
 
     def describe(self) -> list[dict]:
         return [r.describe() for r in self.replicas]
+
+    def health(self) -> dict:
+        """What /health answers: {"status": "ok" or "no replica up", "replicas_up", "replicas", "reasons":
+        {replica index (str): why it is not up}}; reasons is empty while every replica is up."""
+        up = sum(r.state == "ready" for r in self.replicas)
+        return {"status": "ok" if up else "no replica up", "replicas_up": up, "replicas": len(self.replicas),
+                "reasons": {str(r.index): r.reason or r.state for r in self.replicas if r.state != "ready"}}

@@ -5,7 +5,8 @@ Messages (tuples, pickled by multiprocessing.Connection):
     front end -> replica   ("submit", rid, {prompt, max_tokens, temperature, top_p, seed, logprobs})
                            ("cancel", rid)           the client went away (or a stop string was found): stop
                                                      computing it and free its KV blocks
-    replica -> front end   ("ready", pid)            model loaded, accepting work
+    replica -> front end   ("ready", pid, rank_pids)   model loaded, accepting work (rank_pids: every rank's
+                                                     process, rank 0 first; [pid] without tensor parallelism)
                            ("tokens", rid, token_ids, logprobs)   after each step, for each request that produced
                                                      tokens: the new ones (logprobs: None, or one
                                                      {"logprob", "top"} per token; engine/sampling.py)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import importlib
 import os
 import random
+import re
 import signal
 import stat
 import sys
@@ -61,9 +63,36 @@ def close_inherited_sockets(keep: int) -> None:
                 pass
 
 
-def replica_main(conn, index: int, config: ServeConfig) -> None:
+class GroupBroken(RuntimeError):
+    """A collective of a tensor-parallel replica failed: a peer rank is gone. The rank that sees it ends, the
+    launcher stops the others, and the replica's process exits, so the front end sees end-of-file and retries its
+    requests on another replica (as a rank's death ends a vLLM engine: vllm/v1/executor/multiproc_executor.py
+    monitors its workers and shuts the executor down when one dies)."""
+
+
+# What a collective says when a peer rank is gone (gloo and NCCL's words; helpers/launch.py's _PEER_GONE), or names
+# the process group's transport: never a fault of the request being computed.
+_GROUP_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
+                 "/gloo/", "gloo/transport", "ProcessGroupGloo", "ProcessGroupNCCL", "DistBackendError",
+                 "DistNetworkError", "DistStoreError")
+
+
+def group_broken(error: str) -> bool:
+    """Whether a step's error (`"Type: message"`) is the failure of the replica's process group."""
+    return any(words in error for words in _GROUP_ERRORS)
+
+
+def public(message: str) -> str:
+    """An error as a client may read it: without a C++ source location ("[/__w/pytorch/.../pair.cc:537]") or an
+    address and port ("[127.0.0.1]:39329") of the machine's internals."""
+    message = re.sub(r"\[[^\]]*\.(?:cc|cpp|cu|c|h|hpp):\d+\]\s*", "", message)
+    return re.sub(r"\[?\b\d{1,3}(?:\.\d{1,3}){3}\]?:\d+", "<address>", message)
+
+
+def replica_main(conn, index: int, config: ServeConfig, env: dict | None = None) -> None:
     """Body of replica process `index`: load the model, then serve the pipe until it closes. `config` is the
-    server's ServeConfig, whole.
+    server's ServeConfig, whole; env: variables to set in this process first (the balancer's replica_exercises:
+    the fallback to the reference answers of exercises not written yet).
 
     tensor_parallel_size > 1: the replica is itself a distributed job. This process launches that many ranks
     (helpers.launch); each shards the model with chapter 2's `shard_llama` and runs an identical engine in
@@ -80,6 +109,7 @@ def replica_main(conn, index: int, config: ServeConfig) -> None:
     decisions and block tables in lockstep: SGLang's design (a scheduler per TP rank, kept in step by
     determinism); vLLM instead runs one scheduler and broadcasts its output to the workers."""
     die_with_parent()
+    os.environ.update(env or {})
     close_inherited_sockets(keep=conn.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the front end, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -93,8 +123,15 @@ def replica_main(conn, index: int, config: ServeConfig) -> None:
     if tp == 1:
         _serve(conn, _build_engine(config, config.threads), group_size=1)
         return
-    # The replica lives as long as the server: no job timeout worth speaking of.
-    launch(_tp_rank, tp, conn, config, timeout=10**7, threads=config.threads, show_output=False, backend="gloo")
+    # The replica lives as long as the server: no job timeout worth speaking of. When one rank fails or dies, launch
+    # stops the others and raises; the replica then exits, and its pipe's end-of-file tells the front end.
+    from helpers.launch import LaunchError
+    try:
+        launch(_tp_rank, tp, conn, config, timeout=10**7, threads=config.threads, show_output=False,
+               backend="gloo")
+    except LaunchError as e:
+        print(f"replica {index} (pid {os.getpid()}) exits: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def build_engine(model, config: ServeConfig):
@@ -131,8 +168,12 @@ def _serve(conn, engine, group_size: int) -> None:
     import torch.distributed as dist
 
     from helpers.course.engine import Request
+    ranks = [os.getpid()]
+    if group_size > 1:
+        ranks = [None] * group_size
+        dist.all_gather_object(ranks, os.getpid())
     if conn is not None:
-        conn.send(("ready", os.getpid()))
+        conn.send(("ready", os.getpid(), ranks))
     last_stats = 0.0
     live = {}   # rid -> [Request, how many of its tokens were sent]: what streams after each step
     try:
@@ -179,16 +220,22 @@ def _serve(conn, engine, group_size: int) -> None:
             try:
                 finished = engine.step() if engine.has_unfinished else []
             except Exception as e:  # a bug outside any one request: fail the batch, keep the replica
+                if group_size > 1 and group_broken(f"{type(e).__name__}: {e}"):
+                    raise GroupBroken(f"a collective failed: {e}") from e
                 finished = []
                 traceback.print_exc()
                 for request in [*engine.running, *engine.waiting]:
                     engine.fail(request, e)
-            for seq in engine.take_failed():
+            failures = engine.take_failed()
+            broken = [seq.error for seq in failures if group_size > 1 and group_broken(seq.error)]
+            if broken:   # not these requests' failure: a rank is gone. Answer nothing; the replica ends.
+                raise GroupBroken(f"a collective failed: {broken[0]}")
+            for seq in failures:
                 live.pop(seq.rid, None)
                 if conn is not None:
                     print(f"replica {os.getpid()}: request {seq.rid} failed:\n{seq.traceback}",
                           file=sys.stderr, flush=True)
-                failed.append((seq.rid, 500, f"the engine failed on this request: {seq.error}"))
+                failed.append((seq.rid, 500, f"the engine failed on this request: {public(seq.error)}"))
             if conn is None:
                 for seq in finished:
                     live.pop(seq.rid, None)
