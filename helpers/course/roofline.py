@@ -40,7 +40,7 @@ from transformers import LlamaConfig
 from helpers.course.memory import kv_bytes_per_token
 
 __all__ = ["StepCost", "step_cost", "ROOFLINE_CONFIG", "linear_shapes", "linear_weights", "measure_linear_steps",
-           "Ceilings", "ceilings", "memory_bound_batch",
+           "Ceilings", "ceilings", "stream_bandwidth", "memory_bound_batch",
            "decode_intensity_limit"]
 
 # A Llama layer shape (hidden 1024, 16 heads of 64, 8 KV heads, SwiGLU 2816) with 2 layers: 23 M matmul
@@ -155,8 +155,8 @@ def measure_linear_steps(config, batches, repeats: int = 5, weights=None, thread
 
 @dataclass(frozen=True)
 class Ceilings:
-    """The two roofs measured on this machine: peak FLOP/s (the best step) and memory bandwidth (bytes/s
-    of the one-token step, which streams every weight once and does almost nothing with it)."""
+    """The two roofs measured on this machine: peak FLOP/s (the best step) and memory bandwidth (bytes/s: a
+    STREAM measurement, or the one-token step's own, which streams every weight once)."""
     peak_flop_per_s: float
     bandwidth: float
 
@@ -170,9 +170,34 @@ class Ceilings:
                              torch.tensor(self.peak_flop_per_s, dtype=torch.float64))
 
 
-def ceilings(rows: list[dict]) -> Ceilings:
+def ceilings(rows: list[dict], bandwidth: float | None = None) -> Ceilings:
+    """Peak FLOP/s: the best measured step. Bandwidth: `bandwidth` if given (an independent measurement such as
+    `stream_bandwidth()["triad"]`), else the one-token step's own bytes/s (which makes "the one-token step is
+    memory-bound" true by construction)."""
     one = min(rows, key=lambda r: r["tokens"])
-    return Ceilings(peak_flop_per_s=max(r["flop_per_s"] for r in rows), bandwidth=one["bytes_per_s"])
+    return Ceilings(peak_flop_per_s=max(r["flop_per_s"] for r in rows),
+                    bandwidth=one["bytes_per_s"] if bandwidth is None else bandwidth)
+
+
+def stream_bandwidth(n: int = 1 << 23, repeats: int = 7, threads: int = 1) -> dict:
+    """Memory bandwidth in bytes/s, measured as McCalpin's STREAM does, on `threads` threads: COPY a = b (reads b,
+    writes a: 16 B per float64 element) and TRIAD a = b + s·c (24 B per element), on arrays of n float64 (64 MiB
+    each by default, well past the last-level cache), best of `repeats` runs (other processes only add time)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b, c = (torch.rand(n, dtype=torch.float64) for _ in range(3))
+    best = {"copy": float("inf"), "triad": float("inf")}
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a.copy_(b)
+            best["copy"] = min(best["copy"], time.perf_counter() - start)
+            start = time.perf_counter()
+            torch.add(b, c, alpha=3.0, out=a)
+            best["triad"] = min(best["triad"], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return {"copy": 16 * n / best["copy"], "triad": 24 * n / best["triad"]}
 
 
 def memory_bound_batch(config, roofs: Ceilings, context: int = 0, limit: int = 1 << 14) -> int | None:
