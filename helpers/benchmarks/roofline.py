@@ -5,7 +5,8 @@
 1. The matmuls of one forward step of ROOFLINE_CONFIG (helpers/course/roofline.py: a 2-layer Llama of ~95 MB of
    float32 weights, more than this CPU's last-level cache) on one thread, for 1 .. 512 tokens per step. A step of
    n tokens is a decode step of a batch of n sequences, or the prefill of an n-token prompt (the matmuls are the
-   same). Peak FLOP/s = the best step; bandwidth = bytes/s of the one-token step (it streams every weight once).
+   same). Peak FLOP/s = the best step; bandwidth = STREAM triad on one thread (stream_bandwidth), measured apart
+   from the steps, with the one-token step's own bytes/s beside it.
    Ridge = peak / bandwidth (FLOP per byte); the decode batch where a step's intensity reaches the ridge is where
    decode stops being memory-bound. TTFT of a 512-token prompt vs ITL of a batch-1 decode step.
 2. helpers/course/data/vllm_check.json, written by `make vllm-check` (vLLM 0.32 CPU on the course's tiny
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 
 from helpers.course.roofline import ROOFLINE_CONFIG, ceilings, decode_intensity_limit, measure_linear_steps, \
-    memory_bound_batch, step_cost
+    memory_bound_batch, step_cost, stream_bandwidth
 from helpers.vllm_check import RESULT_PATH
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -29,10 +30,13 @@ def roofline() -> None:
     for r in rows:
         print(f"{r['tokens']:>11} {r['seconds'] * 1e3:>8.2f} {r['intensity']:>7.1f} {r['flop_per_s'] / 1e9:>8.1f} "
               f"{r['bytes_per_s'] / 1e9:>6.1f}")
-    roofs = ceilings(rows)
+    stream = stream_bandwidth()
+    roofs = ceilings(rows, bandwidth=stream["triad"])
+    print(f"STREAM (one thread): copy {stream['copy'] / 1e9:.1f} GB/s, triad {stream['triad'] / 1e9:.1f} GB/s; the "
+          f"one-token step streams its weights at {rows[0]['bytes_per_s'] / 1e9:.1f} GB/s")
     b_star = memory_bound_batch(ROOFLINE_CONFIG, roofs)
     print(f"peak {roofs.peak_flop_per_s / 1e9:.1f} GFLOP/s, bandwidth {roofs.bandwidth / 1e9:.1f} GB/s "
-          f"(one thread): ridge {roofs.ridge:.1f} FLOP/B")
+          f"(STREAM triad, one thread): ridge {roofs.ridge:.1f} FLOP/B")
     long = {c: memory_bound_batch(ROOFLINE_CONFIG, roofs, context=c) for c in (1024, 4096)}
     print(f"decode stops being memory-bound at batch {b_star} (context 0); "
           + ", ".join(f"at context {c}: {'batch ' + str(b) if b else 'never'}" for c, b in long.items())

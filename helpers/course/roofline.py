@@ -9,8 +9,9 @@ A forward step of a decoder multiplies every token it processes by every weight 
 * Prefill: one sequence, n prompt tokens in one step: n × 2 FLOPs per weight read once. Intensity grows with
   n: compute-bound. Its time is the time to first token (TTFT).
 * Decode: b sequences, one new token each per step: b × 2 FLOPs per weight. At small b the step reads far more
-  bytes than it has FLOPs to hide them behind: memory-bound, and the step takes the same time whether it
-  carries 1 or a few tokens. Its time is the inter-token latency (ITL). Batching decodes is how a serving
+  bytes than it has FLOPs to hide them behind: memory-bound, and by the roofline the step would take about the
+  same time whether it carries 1 or a few tokens (on a CPU it does not quite: small-batch matmuls reach neither
+  roof, see chapter 7's correction). Its time is the inter-token latency (ITL). Batching decodes is how a serving
   engine buys throughput (and why the paged KV cache, which fits more sequences, matters).
 
 The roofline: attainable FLOP/s = min(peak FLOP/s, intensity × bandwidth). The ridge point peak / bandwidth
@@ -20,6 +21,7 @@ reaches the ridge.
     from helpers.course.roofline import step_cost, ROOFLINE_CONFIG, measure_linear_steps, ceilings
     step_cost(CONFIG, tokens=1, batch=8, context=100)        # one decode step of 8 sequences: StepCost
     rows = measure_linear_steps(ROOFLINE_CONFIG, [1, 2, 4, ..., 512])
+    roofs = ceilings(rows, bandwidth=stream_bandwidth()["triad"])   # the memory roof measured apart (STREAM)
 
 Why a larger model for the measurement. The course's tiny Llama has 3.4 MB of weights: they live in this
 CPU's caches, and a step is dominated by Python and kernel-launch overhead, not by memory. ROOFLINE_CONFIG
