@@ -7,8 +7,12 @@
                    prefill: `build_engine`)
     pipeline_replica.py  a replica cut into pp pipeline stages (chapters 3 and 5's code), greedy
     balancer.py    round-robin vs least-outstanding-requests; retries when a replica dies; restarts
-    protocol.py    the OpenAI-compatible /v1/completions request and response, and its errors
-    server.py      the HTTP front end (asyncio, standard library), /metrics, /health, /replicas
+    protocol.py    the OpenAI-compatible requests as pydantic models (completions, chat), their checks, and
+                   OpenAI's error object
+    openai_serving.py  completions and chat completions on the balancer: n choices, stop strings, logprobs,
+                   streaming (server-sent events), cancelling a request whose client left
+    server.py      the HTTP front end: a FastAPI app (routes, API key, errors), /metrics, /health, /replicas
+    limits.py      uvicorn with the front end's limits: body and header sizes, slow clients, a connection cap
     metrics.py     Prometheus metrics (prometheus-client) and a parser for scraped text
     loadtest.py    a bounded load-test client on loopback; `replay`: the engine (or replicas) on modelled time
     device_time.py modelled accelerator time of a forward (slept, or counted on a virtual clock)
