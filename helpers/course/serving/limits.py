@@ -10,7 +10,7 @@ API (helpers/course/serving/__main__.py uses it):
     server.should_exit = True; await task    # stop (it installs no signal handlers: the caller owns them)
 
     make_server(app, sock, limits=Limits(max_connections=64), log_level="info", **other uvicorn.Config options)
-    Limits()                                 # the numbers below; Limits.from_env() reads SERVING_MAX_CONNECTIONS
+    Limits()                                 # the numbers below; Limits.from_env(): $SERVING_LIMITS overrides
     LimitsMiddleware(app, limits)            # the pure ASGI middleware alone (tests, or another server)
     RateLimitFilter(interval=10.0)           # a logging.Filter: one message per interval, with a suppressed count
     error_body(status, message, param=None)  # the OpenAI error object of the answers given here (JSON bytes)
@@ -83,7 +83,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from helpers.course.serving import protocol
 
-MAX_CONNECTIONS_ENV = "SERVING_MAX_CONNECTIONS"
+LIMITS_ENV = "SERVING_LIMITS"
 
 
 def default_max_connections() -> int:
@@ -111,10 +111,17 @@ class Limits:
 
     @classmethod
     def from_env(cls, **overrides) -> "Limits":
-        """Limits() with max_connections from $SERVING_MAX_CONNECTIONS when it is set (tests use a small cap)."""
-        if MAX_CONNECTIONS_ENV in os.environ and "max_connections" not in overrides:
-            overrides["max_connections"] = int(os.environ[MAX_CONNECTIONS_ENV])
-        return cls(**overrides)
+        """Limits() with the fields named in $SERVING_LIMITS ("max_connections=16,header_timeout=2": tests use
+        a small cap and short timeouts), then `overrides`."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        from_env = {}
+        for item in filter(None, os.environ.get(LIMITS_ENV, "").split(",")):
+            name, _, value = item.partition("=")
+            name = name.strip()
+            if name not in fields:
+                raise ValueError(f"${LIMITS_ENV}: no limit {name!r}; the limits are {', '.join(fields)}")
+            from_env[name] = float(value) if "float" in str(fields[name]) else int(value)
+        return cls(**{**from_env, **overrides})
 
 
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
@@ -244,7 +251,7 @@ class CourseH11Protocol(H11Protocol):
         self.limits: Limits = getattr(config, "course_limits", None) or Limits()
         self.conn = _Connection(h11.SERVER, self.limits.max_header_bytes)
         self._raw = None                      # the asyncio transport (self.transport is its _Transport)
-        self._head_timer = self._linger_timer = self._probe_timer = None
+        self._head_timer = self._linger_timer = self._probe_timer = self._cap_timer = None
         self._head_bytes = 0                  # bytes of the request head received so far
         self._lingering = self._closing_quietly = False
         self._lingered = 0
@@ -259,7 +266,7 @@ class CourseH11Protocol(H11Protocol):
         self._enforce_cap()
 
     def connection_lost(self, exc) -> None:
-        for timer in (self._head_timer, self._linger_timer, self._probe_timer):
+        for timer in (self._head_timer, self._linger_timer, self._probe_timer, self._cap_timer):
             if timer is not None:
                 timer.cancel()
         super().connection_lost(exc)
@@ -269,12 +276,22 @@ class CourseH11Protocol(H11Protocol):
         return self.cycle is not None and not self.cycle.response_complete and not self._lingering
 
     def _enforce_cap(self) -> None:
-        """A new connection over the cap closes idle ones; if all are busy it stays (its request gets uvicorn's
-        quick 503), unless even the hard margin is passed: then it is reset at once."""
-        cap = self.limits.max_connections
-        if self._make_room(cap) > cap + max(16, cap // 4):
+        """A new connection over the cap closes idle ones. If all are busy it stays (its request gets the
+        middleware's quick 503), unless even the hard margin is passed: then, unless it has sent something
+        within 0.1 s (when a burst has been read, idle connections can be told from busy ones), it is reset."""
+        if self._make_room(self.limits.max_connections) > self._hard_cap():
+            self._cap_timer = self.loop.call_later(0.1, self._refuse_if_over)
+
+    def _hard_cap(self) -> int:
+        return self.limits.max_connections + max(16, self.limits.max_connections // 4)
+
+    def _refuse_if_over(self) -> None:
+        self._cap_timer = None
+        if self._closed() or self._busy() or self._head_bytes or self._answered:
+            return
+        if self._make_room(self.limits.max_connections) > self._hard_cap():
             self.logger.warning("connection refused: %d connections are open and busy (cap %d)",
-                                len(self.connections) - 1, cap)
+                                len(self.connections) - 1, self.limits.max_connections)
             self._closing_quietly = True
             self._raw.abort()
 
@@ -340,6 +357,8 @@ class CourseH11Protocol(H11Protocol):
         if self.conn.their_state is h11.IDLE:
             if self._head_timer is None:   # the first byte of a new request on a kept-alive connection
                 self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timeout)
+            if self._head_bytes == 0 and len(self.connections) > self.limits.max_connections:
+                self._make_room(self.limits.max_connections)   # a request begins: close idle ones read since
             self._head_bytes += len(data)
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE and self._head_timer is not None:
