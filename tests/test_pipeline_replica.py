@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from helpers.claims import max_abs_diff, tolerance
 from helpers.course import tiny_llama
 from helpers.course.engine import LLMEngine, Request
 from helpers.course.engine.pipeline_runner import LocalPipeline, PipelineEngine, PipelineStageRunner, \
@@ -157,17 +158,19 @@ def test_pipe_pp2_replica_tokens_sampling_cancel_and_overlap(model, reference):
     deadline = time.monotonic() + 60
     try:
         assert _recv(conn, deadline)[0] == "ready"
-        done, streamed, stats = {}, {}, None
+        done, streamed, stats, logprobs = {}, {}, None, []
         for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS)):
             conn.send(("submit", i, {"prompt": tiny_llama.encode(p), "max_tokens": n, "temperature": 0}))
         conn.send(("submit", "s", {"prompt": tiny_llama.encode("Once"), "max_tokens": 12, "temperature": 0.9,
-                                   "top_p": 0.9, "seed": 7}))
+                                   "top_p": 0.9, "seed": 7, "logprobs": 2}))
         conn.send(("submit", "x", {"prompt": [1, 2, 3], "max_tokens": 200, "temperature": 0}))
         cancelled = False
         while len(done) < len(PROMPTS) + 1 or not cancelled:
             msg = _recv(conn, deadline)
             if msg[0] == "tokens":
                 streamed.setdefault(msg[1], []).extend(msg[2])
+                if msg[3] is not None:
+                    logprobs.extend(msg[3])
                 if msg[1] == "x" and len(streamed["x"]) >= 3 and not cancelled:
                     conn.send(("cancel", "x"))
                     cancelled = True
@@ -182,11 +185,16 @@ def test_pipe_pp2_replica_tokens_sampling_cancel_and_overlap(model, reference):
         assert [done[i] for i in range(len(PROMPTS))] == reference
         assert all(streamed[rid] == done[rid] for rid in done)
         single = LLMEngine.contiguous(model)
-        sampled = Request("s", tiny_llama.encode("Once"), 12, temperature=0.9, top_p=0.9, seed=7)
+        sampled = Request("s", tiny_llama.encode("Once"), 12, temperature=0.9, top_p=0.9, seed=7, logprobs=2)
         single.add_request(sampled)
         while single.has_unfinished:
             single.step()
         assert done["s"] == sampled.tokens
+        want = sampled.output_logprobs                     # the raw distribution's, computed by rank 0
+        assert [[i for i, _ in g["top"]] for g in logprobs] == [[i for i, _ in w["top"]] for w in want]
+        got = torch.tensor([[g["logprob"]] + [v for _, v in g["top"]] for g in logprobs])
+        close = torch.tensor([[w["logprob"]] + [v for _, v in w["top"]] for w in want])
+        assert max_abs_diff(got, close) <= tolerance(close), (got, close)
         pipeline = stats["pipeline"]
         assert pipeline["overlapped_launches"] > 0 and pipeline["both_busy_seconds"] > 0, pipeline
         assert all(busy > 0 for busy in pipeline["stage_busy_seconds"]), pipeline

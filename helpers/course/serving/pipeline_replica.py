@@ -255,7 +255,7 @@ def _measure_rank(rank, world_size, config: ServeConfig, num_requests: int, max_
     import torch
 
     from helpers.course.engine import Request
-    from helpers.course.engine.pipeline_runner import PipelineStageRunner, modelled_pipeline
+    from helpers.course.engine.pipeline_runner import PipelineStageRunner, both_busy_seconds, modelled_pipeline
     torch.set_num_threads(1)
     pp, tp = config.pipeline_parallel_size, config.tensor_parallel_size
     module = load_model_module(config.model)
@@ -278,7 +278,7 @@ def _measure_rank(rank, world_size, config: ServeConfig, num_requests: int, max_
         while engine.has_unfinished:
             engine.step()
         seconds = time.perf_counter() - start
-        both, anyone = both_busy_seconds_of(engine)
+        both, anyone = both_busy_seconds(engine.intervals)
         replay = modelled_pipeline(engine.trace, pp)
         tokens = sum(len(r.tokens) for r in requests)
         figures.setdefault(depth, []).append({
@@ -289,11 +289,6 @@ def _measure_rank(rank, world_size, config: ServeConfig, num_requests: int, max_
     engine.stop()
     link.wait()
     return figures
-
-
-def both_busy_seconds_of(engine):
-    from helpers.course.engine.pipeline_runner import both_busy_seconds
-    return both_busy_seconds(engine.intervals)
 
 
 def main(argv=None) -> None:
@@ -318,8 +313,9 @@ def main(argv=None) -> None:
           "all at once (two runs each)")
     for depth, runs in figures.items():
         for run in runs:
-            print(f"  {depth} batch(es) in flight: {run['batches']:3d} batches, {run['overlapped_launches']:3d} launched "
-                  f"while another was in flight; wall {run['wall_tokens_per_s']:6.0f} tok/s, both stages computing "
+            print(f"  {depth} batch(es) in flight: {run['batches']:3d} batches, "
+                  f"{run['overlapped_launches']:3d} launched while another was in flight; "
+                  f"wall {run['wall_tokens_per_s']:6.0f} tok/s, both stages computing "
                   f"{run['both_busy_fraction']:5.1%} of the compute time | modelled "
                   f"{run['modelled_tokens_per_s']:6.0f} tok/s, both busy {run['modelled_both_busy_fraction']:5.1%}")
 
