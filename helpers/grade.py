@@ -89,29 +89,74 @@ def shorten(text: str, limit: int = _REASON_LIMIT) -> str:
     return text
 
 
+def where_stuck(stacks: dict) -> str:
+    """One line from a hung job's stacks (JobTimeout.stacks: rank -> stack, innermost call last): where each
+    rank was, e.g. "rank 0 in recv (from ring_pass line 12); rank 1 in send (from ring_pass line 11)"."""
+    parts = []
+    for rank, stack in sorted(stacks.items()):
+        frames = re.findall(r'File "[^"]*", line (\d+), in (\S+)', stack)
+        if frames:
+            outer = f" (from {frames[-2][1]} line {frames[-2][0]})" if len(frames) > 1 else ""
+            parts.append(f"rank {rank} in {frames[-1][1]}{outer}")
+        else:
+            parts.append(f"rank {rank}: no stack")
+    return "; ".join(parts)
+
+
+def condense(text: str, typename: str = "") -> str:
+    """The line of a failure message that the table shows: its first line; a bare `assert`'s next line
+    (where pytest says the values differ); when the first line announces more ("...:"), what follows it, on
+    the same line (a hung job's stacks as one `where_stuck` line); then `shorten`."""
+    if "Where each rank was stuck" in text:
+        head, _, body = text.partition("Where each rank was stuck")
+        sections = re.split(r"^--- rank (\d+) ---$", body, flags=re.M)
+        stacks = {int(sections[i]): sections[i + 1] for i in range(1, len(sections) - 1, 2)}
+        text = head.strip() + " Where each rank was stuck: " + (where_stuck(stacks) or "no stack was recorded")
+    lines = [line for line in text.strip().splitlines() if line.strip()] or [typename or "failed"]
+    first = lines[0]
+    if first.startswith("assert ") and len(lines) > 1:
+        first += " — " + lines[1].strip()  # a bare assert: pytest's next line says where the values differ
+    elif first.rstrip().endswith(":") and len(lines) > 1:
+        first = first.rstrip() + " " + " / ".join(line.strip() for line in lines[1:6])
+    return shorten(first)
+
+
+def _raised_at(excinfo) -> str:
+    """' (raised in labs/x.py line 12, in f)': where an error other than an assertion came from, so that a bare
+    "IndexError: list index out of range" says whose indexing it was (the learner's code or the grader's)."""
+    try:
+        entry = excinfo.traceback[-1]
+        path = pathlib.Path(str(entry.path)).resolve()
+        where = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+        return f" (raised in {where} line {entry.lineno + 1}, in {entry.name})"
+    except (AttributeError, IndexError, OSError, ValueError):
+        return ""
+
+
 def _reason(excinfo) -> str:
     """The useful part of a failure: the assertion message, or which rank failed and why."""
     from helpers.launch import JobTimeout, RankFailed
     exc = excinfo.value
     if isinstance(exc, RankFailed):
         text = f"rank {exc.rank} " + (f"raised {exc.exc_type}: {exc.message}" if exc.exc_type else exc.message)
+        frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', exc.remote_traceback or "")
+        if exc.exc_type in ("IndexError", "KeyError", "TypeError", "AttributeError") and frames:
+            path, line, name = frames[-1]    # a bare error: say whose code it came from
+            text += f" (raised in {pathlib.Path(path).name} line {line}, in {name})"
     elif isinstance(exc, JobTimeout):
-        text = f"hung: the job did not finish within {exc.timeout:g} s (ranks waiting on each other?)"
+        text = f"hung: the job did not finish within {exc.timeout:g} s (ranks waiting on each other?). " \
+               f"Where each rank was stuck: {where_stuck(exc.stacks) or 'no stack was recorded'}"
     elif excinfo.typename == "Failed" and "Timeout" in str(exc):
         text = "timed out (pytest-timeout): the exercise never returned"
     elif isinstance(exc, AssertionError):
         text = str(exc) or "assertion failed"
     else:
-        text = f"{excinfo.typename}: {exc}"
+        text = f"{excinfo.typename}: {exc}{_raised_at(excinfo)}"
     notes = [str(n) for n in getattr(exc, "__notes__", ()) or ()]       # e.g. the case: helpers.launch.case
     if notes and not isinstance(exc, RankFailed):
         first, _, rest = text.strip().partition("\n")
         text = first + "".join(f" [{n}]" for n in notes) + ("\n" + rest if rest else "")
-    lines = [line for line in text.strip().splitlines() if line.strip()] or [excinfo.typename]
-    first = lines[0]
-    if first.startswith("assert ") and len(lines) > 1:
-        first += " — " + lines[1].strip()  # a bare assert: pytest's next line says where the values differ
-    return shorten(first)
+    return condense(text, excinfo.typename)
 
 
 class _NoReference:
@@ -435,7 +480,6 @@ class _EventPipe:
     def pump(self, wait: float) -> None:
         """Read what is there, waiting up to `wait` s for something to arrive."""
         if self.eof:
-            time.sleep(wait)
             return
         import select
         ready, _, _ = select.select([self.fd], [], [], wait)
@@ -496,10 +540,17 @@ def _run_child(root, batch, impl, timeout, quiet, marker):
     ended = None
     try:
         while True:
-            pipe.pump(0.5)
-            code = proc.poll()
-            if code is not None:
-                break
+            if pipe.eof:   # every write end is closed: the child is exiting
+                try:
+                    code = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                pipe.pump(0.5)
+                code = proc.poll()
+                if code is not None:
+                    break
             if pipe.size != seen:  # the report grew: a test started or ended
                 seen, running_since = pipe.size, time.monotonic()
             limit = timeout + 60 if seen else timeout + 120   # collecting (imports) gets longer
@@ -527,6 +578,13 @@ def _run_child(root, batch, impl, timeout, quiet, marker):
 
 
 def _inconsistent(events, expected) -> str:
+    try:
+        return _check_session(events, expected)
+    except (TypeError, ValueError, AttributeError):   # fields of the wrong type: not what the plugin writes
+        return "malformed events"
+
+
+def _check_session(events, expected) -> str:
     """'' when the events read as one pytest session told them, else what is wrong: one "collected" first,
     holding only tests the parent asked for, each once; each test started once, after it was collected and
     before its results; each (test, phase) reported once, while that test runs, with a known status; at most
@@ -542,7 +600,8 @@ def _inconsistent(events, expected) -> str:
             return f"an event after the session finished ({kind!r})"
         if kind == "collected":
             tests = e.get("tests")
-            if i != 0 or not isinstance(tests, list) or len(set(map(str, tests))) != len(tests):
+            if i != 0 or not isinstance(tests, list) or not all(isinstance(t, str) for t in tests) or \
+                    len(set(tests)) != len(tests):
                 return "the collection was reported twice, late, or with a test twice"
             collected = set(tests)
             stray = sorted(t for t in collected if _function_of(t) not in expected)
@@ -552,11 +611,11 @@ def _inconsistent(events, expected) -> str:
             return f"an event before the collection ({kind!r})"
         elif kind == "start":
             running = e.get("test")
-            if running not in collected or running in started:
-                return f"{running!r} started twice or was never collected"
+            if not isinstance(running, str) or running not in collected or running in started:
+                return f"{shorten(repr(running), 200)} started twice or was never collected"
             started.add(running)
         elif kind == "result":
-            test, key = e.get("test"), (e.get("test"), e.get("when"))
+            test, key = e.get("test"), (e.get("test"), str(e.get("when")))
             if test != running or key in seen or e.get("status") not in (PASSED, FAILED, NOT_STARTED, SKIPPED):
                 return f"results it was not asked for ({shorten(str(test), 200)}: reported twice, while " \
                        f"another test ran, or with an unknown status)"

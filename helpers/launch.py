@@ -451,7 +451,8 @@ def _describe_failure(procs, workdir, failed, logs):
             f"returned (so did rank{'s' if len(returned) > 2 else ''} {also}) while rank {victim} waited in {where}"
         seen = next((s for s in _PEER_GONE if s in first[2]), first[2])
         message += (f" (rank {victim} saw \"{seen}\"). Every rank must call the same collectives in the same "
-                    f"order: this rank's function ended without the {where} that rank {victim} was waiting in")
+                    f"order: this rank's function ended without calling the "
+                    f"{where if where != 'a collective' else 'collective'} that rank {victim} was waiting in")
         return returned[0], None, message, tb, 0, victim
     return (*first, None)
 

@@ -86,6 +86,38 @@ def test_a_long_message_keeps_the_case_and_both_values():
     assert "198, -1]" in short and short.endswith("look at the last chunk")
 
 
+def test_the_line_shown_keeps_where_a_hung_job_was_stuck_and_what_a_colon_announces():
+    """Issue 21 item 19: a hang's reason used to end at "Where each rank was stuck:" (only the first line of a
+    message was kept); a message announcing a list ("...:") lost the list."""
+    from helpers.launch import JobTimeout
+    stacks = {0: '  File "labs/warmup.py", line 6, in ring_pass\n  File "distributed_c10d.py", line 2799, in recv\n'
+                 '    work.wait()',
+              1: '  File "labs/warmup.py", line 5, in ring_pass\n  File "distributed_c10d.py", line 2750, in send\n'
+                 '    work.wait()'}
+    line = grade.condense("rank 0 raised AssertionError: " + str(JobTimeout(3, stacks, ["", ""])))
+    assert line.endswith("Where each rank was stuck: rank 0 in recv (from ring_pass line 6); rank 1 in send (from "
+                         "ring_pass line 5)"), line
+    assert grade.condense("these blocks are held twice:\n  3\n  5") == "these blocks are held twice: 3 / 5"
+    assert grade.where_stuck({}) == ""
+
+
+def test_the_planted_mistakes_harness_judges_the_line_the_learner_reads():
+    """tests/graders/planted.py: a planted mistake is caught only if the ONE line the grade shows points at it,
+    and that line is not a bare IndexError, a phrase built from a fallback, or a colon with nothing after it."""
+    from tests.graders import planted
+    m = planted.mistake("0.1", "formula", "no collective", r"no all_reduce ran")
+    assert planted.assert_caught(m, ["no all_reduce ran (saw: nothing)\nsecond failure"]).startswith("no all_reduce")
+    for failures, why in ((["first line only\nno all_reduce ran"], "does not point at it"), ([], "let it pass"),
+                          (["IndexError: list index out of range"], "bare IndexError"),
+                          (["rank 1 ended without the a collective; no all_reduce ran"], "fallback"),
+                          (["no all_reduce ran; where each rank was stuck:"], "announces")):
+        with pytest.raises(AssertionError, match=why):
+            planted.assert_caught(m, failures)
+    planted.assert_passes("sdpa", "another way", [])
+    with pytest.raises(AssertionError, match="was failed"):
+        planted.assert_passes("sdpa", "another way", ["wrong"])
+
+
 # ----------------------------------------------------------------- what must be reported is read as text
 
 def test_expected_tests_read_from_the_grader_files_match_pytests_collection():
@@ -142,6 +174,28 @@ def test_a_forged_events_channel_and_a_killed_test_process_score_nothing(tmp_pat
     assert (data["score"], data["total"]) == (0, 2), data
     for ex in data["exercises"]:
         assert ex["status"] == "failed" and ("not trusted" in ex["reason"] or "signal SIGKILL" in ex["reason"]), ex
+
+
+def test_passes_count_only_from_a_session_that_finished_and_reads_as_one():
+    """The recorder's rules (grade._judge), on event streams a forger could write: a pass reported by a child
+    that then died is run again, not trusted; a second collection, a result for a test that is not running,
+    a success status with a failed test, or an event after "finished" make the whole report untrusted."""
+    ex = grade.Exercise("0.1", "t", "tests/graders/f.py")
+    ex.tests = {"tests/graders/f.py::test_a": 1}
+    test = "tests/graders/f.py::test_a"
+    session = [{"event": "collected", "tests": [test]}, {"event": "start", "test": test},
+               {"event": "result", "test": test, "when": "call", "status": "passed", "reason": ""},
+               {"event": "finished", "exitstatus": 0}]
+    assert grade._judge([ex], session, None)[0]["0.1"]["status"] == "passed"
+    assert grade._judge([ex], session[:3], "was killed by signal SIGKILL") == ({}, [ex])      # run it again
+    failed = dict(session[2], status="failed")
+    for forged in ([session[0]] + session,                                   # collected twice
+                   session[:1] + session[2:],                                # a result while nothing runs
+                   session[:2] + [failed, session[3]],                       # exit status 0 after a failure
+                   session + [session[2]],                                   # after "finished"
+                   [dict(session[0], tests=[{}])] + session[1:]):            # malformed
+        rows, again = grade._judge([ex], forged, None)
+        assert not again and rows["0.1"]["status"] == "failed" and "not trusted" in rows["0.1"]["reason"], forged
 
 
 def test_a_lab_that_exits_at_import_fails_and_the_report_survives(tmp_path):

@@ -129,9 +129,13 @@ def gather_to_root_and_back(tensor, op=SUM, group=None):
 
 
 def int_avg_accepted(tensor, op=SUM, group=None):
-    """AVG on integers silently floor-divided, where the docstring (and dist.all_reduce) refuse it."""
-    _sum_only(op, tensor.dtype, allow_int_avg=True)
-    return direct_all_reduce(tensor, op, group, check=False)
+    """AVG on integers silently floor-divided, where the docstring (and dist.all_reduce) refuse it; otherwise
+    the reference ring, so that this is the only mistake the grader can see."""
+    from solutions.ring_collectives import ring_all_reduce
+    if op == AVG and not tensor.dtype.is_floating_point:
+        ring_all_reduce(tensor, SUM, group)
+        return tensor.floor_divide_(dist.get_world_size(group))
+    return ring_all_reduce(tensor, op, group)
 
 
 def everyone_to_everyone(tensor, op=SUM, group=None):
@@ -168,7 +172,13 @@ def direct_all_gather(output, input, group=None, check=True):
 
 
 def no_shape_check_all_gather(output, input, group=None):
-    """Writes the blocks into the first n*m rows of whatever output it is given: no ValueError."""
+    """Writes the blocks into the first n*m rows of whatever output it is given: no ValueError (otherwise the
+    reference ring, so that this is the only mistake the grader can see)."""
+    from solutions.ring_collectives import ring_all_gather
+    needed = dist.get_world_size(group) * input.numel()
+    if output.is_contiguous() and output.numel() >= needed:
+        ring_all_gather(output.view(-1)[:needed].view(-1, *input.shape[1:]), input, group)
+        return output
     return direct_all_gather(output, input, group, check=False)
 
 
@@ -196,19 +206,12 @@ def all_reduce_then_keep_block(output, input, op=SUM, group=None):
 
 
 def reduce_scatter_in_input(output, input, op=SUM, group=None):
-    """Blocks sent straight to their owner and summed into `input` itself: the caller's tensor changes."""
-    _sum_only(op, input.dtype)
-    members, me = _group_view(group)
-    m = output.shape[0]
-    if input.shape[0] != len(members) * m:
-        raise ValueError("wrong input shape")
-    parts = {}
-    _to_everyone(group, members, me, lambda j: input[j * m:(j + 1) * m].clone(),
-                 lambda j: parts.setdefault(j, torch.empty_like(output)))
-    mine = input[me * m:(me + 1) * m]
-    for part in parts.values():
-        mine += part
-    output.copy_(mine)
+    """The reference ring, then this rank's reduced block left in `input` itself, as a ring that accumulates in
+    the caller's buffer leaves it: the caller's tensor changes (the only mistake the grader can see)."""
+    from solutions.ring_collectives import ring_reduce_scatter
+    ring_reduce_scatter(output, input, op, group)
+    me, m = dist.get_rank(group), output.shape[0]
+    input[me * m:(me + 1) * m] = output
     return output
 
 

@@ -57,6 +57,8 @@ VARIANTS = {
     "llama_kv_no_copy_to": Variant("2.5", "llama", "replicated K/V heads without copy_to (issue 11)",
                                    ("copy_to_tensor_model_parallel_region",), {"num_key_value_heads": 1}),
     "llama_head_replicated": Variant("2.5", "llama", "lm_head whole on every rank", ("parameters", "all_gather")),
+    "llama_groups_stale": Variant("2.5", "llama", "num_key_value_groups left at the full model's (only eager "
+                                  "attention reads it)", ("num_key_value_groups",), {"num_key_value_heads": 1}),
     "llama_kv_colwise": Variant("2.5", "llama_errors", "K/V always column-split, KV-head rule ignored",
                                 ("no ValueError",)),
 }
@@ -334,6 +336,16 @@ def _llama_head_replicated(sol, sol_plan, tp, plan):
     plan.shard_llama = shard_llama
 
 
+def _llama_groups_stale(sol, sol_plan, tp, plan):
+    def shard_llama(model, rank=None, world_size=None, group=None):
+        groups = [layer.self_attn.num_key_value_groups for layer in model.model.layers]
+        model = sol_plan.shard_llama(model, rank, world_size, group)
+        for layer, g in zip(model.model.layers, groups):
+            layer.self_attn.num_key_value_groups = g
+        return model
+    plan.shard_llama = shard_llama
+
+
 def _llama_kv_colwise(sol, sol_plan, tp, plan):
     def shard_llama(model, rank=None, world_size=None, group=None):
         rank, world_size = sol.group_rank_and_size(rank, world_size, group)
@@ -366,6 +378,7 @@ _PLANT = {
     "vocab_full_table": _vocab_full_table, "argmax_gathers_logits": _argmax_gathers_logits,
     "argmax_tie_highest": _argmax_tie_highest, "llama_kv_no_copy_to": _llama_kv_no_copy_to,
     "llama_head_replicated": _llama_head_replicated, "llama_kv_colwise": _llama_kv_colwise,
+    "llama_groups_stale": _llama_groups_stale,
 }
 assert set(_PLANT) == set(VARIANTS)
 

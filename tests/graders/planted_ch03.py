@@ -99,14 +99,15 @@ def _gpipe(mistake: str = ""):
                     if not stage.is_last:
                         stage.pending_sends += send_tensor(y, stage.next_rank, stage.group)
             else:
-                prefetch = True if mistake == "prefetch_after_last" else i < m - 1
+                prefetch = True if mistake == "prefetch_after_last" else i < m - 1 and mistake != "no_prefetch"
                 y = stage.forward(micro_batches[i] if stage.is_first else None, timeline=timeline,
                                   micro_batch=i, prefetch_next=prefetch)
             if stage.is_last:
                 outputs.append(y)
             if mistake == "barrier_per_micro_batch":        # every micro-batch leaves before the next enters
                 dist.barrier()
-        stage.wait_sends()
+        if mistake != "no_wait_sends":
+            stage.wait_sends()
         return torch.cat(outputs) if stage.is_last else None
     return gpipe_forward
 
@@ -223,7 +224,8 @@ PLANTED = [
     Planted("3.1", "span_wraps_receive", "the 'F' span also times the wait for the input",
             "p4", r"span .* starts before .* could have arrived", _pp("span_wraps_receive")),
     Planted("3.1", "neighbours_by_rank_number", "sends to rank + 1 and receives from rank - 1 instead of "
-            "next_rank / prev_rank", "ranks0213", r"sent .* to rank 1, but its next stage is rank 2",
+            "next_rank / prev_rank", "ranks0213",
+            r"sent .* to rank 1, but its next stage is rank 2|receive from prev_rank and send to next_rank",
             _pp("neighbours_by_rank_number")),
     Planted("3.2", "barrier_per_micro_batch", "a barrier after every micro-batch: no two stages ever compute "
             "at once", "overlap", r"called barrier|did not overlap", _pp(gpipe_mistake="barrier_per_micro_batch")),
@@ -234,6 +236,11 @@ PLANTED = [
     Planted("3.2", "prefetch_after_last", "prefetch_next=True on the last micro-batch too: a receive posted "
             "that no send will match", "p2", r"receives? posted .* never sent",
             _pp(gpipe_mistake="prefetch_after_last")),
+    Planted("3.2", "no_prefetch", "prefetch_next never passed: each receive is posted only when its input is "
+            "needed (only the timing changes)", "p2", r"prefetch_next=\[False, False, False\]",
+            _pp(gpipe_mistake="no_prefetch")),
+    Planted("3.2", "no_wait_sends", "returns without stage.wait_sends(): its last sends may still be in flight",
+            "p2", r"wait_sends", _pp(gpipe_mistake="no_wait_sends")),
     Planted("3.2", "no_argument_checks", "no ValueError for num_micro_batches < 1 or too small a batch",
             "p1", r"ValueError", _pp(gpipe_mistake="no_argument_checks")),
     Planted("3.3", "gpipe_order", "all forwards, then all backwards", "4x8", r"expected F0 F1 F2 F3 B0",
@@ -286,17 +293,6 @@ def _own_transport_stage():
     return PipelineStage
 
 
-def _without_prefetch_gpipe():
-    def gpipe_forward(stage, batch, num_micro_batches, timeline=None):
-        if num_micro_batches < 1 or (stage.is_first and batch.shape[0] < num_micro_batches):
-            raise ValueError(f"cannot split a batch into {num_micro_batches} micro-batches")
-        parts = torch.tensor_split(batch, num_micro_batches) if stage.is_first else [None] * num_micro_batches
-        outs = [stage.forward(x, timeline=timeline, micro_batch=i) for i, x in enumerate(parts)]
-        stage.wait_sends()
-        return torch.cat(outs) if stage.is_last else None
-    return gpipe_forward
-
-
 def _int32_tokens_no_prefetch_generate():
     """3.4 with blocking receives and no prefetch, token ids sent back as int32."""
     def pipelined_generate(stage, stage_ranks, prompt_groups, max_new_tokens, group=None, timeline=None):
@@ -339,8 +335,6 @@ def _int32_tokens_no_prefetch_generate():
 VALID = [  # (exercise, name, cases, implementation)
     ("3.1", "own_transport_batch_isend_irecv", ("ranks203group", "handover", "p4"), SimpleNamespace(
         PipelineStage=_own_transport_stage(), gpipe_forward=_gpipe())),
-    ("3.2", "no_prefetch", ("p3", "overlap"), SimpleNamespace(PipelineStage=_stage_class(),
-                                                              gpipe_forward=_without_prefetch_gpipe())),
     ("3.4", "int32_tokens_no_prefetch", ("1 stage", "2 stages reversed", "overlap"),
      _int32_tokens_no_prefetch_generate()),
 ]

@@ -44,6 +44,8 @@ VARIANTS = {
                                ("enable_chunked_prefill=False",)),
     "partial_not_continued": Variant("every running request gets one token: partial prefills never continued",
                                      ("partial prefills are continued",)),
+    # issue 21 item 18: the last token of the budget
+    "one_token_left": Variant("scheduling stops with one token of budget left (budget > 1)", ("1 token",)),
 }
 
 ALTERNATIVES = {
@@ -62,7 +64,7 @@ def _step(mistake=None):
         if mistake == "decode_first":
             running.sort(key=lambda r: r.num_computed_tokens < r.num_prompt_tokens)
         index = 0
-        while index < len(running) and budget > 0:
+        while index < len(running) and budget > (1 if mistake == "one_token_left" else 0):
             request = running[index]
             n = request.num_new_tokens
             if 0 < threshold < n:
@@ -94,7 +96,8 @@ def _step(mistake=None):
         if plan.preempted and mistake != "admits_after_preemption":
             return plan
         skipped = []
-        while waiting and budget > 0 and (len(running) < config.max_num_seqs or mistake == "max_num_seqs_ignored"):
+        least = 1 if mistake == "one_token_left" else 0
+        while waiting and budget > least and (len(running) < config.max_num_seqs or mistake == "max_num_seqs_ignored"):
             request = waiting[0]
             hits = 0 if mistake == "ignores_hits" else kv.get_computed_blocks(request)
             n = request.num_tokens - hits

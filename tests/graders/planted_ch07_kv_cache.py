@@ -50,6 +50,8 @@ VARIANTS = {
                                      ("padding",)),
     "attn_tables_cut": Variant("7.2", ("attention",), "block tables of different lengths cut to the shortest",
                                ("different lengths",)),
+    "attn_past_full_table": Variant("7.2", ("attention",), "n // block_size + 1 blocks read: a context that "
+                                    "exactly fills its table indexes past it", ("exactly fills",)),
     "python_hash": Variant("7.3", ("hashes",), "Python's hash instead of SHA-256", ("SHA-256",)),
     "hash_no_parent": Variant("7.3", ("hashes",), "each block hashed alone", ("parent",)),
     "hash_partial": Variant("7.3", ("hashes",), "a partial block gets a hash", ("FULL block",)),
@@ -77,6 +79,14 @@ VARIANTS = {
     "half_allocated_prefix": Variant("7.3", ("prefix",), "hits taken before OutOfBlocks", ("unchanged",)),
     "hits_counted_free": Variant("7.3", ("prefix",), "evictable hits also counted as free",
                                  ("NOT among this prompt's hits",)),
+    # issue 21 item 18: what the cache maps after an eviction, a hit left evictable, out of blocks with
+    # evictable ones left (append_slot)
+    "evict_keeps_hash": Variant("7.3", ("prefix",), "an evicted block keeps its hash in `cached` and "
+                                "`hash_of_block`", ("still maps",)),
+    "hit_left_evictable": Variant("7.3", ("prefix",), "a hit block taken by allocate is left in `evictable`",
+                                  ("a sequence holds",)),
+    "append_free_list_only": Variant("7.3", ("prefix",), "append_slot raises OutOfBlocks when free_blocks is "
+                                     "empty, though evictable blocks are left", ("evictable",)),
 }
 
 # Valid answers written differently: the graders must pass them (test_valid_alternatives_pass).
@@ -205,6 +215,8 @@ def _attention(mistake):
             lengths = [lengths[0]] * num_seqs
         blocks_of = (lambda n: n // size) if mistake == "drop_partial" else (lambda n: -(-n // size))
         rows = [list(t[:blocks_of(n)]) for t, n in zip(block_tables, context_lens)]
+        if mistake == "past_full_table":                  # n // size + 1 blocks: one past a full last block
+            rows = [[t[i] for i in range(n // size + 1)] for t, n in zip(block_tables, context_lens)]
         if mistake == "cut_tables":                       # every table cut to the shortest one: a rectangle
             width = min(len(t) for t in block_tables)
             rows = [list(t[:width]) for t in block_tables]
@@ -345,7 +357,8 @@ def _prefix(mistake=None, hashes=None):
                 if self.free_blocks:
                     return self.free_blocks.pop() if mistake == "lifo" else self.free_blocks.popleft()
                 block, _ = self.evictable.popitem(last=mistake == "evict_mru")
-                del self.cached[self.hash_of_block.pop(block)]
+                if mistake != "evict_keeps_hash":
+                    del self.cached[self.hash_of_block.pop(block)]
                 return block
 
             def allocate(self, seq_id, token_ids, cache_salt=None):
@@ -366,7 +379,8 @@ def _prefix(mistake=None, hashes=None):
                     raise OutOfBlocks(f"needs {needed} new blocks, {available} free")
                 if mistake != "half_allocated":
                     for block in hits:
-                        self.evictable.pop(block, None)
+                        if mistake != "hit_left_evictable":
+                            self.evictable.pop(block, None)
                         self.ref_counts[block] = 1 if mistake == "no_ref" else self.ref_counts.get(block, 0) + 1
                 table = list(hits)
                 for _ in range(needed):
@@ -383,7 +397,7 @@ def _prefix(mistake=None, hashes=None):
             def append_slot(self, seq_id):
                 table, position = self.tables[seq_id], self.num_tokens[seq_id]
                 if position == len(table) * self.block_size:
-                    if not self.num_free_blocks:
+                    if not (self.free_blocks if mistake == "append_free_list_only" else self.num_free_blocks):
                         raise OutOfBlocks("0 free blocks")
                     block = self._take_block()
                     self.ref_counts[block] = 1
@@ -442,6 +456,7 @@ _PLANT = {
     "attn_one_length": _attention("one_length"),
     "attn_padding_unmasked": _attention("no_mask"),
     "attn_tables_cut": _attention("cut_tables"),
+    "attn_past_full_table": _attention("past_full_table"),
     "python_hash": _prefix(hashes=_hashes("python_hash")),
     "hash_no_parent": _prefix(hashes=_hashes("no_parent")),
     "hash_partial": _prefix(hashes=_hashes("partial")),
@@ -460,6 +475,9 @@ _PLANT = {
     "evict_mru": _prefix("evict_mru"),
     "half_allocated_prefix": _prefix("half_allocated"),
     "hits_counted_free": _prefix("hits_counted_free"),
+    "evict_keeps_hash": _prefix("evict_keeps_hash"),
+    "hit_left_evictable": _prefix("hit_left_evictable"),
+    "append_free_list_only": _prefix("append_free_list_only"),
     # valid alternatives
     "lifo_free_list": _manager(allocate=_lifo_allocate, append_slot=_lifo_append),
     "attn_sdpa": _attention_sdpa,

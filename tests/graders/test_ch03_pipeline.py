@@ -19,7 +19,9 @@ through the same checks and asserts it is caught with a message that points at i
   - stages that never overlap: a barrier after every micro-batch, every input received before any is
     computed (makespan vs the sum of stage work, and the longest time two stages compute at once);
   - micro-batches not split as torch.tensor_split (torch.chunk: sizes 3, 3, 1 for 7 rows in 3);
-  - prefetch_next on the last micro-batch (a receive posted that no send matches);
+  - prefetch_next on the last micro-batch (a receive posted that no send matches), or never (only the
+    timing changes: the grader wraps the stage and records the prefetch_next of each forward);
+  - no stage.wait_sends() before returning (sends still pending: recorded the same way);
   - no ValueError for num_micro_batches < 1 or a batch smaller than that; spans missing or out of order.
 3.3 one_f_one_b_order
   - GPipe's order, one warm-up forward too many, B before F in the steady state, a warm-up not capped
@@ -35,7 +37,6 @@ through the same checks and asserts it is caught with a message that points at i
     rank that is not a stage; wrong ids.
 """
 import functools
-import re
 import time
 
 import pytest
@@ -50,6 +51,7 @@ from helpers.launch import LaunchError
 from helpers.course.pipeline_runtime import DeviceTime, run_training_schedule, stage_neighbours
 from helpers.course.schedule_sim import Action, check_order, simulate, theory_bubble
 from helpers.timeline import Timeline
+from tests.graders.planted import assert_caught, mistake
 
 HIDDEN = 16
 P2P_OPS = {"send", "isend", "recv", "irecv"}
@@ -283,6 +285,42 @@ GPIPE_CASES = {"p1": (1, (1, 3, 4), 0.0), "p2": (2, (1, 3, 4), 0.0), "p3": (3, (
                "p4": (4, (1, 3, 4), 0.0), "overlap": (4, (4,), 60.0)}
 
 
+class _Watched:
+    """The learner's stage as gpipe_forward sees it, with the calls it makes recorded: which prefetch_next each
+    forward got, and whether wait_sends came after the last one (prefetch and unfinished sends change only the
+    timing, which no output shows)."""
+
+    def __init__(self, stage):
+        self._stage, self.log = stage, []
+
+    def __getattr__(self, name):
+        return getattr(self._stage, name)
+
+    def forward(self, x=None, timeline=None, micro_batch=None, prefetch_next=False):
+        self.log.append(("forward", bool(prefetch_next)))
+        return self._stage.forward(x, timeline=timeline, micro_batch=micro_batch, prefetch_next=prefetch_next)
+
+    def wait_sends(self):
+        self.log.append(("wait_sends", None))
+        return self._stage.wait_sends()
+
+
+def _check_stage_calls(where, rank, p, m, log, pending):
+    """3.2's contract with the stage: prefetch_next=True for all but the last micro-batch (on a stage that
+    receives), and the sends complete before gpipe_forward returns (stage.wait_sends after the last forward)."""
+    flags = [flag for kind, flag in log if kind == "forward"]
+    if rank > 0 and len(flags) == m and flags != [True] * (m - 1) + [False]:
+        return [f"{where}: rank {rank} called stage.forward with prefetch_next={flags}; expected True for all but "
+                f"the last micro-batch, {[True] * (m - 1) + [False]}: another input surely follows, so its receive is "
+                f"posted before this one is computed (False on the last: no send would match the receive)"]
+    last = max((i for i, (kind, _) in enumerate(log) if kind == "forward"), default=-1)
+    if rank < p - 1 and last >= 0 and not any(kind == "wait_sends" for kind, _ in log[last + 1:]) and pending:
+        return [f"{where}: rank {rank} returned from gpipe_forward with {pending} send(s) of its stage still pending "
+                f"and no stage.wait_sends() after its last forward: the docstring's stages return None after their "
+                f"sends have completed"]
+    return []
+
+
 def _gpipe_job(rank, world_size, impl, batch, ms, device_ms):
     module = Recorded(_stage_module(rank), device_ms)
     stage = impl.PipelineStage.from_ranks(module, list(range(world_size)))
@@ -294,9 +332,13 @@ def _gpipe_job(rank, world_size, impl, batch, ms, device_ms):
             module.calls.clear()
             tl = Timeline(rank)
             dist.barrier()
+            watched = _Watched(stage)
             with CommTracer() as trace:
-                out = impl.gpipe_forward(stage, batch if rank == 0 else None, m, timeline=tl)
-            runs.append({"m": m, "out": out, "spans": _spans(tl), "calls": list(module.calls), "comms": _comms(trace)})
+                out = impl.gpipe_forward(watched, batch if rank == 0 else None, m, timeline=tl)
+            pending = len(getattr(stage, "pending_sends", None) or [])
+            runs.append({"m": m, "out": out, "spans": _spans(tl), "calls": list(module.calls), "comms": _comms(trace),
+                         "log": watched.log, "pending": pending})
+            stage.wait_sends()          # whatever the learner left, before the next run's messages
         dist.barrier()      # no rank leaves while another still runs (a stray receive would see it go)
         errors = {}
         if world_size == 1:
@@ -341,6 +383,8 @@ def check_gpipe(impl, case: str) -> None:
         links = [(r, r + 1) for r in range(p - 1)]
         failures += _check_messages(where, {r: runs[r]["comms"] for r in range(p)}, list(range(p)),
                                     {link: batch.numel() * 4 for link in links}, {link: m for link in links})
+        for rank, run in enumerate(runs):
+            failures += _check_stage_calls(where, rank, p, m, run["log"], run["pending"])
         if device_ms:
             failures += _check_overlap(where, [run["calls"] for run in runs], device_ms / 1e3,
                                        "Each micro-batch seems to wait for the previous one to leave the pipeline "
@@ -583,10 +627,7 @@ def test_planted_mistakes_are_caught(planted):
     """Each wrong implementation in tests/graders/planted_ch03.py, graded by its exercise's own check on one case,
     must fail with a message that points at its bug."""
     found = _grade(planted)
-    assert found, f"planted mistake {planted.name!r} passed exercise {planted.exercise}'s grader: {planted.doc}"
-    assert re.search(planted.caught_by, found), \
-        f"planted mistake {planted.name!r} was caught, but not by the check that points at it " \
-        f"(/{planted.caught_by}/); the grader said:\n{found[:1500]}"
+    assert_caught(mistake(planted.exercise, planted.name, planted.doc, planted.caught_by), found)
 
 
 def _valid():
@@ -596,6 +637,7 @@ def _valid():
 
 @pytest.mark.parametrize("exercise,name,case,impl", _valid(), ids=lambda v: v if isinstance(v, str) else "")
 def test_valid_alternatives_pass(exercise, name, case, impl):
-    """Other correct ways (own transport with batch_isend_irecv, no prefetch, int32 token ids) pass the graders."""
+    """Other correct ways (own transport with batch_isend_irecv, 3.4 without prefetch, int32 token ids) pass the
+    graders."""
     check = {"3.1": check_stage, "3.2": check_gpipe, "3.4": check_decode}[exercise]
     check(impl, case)

@@ -39,6 +39,7 @@ from helpers.launch import RankFailed
 from helpers.comm_trace import CommTracer
 from helpers.course.partition import shard_indices
 from helpers.course.workloads import ideal_makespan, serve, skewed_costs
+from tests.graders.planted import assert_caught, mistake
 
 # ------------------------------------------------------------------------------------------------ 4.1
 
@@ -439,8 +440,7 @@ def test_planted_gather_mistakes_are_caught(name):
     fn, fragment = _planted().WRONG_GATHERS[name]
     with pytest.raises(AssertionError) as caught:
         grade_gather(_with("data_parallel", gather_in_order=fn))
-    assert fragment in str(caught.value), f"planted {name}: caught, but the message does not point at the " \
-                                          f"bug (expected {fragment!r}): {caught.value}"
+    assert_caught(mistake("4.1", name, name.replace("_", " "), (fragment,)), caught.value)
 
 
 @pytest.mark.parametrize("name", list(_planted().VALID_GATHERS))
@@ -456,8 +456,7 @@ def test_planted_queue_mistakes_are_caught(name):
     # reach their closing barrier before the stuck task starts waiting used to cost the whole 20 s.
     with pytest.raises(AssertionError) as caught:
         grade_queue(_with("load_balance", dynamic_work_queue=fn), stuck_seconds=3.0)
-    assert fragment in str(caught.value), f"planted {name}: caught, but the message does not point at the " \
-                                          f"bug (expected {fragment!r}): {caught.value}"
+    assert_caught(mistake("4.2", name, name.replace("_", " "), (fragment,)), caught.value)
 
 
 @pytest.mark.parametrize("name", list(_planted().VALID_QUEUES))

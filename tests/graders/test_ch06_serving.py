@@ -46,6 +46,7 @@ from helpers.course import tiny_llama
 from helpers.course.serving import background
 from helpers.course.serving.config import ALIASES, ServeConfig
 from helpers.course.serving.metrics import ServingMetrics, histogram_quantile, parse, value
+from tests.graders.planted import assert_caught, mistake
 
 PROMPTS = ["Four score and seven years ago", "We hold these truths", "The fox and the grapes",
            "Once upon a time", "A", "It is altogether fitting", "The tortoise", "Liberty"]
@@ -318,6 +319,13 @@ def check_engine_wiring(engine_cls, plan_cls, plan_args, policy, choose_spec):
             f"option {name}={options[field]!r}{also}, expected {value_wanted!r} (labs/capstone/engine.py)"
 
 
+def check_engine_policies(engine_cls, plan_cls, plan_args, choose_spec):
+    """check_engine_wiring under both routing policies: an engine that passes its default policy whatever it is
+    given (`policy` ignored) would pass a check that asks only for the default."""
+    for policy in ("least_outstanding", "round_robin"):
+        check_engine_wiring(engine_cls, plan_cls, plan_args, policy, choose_spec)
+
+
 KV_CACHE = {"kv_cache": "paged", "enable_prefix_caching": True, "max_num_batched_tokens": 32, "block_size": 16}
 SYSTEM_PROMPT = "You are a careful assistant. Answer in one short sentence, and say so when unsure. "
 
@@ -449,7 +457,7 @@ def check_stop(engine, server):
 def _serve_live(plan_args, reference, policy, steer=False):
     impl, plan = load_impl("capstone.engine"), load_impl("capstone.plan")
     choose_spec = f"{impl.PACKAGE}.router:choose_replica"
-    check_engine_wiring(impl.CapstoneServer, plan.Plan, plan_args, policy, choose_spec)
+    check_engine_policies(impl.CapstoneServer, plan.Plan, plan_args, choose_spec)
     engine = impl.CapstoneServer(plan.Plan(*plan_args), policy=policy)
     with watch_servers(start=True) as started:
         engine.start()
@@ -507,8 +515,7 @@ def _planted():
 def _caught(check, name, fragment):
     with pytest.raises(AssertionError) as caught:
         check()
-    assert fragment in str(caught.value), f"planted {name}: caught, but the message does not point at the bug " \
-                                          f"(expected {fragment!r}): {caught.value}"
+    assert_caught(mistake("6", name, name, (fragment,)), caught.value)
 
 
 @pytest.mark.parametrize("name", list(_planted().WRONG_PLANS))
@@ -567,9 +574,8 @@ def _engine_checks(cls, group, reference, server):
     if group == "init":
         check_engine_init(cls, p.Plan)
     elif group == "wiring":
-        for plan_args, policy in (((2, 1, 1), "round_robin"), ((1, 1, 2), "least_outstanding"),
-                                  ((1, 2, 1), "least_outstanding")):
-            check_engine_wiring(cls, p.Plan, plan_args, policy, f"{p.ROUTER_PACKAGE}.router:choose_replica")
+        for plan_args in ((2, 1, 1), (1, 1, 2), (1, 2, 1)):    # the plans of 6.4, 6.5 and 6.6, as they check them
+            check_engine_policies(cls, p.Plan, plan_args, f"{p.ROUTER_PACKAGE}.router:choose_replica")
     elif group == "live":
         engine = cls(p.Plan(2, 1, 1))
         engine.server = server   # a planted engine talks to the shared server; the grader watches the same one
