@@ -131,6 +131,29 @@ def test_cancel_in_flight_frees_every_stage(model):
             assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
+def test_a_stage_that_raises_fails_its_batch_only(model):
+    """A stage's exception travels down the pipeline with the batch: the batch's requests fail (request 1 is alone
+    in its batches: it arrives while request 0's batch is in flight), the others go on."""
+    engine, stages = local_engine(model, "contiguous", depth=2)
+    run = stages[1]._contiguous
+
+    def broken(batch, x):
+        if any(e[0] == 1 for e in batch.entries):
+            raise RuntimeError("stage 1 broke")
+        return run(batch, x)
+    stages[1]._contiguous = broken
+    requests = [Request(i, tiny_llama.encode(p), 6) for i, p in enumerate(PROMPTS[:2])]
+    serve_failed = []
+    engine.add_request(requests[0])
+    engine.step()
+    engine.add_request(requests[1])
+    while engine.has_unfinished:
+        engine.step()
+        serve_failed += engine.take_failed()
+    assert [r.rid for r in serve_failed] == [1] and "stage 1 broke" in serve_failed[0].error
+    assert len(requests[0].tokens) == 6 and [s.num_requests for s in stages] == [0, 0]
+
+
 def test_both_busy_seconds_counts_overlap():
     assert both_busy_seconds([(0, 1, 0.0, 2.0), (1, 1, 1.0, 3.0), (0, 2, 3.0, 4.0)]) == (1.0, 4.0)
 

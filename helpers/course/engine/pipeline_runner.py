@@ -256,7 +256,10 @@ class PipelineEngine(LLMEngine):
     Requests, queues, aborts, failures and kv_stats are LLMEngine's. Figures: `num_batches`, `overlapped_launches`
     (batches launched while another was in flight), `trace` (("launch", id, decodes, prefill tokens) and
     ("complete", id) in the order they happened: `modelled_pipeline` replays it), `stage_requests` (requests each
-    stage holds, as of the last batch back) and `intervals` (stage, batch, start, end) of each stage's compute."""
+    stage holds, as of the last batch back) and `intervals` (stage, batch, start, end) of each stage's compute.
+    A stage that raises fails every request of that batch (its error travels down the pipeline with the batch):
+    LLMEngine runs a failed step again one request at a time, which a pipeline cannot do once some stages have
+    computed the batch. `broken` is True when a call of the executor raised (a send or receive failed)."""
 
     def __init__(self, executor, kv=None, config: SchedulerConfig | None = None, batching: str = "continuous",
                  max_concurrent_batches: int = 2, balance: bool = True, schedule_step=None,
@@ -275,6 +278,7 @@ class PipelineEngine(LLMEngine):
         self.record_intervals = record_intervals
         self.stage_busy: dict = {}                 # stage -> seconds it computed (all batches)
         self._busy_since = None
+        self.broken = False                        # an executor call raised: the stages may be out of step
 
     @classmethod
     def build(cls, executor, kv_cache: str = "contiguous", num_blocks: int = 256, block_size: int = 16,
@@ -388,11 +392,15 @@ class PipelineEngine(LLMEngine):
         if not self.batch_queue:
             self._busy_since = time.perf_counter()
         self.batch_queue.append((batch, output))
+        self.broken = True                             # until the executor returns
         self.executor.launch(batch)
+        self.broken = False
 
     def _complete(self) -> list:
         batch, output = self.batch_queue.popleft()
+        self.broken = True
         batch_id, logits, trail, error = self.executor.result()
+        self.broken = False
         if batch_id != batch.batch_id:
             raise RuntimeError(f"the pipeline answered batch {batch_id}, the oldest in flight is {batch.batch_id}")
         if not self.batch_queue and self._busy_since is not None:

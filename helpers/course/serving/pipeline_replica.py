@@ -222,7 +222,15 @@ def _serve(conn, engine) -> None:
                 elif msg[0] == "stop":
                     engine.stop()
                     return
-            finished = engine.step() if engine.has_unfinished else []
+            try:
+                finished = engine.step() if engine.has_unfinished else []
+            except Exception as e:
+                if engine.broken:      # a send or receive failed: the stages are out of step; the replica dies
+                    raise              # and the front end retries its requests (a scheduling error is not that)
+                finished = []
+                traceback.print_exc()
+                for request in [*engine.running, *engine.waiting]:
+                    engine.fail(request, e)
             for seq in engine.take_failed():
                 live.pop(seq.rid, None)
                 print(f"replica {os.getpid()}: request {seq.rid} failed: {seq.error}", file=sys.stderr, flush=True)
