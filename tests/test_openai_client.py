@@ -2,6 +2,7 @@
 completions and chat, both streamed, stop strings, n, logprobs, seeds, model listing and the API key. Greedy
 results are checked against the model run offline (tiny_llama.generate, a forward pass for logprobs), not
 against the server itself."""
+import functools
 import json
 import time
 
@@ -13,6 +14,7 @@ import torch
 from helpers.course import tiny_llama
 from helpers.course.serving import start_server
 from helpers.course.serving.metrics import parse, value
+from helpers.course.serving.openai_serving import TextStream
 from helpers.course.tokenizer import load_tokenizer
 
 KEY = "test-key-3a1f"
@@ -46,8 +48,32 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
+@functools.cache
+def _generate(ids: tuple, n: int) -> str:
+    return tiny_llama.decode(tiny_llama.generate(tiny_llama.load_model(), list(ids), n))
+
+
 def reference(model, ids, n) -> str:
-    return tiny_llama.decode(tiny_llama.generate(model, ids, n))
+    """The greedy continuation, computed once per prompt for the three servers."""
+    return _generate(tuple(ids), n)
+
+
+def test_text_stream_holds_back_what_a_stop_string_or_a_character_may_still_need():
+    """Streaming text (openai_serving.TextStream): a stop string arriving over several chunks is never sent, in
+    part or whole; the bytes of one character are sent together; tokens after the stop string are dropped."""
+    ids = tiny_llama.encode("ab é<|user|>zz")
+    text = TextStream(tiny_llama.decode, ["<|user|>", "never"])
+    sent, kept = [], 0
+    for t in ids:
+        kept += text.add([t])
+        sent.append(text.delta(finished=text.stopped is not None))
+        if text.stopped:
+            break
+    assert "".join(sent) == "ab é" and text.stopped == "<|user|>" and kept == len(tiny_llama.encode("ab é<|user|>"))
+    assert all("<" not in s and "\ufffd" not in s for s in sent), sent
+    several = TextStream(tiny_llama.decode, ["|u"])
+    assert several.add(ids) == len(tiny_llama.encode("ab é<|u")), "the tokens after the stop string are dropped"
+    assert several.delta(finished=True) == "ab é<"
 
 
 def test_completion_and_its_stream_give_the_models_tokens(client, model):
@@ -82,14 +108,14 @@ def test_chat_and_its_stream_use_the_chat_template(client, model, chat_ids):
 
 def test_stop_strings_cut_the_text_also_across_streamed_chunks(client, model):
     ids = tiny_llama.encode(tiny_llama.PROMPT)
-    full = reference(model, ids, 24)
-    stop = full[6:9]                      # three characters: three tokens, three streamed chunks
+    full = reference(model, ids, 16)
+    stop = full[5:8]                      # three characters: three tokens, three streamed chunks
     cut = full.index(stop)
-    reply = client.completions.create(model=MODEL, prompt=tiny_llama.PROMPT, max_tokens=24, temperature=0,
+    reply = client.completions.create(model=MODEL, prompt=tiny_llama.PROMPT, max_tokens=16, temperature=0,
                                       stop=["never appears", stop])
     assert reply.choices[0].text == full[:cut] and reply.choices[0].finish_reason == "stop"
     assert reply.usage.completion_tokens == len(tiny_llama.encode(full[:cut + len(stop)]))
-    chunks = list(client.completions.create(model=MODEL, prompt=tiny_llama.PROMPT, max_tokens=24, temperature=0,
+    chunks = list(client.completions.create(model=MODEL, prompt=tiny_llama.PROMPT, max_tokens=16, temperature=0,
                                             stop=stop, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == full[:cut]
     assert chunks[-1].choices[0].finish_reason == "stop"

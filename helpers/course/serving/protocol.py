@@ -186,6 +186,8 @@ class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions (vLLM: ChatCompletionRequest)."""
     messages: Annotated[list[ChatMessage], Field(min_length=1, description="the conversation so far: "
                                                                            "{role, content} objects")]
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most; default: the rest of the "
+                                   "context (vLLM's default)")
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
     logprobs: bool | None = Field(False, description="the logprob of each generated token")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the k most likely")
@@ -270,7 +272,8 @@ def sampling_params(request: SamplingRequest, ids: list[int], *, model_name: str
                          "model", status=404, code="model_not_found")
     if not ids:
         raise BadRequest("'prompt' is empty: send at least one token", "prompt")
-    max_tokens = max_tokens if max_tokens is not None else (request.max_tokens or 16)
+    max_tokens = max_tokens if max_tokens is not None else request.max_tokens
+    max_tokens = max_tokens if max_tokens is not None else max(1, max_model_len - len(ids))   # chat's default
     if max_tokens > max_model_len:
         name = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
         raise out_of_range(name, max_tokens, type(request).model_fields[name], high=max_model_len)
