@@ -31,7 +31,7 @@ from helpers.course.serving import start_server
 from helpers.course.engine import Request, sample
 from helpers.course.serving.balancer import Balancer
 from helpers.course.serving.config import ServeConfig
-from helpers.course.serving.replica import build_engine
+from helpers.course.serving.replica import build_engine, group_broken, public
 from helpers.course.serving.loadtest import load_test
 from helpers.course.serving.metrics import ServingMetrics, parse, value
 
@@ -253,38 +253,53 @@ async def _collect(stream):
     return tokens
 
 
-def test_killing_rank_1_of_a_tp_replica_loses_no_request():
-    """20 concurrent streams on 2 replicas of 2 TP ranks; SIGKILL rank 1 of replica 0 while they run. Rank 0 sees
-    gloo's "Connection closed by peer" inside its step: that is the death of the replica (it exits, the balancer
-    retries its requests on replica 1), not a failure of the requests it held. Every request gets the model's
-    tokens, none an error."""
+def test_killing_a_rank_of_a_tp_replica_loses_no_request():
+    """20 concurrent streams on 2 replicas of 2 TP ranks; SIGKILL rank 1 of replica 0 while they run, then, under a
+    second load, rank 0 of replica 1. Rank 0 sees gloo's "Connection closed by peer" inside its step: that is
+    the death of the replica (it exits, the balancer retries its requests on the other replica), not a failure of
+    the requests it held. Every request gets the model's tokens, none an error."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COURSE_IMPL", "solutions")   # chapter 2's shard_llama, read by the forked ranks
-        asyncio.run(_kill_rank_1(ServeConfig(data_parallel_size=2, tensor_parallel_size=2, stuck_after=0,
-                                             policy="round_robin")))
+        asyncio.run(_kill_ranks(ServeConfig(data_parallel_size=2, tensor_parallel_size=2, stuck_after=0,
+                                            policy="round_robin")))
 
 
-async def _kill_rank_1(config):
+async def _kill_ranks(config):
     prompt, lengths = encode(PROMPT), [24 + 8 * (i % 2) for i in range(20)]
     expected = _greedy(prompt, set(lengths))
     balancer = Balancer(config)
     try:
         await balancer.start(timeout=60)
-        victim = balancer.replicas[0].ranks[1]
-        streams = [balancer.submit({"prompt": prompt, "max_tokens": n, "temperature": 0}) for n in lengths]
-        results = asyncio.gather(*(_collect(s) for s in streams))
-        deadline = time.monotonic() + 30
-        while balancer.replicas[0].stats["tokens"] < 20:      # replica 0 is decoding its share
-            assert time.monotonic() < deadline, balancer.describe()
-            await asyncio.sleep(0.01)
-        os.kill(victim, signal.SIGKILL)
-        got = await asyncio.wait_for(results, timeout=120)
-        errors = [g for g in got if isinstance(g, Exception)]
-        assert not errors, f"{len(errors)} of 20 requests failed: {errors[:2]}"
-        assert got == [expected[n] for n in lengths]
-        assert balancer.replicas[0].restarts == 1, balancer.describe()
+        for replica, rank in ((0, 1), (1, 0)):
+            await balancer.wait_ready(2, timeout=60)
+            victim, before = balancer.replicas[replica].ranks[rank], balancer.replicas[replica].stats["tokens"]
+            streams = [balancer.submit({"prompt": prompt, "max_tokens": n, "temperature": 0}) for n in lengths]
+            results = asyncio.gather(*(_collect(s) for s in streams))
+            deadline = time.monotonic() + 30
+            while balancer.replicas[replica].stats["tokens"] < before + 20:      # it is decoding its share
+                assert time.monotonic() < deadline, balancer.describe()
+                await asyncio.sleep(0.01)
+            os.kill(victim, signal.SIGKILL)
+            got = await asyncio.wait_for(results, timeout=120)
+            errors = [g for g in got if isinstance(g, Exception)]
+            assert not errors, f"rank {rank} of replica {replica} killed: {len(errors)} of 20 failed: {errors[:2]}"
+            assert got == [expected[n] for n in lengths]
+            assert balancer.replicas[replica].restarts == 1, balancer.describe()
     finally:
         await balancer.stop()
+
+
+def test_a_collectives_failure_is_the_replicas_and_no_client_reads_its_internals():
+    """What gloo raises in a step when a peer rank is gone ends the replica (replica.group_broken); what a request's
+    own failure says reaches its client without C++ source paths or addresses (replica.public)."""
+    gloo = ("RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+            "[127.0.0.1]:39329: Connection reset by peer. This is typically caused by a remote worker hanging")
+    assert group_broken(gloo) and group_broken("RuntimeError: Connection closed by peer [10.0.0.2]:4242")
+    assert not group_broken("RuntimeError: planted bug: this model fails on a prompt holding token 0")
+    assert not group_broken("ValueError: the model's logits hold NaN: no token to choose")
+    cleaned = public(gloo)
+    assert "pair.cc" not in cleaned and "/__w/" not in cleaned and "39329" not in cleaned, cleaned
+    assert cleaned.startswith("RuntimeError: Read error <address>: Connection reset by peer"), cleaned
 
 
 def test_a_replica_whose_respawn_fails_comes_back_and_says_why(monkeypatch):
