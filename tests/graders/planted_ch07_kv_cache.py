@@ -87,6 +87,8 @@ VARIANTS = {
                                   ("a sequence holds",)),
     "append_free_list_only": Variant("7.3", ("prefix",), "append_slot raises OutOfBlocks when free_blocks is "
                                      "empty, though evictable blocks are left", ("evictable",)),
+    "append_counts_first": Variant("7.3", ("prefix",), "append_slot counts the token before it raises OutOfBlocks",
+                                   ("unchanged",)),
 }
 
 # Valid answers written differently: the graders must pass them (test_valid_alternatives_pass).
@@ -396,6 +398,8 @@ def _prefix(mistake=None, hashes=None):
 
             def append_slot(self, seq_id):
                 table, position = self.tables[seq_id], self.num_tokens[seq_id]
+                if mistake == "append_counts_first":        # the token counted before the block is known
+                    self.num_tokens[seq_id] = position + 1
                 if position == len(table) * self.block_size:
                     if not (self.free_blocks if mistake == "append_free_list_only" else self.num_free_blocks):
                         raise OutOfBlocks("0 free blocks")
@@ -478,6 +482,7 @@ _PLANT = {
     "evict_keeps_hash": _prefix("evict_keeps_hash"),
     "hit_left_evictable": _prefix("hit_left_evictable"),
     "append_free_list_only": _prefix("append_free_list_only"),
+    "append_counts_first": _prefix("append_counts_first"),
     # valid alternatives
     "lifo_free_list": _manager(allocate=_lifo_allocate, append_slot=_lifo_append),
     "attn_sdpa": _attention_sdpa,

@@ -1119,6 +1119,23 @@ def _check_append_evicts(pc):
     if tail in m.cached or slot[1] != 0:
         failures.append(f"{W}: append_slot('y') returned {slot}; expected offset 0 of x's LAST block (freed first, "
                         f"so the least recently used), evicted ({PREFIX}._take_block / free)")
+        return failures
+    for position in range(5, 12):            # x's first block is evicted at 8; at 12 nothing is left
+        ok, _ = _call(failures, f"{W}: append_slot('y') at position {position}", m.append_slot, "y")
+        if not ok:
+            return failures
+    before = (_cache_state(m), dict(m.num_tokens))
+    ok, exc = _call(failures, f"{W}: append_slot('y') at position 12 with no free and no evictable block",
+                    m.append_slot, "y", expect=OutOfBlocks)
+    if ok or not isinstance(exc, OutOfBlocks):
+        if ok:
+            failures.append(f"{W}: append_slot('y') at position 12 with every block held raised no OutOfBlocks "
+                            f"({PREFIX}.append_slot)")
+        return failures
+    if (_cache_state(m), dict(m.num_tokens)) != before:
+        failures.append(f"{W}: after append_slot raised OutOfBlocks the manager changed: (state, num_tokens) "
+                        f"{before} -> {(_cache_state(m), dict(m.num_tokens))}: a failed append_slot leaves the "
+                        f"manager unchanged, its token count included ({PREFIX}.append_slot)")
     return failures
 
 
