@@ -180,7 +180,7 @@ class OpenAIServing:
         chat_completion_stream_generator)."""
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name}
-        finished = False
+        finished, received = False, time.perf_counter()
         try:
             if chat:   # the first chunk of each choice says who speaks
                 for c in run.choices:
@@ -203,6 +203,7 @@ class OpenAIServing:
                         yield sse({**head, "choices": [item]})
             if include_usage:
                 yield sse({**head, "choices": [], "usage": usage(len(run.params["prompt"]), run)})
+            self.metrics.latency.observe(time.perf_counter() - received)
             self.metrics.tokens.inc(run.completion_tokens)
             finished = True
         except (RequestFailed, NoReplicaError, TimeoutError) as e:

@@ -304,7 +304,9 @@ def completion_prompt(request: CompletionRequest, *, vocab_size: int, encode) ->
 
 def chat_prompt(request: ChatCompletionRequest, tokenizer) -> str:
     """The conversation as one prompt string, through the chat template the model's tokenizer declares, as vLLM
-    applies it (vllm/entrypoints/chat_utils.py `apply_hf_chat_template`: tokenize=False, add_generation_prompt)."""
+    applies it: `tokenizer.apply_chat_template(conversation, ...)` in vllm/renderers/hf.py
+    `safe_apply_chat_template`, with ChatCompletionRequest's `add_generation_prompt` (default true), so the
+    prompt ends with the assistant's turn marker."""
     if request.top_logprobs is not None and not request.logprobs:
         raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     messages = [{"role": m.role, "content": check_text(m.text(), f"messages[{i}].content")}
