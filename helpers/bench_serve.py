@@ -1,15 +1,15 @@
 """`make bench-serve`: vLLM's own serving benchmark, `vllm bench serve`, against the course's server and `vllm serve`.
 
     make vllm-env            # once: vLLM's CPU build in .venv-vllm (see vllm_check.py)
-    make bench-serve         # about 4 minutes: both servers, two datasets, the table below, the stored JSON
+    make bench-serve         # about 7 minutes: both servers, two datasets, the table below, the stored JSON
     python -m helpers.bench_serve --show      # the table and checks of the stored run (no server, no vLLM)
 
 The benchmark client is vLLM's (vllm/benchmarks/serve.py, datasets/datasets.py, lib/endpoint_request_func.py
 in .venv-vllm): it sends streaming completions (`"stream": true, "stream_options": {"include_usage": true}`)
 and measures at the client, for every request, the time to the first streamed chunk (TTFT), the gap between
 chunks (ITL), (latency - TTFT) / (output tokens - 1) (TPOT, output tokens from the server's `usage`), and over
-the run the throughput. Each server is started here, on loopback, benchmarked with the same command (same
-dataset, seed, request count, concurrency, greedy sampling), and stopped; nothing is left running.
+the run the throughput. Both servers are started here, on loopback, benchmarked in turn with the same command
+(same dataset, seed, request count, concurrency, greedy sampling), and stopped; nothing is left running.
 
 * (a) the course's server: `python -m helpers.course.serving --kv-cache paged --enable-prefix-caching`, one
   replica of one thread (start_server; the reference answers, COURSE_IMPL=solutions).
@@ -34,6 +34,7 @@ helpers/bench_serve.py --vllm-cli bench serve ...` is `vllm bench serve ...`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -217,7 +218,10 @@ def run_client(dataset: str, server: str, port: int, result_dir: str) -> dict:
     return result
 
 
-def bench_course(result_dir: str) -> tuple[dict, dict]:
+@contextlib.contextmanager
+def course_server(log_dir: str):
+    """The course's server (start_server: its own session, stopped with its replicas on exit): yields (its
+    description, port)."""
     import time
 
     from helpers.course.serving.background import start_server
@@ -225,20 +229,18 @@ def bench_course(result_dir: str) -> tuple[dict, dict]:
     config = ServeConfig.from_options(port=0, data_parallel_size=1, threads=1, kv_cache="paged",
                                       enable_prefix_caching=True, block_size=BLOCK_SIZE, max_num_seqs=MAX_NUM_SEQS,
                                       served_model_name=SERVED_MODEL_NAME)
-    started = time.perf_counter()
     print("starting the course's server...", flush=True)
+    started = time.perf_counter()
     with start_server(config, env={"COURSE_IMPL": "solutions", "OMP_NUM_THREADS": "1"}) as server:
-        info = {"command": "COURSE_IMPL=solutions OMP_NUM_THREADS=1 python -m helpers.course.serving "
-                           + " ".join(config.to_argv()),
-                "startup_s": round(time.perf_counter() - started, 1)}
-        runs = {}
-        for dataset in DATASETS:
-            print(f"  vllm bench serve -> course's server, {dataset}...", flush=True)
-            runs[dataset] = run_client(dataset, "course", server.port, result_dir)
-    return info, runs
+        yield ({"command": "COURSE_IMPL=solutions OMP_NUM_THREADS=1 python -m helpers.course.serving "
+                           + " ".join(config.to_argv()), "startup_s": round(time.perf_counter() - started, 1)},
+               server.port)
 
 
-def bench_vllm(result_dir: str) -> tuple[dict, dict]:
+@contextlib.contextmanager
+def vllm_server(log_dir: str):
+    """`vllm serve` in a session of its own, stopped on exit with everything it started: yields (its
+    description, port)."""
     import signal
     import subprocess
     import time
@@ -247,8 +249,8 @@ def bench_vllm(result_dir: str) -> tuple[dict, dict]:
     from helpers import proctree
     port = free_port()
     args = vllm_serve_command(port)
-    log_path = Path(result_dir) / "vllm_serve.log"
-    print("starting vllm serve (about a minute)...", flush=True)
+    log_path = Path(log_dir) / "vllm_serve.log"
+    print("starting vllm serve (1-2 minutes)...", flush=True)
     started = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([str(VLLM_PYTHON), str(Path(__file__).resolve()), "--vllm-cli", *args], cwd=ROOT,
@@ -266,15 +268,11 @@ def bench_vllm(result_dir: str) -> tuple[dict, dict]:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"vllm serve did not answer within 600 s; its log is {log_path}")
+                raise TimeoutError(f"vllm serve did not answer within 600 s:\n"
+                                   f"{log_path.read_text(errors='replace')[-3000:]}")
             time.sleep(0.5)
-        info = {"command": as_typed(args).replace(f"--port {port}", "--port PORT"),
-                "startup_s": round(time.perf_counter() - started, 1)}
-        runs = {}
-        for dataset in DATASETS:
-            print(f"  vllm bench serve -> vllm serve, {dataset}...", flush=True)
-            runs[dataset] = run_client(dataset, "vllm", port, result_dir)
-        return info, runs
+        yield ({"command": as_typed(args).replace(f"--port {port}", "--port PORT"),
+                "startup_s": round(time.perf_counter() - started, 1)}, port)
     finally:
         # vllm serve, its EngineCore and its worker share the process group of its session: SIGTERM lets vLLM
         # shut its engine down; whatever is left after 30 s is killed, group and stragglers alike.
@@ -289,6 +287,21 @@ def bench_vllm(result_dir: str) -> tuple[dict, dict]:
             proctree.kill(pid)
         proc.wait()
         proctree.wait_gone(tree, timeout=10)
+
+
+def run_all(result: dict, servers: list[str], tmp: str) -> None:
+    """Start every server first (an idle one costs about 1 % of a core), then run the client against them in turn,
+    dataset by dataset, alternating which server goes first: on a shared machine whose load drifts, neither
+    server gets all the quiet minutes."""
+    starters = {"course": course_server, "vllm": vllm_server}
+    with contextlib.ExitStack() as stack:
+        ports = {}
+        for server in servers:
+            result["servers"][server], ports[server] = stack.enter_context(starters[server](tmp))
+        for i, dataset in enumerate(DATASETS):
+            for server in (servers if i % 2 == 0 else servers[::-1]):
+                print(f"  vllm bench serve -> {LABELS[server]}, {dataset}...", flush=True)
+                result["runs"][dataset][server] = run_client(dataset, server, ports[server], tmp)
 
 
 def compare(result: dict) -> dict:
@@ -364,6 +377,12 @@ def report(result: dict) -> bool:
     print(f"machine: {m['cpus']} x {m['cpu']}, load average {m['load_average_before'][0]} before the run, "
           f"{m['cpu_busy_before']:.0%} busy; run {result['date']}\n")
     print(table(result))
+    for dataset, runs in result["runs"].items():
+        if all(server in runs for server in SERVERS):
+            a, b = runs["course"], runs["vllm"]
+            print(f"{dataset}: course / vLLM = {a['output_throughput'] / b['output_throughput']:.2f} x the output "
+                  f"throughput, {a['mean_ttft_ms'] / b['mean_ttft_ms']:.2f} x the mean TTFT, "
+                  f"{a['mean_tpot_ms'] / b['mean_tpot_ms']:.2f} x the mean TPOT")
     for dataset, same in result.get("same_text", {}).items():
         print(f"{dataset}: {same} of {s['num_prompts']} greedy completions are the same text on both servers")
     ok = True
@@ -399,11 +418,7 @@ def main(argv: list[str]) -> None:
                            "block_size": BLOCK_SIZE, "max_num_seqs": MAX_NUM_SEQS},
               "machine": machine(), "versions": versions(), "servers": {}, "runs": {d: {} for d in DATASETS}}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        for server in servers:
-            info, runs = {"course": bench_course, "vllm": bench_vllm}[server](tmp)
-            result["servers"][server] = info
-            for dataset, run in runs.items():
-                result["runs"][dataset][server] = run
+        run_all(result, servers, tmp)
     compare(result)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print()
