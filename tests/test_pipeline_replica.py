@@ -59,13 +59,21 @@ def serve(engine, requests, every=1):
         assert not engine.take_failed()
 
 
-@pytest.mark.parametrize("kv_cache", ["contiguous", "paged"])
+@pytest.mark.parametrize("kv_cache", ["contiguous", "paged", "paged+prefix caching"])
 def test_local_pipeline_gives_the_models_tokens_with_two_batches_in_flight(model, reference, kv_cache):
+    caching = kv_cache.endswith("caching")
+    kv_cache = kv_cache.split("+")[0]
+    prompts = [tiny_llama.encode(("A shared system prompt of two blocks, or nearly so. " if caching else "") + p)
+               for p in PROMPTS]
+    if caching:
+        reference = [tiny_llama.generate(model, p, n) for p, n in zip(prompts, LENGTHS)]
     for depth in (1, 2):
-        engine, stages = local_engine(model, kv_cache, depth)
-        requests = [Request(i, tiny_llama.encode(p), n) for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))]
+        engine, stages = local_engine(model, kv_cache, depth, enable_prefix_caching=caching)
+        requests = [Request(i, p, n) for i, (p, n) in enumerate(zip(prompts, LENGTHS))]
         serve(engine, requests)
         assert [r.tokens for r in requests] == reference, f"depth {depth}"
+        if caching:      # later requests hit the prefix blocks an earlier batch computed (in flight or not)
+            assert engine.kv.stats.hits >= 3 * 16 * (len(PROMPTS) - 1), engine.kv.stats
         # one batch in flight never overlaps; two do, and no request is ever in both
         assert (engine.overlapped_launches > 0) == (depth == 2), engine.overlapped_launches
         assert not engine.in_flight and not engine.batch_queue

@@ -259,7 +259,10 @@ class PipelineEngine(LLMEngine):
     stage holds, as of the last batch back) and `intervals` (stage, batch, start, end) of each stage's compute.
     A stage that raises fails every request of that batch (its error travels down the pipeline with the batch):
     LLMEngine runs a failed step again one request at a time, which a pipeline cannot do once some stages have
-    computed the batch. `broken` is True when a call of the executor raised (a send or receive failed)."""
+    computed the batch. `broken` is True when a call of the executor raised (a send or receive failed).
+    Blocks freed or shared while a batch is in flight are safe because every stage computes the batches in launch
+    order: a block a finished request gave back, or a prefix-cache hit on a block an earlier batch is still
+    computing, is written by the earlier batch on each stage before the later batch reads or overwrites it."""
 
     def __init__(self, executor, kv=None, config: SchedulerConfig | None = None, batching: str = "continuous",
                  max_concurrent_batches: int = 2, balance: bool = True, schedule_step=None,
@@ -269,7 +272,7 @@ class PipelineEngine(LLMEngine):
         super().__init__(_Releases(), kv, config, batching=batching, schedule_step=schedule_step,
                          record_steps=False)
         self.executor, self.max_concurrent_batches, self.balance = executor, max_concurrent_batches, balance
-        self.batch_queue: deque = deque()          # (batch, SchedulerOutput, due rids), oldest first
+        self.batch_queue: deque = deque()          # (batch, SchedulerOutput or None), oldest first
         self.in_flight: dict = {}                  # rid -> batch_id
         self.num_batches = self.overlapped_launches = 0
         self.trace: list = []
