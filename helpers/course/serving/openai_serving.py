@@ -95,8 +95,9 @@ class TextStream:
 class Choice:
     """One of the n sequences of a request: its stream from the balancer, its text, its logprobs."""
 
-    def __init__(self, index: int, stream, text: TextStream):
-        self.index, self.stream, self.text = index, stream, text
+    def __init__(self, index: int, params: dict, text: TextStream):
+        self.index, self.params, self.text = index, params, text
+        self.stream = None                 # the balancer's Stream, once submitted
         self.logprobs: list[dict] = []   # {"token", "logprob", "top"} per kept token
         self.streamed_chars = 0          # completions' text_offset of the next streamed token
         self.finish_reason: str | None = None
@@ -228,7 +229,7 @@ class Generation:
             child = dict(params)
             if params["seed"] is not None:
                 child["seed"] = params["seed"] + i   # vLLM's ParentRequest: seed + index
-            self.choices.append(Choice(i, balancer.submit(child), TextStream(decode, stop)))
+            self.choices.append(Choice(i, child, TextStream(decode, stop)))
 
     @property
     def completion_tokens(self) -> int:
@@ -236,8 +237,11 @@ class Generation:
 
     async def steps(self) -> AsyncIterator[tuple[Choice, str, list]]:
         """(choice, new text, new logprob entries) for each output of a replica step, until every choice has a
-        finish_reason. Closing it early (the client left, a timeout) cancels the unfinished children."""
+        finish_reason. The children are submitted when it starts (a client gone before that costs nothing);
+        closing it early (the client left, a timeout) cancels the unfinished ones."""
         queue: asyncio.Queue = asyncio.Queue()
+        for c in self.choices:
+            c.stream = self.balancer.submit(c.params)
 
         async def pump(choice):
             try:
@@ -273,7 +277,7 @@ class Generation:
             for p in pumps:
                 p.cancel()
             for c in self.choices:
-                if c.finish_reason is None:
+                if c.finish_reason is None and c.stream is not None:
                     self.balancer.cancel(c.stream.rid)
 
 
