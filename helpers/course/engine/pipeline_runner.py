@@ -20,6 +20,10 @@ pipeline is the *batch queue*: the scheduler does not wait for a batch to come b
     vllm/v1/executor/multiproc_executor.py: the scheduler output goes to every worker (`rpc_broadcast_mq`), the
       output comes back from one rank only, `_get_output_rank`: "TP rank=0 and PP rank=-1". Here the step's plan
       travels with the activations, stage to stage (one message per hop), and the last stage's tp rank 0 answers.
+    vLLM's last stage samples and returns token ids, which the scheduler sends to the first stage with the next
+      scheduler output ("When using PP, the scheduler sends the sampled tokens back", scheduler.py); here the last
+      stage returns the due requests' logits (a 256-token vocabulary) and the scheduler's rank samples them with
+      the engine's own `sample`, so a request's seeded generator lives in one place.
 
 So a request decodes at most one token per pipeline round; with pp batches in flight, batch b computes in stage 1
 while batch b+1 computes in stage 0. The batches form by themselves under load: a request that arrives while
