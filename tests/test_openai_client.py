@@ -2,6 +2,7 @@
 completions and chat, both streamed, stop strings, n, logprobs, seeds, model listing and the API key. Greedy
 results are checked against the model run offline (tiny_llama.generate, a forward pass for logprobs), not
 against the server itself."""
+import asyncio
 import functools
 import json
 import time
@@ -120,6 +121,22 @@ def test_stop_strings_cut_the_text_also_across_streamed_chunks(client, model):
     assert "".join(c.choices[0].text for c in chunks) == full[:cut]
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert all(stop not in c.choices[0].text for c in chunks)
+
+
+def test_concurrent_streams_with_the_async_client(server, model):
+    """AsyncOpenAI, eight streams at once: each gets its own prompt's tokens (they share the replica's batches)."""
+    prompts = ["It was", "We hold these", "A", "The fox and the grapes", "Once upon", "Four score", "To be", "In"]
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+        async def one(prompt):
+            stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                                     stream=True)
+            return "".join([chunk.choices[0].text async for chunk in stream])
+        async with client:
+            return await asyncio.gather(*[one(p) for p in prompts])
+    assert asyncio.run(main()) == [reference(model, tiny_llama.encode(p), 6) for p in prompts]
 
 
 def test_n_choices_and_seeds_as_vllm_derives_them(client):
