@@ -325,7 +325,8 @@ def main(argv=None) -> None:
                   f"{run['overlapped_launches']:3d} launched while another was in flight; "
                   f"wall {run['wall_tokens_per_s']:6.0f} tok/s, 2+ stages computing "
                   f"{run['both_busy_fraction']:5.1%} of the compute time | modelled "
-                  f"{run['modelled_tokens_per_s']:6.0f} tok/s, 2+ stages busy {run['modelled_both_busy_fraction']:5.1%}")
+                  f"{run['modelled_tokens_per_s']:6.0f} tok/s, 2+ stages busy "
+                  f"{run['modelled_both_busy_fraction']:5.1%}")
 
 
 if __name__ == "__main__":
