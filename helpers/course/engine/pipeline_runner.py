@@ -336,7 +336,8 @@ class PipelineEngine(LLMEngine):
         balance: a batch takes at most ceil(running / max_concurrent_batches) of the running requests (the oldest
         not in flight); the others wait for the next batch, so the batches in flight share the running requests
         evenly even when they all arrived at once (vLLM V1 takes every request not in flight; its V2 runner with
-        async scheduling staggers decodes over the pp steps instead)."""
+        async scheduling staggers decodes over the pp steps instead). Preemption, when blocks run out, picks the
+        newest request of those shown (vLLM may pick one in flight and drops its stale output when it comes back)."""
         scheduler = self.scheduler
         if not scheduler.has_unfinished:
             return None
