@@ -356,7 +356,9 @@ def test_paged_replicas_with_labs_stubs_fall_back_or_refuse_to_start(monkeypatch
         pytest.skip("exercise 7.1 is written in labs/")
     monkeypatch.setenv("COURSE_IMPL", "labs")
     monkeypatch.setenv("COURSE_FALLBACK", "0")
-    config = ServeConfig(data_parallel_size=1, kv_cache="paged", stuck_after=0)
+    # choose=: not exercise 6.2's stub, whose fallback (pytest has ipykernel loaded) would patch labs/ in this process
+    config = ServeConfig(data_parallel_size=1, kv_cache="paged", stuck_after=0,
+                         choose="solutions.capstone.router:choose_replica")
     with pytest.raises(SystemExit, match=r"Exercise 7\.1, Exercise 7\.2, Exercise 7\.4, not written yet"):
         Balancer(config)
     monkeypatch.delenv("COURSE_FALLBACK")
