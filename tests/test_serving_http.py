@@ -6,6 +6,7 @@ the API key, loopback only, ids unique across restarts (helpers/course/serving/l
 The server runs with short timeouts and a small connection cap ($SERVING_LIMITS, limits.Limits.from_env) so that
 the slow-client and cap tests take seconds."""
 import json
+import logging
 import os
 import select
 import signal
@@ -16,7 +17,7 @@ import time
 import pytest
 
 from helpers.course.serving import start_server
-from helpers.course.serving.limits import Limits
+from helpers.course.serving.limits import Limits, RateLimitFilter
 from helpers.course.serving.metrics import parse, value
 
 KEY = "course-test-key-7f3a"
@@ -309,6 +310,40 @@ def test_idle_sockets_cannot_lock_clients_out(server):
             sock.close()
     grown = os.path.getsize(server.log_path) - log_before
     assert grown < 4096, f"the log grew by {grown} bytes:\n{open(server.log_path).read()[-2000:]}"
+
+
+def test_a_flood_of_bad_requests_leaves_the_log_small(server):
+    """Every malformed request makes uvicorn log a warning: 300 of them (0.1 s of one client's work) write one
+    line, whose next occurrence will say how many were left out (limits.RateLimitFilter)."""
+    log_before = os.path.getsize(server.log_path)
+    for _ in range(300):
+        assert _exchange(server.port, b"GARBAGE\r\n\r\n")[0] == 400
+    grown = os.path.getsize(server.log_path) - log_before
+    assert grown < 1024, f"the log grew by {grown} bytes:\n{open(server.log_path).read()[-2000:]}"
+
+
+def test_rate_limit_filter():
+    now = [0.0]
+    limiter = RateLimitFilter(interval=10.0, clock=lambda: now[0])
+    logger = logging.getLogger("test_serving_http.flood")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    logger.addFilter(limiter)
+    logger.propagate = False
+    try:
+        for i in range(1000):
+            logger.error("socket.accept() out of system resource\nsocket: <fd=%d>", i)
+            now[0] += 0.125   # 1000 messages in 125 s: one per 10 s passes
+        logger.warning("another kind")
+        assert len(records) == 13 + 1, [r.getMessage() for r in records]
+        assert records[0].getMessage().startswith("socket.accept() out of system resource")
+        assert "79 more like this in the last 10 s not logged" in records[1].getMessage(), records[1].getMessage()
+        assert records[-1].getMessage() == "another kind"
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(limiter)
 
 
 def test_requests_over_the_cap_get_a_quick_503(server):
