@@ -224,6 +224,9 @@ def explain(error: ValidationError, model: type[BaseModel]) -> BadRequest:
         return out_of_range(name, v, field)
     if kind == "bool_type":
         return BadRequest(f"'{name}' must be true or false, got {_show(v)}", name)
+    if kind == "string_unicode":   # a key or a value holding a lone surrogate
+        return BadRequest(f"'{name}' is not valid Unicode text (it holds a lone surrogate, which UTF-8 cannot "
+                          "encode)", name)
     if kind == "string_type":
         return BadRequest(f"'{name}' must be a string, got {_show(v)}", name)
     if kind == "list_type":
