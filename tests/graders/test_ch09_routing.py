@@ -156,7 +156,8 @@ def check_index_events(impl=None):
             return failures
         if not _expect_blocks(failures, index, want, after):
             if after.startswith("r0 removes"):
-                failures[-1] += " — a BlockRemoved from r0 removes the blocks from r0 only: r1 still holds its copy of a2"
+                failures[-1] += (" — a BlockRemoved from r0 removes the blocks from r0 only: r1 still holds its copy "
+                                 "of a2")
             return failures
     if not _expect_prefix(failures, index, a, {"r0": 2, "r1": 3}, "r0 evicted a2, a3",
                           "each replica's count of LEADING blocks it holds"):
