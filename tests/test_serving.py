@@ -22,6 +22,15 @@ from helpers.course.serving.metrics import parse, value
 PROMPTS = ["Four score and seven years ago", "We hold these", "A", "The fox and the grapes"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The model runs here on one thread: several spin against the servers' replicas for a busy machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_batching_policies_give_the_models_tokens():
     model = tiny_llama.load_model()
     ids = [tiny_llama.encode(p) for p in PROMPTS]
@@ -84,7 +93,7 @@ def _post(server, raw: bytes, headers=None):
     (b'{"prompt": "Four", "max_tokens": "ten"}', 400, "'max_tokens' must be an integer"),
     (b'{"prompt": "Four", "max_tokens": 0}', 400, "out of range"),
     (b'{"prompt": "Four", "temperature": -1}', 400, "out of range"),
-    (b'{"prompt": "Four", "stream": true}', 400, "streaming"),
+    (b'{"prompt": "Four", "stream": "yes"}', 400, "'stream' must be true or false"),
     (b'{"prompt": [1, 2, 999]}', 400, "token ids must lie in"),
     (b'{"prompt": ""}', 400, "empty"),
     (b'{"prompt": ["a", "b"]}', 400, "one prompt per request"),
@@ -94,7 +103,7 @@ def _post(server, raw: bytes, headers=None):
 def test_bad_requests_get_a_clear_error(server, raw, status, words):
     got, body = _post(server, raw)
     assert got == status and words in body["error"]["message"], (got, body)
-    assert body["error"]["code"] == status
+    assert body["error"]["type"] == ("not_found_error" if status == 404 else "invalid_request_error"), body
     assert server.get("/health")["status"] == "ok"
 
 
@@ -104,8 +113,7 @@ def test_protocol_errors(server):
     assert e.value.code == 404
     with pytest.raises(urllib.error.HTTPError) as e:
         server.get("/v1/completions")
-    assert e.value.code == 405
-    assert _post(server, b"x" * 10, headers=["Transfer-Encoding: chunked"])[0] == 400
+    assert e.value.code == 405 and "POST" in e.value.headers["Allow"]
 
 
 def test_good_request_and_disconnect(server):
@@ -115,7 +123,7 @@ def test_good_request_and_disconnect(server):
     before = value(parse(server.get("/metrics")), "serving_client_disconnects_total")
     body = json.dumps({"prompt": "Four", "max_tokens": 200, "temperature": 0}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     time.sleep(0.3)
     sock.close()  # leave before the answer
     deadline = time.monotonic() + 20
