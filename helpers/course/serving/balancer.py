@@ -75,6 +75,7 @@ EXERCISES_USED = {
     "paged": {"paged_kv_cache": ("BlockManager", "paged_attention"), "chunked_prefill": ("schedule_step",)},
     "prefix caching": {"prefix_cache": ("block_hashes", "PrefixCachingBlockManager")},
     "tensor parallel": {"tp_llama": ("shard_llama",)},
+    "pipeline of tensor-parallel stages": {"hybrid": ("build_hybrid_stage",)},
 }
 
 
@@ -106,7 +107,7 @@ def _fallback_setting() -> bool | None:
 
 def replica_exercises(config: ServeConfig) -> dict:
     """Environment for the replica processes, after checking the exercises their code runs (the paged KV cache,
-    chapter 7; shard_llama for --tp, chapter 2). With labs/ as shipped those are stubs, and a server whose every
+    chapter 7; shard_llama for --tp, chapter 2; build_hybrid_stage for --pp with --tp, chapter 5). With labs/ as shipped those are stubs, and a server whose every
     request fails with NotImplementedError would report itself healthy. So, as course_router does for 6.2: in a
     learner's terminal (COURSE_FALLBACK unset) one line says which exercises are not written yet and the replicas
     use the reference answers (helpers/impl.py's fallback, switched on for them: {"COURSE_FALLBACK": "1"}, its
@@ -117,8 +118,9 @@ def replica_exercises(config: ServeConfig) -> dict:
     used = dict(EXERCISES_USED["paged"]) if config.kv_cache == "paged" else {}
     if config.kv_cache == "paged" and config.enable_prefix_caching:
         used.update(EXERCISES_USED["prefix caching"])
-    if config.tensor_parallel_size > 1 and config.pipeline_parallel_size == 1:
-        used.update(EXERCISES_USED["tensor parallel"])
+    if config.tensor_parallel_size > 1:
+        used.update(EXERCISES_USED["tensor parallel" if config.pipeline_parallel_size == 1 else
+                                   "pipeline of tensor-parallel stages"])
     missing = {}   # stub message -> file
     for module, names in used.items():
         try:
