@@ -69,12 +69,16 @@ async def serve(config: ServeConfig) -> None:
         print(f"serving {config.served_model_name} on http://{host}:{port} with {config.summary()}", flush=True)
         report_port(port)   # to start_server, through its pipe
         await asyncio.wait({http, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
-        server.should_exit = True   # uvicorn closes its connections (open streams get timeout_graceful_shutdown)
+        # As vLLM's serve_http: the engine first (requests in flight end with "the server is shutting down", so
+        # open streams finish with an error event), then the HTTP server closes its connections.
+        await balancer.stop()
+        server.should_exit = True
         await http
     finally:
         if http is not None and not http.done():
             http.cancel()
-        await balancer.stop()
+        if not balancer.stopping:
+            await balancer.stop()
         sock.close()
 
 
