@@ -185,3 +185,57 @@ def test_a_silent_event_stream_falls_back_to_load_only_routing():
     assert router.policy.index.longest_prefix(h)[0] == 4                       # its entries were kept
     router.deliver(0, [BlockRemoved((h[3],))], now=2.5)
     assert router.route(Request("d", tokens + [4], 4), now=2.6) == 0           # heard again: the cache counts
+
+
+# ---------------------------------------------------------------------------------------------- on the wire
+
+# KVEventBatch(ts=1.5, events=[BlockStored([b"\x01" * 32], None, [1, 2], 2, lora_id=None, medium="GPU",
+# lora_name=None), BlockRemoved([b"\x02" * 32], "GPU"), AllBlocksCleared()]) as vLLM 0.32 encodes it
+# (msgspec.msgpack.Encoder().encode(batch) with vllm.distributed.kv_events' classes, in .venv-vllm).
+VLLM_BATCH = bytes.fromhex(
+    "93cb3ff80000000000009388a474797065ab426c6f636b53746f726564ac626c6f636b5f68617368657391c420" + "01" * 32
+    + "b1706172656e745f626c6f636b5f68617368c0a9746f6b656e5f696473920102aa626c6f636b5f73697a6502a76c6f72615f6964c0"
+    "a66d656469756da3475055a96c6f72615f6e616d65c083a474797065ac426c6f636b52656d6f766564ac626c6f636b5f68617368657391"
+    "c420" + "02" * 32 + "a66d656469756da347505581a474797065b0416c6c426c6f636b73436c6561726564c0")
+
+
+def test_vllms_event_bytes_decode_to_the_courses_events_and_back():
+    from helpers.course.routing.wire import decode_batch, encode_batch
+    ts, events = decode_batch(VLLM_BATCH)
+    assert ts == 1.5 and events == [BlockStored((b"\x01" * 32,), None, (1, 2), 2, "GPU"),
+                                    BlockRemoved((b"\x02" * 32,), "GPU"), AllBlocksCleared()]
+    assert encode_batch(ts, events) == VLLM_BATCH                  # the same bytes vLLM sends
+    for bad in (VLLM_BATCH[:-5], b"\xc1", b"\x93\x01\x02"):
+        with pytest.raises(ValueError):
+            decode_batch(bad)
+    unknown = VLLM_BATCH.replace(b"\xb0AllBlocksCleared", b"\xb0AllBlocksClearex")
+    assert decode_batch(unknown)[1][2] is None                     # an unknown event: skipped, the rest applies
+
+
+def test_events_over_zeromq_reach_the_router_and_gaps_are_counted():
+    import time
+
+    from helpers.course.routing.zmq_events import ZmqEventPublisher, ZmqEventSubscriber
+    publisher = ZmqEventPublisher("tcp://127.0.0.1:*")
+    subscriber = ZmqEventSubscriber({0: publisher.endpoint})
+    router = Router([0, 1], KVAware(CHAPTER_WEIGHT), block_size=4)
+    tokens = list(range(16))
+    h = _hashes(tokens)
+    try:
+        deadline, got = time.monotonic() + 20, []
+        while not got and time.monotonic() < deadline:       # PUB drops what it sends before SUB has joined
+            publisher.publish([AllBlocksCleared()], ts=0.0)
+            got = subscriber.poll(timeout=0.05)
+        assert got, "no batch arrived over ZeroMQ in 20 s"
+        publisher.seq += 3                                     # three batches lost on the way
+        publisher.publish([BlockStored(tuple(h), None, tuple(tokens), 4)], ts=1.0)
+        stored = False
+        while not stored and time.monotonic() < deadline:      # late probes first, then the BlockStored
+            for replica, _, ts, events in subscriber.poll(timeout=0.05):
+                router.deliver(replica, events, ts)
+                stored |= any(isinstance(e, BlockStored) for e in events)
+        assert router.policy.index.longest_prefix(h) == {0: 4, 1: 0}
+        assert subscriber.gaps[0] == 3 and subscriber.malformed == 0
+    finally:
+        subscriber.close()
+        publisher.close()
