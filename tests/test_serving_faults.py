@@ -346,32 +346,22 @@ def test_a_replica_whose_respawn_fails_comes_back_and_says_why(monkeypatch):
     assert after == {"status": "ok", "replicas_up": 2, "replicas": 2, "reasons": {}} and restarts == 1, after
 
 
-def test_paged_replicas_with_labs_stubs_fall_back_or_refuse_to_start(monkeypatch, capfd):
-    """`--kv-cache paged` with labs/ as shipped (exercises 7.1, 7.2, 7.4 unwritten) used to serve a healthy server
-    whose every request failed with NotImplementedError. Under a grader (COURSE_FALLBACK=0) the server does not
-    start and says which exercises; in a learner's terminal (COURSE_FALLBACK unset) one line says so and the
-    replicas run the reference answers: requests get the model's tokens."""
+def test_paged_replicas_with_labs_stubs_fall_back_or_refuse_to_start(monkeypatch):
+    """`python -m helpers.course.serving --kv-cache paged` with labs/ as shipped (exercises 7.1, 7.2, 7.4 unwritten)
+    used to serve: healthy, and every request failed with NotImplementedError. Under a grader (COURSE_FALLBACK=0)
+    the server does not start and says which exercises; in a learner's terminal (COURSE_FALLBACK unset) one line
+    says so and the replicas run the reference answers: requests get the model's tokens."""
     from helpers.impl import unwritten_exercises
     if "BlockManager" not in unwritten_exercises("labs/paged_kv_cache.py"):
         pytest.skip("exercise 7.1 is written in labs/")
-    monkeypatch.setenv("COURSE_IMPL", "labs")
+    options = dict(replicas=1, kv_cache="paged", port=0, env={"COURSE_IMPL": "labs"})
     monkeypatch.setenv("COURSE_FALLBACK", "0")
-    # choose=: not exercise 6.2's stub, whose fallback (pytest has ipykernel loaded) would patch labs/ in this process
-    config = ServeConfig(data_parallel_size=1, kv_cache="paged", stuck_after=0,
-                         choose="solutions.capstone.router:choose_replica")
-    with pytest.raises(SystemExit, match=r"Exercise 7\.1, Exercise 7\.2, Exercise 7\.4, not written yet"):
-        Balancer(config)
+    with pytest.raises(RuntimeError, match=r"exited with code 1:\n.*Exercise 7\.1, Exercise 7\.2, Exercise 7\.4, "
+                                           r"not written yet \(labs/chunked_prefill.py, labs/paged_kv_cache.py\)"):
+        start_server(**options)
     monkeypatch.delenv("COURSE_FALLBACK")
-    expected = _greedy(encode(PROMPT), [6])[6]
-
-    async def run():
-        balancer = Balancer(config)
-        await balancer.start(timeout=60)
-        try:
-            return await _collect(balancer.submit({"prompt": encode(PROMPT), "max_tokens": 6, "temperature": 0}))
-        finally:
-            await balancer.stop()
-
-    assert asyncio.run(run()) == expected
-    out = capfd.readouterr().out
-    assert out.count("Exercise 7.1, Exercise 7.2, Exercise 7.4 not written yet in labs/") == 1, out
+    with start_server(**options) as s:
+        reply = s.complete(prompt=PROMPT, max_tokens=6, temperature=0, return_token_ids=True)
+        log = open(s.log_path).read()
+    assert reply["choices"][0]["token_ids"] == _greedy(encode(PROMPT), [6])[6]
+    assert log.count("Exercise 7.1, Exercise 7.2, Exercise 7.4 not written yet in labs/") == 1, log
