@@ -7,11 +7,12 @@ grade is recorded by a parent process in which no learner code ever runs:
     exercise must report, with the number of parametrised cases where the file states them literally.
   * Each grader file runs in a child pytest (this module is its plugin, `-p helpers.grade`), in a session
     of its own, with `solutions/` unimportable unless the reference itself is graded. The child writes one
-    JSON line per event (collected, test started, test outcome, finished) into a pipe that only it holds:
-    no path to it is in any command line, environment or file; before any learner code is imported the
-    child makes it close-on-exec, closes it in every process it forks (the ranks), and makes itself
-    non-dumpable so that no other process can open it through /proc/PID/fd (the parent, which holds the
-    read end, is non-dumpable too while it grades).
+    JSON line per event (collected, test started, test outcome, finished) into a one-way Unix socket that
+    only it holds: no path to it is in any command line, environment or file, and unlike a pipe or a file
+    it cannot be opened again through /proc/PID/fd; before any learner code is imported the child makes
+    it close-on-exec, closes it in every process it forks (the ranks), and makes itself non-dumpable, so
+    that no other process of the user can take a copy (pidfd_getfd, ptrace; the parent is non-dumpable
+    too while it grades). Root can; grade as an unprivileged user.
   * The parent trusts only what it checks: an exercise passes when the child finished its session and
     exited with the status it reported, its events read as one session (one collection of exactly the
     tests asked for, each started once, each result while its test runs, "finished" last), and every test
@@ -20,7 +21,7 @@ grade is recorded by a parent process in which no learner code ever runs:
     ones included, runs again in a new child. Every process a child started is killed before the parent
     reads the last events, and only the parent writes the table, the JSON report and the exit status.
   * One limit remains: the graders call learner code inside the child pytest itself, and code running in a
-    process can do anything that process can (write a consistent stream of passes into its pipe and exit
+    process can do anything that process can (write a consistent stream of passes into its socket and exit
     with status 0). Tampering of that kind is aimed at one chapter's child, is visible in the learner's
     code, and is for an instructor's review; no other chapter, the table or the report can be touched.
 
@@ -233,21 +234,24 @@ class GradePlugin:
 
 def pytest_addoption(parser):
     parser.addoption("--grade-report-fd", type=int, default=None,
-                     help="write grading events (JSON lines) to this inherited pipe")
+                     help="write grading events (JSON lines) to this inherited socket")
     parser.addoption("--grade-exercises", default=None, help="comma-separated exercise ids to run")
     parser.addoption("--grade-block-reference", default=None, metavar="IMPL",
                      help="make solutions/ unimportable (IMPL, the package graded, names it in the error)")
 
 
-def _guard_report_pipe(fd: int) -> None:
-    """Keep the events pipe away from every other process, before any learner code is imported: it is not
+def _guard_report_channel(fd: int) -> None:
+    """Keep the events socket away from every other process, before any learner code is imported: it is not
     inherited across exec (close-on-exec), a forked child (a rank, the store, a process a lab forks) closes
-    it at once, and this process is made non-dumpable, so that no other process of the user can open
-    /proc/PID/fd/N to reach it. A forked child is made dumpable again (the parent must read its environment
-    to find it if it lingers): it holds no pipe."""
+    it at once, and this process is made non-dumpable, so that no other process of the user can copy it out
+    of this one (pidfd_getfd and ptrace need a dumpable target). A forked child is made dumpable again (the
+    parent must read its environment to find it if it lingers): it holds no socket."""
     os.set_inheritable(fd, False)
+    owner = os.getpid()
 
     def close_in_child():
+        if os.getppid() != owner:   # a grandchild: its parent closed the socket; the number may be reused
+            return
         try:
             os.close(fd)
         except OSError:
@@ -264,7 +268,7 @@ def pytest_configure(config):
         sys.meta_path.insert(0, _NoReference(impl))
     fd = config.getoption("--grade-report-fd")
     if fd is not None:
-        _guard_report_pipe(fd)
+        _guard_report_channel(fd)
         ids = config.getoption("--grade-exercises")
         config.pluginmanager.register(GradePlugin(fd, set(ids.split(",")) if ids else None), "grade-plugin")
 
@@ -469,9 +473,10 @@ def _kill_leftovers(session: int, marker: bytes):
 _EVENTS_LIMIT = 64 << 20   # bytes of events read from one child: a report larger than this is flooded
 
 
-class _EventPipe:
-    """The read end of a child's events pipe. The parent drains it while the child runs (a pipe holds 64 KiB:
-    a child that wrote more would block) and once more after every process of the child is gone."""
+class _EventChannel:
+    """The parent's end of a child's events socket. The parent drains it while the child runs (a socket buffers
+    a few hundred KiB: a child that wrote more would block) and once more after every process of the child is
+    gone."""
 
     def __init__(self, fd: int):
         self.fd, self.data, self.size, self.eof = fd, bytearray(), 0, False
@@ -511,14 +516,25 @@ class _EventPipe:
         return events
 
 
+def _events_channel() -> tuple[int, int]:
+    """(read end, write end) of the events channel: a connected pair of Unix sockets, each one-way (the parent
+    cannot write, the child cannot read). Not a pipe: a pipe, like a FIFO, can be opened again through
+    /proc/PID/fd/N by any process allowed to look there (root always is), a socket cannot (ENXIO)."""
+    import socket
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    parent.shutdown(socket.SHUT_WR)
+    child.shutdown(socket.SHUT_RD)
+    return parent.detach(), child.detach()
+
+
 def _run_child(root, batch, impl, timeout, quiet, marker):
     """Run the tests of `batch` (exercises of one grader file) in a child pytest; returns (events, how it
     ended: None when pytest finished and exited with the status it reported, else a sentence).
 
-    The events come over a pipe that only the child pytest holds (see _guard_report_pipe): no path to it is
-    in any command line, environment or file, so a rank cannot reach it."""
+    The events come over a socket that only the child pytest holds (see _guard_report_channel): no path to it
+    is in any command line, environment or file, so a rank cannot reach it."""
     nodeids = [test for ex in batch for test in ex.tests]
-    read_end, write_end = os.pipe()
+    read_end, write_end = _events_channel()
     # COURSE_FALLBACK=0: a graded exercise never runs the reference in place of a stub (helpers/impl.py).
     env = dict(os.environ, COURSE_IMPL=impl, COURSE_FALLBACK="0", PYTHONDONTWRITEBYTECODE="1",
                GRADE_RUN=marker.decode().split("=")[1])
@@ -532,27 +548,27 @@ def _run_child(root, batch, impl, timeout, quiet, marker):
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                 start_new_session=True, pass_fds=(write_end,))
     finally:
-        os.close(write_end)   # the child's copy is the only write end: EOF once it (and all it forked) is gone
-    pipe = _EventPipe(read_end)
+        os.close(write_end)   # the child's copy is the only one: EOF once it (and all it forked) is gone
+    channel = _EventChannel(read_end)
     _OWN_CHILDREN.add(proc.pid)
     # pytest-timeout stops a test after `timeout` s; this is the backstop should learner code disarm it.
     running_since, seen = time.monotonic(), 0
     ended = None
     try:
         while True:
-            if pipe.eof:   # every write end is closed: the child is exiting
+            if channel.eof:   # every copy of the child's end is closed: the child is exiting
                 try:
                     code = proc.wait(timeout=0.5)
                     break
                 except subprocess.TimeoutExpired:
                     pass
             else:
-                pipe.pump(0.5)
+                channel.pump(0.5)
                 code = proc.poll()
                 if code is not None:
                     break
-            if pipe.size != seen:  # the report grew: a test started or ended
-                seen, running_since = pipe.size, time.monotonic()
+            if channel.size != seen:  # the report grew: a test started or ended
+                seen, running_since = channel.size, time.monotonic()
             limit = timeout + 60 if seen else timeout + 120   # collecting (imports) gets longer
             if time.monotonic() - running_since > limit:
                 ended = f"made no progress for {limit:g} s and was stopped"
@@ -564,7 +580,7 @@ def _run_child(root, batch, impl, timeout, quiet, marker):
             proc.kill()
             proc.wait()
         _kill_leftovers(proc.pid, marker)
-        events = pipe.close()
+        events = channel.close()
     finished = [e for e in events if e.get("event") == "finished"]
     if ended is None and code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
@@ -713,8 +729,7 @@ def run(chapter: str | None = None, impl: str = "labs", timeout: int = 180, quie
     rows: dict[str, dict] = {}
     files = list(dict.fromkeys(ex.file for ex in exercises))
     groups = [[rel] for rel in files] if child_per_file else [files]
-    # No process of this user may open this one's /proc/PID/fd (the read ends of the events pipes) while it
-    # grades: a rank could otherwise write events into them.
+    # No process of this user may take copies of this one's descriptors (pidfd_getfd, ptrace) while it grades.
     dumpable = proctree.set_dumpable(False)
     try:
         for group in groups:

@@ -176,6 +176,18 @@ def test_a_forged_events_channel_and_a_killed_test_process_score_nothing(tmp_pat
         assert ex["status"] == "failed" and ("not trusted" in ex["reason"] or "signal SIGKILL" in ex["reason"]), ex
 
 
+def test_a_rank_cannot_open_the_events_channel(tmp_path, monkeypatch):
+    """tests/fixtures/reaching: each rank opens, for writing, every socket its test process and the grading
+    process hold (/proc/PID/fd/N: how a pipe or a file, the old channels, could be reached). A socket cannot be
+    opened that way, whoever asks (ENXIO, root included); an unprivileged rank may not even look (EACCES)."""
+    log = tmp_path / "reach.log"
+    monkeypatch.setenv("REACH_LOG", str(log))
+    result = by_id(grade.run("0", impl="tests.fixtures.reaching"))
+    assert {result[ex]["status"] for ex in ("0.1", "0.2")} == {"not started"}, result
+    tries = log.read_text().splitlines()
+    assert tries and all(re.search(r" (open ENXIO|open EACCES|list PermissionError)$", t) for t in tries), tries
+
+
 def test_passes_count_only_from_a_session_that_finished_and_reads_as_one():
     """The recorder's rules (grade._judge), on event streams a forger could write: a pass reported by a child
     that then died is run again, not trusted; a second collection, a result for a test that is not running,
