@@ -51,8 +51,8 @@ def build_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
-                                   model_max_length=256)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE,
+                                   clean_up_tokenization_spaces=False, model_max_length=256)
 
 
 def save_tokenizer(directory: Path = TOKENIZER_DIR) -> Path:
