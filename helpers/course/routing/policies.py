@@ -17,8 +17,10 @@
 A policy is called by the Router (router.py) with the request and its block hashes; `choose(router, request,
 hashes)` returns a replica among router.live; `routed` tells it where the request went; `on_event` hands it one KV
 event (only KVAware uses them); `replica_down` / `replica_up` tell it a replica died / came back.
-SGLang's tree holds text characters and evicts by size on a timer; ApproxTree holds block hashes (the same chain the
-engines hash) and keeps at most `capacity` of them per replica, least recently routed evicted first.
+SGLang's tree holds text characters and evicts by size on a timer, Dynamo's approximate indexer expires entries after
+a TTL (120 s by default) and prunes by size; ApproxTree holds block hashes (the same chain the engines hash) and keeps
+at most `capacity` of them per replica, least recently routed evicted first. None of them sees an eviction or a
+restart: what they predict can be gone (the replay counts those blocks as `missed_promises`).
 """
 from __future__ import annotations
 
