@@ -44,6 +44,8 @@ Mistakes each grader catches (each one planted in tests/graders/planted_ch02.py 
       llama_kv_no_copy_to   replicated K/V heads without copy_to (issue 11's bug in the plan): wrong gradients
       llama_head_replicated lm_head kept whole on every rank
       llama_kv_colwise      K/V always column-split, ignoring the KV-head rule (no ValueError; half heads)
+      llama_groups_stale    num_key_value_groups left at the full model's: SDPA infers the groups from the
+                            shapes, eager attention reads the attribute (the logits are checked under both)
 
 Valid alternatives that must still pass (tests/graders/planted_ch02.py ALTERNATIVES, `test_valid_alternatives_pass`):
 all_gather_into_tensor instead of all_gather for gather_output; one copy_to on x shared by q, k and v;

@@ -22,7 +22,8 @@ What the graders catch (each one planted, see test_planted_*_are_caught):
   - replica labels left as strings; quantiles as bucket bounds instead of PromQL's interpolation
 6.4-6.7 CapstoneServer
   - the plan not checked in __init__, or a server started there
-  - dp, tp, pp or the policy not passed to start_server; the learner's router not plugged in (`choose`)
+  - dp, tp, pp or the policy not passed to start_server (both policies are asked for: a policy that is
+    ignored passes a check asking only for the default); the learner's router not plugged in (`choose`)
   - (live) prompts sent one after another; replica index not read from X-Replica; max_tokens ignored
   - (live, 6.4) least outstanding not steering a request away from a replica busy with a long one
   - stop() not safe to call twice; (live) a replica or the front end left running after stop()

@@ -36,6 +36,7 @@ Mistakes caught (each planted in tests/graders/planted_ch07_chunked_prefill.py):
   full_fit_ignored        full_sequence_must_fit ignored
   chunked_ignored         enable_chunked_prefill=False ignored: prompts split anyway
   partial_not_continued   every running request given one token: partial prefills never continued
+  one_token_left          scheduling stops with one token of budget left (budget > 1), for running and waiting
 A victim scheduled earlier in the step returning its tokens to the budget is part of the reference (vLLM keeps
 it for priority scheduling), but with first-come-first-served order the victim is always the needy request or
 one after it in `running`, never one scheduled before it: no state can tell an answer without it apart.

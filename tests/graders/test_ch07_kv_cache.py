@@ -55,6 +55,8 @@ Mistakes each grader catches (each one planted in tests/graders/planted_ch07_kv_
       attn_one_length      sequence 0's context_len applied to every sequence
       attn_padding_unmasked  padded to the longest sequence, the padding not masked
       attn_tables_cut      block tables of different lengths cut to the shortest
+      attn_past_full_table n // block_size + 1 blocks read: a context that exactly fills its table (the
+                           engine's decode at a block boundary) indexes past it
   7.3 python_hash          Python's hash instead of SHA-256
       hash_no_parent       each block hashed alone: the same block after different prefixes shares a hash
       hash_partial         a trailing partial block gets a hash
@@ -73,6 +75,10 @@ Mistakes each grader catches (each one planted in tests/graders/planted_ch07_kv_
       evict_mru            the most recently freed block is evicted first
       half_allocated_prefix  hits taken (ref counts, evictable list) before OutOfBlocks is raised
       hits_counted_free    hit blocks in the evictable list also counted as free: allocate crashes
+      evict_keeps_hash     an evicted block keeps its old hash in `cached`: a later prompt would hit it
+      hit_left_evictable   a hit block taken by allocate stays in `evictable` (the cache checked after every step)
+      append_free_list_only  append_slot raises OutOfBlocks with evictable blocks left
+      append_counts_first  append_slot counts the token before it raises OutOfBlocks
 """
 from __future__ import annotations
 
