@@ -109,10 +109,12 @@ def replica_exercises(config: ServeConfig) -> dict:
     """Environment for the replica processes, after checking the exercises their code runs (the paged KV cache,
     chapter 7; shard_llama for --tp, chapter 2; build_hybrid_stage for --pp with --tp, chapter 5). With labs/ as
     shipped those are stubs, and a server whose every request fails with NotImplementedError would report itself
-    healthy. So, as course_router does for 6.2: in a learner's terminal (COURSE_FALLBACK unset) one line says
-    which exercises are not written yet and the replicas use the reference answers (helpers/impl.py's fallback,
-    switched on for them: {"COURSE_FALLBACK": "1"}, its per-module lines silenced); under a grader
-    (COURSE_FALLBACK=0) the server does not start (SystemExit naming them); in a notebook (COURSE_FALLBACK=1) the replicas fall back and report it to the kernel by themselves."""
+    healthy. So, as course_router does for 6.2:
+      a learner's terminal (COURSE_FALLBACK unset): one line says which exercises are not written yet, and the
+          replicas use the reference answers (helpers/impl.py's fallback, switched on for them with
+          {"COURSE_FALLBACK": "1"}, its per-module lines silenced);
+      a grader (COURSE_FALLBACK=0): the server does not start (SystemExit naming the exercises);
+      a notebook (COURSE_FALLBACK=1): the replicas fall back and report it to the kernel by themselves."""
     if impl_package() != DEFAULT:
         return {}
     used = dict(EXERCISES_USED["paged"]) if config.kv_cache == "paged" else {}
