@@ -239,3 +239,15 @@ def test_events_over_zeromq_reach_the_router_and_gaps_are_counted():
     finally:
         subscriber.close()
         publisher.close()
+
+
+def test_the_router_computes_the_hashes_a_vllm_replica_publishes():
+    """Digests of tokens 0..39 in blocks of 16 from vLLM 0.32 itself (vllm.v1.core.kv_cache_utils.hash_block_tokens
+    with vllm.utils.hashing.sha256 after init_none_hash, run in .venv-vllm): the course's chain from vLLM's
+    NONE_HASH gives the same bytes, so a router can match vLLM's BlockStored events."""
+    import hashlib
+    import pickle
+
+    from helpers.course.routing.router import VLLM_NONE_HASH, vllm_block_hashes
+    assert VLLM_NONE_HASH == hashlib.sha256(pickle.dumps("vllm-none-hash", protocol=pickle.HIGHEST_PROTOCOL)).digest()
+    assert [h.hex()[:16] for h in vllm_block_hashes(list(range(40)), 16)] == ["fe8fa5dda3210d0c", "8be7aaa33831156d"]

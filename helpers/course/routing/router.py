@@ -25,15 +25,31 @@ import logging
 
 from helpers.impl import load_impl
 
-__all__ = ["Router"]
+__all__ = ["Router", "VLLM_NONE_HASH", "vllm_block_hashes"]
 
 log = logging.getLogger(__name__)
 
+# vLLM 0.32's parent of a sequence's first block with its default sha256 hashing and PYTHONHASHSEED unset:
+# sha256(pickle("vllm-none-hash")) (vllm/v1/core/kv_cache_utils.py init_none_hash, resolve_none_hash_seed;
+# vllm/utils/hashing.py sha256). The course's engines use 32 zero bytes (labs/prefix_cache.py NONE_HASH).
+VLLM_NONE_HASH = bytes.fromhex("066b1e8987e027138e98701c46128929378935f9b6cd1549105ae6b4f0d71198")
+
+
+def vllm_block_hashes(token_ids, block_size: int, cache_salt: str | None = None) -> list:
+    """The block hashes a vLLM 0.32 replica publishes for these tokens (unsalted requests): the course's chain
+    (exercise 7.3) continued from vLLM's NONE_HASH, which is what vLLM's hash_block_tokens computes when a block
+    has no parent. A salted request's first block carries the salt in vLLM; this helper does not model that."""
+    if cache_salt:
+        raise ValueError("vllm_block_hashes models unsalted requests only")
+    return load_impl("prefix_cache").block_hashes(token_ids, block_size, parent=VLLM_NONE_HASH)
+
 
 class Router:
-    """replicas: ids in the router's order; policy: policies.py; block_size: the replicas' KV block size."""
+    """replicas: ids in the router's order; policy: policies.py; block_size: the replicas' KV block size;
+    hasher: block_hashes(token_ids, block_size, cache_salt=...) of the replicas' engine (default the course's,
+    exercise 7.3; vllm_block_hashes for vLLM replicas)."""
 
-    def __init__(self, replicas, policy, block_size: int = 16, stale_after: float | None = None):
+    def __init__(self, replicas, policy, block_size: int = 16, stale_after: float | None = None, hasher=None):
         self.replicas, self.policy, self.block_size = list(replicas), policy, block_size
         self.live = list(self.replicas)
         self.stale_after = stale_after
@@ -43,7 +59,7 @@ class Router:
         self.metrics = {"routed": {r: 0 for r in self.replicas}, "events_applied": 0, "events_rejected": 0,
                         "stale_replicas": [], "stale_routings": 0}
         self.promised: dict = {}       # rid -> blocks the policy expected cached where it sent it (None: no idea)
-        self._hash = load_impl("prefix_cache").block_hashes
+        self._hash = hasher or load_impl("prefix_cache").block_hashes
         for r in self.live:
             self.policy.replica_up(r)
 
