@@ -200,7 +200,7 @@ def test_a_client_leaving_mid_stream_frees_its_kv_blocks(server):
 
     def disconnects():
         return value(parse(server.get("/metrics")), "serving_client_disconnects_total")
-    before = disconnects()
+    before, tokens_before = disconnects(), server.replicas()[0]["tokens"]
     body = {"model": MODEL, "prompt": "It was", "max_tokens": 240, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
@@ -215,3 +215,5 @@ def test_a_client_leaving_mid_stream_frees_its_kv_blocks(server):
     while used() or disconnects() == before:
         assert time.monotonic() < deadline, f"still {used()} KV blocks used after the client left"
         time.sleep(0.05)
+    generated = server.replicas()[0]["tokens"] - tokens_before
+    assert generated < 200, f"the replica generated {generated} of the 240 tokens: the request was not cancelled"
