@@ -376,10 +376,12 @@ def test_requests_over_the_cap_get_a_quick_503(server):
             readable, _, _ = select.select([s for s in socks if s not in refused], [], [], 0.05)
             for sock in readable:
                 refused[sock] = _read_response(sock)
+        health = server.get("/health")   # while the cap is reached: GETs compute nothing, they are not refused
     finally:
         os.kill(stopped, signal.SIGCONT)
     try:
         assert len(refused) == 8, [r[:3] for r in refused.values()]
+        assert health["status"] == "ok", health
         for status, headers, reply, _ in refused.values():
             assert status == 503 and headers.get("retry-after") == "1", (status, headers, reply)
             assert reply["error"]["type"] == "server_error" and "limit" in reply["error"]["message"], reply

@@ -22,9 +22,9 @@ What each part does, and why:
   `Expect: 100-continue` then never sends it), or as soon as a body without one (chunked) passes the limit; a
   body that has not fully arrived `body_timeout` seconds after its head gets 408; headers (and the request
   target) over `max_header_bytes` get 431. It reads the body (at most 1 MiB) before the app runs and hands it
-  on whole. Over `max_concurrent_requests` requests in flight it answers 503. HEAD is served as GET (uvicorn
-  sends the headers, drops the body), and a 405's `Allow` names HEAD wherever it names GET. Its answers are
-  OpenAI error objects, with `Connection: close`.
+  on whole. Over `max_concurrent_requests` POSTs in flight it answers 503 (GETs, which compute nothing, pass).
+  HEAD is served as GET (uvicorn sends the headers, drops the body), and a 405's `Allow` names HEAD wherever it
+  names GET. Its answers are OpenAI error objects, with `Connection: close`.
 - CourseH11Protocol, uvicorn's h11 protocol (uvicorn/protocols/http/h11_impl.py, read for this) plus:
   * a head timeout: uvicorn arms its keep-alive timer only after a response, so a socket that connects and
     sends nothing, or a request head one byte a second (slowloris), held a connection for ever. A head not
@@ -147,6 +147,8 @@ class LimitsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] != "POST":   # GETs compute nothing: /health and /metrics answer under any load
+            return await self._limited(scope, receive, send)
         if self.in_flight >= self.max_in_flight:
             logging.getLogger("uvicorn.error").warning("503: %d requests in flight, the limit", self.in_flight)
             return await _answer(send, 503, f"the server is at its limit of {self.max_in_flight} requests in "
