@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -37,11 +38,26 @@ def chat_ids():
     return tiny_llama.encode(text)
 
 
+@pytest.fixture(scope="module")
+def servers():
+    """The three servers, started side by side (each start is mostly waiting for its replicas)."""
+    def start(kind):
+        s = start_server(api_key=KEY, **CONFIGS[kind], env={"COURSE_IMPL": "solutions"})
+        s.kind = kind
+        return s
+    with ThreadPoolExecutor(len(CONFIGS)) as pool:
+        futures = {kind: pool.submit(start, kind) for kind in CONFIGS}
+    try:
+        yield {kind: f.result() for kind, f in futures.items()}
+    finally:
+        for f in futures.values():
+            if f.exception() is None:
+                f.result().stop()
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def server(request):
-    with start_server(api_key=KEY, **CONFIGS[request.param], env={"COURSE_IMPL": "solutions"}) as s:
-        s.kind = request.param
-        yield s
+def server(request, servers):
+    return servers[request.param]
 
 
 @pytest.fixture(scope="module")
