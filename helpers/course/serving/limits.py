@@ -35,17 +35,17 @@ What each part does, and why:
     it, but it accepts every connection, so ~250 idle sockets of one user meant 503 (or, on the old server,
     EMFILE) for everyone. Here a new connection over `max_connections` closes idle ones (no request in
     flight and nothing unread in the kernel): lingering ones first, then the longest idle, as nginx reuses its
-    idle keep-alive connections when it runs out. If all are busy the newcomer stays and its request gets a
-    503; past a hard margin it is reset at once. A client never hangs. (uvicorn's own limit_concurrency is
-    off: it counted idle connections too. LimitsMiddleware answers 503, with Retry-After, to a request over
-    `max_concurrent_requests` in flight.)
+    idle keep-alive connections when it runs out. If none is idle the newcomer stays (its request is served,
+    or gets the middleware's quick 503 when `max_concurrent_requests` POSTs are in flight); past a hard margin
+    one that has sent nothing within 0.1 s is reset. A client never hangs. (uvicorn's own limit_concurrency
+    is off: it counted idle connections too.)
   * half-close: asyncio closes a transport whose protocol's eof_received returns None, as uvicorn's does, so
-    a client that sent its request and then shutdown(SHUT_WR) was treated as gone and got no answer (curl and
-    `nc -N` do this). Here a complete request goes on and is answered. Whether such a client is still there
-    cannot be seen from its FIN (close() and shutdown(SHUT_WR) send the same), so the server sends one
-    interim `100 Continue` (HTTP/1.1 clients must accept 1xx responses, RFC 9110 15.2): a socket that is
-    really closed answers it with a reset, which SO_ERROR shows; then the request is cancelled as for any
-    disconnect.
+    a client that sent its request and then shutdown(SHUT_WR) was treated as gone and got no answer (`nc -N`
+    does this, as may any client done sending). Here a complete request goes on and is answered. Whether
+    such a client is still there cannot be seen from its FIN (close() and shutdown(SHUT_WR) send the same),
+    so the server sends one interim `100 Continue` (HTTP/1.1 clients must accept 1xx responses, RFC 9110
+    15.2): a socket that is really closed answers it with a reset, which SO_ERROR shows; then the request is
+    cancelled as for any disconnect. (An HTTP/1.0 client gets no 1xx: its request runs to the end.)
   * lingering close (as nginx and Apache; the old server did it too): an answer sent before the request was
     read whole (413, 408, 431, a protocol error) is followed by shutdown(SHUT_WR) and reading and discarding
     what the client still sends, for at most `linger_seconds` / `linger_bytes`. Closing at once with unread
