@@ -130,7 +130,6 @@ def test_server_options_and_their_errors(monkeypatch):
         3 * tiny_llama.CONFIG.max_position_embeddings                                   # whole prompts
     wrong = {"--enable-prefix-caching needs --kv-cache paged": ["--enable-prefix-caching"],
              "--max-num-batched-tokens needs --kv-cache paged": ["--max-num-batched-tokens", "64"],
-             "without pipeline stages": ["--kv-cache", "paged", "--pp", "2"],
              "--num-gpu-blocks-override/--num-blocks 0 must be": ["--kv-cache", "paged", "--num-blocks", "0"],
              "--tensor-parallel-size/--tp 0 must be": ["--tp", "0"],
              "loopback only": ["--host", "0.0.0.0"],

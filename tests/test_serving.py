@@ -13,7 +13,7 @@ import torch
 from helpers import proctree
 from helpers.course import tiny_llama
 from helpers.course.serving import start_server
-from helpers.course.engine import Request
+from helpers.course.engine import LLMEngine, Request, run_requests
 from helpers.course.serving.config import ServeConfig
 from helpers.course.serving.replica import build_engine
 from helpers.course.serving.loadtest import load_test
@@ -157,7 +157,7 @@ def test_stop_leaves_no_process():
 
 def test_pipeline_replica_pp2_tp2_gives_the_models_tokens():
     """One replica of 2 pipeline stages × 2 TP ranks (helpers/course/serving/pipeline_replica.py): several requests
-    in one round, the unsharded model's greedy tokens, and a clear 400 for sampling (pipelines decode greedily)."""
+    at once, the unsharded model's greedy tokens, and a seeded sample equal to the one-process engine's."""
     from concurrent.futures import ThreadPoolExecutor
     model = tiny_llama.load_model()
     lengths = [10, 4, 7, 10]
@@ -167,7 +167,10 @@ def test_pipeline_replica_pp2_tp2_gives_the_models_tokens():
             replies = list(pool.map(lambda a: s.complete(prompt=a[0], max_tokens=a[1], temperature=0,
                                                          return_token_ids=True), zip(PROMPTS, lengths)))
         assert [r["choices"][0]["token_ids"] for r in replies] == reference
-        with pytest.raises(urllib.error.HTTPError) as err:
-            s.complete(prompt="A", max_tokens=3, temperature=0.7)
-        assert err.value.code == 400 and "greedily" in err.value.read().decode()
+        # the pipeline's rank 0 samples with the request's own generator: a seeded request gives the one-process
+        # engine's tokens (pipeline_runner.py)
+        sampled = s.complete(prompt="A", max_tokens=6, temperature=0.9, seed=5, return_token_ids=True)
+        alone = run_requests(LLMEngine.contiguous(model), [Request(0, tiny_llama.encode("A"), 6, temperature=0.9,
+                                                                   seed=5)])
+        assert sampled["choices"][0]["token_ids"] == alone.requests[0].tokens
         assert s.get("/health")["replicas_up"] == 1

@@ -21,8 +21,8 @@ the simplest one that marks turns, in the style of Zephyr/TinyLlama-Chat's:
     <|system|>\n{content}\n<|user|>\n{content}\n<|assistant|>\n{content}\n ... <|assistant|>\n
 
 vLLM applies a tokenizer's template exactly so: `apply_chat_template(messages, tokenize=False,
-add_generation_prompt=True)` on the request's messages (vllm/entrypoints/chat_utils.py,
-`apply_hf_chat_template`), then tokenizes the string. The model has no end-of-sequence token (its vocabulary
+add_generation_prompt=True)` on the request's messages (vllm/renderers/hf.py,
+`safe_apply_chat_template`), then tokenizes the string. The model has no end-of-sequence token (its vocabulary
 is the 256 bytes), so a chat reply ends at `max_tokens` or at a `stop` string the client sends, e.g.
 `"\n<|"` (the start of the next turn's marker).
 """

@@ -26,7 +26,7 @@ class CapstoneServer:
                  max_batch: int = 8, kv_cache: dict | None = None):
         """Exercise 6.4a — check the plan (6.1) and keep the settings; start nothing yet.
         A plan the model cannot take raises check_plan's ValueError. With pp > 1 each replica is a pipeline
-        (exercise 6.6): the server decodes greedily in rounds of requests, chapter 3's `pipelined_generate`.
+        (exercise 6.6): one scheduler on stage 0 and up to pp batches in flight (engine/pipeline_runner.py).
         kv_cache (exercise 6.7): None, or start_server's KV-cache options to serve from chapter 7's paged
         cache, e.g. {"kv_cache": "paged", "enable_prefix_caching": True, "max_num_batched_tokens": 64}."""
         raise NotImplementedError("Exercise 6.4: __init__ is not written yet (labs/capstone/engine.py)")

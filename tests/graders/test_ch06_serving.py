@@ -401,8 +401,8 @@ def check_generate(engine, server, reference, dp, pp=1):
     assert set(replicas) == set(range(dp)), f"6.4 generate: the answers name replicas {replicas} while the " \
         f"{dp} replica(s) served them: read each answer's X-Replica header (labs/capstone/engine.py)"
     steps = _replica_steps(server) - before_steps
-    one_at_a_time = len(PROMPTS) * (1 if pp > 1 else MAX_TOKENS - 1)
-    unit = "rounds" if pp > 1 else "decode steps"
+    one_at_a_time = len(PROMPTS) * (MAX_TOKENS - 1)   # a pp replica counts engine batches, as pp = 1 decode steps
+    unit = "batches" if pp > 1 else "decode steps"
     assert steps < 0.75 * one_at_a_time, f"6.4 generate: the replicas ran {steps} {unit} " \
         f"for {len(PROMPTS)} prompts; one at a time takes {one_at_a_time}. Send them concurrently (one thread " \
         "per prompt) so that they share batches (labs/capstone/engine.py)"

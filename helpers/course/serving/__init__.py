@@ -5,7 +5,8 @@
     replica.py     the replica worker process and its pipe protocol; its engine is helpers/course/engine
                    (continuous, static or no batching; contiguous or paged KV cache, prefix caching, chunked
                    prefill: `build_engine`)
-    pipeline_replica.py  a replica cut into pp pipeline stages (chapters 3 and 5's code), greedy
+    pipeline_replica.py  a replica cut into pp pipeline stages (chapters 3 and 5's stages) running the engine's
+                   PipelineEngine: up to pp batches in flight (engine/pipeline_runner.py)
     balancer.py    round-robin vs least-outstanding-requests; retries when a replica dies; restarts
     protocol.py    the OpenAI-compatible requests as pydantic models (completions, chat), their checks, and
                    OpenAI's error object

@@ -251,7 +251,6 @@ class Balancer:
         self.policy, self.max_retries, self.restart = config.policy, config.max_retries, config.restart
         self.stuck_after = config.stuck_after
         self._watchdog = None
-        self.pp = config.pipeline_parallel_size   # pipeline replicas decode greedily: the front end refuses sampling
         self.replicas = [ReplicaHandle(i) for i in range(config.data_parallel_size)]
         self.metrics = metrics
         self.choose_policy = config.choose_function() or course_router()   # (policy, outstanding, turn) -> index

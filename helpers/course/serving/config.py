@@ -60,7 +60,7 @@ class ServeConfig:
     tensor_parallel_size: int = option(1, "tensor-parallel ranks per replica (chapter 2's shard_llama, from "
                                        "COURSE_IMPL's tp_llama)", "--tp", "-tp")
     pipeline_parallel_size: int = option(1, "pipeline stages per replica, each of --tensor-parallel-size ranks "
-                                         "(chapter 3's pipelined_generate; greedy requests only)", "--pp", "-pp")
+                                         "(the engine's PipelineEngine: up to pp batches in flight)", "--pp", "-pp")
     threads: int = option(1, "torch threads of a replica process (the ranks of a --tp/--pp replica use 1)")
     # --------------------------------------------------------------- the engine
     batching: str = option("continuous", "continuous (vLLM's), static (a batch runs to its end) or none "
@@ -68,7 +68,8 @@ class ServeConfig:
     max_num_seqs: int = option(8, "requests in the running batch, per replica", "--max-batch")
     kv_cache: str = option("contiguous", "contiguous: one cache per request (chapter 6's transformers cache); "
                            "paged: blocks through a block table (helpers/course/engine, exercises 7.1-7.2); with "
-                           "--tp each rank holds its own KV heads; --pp 1 only", choices=KV_CACHES, group=KV_GROUP)
+                           "--tp each rank holds its own KV heads; with --pp each stage its layers'",
+                           choices=KV_CACHES, group=KV_GROUP)
     num_gpu_blocks_override: int = option(256, "KV blocks per replica (paged; vLLM sizes the pool from the free "
                                           "memory unless this overrides it)", "--num-blocks", group=KV_GROUP)
     block_size: int = option(16, "tokens per KV block (paged)", group=KV_GROUP)
@@ -129,9 +130,6 @@ class ServeConfig:
                                         "long_prefill_token_threshold") if getattr(self, n) not in (False, None, 0)]
         if self.kv_cache != "paged" and paged_only:
             error(f"{' and '.join(paged_only)} need{'s' if len(paged_only) == 1 else ''} --kv-cache paged")
-        if self.kv_cache == "paged" and self.pipeline_parallel_size > 1:
-            error(f"--kv-cache paged serves replicas without pipeline stages (--pipeline-parallel-size/--pp 1), "
-                  f"not {self.pipeline_parallel_size}")
 
     def check_model(self, model_config) -> None:
         """The checks that need the model's config (the server runs them once it has imported the model):

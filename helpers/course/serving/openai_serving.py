@@ -138,11 +138,6 @@ class OpenAIServing:
     def _params(self, request, ids, max_tokens, logprobs) -> dict:
         params = sampling_params(request, ids, model_name=self.model_name, max_model_len=self.max_model_len,
                                  max_tokens=max_tokens)
-        if params["temperature"] > 0 and getattr(self.balancer, "pp", 1) > 1:
-            raise BadRequest(f"this server's replicas are pipelines (pp={self.balancer.pp}) that decode greedily: "
-                             "send 'temperature': 0", "temperature")
-        if logprobs is not None and getattr(self.balancer, "pp", 1) > 1:
-            raise BadRequest("this server's pipeline replicas do not compute logprobs", "logprobs")
         return {**params, "logprobs": logprobs}
 
     async def _respond(self, request, params: dict, raw_request, *, chat: bool, logprobs):

@@ -101,13 +101,14 @@ def replica_main(conn, index: int, config: ServeConfig, env: dict | None = None)
     the sharded model then pair up. Only rank 0 answers the front end.
 
     pipeline_parallel_size > 1: the replica is a pipeline of stages of tp ranks each
-    (helpers/course/serving/pipeline_replica.py: chapter 3's `pipelined_generate` over `LlamaStage`s, chapter 5's
-    `build_hybrid_stage` when tp > 1).
+    (helpers/course/serving/pipeline_replica.py: chapter 3's `LlamaStage`s, chapter 5's `build_hybrid_stage` when
+    tp > 1, driven by the engine's PipelineEngine with up to pp batches in flight, as vLLM's step_with_batch_queue).
 
     kv_cache "contiguous" keeps chapter 6's cache; "paged" serves from chapter 7's paged KV cache (`build_engine`;
-    pp = 1). With tp > 1 each rank's pool holds its own KV heads and every rank runs the same scheduler
-    decisions and block tables in lockstep: SGLang's design (a scheduler per TP rank, kept in step by
-    determinism); vLLM instead runs one scheduler and broadcasts its output to the workers."""
+    with pp > 1 each stage holds a pool for its own layers). With tp > 1 each rank's pool holds its own KV heads
+    and every rank runs the same scheduler decisions and block tables in lockstep: SGLang's design (a scheduler
+    per TP rank, kept in step by determinism); vLLM instead runs one scheduler and broadcasts its output to the
+    workers."""
     die_with_parent()
     os.environ.update(env or {})
     close_inherited_sockets(keep=conn.fileno())

@@ -92,9 +92,8 @@ def build_app(balancer, metrics, model_module, model_name: str, api_key: str | N
     # ------------------------------------------------------------------------------ the course's own
     @app.get("/health")
     async def health():
-        up = sum(r.state == "ready" for r in balancer.replicas)
-        return JSONResponse({"status": "ok" if up else "no replica up", "replicas_up": up,
-                             "replicas": len(balancer.replicas)}, status_code=200 if up else 503)
+        health = balancer.health()    # with "reasons": why each replica that is not up is not (balancer.py)
+        return JSONResponse(health, status_code=200 if health["replicas_up"] else 503)
 
     @app.get("/metrics")
     async def prometheus():
