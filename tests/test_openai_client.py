@@ -123,7 +123,7 @@ def test_chat_and_its_stream_use_the_chat_template(client, model, chat_ids):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_stop_strings_cut_the_text_also_across_streamed_chunks(client, model):
+def test_stop_strings_cut_the_text_also_across_streamed_chunks(client, server, model):
     ids = tiny_llama.encode(tiny_llama.PROMPT)
     full = reference(model, ids, 16)
     stop = full[5:8]                      # three characters: three tokens, three streamed chunks
@@ -132,8 +132,15 @@ def test_stop_strings_cut_the_text_also_across_streamed_chunks(client, model):
                                       stop=["never appears", stop])
     assert reply.choices[0].text == full[:cut] and reply.choices[0].finish_reason == "stop"
     assert reply.usage.completion_tokens == len(tiny_llama.encode(full[:cut + len(stop)]))
+    def counts():   # requests in the TTFT and time-per-output-token histograms
+        metrics = parse(server.get("/metrics"))
+        return [value(metrics, f"serving_{name}_seconds_count") for name in ("time_to_first_token",
+                                                                            "time_per_output_token")]
+    before = counts()
     chunks = list(client.completions.create(model=MODEL, prompt=tiny_llama.PROMPT, max_tokens=16, temperature=0,
                                             stop=stop, stream=True))
+    # a request that ends on a stop string is a finished request (vLLM: FINISHED_STOPPED): both histograms count it
+    assert [after - b for after, b in zip(counts(), before)] == [1, 1]
     assert "".join(c.choices[0].text for c in chunks) == full[:cut]
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert all(stop not in c.choices[0].text for c in chunks)

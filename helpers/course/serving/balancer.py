@@ -203,6 +203,10 @@ class Pending:
         self.replicas: list[int] = []  # every replica it was sent to, in order
         self.emitted: list[int] = []   # tokens given to the stream, over all attempts
         self.received = 0              # tokens the current attempt has sent
+        # TTFT and time per output token are measured here, in the front end, from the request's arrival, as vLLM's
+        # front end measures them (vllm/v1/metrics/stats.py: update_from_output, update_from_finished_request)
+        self.arrival = time.monotonic()
+        self.first_token_at = self.last_token_at = None
 
     @property
     def closed(self) -> bool:
@@ -358,8 +362,7 @@ class Balancer:
             if pending is not None and not pending.closed:
                 # a replica that streamed has sent every token already; one that did not sends them all here
                 self._emit(pending, r, tokens[pending.received:], None, timings=timings)
-                if self.metrics is not None and hasattr(self.metrics, "observe_timings"):
-                    self.metrics.observe_timings(timings, len(tokens))   # TTFT and time per output token
+                self._observe_finished(pending)
             self._gauge(r)
         elif kind == "failed":
             _, rid, status, message = msg
@@ -515,18 +518,34 @@ class Balancer:
         if not new and not finished:
             return
         pending.emitted += new
+        if new:
+            now = time.monotonic()
+            if pending.first_token_at is None:
+                pending.first_token_at = now
+                if self.metrics is not None:
+                    self.metrics.ttft.observe(now - pending.arrival)
+            pending.last_token_at = now
         if logprobs is None and not new and pending.params.get("logprobs") is not None:
             logprobs = []    # the last item, with no token: none of their logprobs either
         pending.stream._put({"token_ids": new, "logprobs": None if logprobs is None else list(logprobs[repeat:]),
                              "finished": finished, "replica": r.index, "retries": pending.attempts - 1,
                              "replicas": list(pending.replicas), "timings": timings})
 
-    def cancel(self, rid: int) -> None:
-        """Forget a request (its client went away, or the front end found a stop string): its stream ends, and its
-        replica stops computing it and frees its KV blocks."""
+    def _observe_finished(self, pending: Pending) -> None:
+        """A request finished (its last token, or a stop string): its mean time per output token, (last token - first
+        token) / (tokens - 1), as vLLM's request_time_per_output_token."""
+        if self.metrics is not None and len(pending.emitted) > 1:
+            self.metrics.tpot.observe((pending.last_token_at - pending.first_token_at) / (len(pending.emitted) - 1))
+
+    def cancel(self, rid: int, finished: bool = False) -> None:
+        """Forget a request (its client went away, or the front end found a stop string: finished=True, and its time
+        per output token is recorded as a finished request's): its stream ends, and its replica stops computing it
+        and frees its KV blocks."""
         for r in self.replicas:
             pending = r.inflight.pop(rid, None)
             if pending is not None:
+                if finished:
+                    self._observe_finished(pending)
                 pending.stream._put(None)
                 try:
                     r.conn.send(("cancel", rid))

@@ -36,12 +36,12 @@ class ServingMetrics:
         self.spawn_failures = Counter("serving_replica_spawn_failures", "Replica processes that could not be "
                                       "started (fork or pipe failed, e.g. EMFILE); each is retried with backoff",
                                       registry=r)
-        self.ttft = Histogram("serving_time_to_first_token_seconds", "Time from a request reaching its replica "
-                              "to its first token (vllm:time_to_first_token_seconds)", buckets=LATENCY_BUCKETS,
+        self.ttft = Histogram("serving_time_to_first_token_seconds", "Time from a request reaching the front end "
+                              "to its first token there (vllm:time_to_first_token_seconds)", buckets=LATENCY_BUCKETS,
                               registry=r)
-        self.tpot = Histogram("serving_time_per_output_token_seconds", "(answered - first token) / (tokens - 1), "
-                              "requests of 2 tokens or more (vllm:time_per_output_token_seconds)",
-                              buckets=TOKEN_BUCKETS, registry=r)
+        self.tpot = Histogram("serving_time_per_output_token_seconds", "(last token - first token) / (tokens - 1) "
+                              "at the front end, finished requests of 2 tokens or more "
+                              "(vllm:time_per_output_token_seconds)", buckets=TOKEN_BUCKETS, registry=r)
         self.disconnects = Counter("serving_client_disconnects", "Requests cancelled because the client left",
                                    registry=r)
 
@@ -67,18 +67,6 @@ class ServingMetrics:
                              ("preemptions", self.preemptions)):
             previous = before.get(key, 0)
             counter.inc(stats[key] - (previous if stats[key] >= previous else 0))
-
-    def observe_timings(self, timings: dict, n_tokens: int) -> None:
-        """Record a replica's timings of one answered request ({first_token, total} seconds from its arrival
-        at the replica, as the engine's Request.timings() gives them). A non-streaming server answers when the
-        last token is out, so the time per output token is measured to the answer (a static batch's answer waits for
-        its longest member, which shows here)."""
-        first, total = (timings or {}).get("first_token"), (timings or {}).get("total")
-        if first is None or total is None:
-            return
-        self.ttft.observe(max(0.0, first))
-        if n_tokens > 1:
-            self.tpot.observe(max(0.0, total - first) / (n_tokens - 1))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -260,7 +260,7 @@ class Generation:
                 choice.replica, choice.retries = out.get("replica"), out.get("retries")
                 if choice.text.stopped is not None:
                     choice.finish_reason = "stop"
-                    self.balancer.cancel(choice.stream.rid)   # no more compute for it; its KV blocks are freed
+                    self.balancer.cancel(choice.stream.rid, finished=True)   # no more compute; KV blocks freed
                 elif out["finished"]:
                     choice.finish_reason = "length" if len(choice.text.tokens) >= self.params["max_tokens"] \
                         else "stop"
