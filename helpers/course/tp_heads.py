@@ -11,7 +11,20 @@ import torch.nn.functional as F
 
 from helpers.course.tp_regions import copy_to_tensor_model_parallel_region
 
-__all__ = ["kv_heads_for_rank", "head_slice", "HeadSliceLinear"]
+__all__ = ["kv_heads_for_rank", "check_llama_tp", "head_slice", "HeadSliceLinear"]
+
+
+def check_llama_tp(config, world_size: int) -> None:
+    """Raise ValueError, naming the config field, when a Llama config cannot be split over `world_size` ranks
+    by the Megatron plan (query heads, KV heads split or replicated, MLP width, vocabulary). Call it BEFORE
+    replacing any module: a check that fails half-way through sharding leaves a model that is neither whole nor
+    sharded (some layers cut, others not), which no later call can use or repair."""
+    kv_heads_for_rank(config.num_attention_heads, config.num_key_value_heads, 0, world_size)  # heads, KV heads
+    for name in ("intermediate_size", "vocab_size"):
+        size = getattr(config, name)
+        if size % world_size:
+            raise ValueError(f"{name}={size} (the model's config) is not divisible by world_size={world_size}: "
+                             f"choose a tensor-parallel degree that divides {name}")
 
 
 def kv_heads_for_rank(num_heads: int, num_kv_heads: int, rank: int, world_size: int) -> tuple[int, int]:
