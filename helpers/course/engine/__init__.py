@@ -11,6 +11,8 @@
     sampling.py          sample: greedy or temperature + top_p with the request's generator; token_logprobs
     stats.py             percentile (defined once), StepRecord, EngineResult
     engine.py            LLMEngine.step: schedule → run → sample; run_requests: a replay with arrivals
+    pipeline_runner.py   PipelineEngine: up to pp batches in flight through pipeline stages (vLLM's batch queue);
+                         PipelineStageRunner, one stage's layers and their KV cache
 """
 from helpers.course.engine.clock import ModelledClock, WallClock, step_seconds
 from helpers.course.engine.engine import BATCHING, LLMEngine, run_requests
