@@ -76,6 +76,18 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class ErrorInfo(BaseModel):
+    """OpenAI's error object, documented in /openapi.json (vLLM documents its ErrorResponse on every route)."""
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
 def decode_json(body: bytes):
     """The request body as JSON, or BadRequest: not JSON, not UTF-8, NaN/Infinity (not JSON either, though
     Python's json module reads them), an integer over Python's 4,300-digit limit, or nesting so deep that

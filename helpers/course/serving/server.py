@@ -47,14 +47,18 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
 from helpers.course.serving.openai_serving import OpenAIServing, error_response
-from helpers.course.serving.protocol import (BadRequest, ChatCompletionRequest, CompletionRequest, decode_json,
-                                             error_body, schemas, validate)
+from helpers.course.serving.protocol import (BadRequest, ChatCompletionRequest, CompletionRequest, ErrorResponse,
+                                             decode_json, error_body, schemas, validate)
 
 OWNED_BY = "distributed-inference-labs"
+# What /openapi.json documents besides each route's 200: the error object for every error status the server or its
+# limits (limits.py) can answer, and the two content types of a completion (JSON, or server-sent events when streamed)
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 431, 500, 503, 504)}
+STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/replicas")
 
 
@@ -68,21 +72,21 @@ def build_app(balancer, metrics, model_module, model_name: str, api_key: str | N
             "parent": None, "max_model_len": serving.max_model_len}
 
     # ------------------------------------------------------------------------------ OpenAI's API
-    @app.post("/v1/completions", openapi_extra=_body("CompletionRequest"))
+    @app.post("/v1/completions", openapi_extra=_body("CompletionRequest"), responses={**STREAMED, **ERRORS})
     async def completions(raw_request: Request):
         request = validate(CompletionRequest, decode_json(await raw_request.body()))
         return await until_disconnected(raw_request, serving.completions(request, raw_request))
 
-    @app.post("/v1/chat/completions", openapi_extra=_body("ChatCompletionRequest"))
+    @app.post("/v1/chat/completions", openapi_extra=_body("ChatCompletionRequest"), responses={**STREAMED, **ERRORS})
     async def chat_completions(raw_request: Request):
         request = validate(ChatCompletionRequest, decode_json(await raw_request.body()))
         return await until_disconnected(raw_request, serving.chat_completions(request, raw_request))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERRORS)
     async def models():
         return {"object": "list", "data": [card]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=ERRORS)
     async def model(model_id: str):
         if model_id != model_name:
             raise BadRequest(f"model {model_id[:60]!r} is not served here; this server serves {model_name!r}",
@@ -90,16 +94,16 @@ def build_app(balancer, metrics, model_module, model_name: str, api_key: str | N
         return card
 
     # ------------------------------------------------------------------------------ the course's own
-    @app.get("/health")
+    @app.get("/health", responses=ERRORS)
     async def health():
         health = balancer.health()    # with "reasons": why each replica that is not up is not (balancer.py)
         return JSONResponse(health, status_code=200 if health["replicas_up"] else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=ERRORS)
     async def prometheus():
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/replicas")
+    @app.get("/replicas", responses=ERRORS)
     async def replicas():
         return {"policy": balancer.policy, "replicas": balancer.describe(), "backlog": len(balancer.backlog)}
 
