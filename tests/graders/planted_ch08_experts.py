@@ -29,6 +29,12 @@ class Variant:
 
 VARIANTS = {
     "capacity_floor": Variant("8.1", "capacity", "floor instead of ceil", ("round UP",)),
+    "capacity_ceil_twice": Variant("8.1", "capacity", "ceil(factor·ceil(T·k/E)): rounded up twice",
+                                   ("round once, at the end",)),
+    "capacity_per_choice": Variant("8.1", "capacity", "ceil(factor·T/E)·k: each choice rounded up",
+                                   ("multiply by top_k BEFORE rounding",)),
+    "capacity_truncated": Variant("8.1", "capacity", "ceil of int(factor·T·k)/E: the product truncated first",
+                                  ("truncate factor·T·k",)),
     "route_no_renorm": Variant("8.1", "route", "top-k probabilities not renormalised", ("renormalise the top-k",)),
     "route_low_precision": Variant("8.1", "route", "softmax in bfloat16", ("float32",)),
     "route_token_major": Variant("8.1", "route", "capacity served token by token", ("first choices",)),
@@ -42,6 +48,12 @@ VARIANTS = {
     "ep_order_lost": Variant("8.2", "ep", "results added back in expert order", ("original order",)),
     "ep_all_experts": Variant("8.2", "ep", "every expert on every rank", ("its experts",)),
     "ep_unweighted": Variant("8.2", "ep", "results not multiplied by the gate weights", ("gate weight",)),
+    "ep_duplicates_lost": Variant("8.2", "ep", "out[token] += rows: a token's repeated index keeps one of its slots",
+                                  ("only one of its",)),
+    "ep_weights_early": Variant("8.2", "ep", "x's rows scaled by the gate weights before the experts",
+                                ("AFTER the expert",)),
+    "ep_weighted_twice": Variant("8.2", "ep", "gate weights applied before the experts and again after",
+                                 ("once, after the expert",)),
     "ep_floor_split": Variant("8.2", "ep_errors", "num_experts // world_size, no ValueError", ("ValueError",)),
 }
 
@@ -68,9 +80,20 @@ def build(name: str | None):
 
 # ------------------------------------------------------------------------------------------- 8.1
 
-def _capacity_floor(sol, ep):
-    ep.expert_capacity = lambda num_tokens, num_experts, top_k, capacity_factor: \
-        math.floor(capacity_factor * num_tokens * top_k / num_experts)
+def _capacity(formula):
+    """expert_capacity with the reference's checks and another rounding (each agrees with ceil(f·T·k/E) on
+    the grader's first five cases: the old grader passed them all but floor)."""
+    def expert_capacity(num_tokens, num_experts, top_k, capacity_factor):
+        if not capacity_factor > 0:
+            raise ValueError("capacity_factor must be > 0")
+        return formula(num_tokens, num_experts, top_k, capacity_factor)
+    return lambda sol, ep: setattr(ep, "expert_capacity", expert_capacity)
+
+
+_capacity_floor = _capacity(lambda t, e, k, f: math.floor(f * t * k / e))
+_capacity_ceil_twice = _capacity(lambda t, e, k, f: math.ceil(f * math.ceil(t * k / e)))      # Switch-style
+_capacity_per_choice = _capacity(lambda t, e, k, f: math.ceil(f * t / e) * k)
+_capacity_truncated = _capacity(lambda t, e, k, f: -(-int(f * t * k) // e))                   # integer ceil
 
 
 def _route(mistake):
@@ -128,7 +151,8 @@ def _forward(mistake):
             dist.all_to_all_single(recv_counts, send_counts, group=group)
         send_splits = send_counts.view(n, per_rank).sum(1).tolist()
         recv_splits = recv_counts.view(n, per_rank).sum(1).tolist()
-        rows = x[token]
+        weights = routing.weights[token, slot, None].to(x.dtype)
+        rows = x[token] * weights if mistake in ("weights_early", "weighted_twice") else x[token]
         if mistake == "padded":                         # fixed-size buffers: every chunk as large as the largest
             largest = torch.zeros(1, dtype=torch.long) + max(send_splits)
             gathered = [torch.zeros_like(largest) for _ in range(n)]
@@ -151,13 +175,15 @@ def _forward(mistake):
                 results[where] = module(received[where])
         returned = x.new_empty(sum(send_splits), x.shape[1])
         dist.all_to_all_single(returned, results, send_splits, recv_splits, group=group)
-        weights = routing.weights[token, slot, None].to(x.dtype)
-        if mistake == "unweighted":
+        if mistake in ("unweighted", "weights_early"):
             weights = torch.ones_like(weights)
         if mistake == "order_lost":
             token, weights = unsorted_token, routing.weights[unsorted_token, slot, None].to(x.dtype)
         out = torch.zeros_like(x)
-        out.index_add_(0, token, returned * weights)
+        if mistake == "duplicates_lost":                # a repeated index keeps one write: the other slot is lost
+            out[token] += returned * weights
+        else:
+            out.index_add_(0, token, returned * weights)
         return out
     return forward
 
@@ -218,6 +244,9 @@ def _ep_floor_split(sol, ep):
 
 _PLANT = {
     "capacity_floor": _capacity_floor,
+    "capacity_ceil_twice": _capacity_ceil_twice,
+    "capacity_per_choice": _capacity_per_choice,
+    "capacity_truncated": _capacity_truncated,
     "route_no_renorm": _route("no_renorm"),
     "route_low_precision": _route("low_precision"),
     "route_token_major": _route("token_major"),
@@ -230,6 +259,9 @@ _PLANT = {
     "ep_order_lost": _ep_forward("order_lost"),
     "ep_all_experts": _ep_all_experts,
     "ep_unweighted": _ep_forward("unweighted"),
+    "ep_duplicates_lost": _ep_forward("duplicates_lost"),
+    "ep_weights_early": _ep_forward("weights_early"),
+    "ep_weighted_twice": _ep_forward("weighted_twice"),
     "ep_floor_split": _ep_floor_split,
 }
 

@@ -11,7 +11,8 @@ What the graders check:
   8.1 expert_capacity, top_k_route: the experts chosen (exact), the gate weights (softmax over all experts in
       float32, top-k renormalised), the capacity rule (first choices before second choices, token order
       within a round; exact kept mask), dropped slots weigh 0 and kept ones are not renormalised again,
-      capacity = ceil(factor·T·k/E), every promised ValueError.
+      capacity = ceil(factor·T·k/E) on inputs where each usual wrong rounding gives another integer (the
+      message names the rounding the learner's values follow), every promised ValueError.
   8.2 ExpertParallelMoE: WHO HOLDS WHICH BYTES (the router and this rank's E/n experts, exactly those
       weights, nothing else); WHICH COLLECTIVES in which group (CommTracer): only all_to_all (all_gather
       allowed for the counts), counts exchanged FIRST, then one all_to_all of exactly the kept rows this rank
@@ -19,11 +20,16 @@ What the graders check:
       — or, as the docstring allows (DeepEP's normal mode), one row per (token, destination rank) each way, with
       up to 2·top_k metadata columns (ids, weights) packed beside the dispatched rows;
       WHO COMPUTES WHAT (each local expert sees exactly the rows routed to it from every rank); the output
-      against the single-process block, in the original token order, on ranks with 0 tokens too; the
-      promised ValueErrors.
+      against the single-process block, in the original token order, on ranks with 0 tokens too (a wrong
+      output is compared with the usual wrong combines, computed with the grader's own block, to name the
+      mistake: weights missing, applied before the experts or twice, a token's repeated index written once);
+      the promised ValueErrors.
 
 Mistakes each grader catches (each one planted in tests/graders/planted_ch08_experts.py and asserted caught):
   8.1 capacity_floor        floor instead of ceil: a balanced router already drops
+      capacity_ceil_twice   ceil(factor·ceil(T·k/E)): rounded up before the factor (the old cases agreed)
+      capacity_per_choice   ceil(factor·T/E)·k: each choice rounded up (the old cases agreed)
+      capacity_truncated    ceil(int(factor·T·k)/E): the product truncated first (the old cases agreed)
       route_no_renorm       top-k probabilities not renormalised to sum to 1
       route_low_precision   softmax in the logits' dtype (bfloat16), not float32
       route_token_major     capacity served token by token (a token's 2nd choice beats a later token's 1st)
@@ -36,8 +42,13 @@ Mistakes each grader catches (each one planted in tests/graders/planted_ch08_exp
       ep_order_lost         results added back in the expert-sorted order, not the tokens' order
       ep_all_experts        every rank keeps every expert
       ep_unweighted         results not multiplied by the gate weights
+      ep_weights_early      x's rows scaled by the gate weights before the experts, not the results after
+      ep_weighted_twice     the gate weights applied before the experts and again after
+      ep_duplicates_lost    out[token] += rows: a token's two slots share an index, one write survives
       ep_floor_split        num_experts // world_size experts per rank, no ValueError
 """
+import math
+from fractions import Fraction
 from types import SimpleNamespace
 
 import pytest
@@ -98,16 +109,59 @@ def reference_route(logits, top_k, capacity=None) -> Routing:
 
 # ---------------------------------------------------------------------------------------- 8.1 routing
 
+def reference_capacity(tokens, experts, k, factor) -> int:
+    """ceil(factor·T·k/E), the docstring's formula, in exact arithmetic (the factors below are exact binary
+    fractions, so a float computation of the same formula gives the same integer)."""
+    return math.ceil(Fraction(factor) * tokens * k / experts)
+
+
+# (num_tokens, num_experts, top_k, capacity_factor): each wrong rounding below differs from ceil(f·T·k/E) on at
+# least one of them (the last five were added for the roundings that agreed on the first five).
+CAPACITY_CASES = [(16, 4, 2, 1.0), (10, 4, 1, 1.0), (10, 8, 2, 1.25), (7, 3, 2, 2.0), (0, 4, 2, 1.0),
+                  (10, 8, 2, 1.5), (10, 4, 2, 1.0), (5, 4, 1, 1.75), (13, 4, 1, 1.25), (3, 8, 2, 0.5)]
+
+# Roundings a learner writes instead of ceil(f·T·k/E), and what to tell them (each planted in
+# planted_ch08_experts.py). The grader names the one that gives the learner's value on EVERY case.
+WRONG_CAPACITY = [
+    ("floor", lambda t, e, k, f: math.floor(Fraction(f) * t * k / e),
+     "round UP (math.ceil), not down: with floor a perfectly balanced router already drops slots"),
+    ("round", lambda t, e, k, f: round(Fraction(f) * t * k / e),
+     "round UP (math.ceil), not to the nearest integer: a balanced router would drop slots"),
+    ("plus_one", lambda t, e, k, f: math.floor(Fraction(f) * t * k / e) + 1,
+     "int(x) + 1 is not ceil(x): when factor·T·k/E is a whole number it gives one slot too many"),
+    ("ceil_twice", lambda t, e, k, f: math.ceil(Fraction(f) * math.ceil(Fraction(t * k, e))),
+     "round once, at the end: ceil(factor·T·k/E), not ceil(factor·ceil(T·k/E)) — rounding the balanced load "
+     "up before applying the factor can add a slot"),
+    ("per_choice", lambda t, e, k, f: math.ceil(Fraction(f) * t / e) * k,
+     "multiply by top_k BEFORE rounding: ceil(factor·T·k/E), not ceil(factor·T/E)·k — rounding each choice "
+     "up separately gives up to top_k-1 slots too many"),
+    ("truncated", lambda t, e, k, f: -(-int(Fraction(f) * t * k) // e),
+     "do not truncate factor·T·k to an integer before dividing (int() drops its fraction): "
+     "ceil(factor·T·k/E) in one step"),
+]
+
+
+def _capacity_hint(got: dict) -> str:
+    """The wrong rounding that gives every value the learner returned, or the formula to use."""
+    for _, formula, hint in WRONG_CAPACITY:
+        if all(value == formula(*case) for case, value in got.items()):
+            return hint
+    return "compute ceil(capacity_factor × num_tokens × top_k / num_experts), rounding up once, at the end"
+
+
 def check_capacity(impl):
     ep, failures = _ep(impl), []
-    for (tokens, experts, k, factor), want in {(16, 4, 2, 1.0): 8, (10, 4, 1, 1.0): 3, (10, 8, 2, 1.25): 4,
-                                               (7, 3, 2, 2.0): 10, (0, 4, 2, 1.0): 0}.items():
-        got = _call("[8.1]", f"expert_capacity{(tokens, experts, k, factor)}", CAPACITY, ep.expert_capacity,
-                    tokens, experts, k, factor)
-        if got != want:
+    got = {case: _call("[8.1]", f"expert_capacity{case}", CAPACITY, ep.expert_capacity, *case)
+           for case in CAPACITY_CASES}
+    wrong = {case: value for case, value in got.items() if value != reference_capacity(*case)}
+    if wrong:
+        hint = _capacity_hint(got)
+        for (tokens, experts, k, factor), value in wrong.items():
+            exact = Fraction(factor) * tokens * k / experts
             failures.append(f"[8.1] expert_capacity(num_tokens={tokens}, num_experts={experts}, top_k={k}, "
-                            f"capacity_factor={factor}) = {got}, expected {want} = ceil({factor}·{tokens}·{k}/"
-                            f"{experts}) — round UP, or a balanced router already drops slots ({CAPACITY})")
+                            f"capacity_factor={factor}) = {value}, expected "
+                            f"{reference_capacity(tokens, experts, k, factor)} = ceil({factor}·{tokens}·{k}/"
+                            f"{experts}) = ceil({float(exact):g}) — {hint} ({CAPACITY})")
     for bad in (0.0, -1.0):
         try:
             ep.expert_capacity(8, 4, 2, bad)
@@ -214,7 +268,7 @@ def _ep_case(case, n):
             torch.manual_seed(8300 + r)
             x = torch.randn(tokens[r % len(tokens)], hidden)
             x = skew_towards(x, block, 0, 2.0) if skew else x       # expert 0 everyone's favourite: drops
-            capacity = None if factor is None else -(-int(factor * x.shape[0] * k) // block.num_experts)
+            capacity = None if factor is None else reference_capacity(x.shape[0], block.num_experts, k, factor)
             xs.append(x)
             routings.append(reference_route(block.router(x), k, capacity))
     return block, xs, routings
@@ -265,6 +319,43 @@ def _token_rank_pairs(routing, experts_per_rank):
     """The distinct (token, destination rank) pairs of a routing's kept slots."""
     return {(t, int(routing.expert_ids[t, s]) // experts_per_rank) for t, s in zip(*torch.where(routing.kept))
             for t, s in [(int(t), int(s))]}
+
+
+def _slot_outputs(block, rows, routing):
+    """expert_ids[t, s]'s output for rows[t, s] ([T, k, hidden]) at every kept slot, 0 at dropped ones."""
+    out = torch.zeros_like(rows)
+    for e, expert in enumerate(block.experts):
+        token, slot = torch.where((routing.expert_ids == e) & routing.kept)
+        if token.numel():
+            out[token, slot] = expert(rows[token, slot])
+    return out
+
+
+def _output_hint(block, x, routing, y, tol):
+    """What the learner's output `y` is, if it is one of the usual wrong combines, computed with the grader's own
+    block (no learner code): the fix for that mistake, else where the rows must go."""
+    with torch.no_grad():
+        w = routing.weights.to(x.dtype)[..., None]
+        slots = _slot_outputs(block, x[:, None].expand(-1, block.top_k, -1).contiguous(), routing)
+        early = _slot_outputs(block, x[:, None] * w, routing)        # the rows scaled before the experts
+    close = lambda a: a.shape == y.shape and max_abs_diff(y, a) <= tol          # noqa: E731
+    if close(slots.sum(1)):
+        return "multiply each returned row by its gate weight"
+    if close(early.sum(1)):
+        return ("apply the gate weights AFTER the experts: an expert MLP is not linear, so expert(w·x) is not "
+                "w·expert(x) — dispatch the token's rows unscaled and multiply the returned rows by their weights")
+    if close((early * w).sum(1)):
+        return ("apply each gate weight once, after the expert: the rows were scaled before the experts and the "
+                "results again after")
+    weighted = slots * w
+    several = routing.kept.sum(1) > 1
+    one_each = [any(max_abs_diff(y[t], weighted[t, s]) <= tol for s in range(block.top_k) if routing.kept[t, s])
+                or max_abs_diff(y[t], weighted[t].sum(0)) <= tol for t in range(x.shape[0])]
+    if several.any() and all(one_each) and max_abs_diff(y[several], weighted[several].sum(1)) > tol:
+        return ("each token got only one of its top_k expert results: add every returned row into its token with "
+                "out.index_add_(0, token, rows) — out[token] += rows keeps one write per repeated index")
+    return ("add each returned row to the token it came from: restore the original order (the rows come back "
+            "sorted by expert, not by token)")
 
 
 def check_ep(impl, rank, world_size, group, label):
@@ -326,10 +417,7 @@ def check_ep(impl, rank, world_size, group, label):
             continue
         diff, tol = max_abs_diff(y, want), tolerance(want, torch.float32, FACTOR)
         if diff > tol:
-            with torch.no_grad():
-                unweighted = block(x, Routing(routing.expert_ids, routing.kept.float(), routing.kept))
-            hint = ("multiply each returned row by its gate weight" if max_abs_diff(y, unweighted) <= tol else
-                    "add each returned row to the token it came from: restore the original order")
+            hint = _output_hint(block, x, routing, y, tol)
             failures.append(f"{where}: output differs from the single-process block: max |diff| {diff:.2e} > {tol:.1e}"
                             f" — {hint} ({EP}.forward)")
     return failures
