@@ -116,6 +116,25 @@ def vllm_cli(args: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # The course's side (.venv): servers, the client runs, the stored result
 # ------------------------------------------------------------------------------------------------------------
+def probe(port: int) -> str:
+    """The client records only the HTTP reason of a failed request ("Bad Request"): send one request with the
+    body vLLM's client sends (async_request_openai_completions) and return what the server said."""
+    import urllib.error
+    import urllib.request
+    body = {"model": SERVED_MODEL_NAME, "prompt": "It was", "repetition_penalty": 1.0, "max_tokens": 2,
+            "logprobs": None, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+            "temperature": 0.0}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return f"a request with the client's body now gets {response.status}"
+    except urllib.error.HTTPError as e:
+        return f"a request with the client's body gets {e.code}: {e.read().decode(errors='replace')[:300]}"
+    except OSError as e:
+        return f"a request with the client's body fails: {e!r}"[:300]
+
+
 def bench_command(dataset: str, port: int, result_dir: str, filename: str) -> list[str]:
     """`vllm bench serve` arguments: the same for both servers but the port."""
     return ["bench", "serve", "--backend", "openai", "--host", "127.0.0.1", "--port", str(port),
@@ -216,9 +235,11 @@ def run_client(dataset: str, server: str, port: int, result_dir: str) -> dict:
         raise RuntimeError(f"`vllm bench serve` against {server} ({dataset}) exited {proc.returncode}:\n{tail}")
     full = json.loads(path.read_text())
     result = {k: full[k] for k in KEEP if k in full}
-    itls = full.get("itls") or []
-    result["chunks_per_request"] = (sum(1 + len(i) for i in itls) / len(itls)) if itls else None
+    answered = [itl for itl, n in zip(full.get("itls") or [], full.get("output_lens") or []) if n]
+    result["chunks_per_request"] = sum(1 + len(i) for i in answered) / len(answered) if answered else None
     result["errors"] = sorted({e.strip().splitlines()[-1][:200] for e in full.get("errors", []) if e})[:5]
+    if result.get("failed"):
+        result["errors"].append(probe(port))
     result["generated_texts"] = full.get("generated_texts", [])      # compared across servers, then dropped
     result["command"] = as_typed(args[:args.index("--result-dir")] + ["--result-dir", "RESULTS"] +
                                  args[args.index("--result-filename"):]).replace(f"--port {port}", "--port PORT")
@@ -412,6 +433,10 @@ def report(result: dict) -> bool:
             print(f"{dataset}: course / vLLM = {a['output_throughput'] / b['output_throughput']:.2f} x the output "
                   f"throughput, {a['mean_ttft_ms'] / b['mean_ttft_ms']:.2f} x the mean TTFT, "
                   f"{a['mean_tpot_ms'] / b['mean_tpot_ms']:.2f} x the mean TPOT")
+    for dataset, runs in result["runs"].items():
+        for server, run in runs.items():
+            for error in run.get("errors", []):
+                print(f"{dataset}, {LABELS[server]}: {error}")
     ok = True
     for statement, holds in checks(result):
         print(f"  {'ok  ' if holds else 'FAIL'} {statement}")
