@@ -28,14 +28,18 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
     mask by GLOBAL position) v for this rank's queries, equal to full attention's rows at these positions.
 
     The mechanism: cp steps. At each step the rank attends to the K/V block it holds, while that block is
-    passed on to the next rank of the ring and the previous rank's block arrives (point-to-point: isend/irecv,
-    batch_isend_irecv or send/recv; never a collective of the full K/V). Each rank sends cp-1 blocks (its own
-    K and V, then the ones it received; the last block is not forwarded) and nothing else. Each block is
-    folded in with online-softmax rescaling: keep per query row the running max m, the running sum l and the
-    unnormalised output o; for a block with scores s, m' = max(m, rowmax s), l = l·e^(m-m') + Σ e^(s-m'),
-    o = o·e^(m-m') + e^(s-m') v; at the end out = o / l. With causal=True, skip every (query chunk, key
-    chunk) pair the mask hides entirely (key chunk after query chunk) and mask the diagonal pairs: the
-    skipped work is what the zigzag order balances. Accumulate in at least float32; return q's dtype.
+    passed on to the next rank of the ring and the previous rank's block arrives (point-to-point, never a
+    collective of the full K/V). Overlap is part of the answer: post each step's transfer with dist.isend /
+    dist.irecv or dist.batch_isend_irecv BEFORE computing with the block you hold, and wait() for it only
+    after, so every step but the last computes while a transfer is in flight (a blocking send/recv cannot
+    overlap; the grader measures this with helpers.course.ring_attention.TransferOverlap). Each rank sends
+    cp-1 blocks (its own K and V, then the ones it received; the last block is not forwarded) and nothing
+    else. Each block is folded in with online-softmax rescaling: keep per query row the running max m, the
+    running sum l and the unnormalised output o; for a block with scores s, m' = max(m, rowmax s),
+    l = l·e^(m-m') + Σ e^(s-m'), o = o·e^(m-m') + e^(s-m') v; at the end out = o / l. With causal=True, skip
+    every (query chunk, key chunk) pair the mask hides entirely (key chunk after query chunk) and mask the
+    diagonal pairs: the skipped work is what the zigzag order balances. Accumulate in at least float32;
+    return q's dtype.
 
     Raises ValueError when q, k, v are not 3-D with equal shapes, when seq/cp is odd (each rank holds two
     chunks), or when order is not one of ORDERS."""

@@ -4,9 +4,9 @@ Each wrong variant is a realistic mistake; several give the RIGHT values the wro
 reduce-scatter belongs, masked-out work computed anyway, one block too many sent), so only a grader that checks
 the collectives, the bytes and the work catches them. The ALTERNATIVES are correct answers written another
 way (all_gather_into_tensor / reduce_scatter_tensor; separate isend/irecv of K and V around the ring the
-other way); they must pass. `build(name)` returns an implementation object (`.context_parallel`,
-`.sequence_parallel`) that the graders' check functions accept in place of load_impl("context_parallel") and
-load_impl("sequence_parallel").
+other way; isend/irecv imported by name, each send waited for only at the end); they must pass.
+`build(name)` returns an implementation object (`.context_parallel`, `.sequence_parallel`) that the graders'
+check functions accept in place of load_impl("context_parallel") and load_impl("sequence_parallel").
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed import irecv, isend          # (alt_by_name_late_send_wait calls them by these names)
 
 from helpers.course.ring_attention import ORDERS, chunks_of_rank
 
@@ -43,10 +44,16 @@ VARIANTS = {
     "ring_no_skip": Variant("8.4", "ring", "masked-out chunk pairs computed anyway", ("skip every",)),
     "ring_forward_last": Variant("8.4", "ring", "the last block forwarded too", ("cp-1",)),
     "ring_send_after_compute": Variant("8.4", "ring", "block sent after computing with it", ("BEFORE computing",)),
+    "ring_wait_before_compute": Variant("8.4", "ring", "each step's transfer posted, then waited for, then the "
+                                        "compute: no overlap", ("no step computed",)),
+    "ring_overlap_first_step_only": Variant("8.4", "ring", "only the first step computes while a transfer is in "
+                                            "flight; later steps wait first", ("only some steps computed",)),
+    "ring_blocking_send_recv": Variant("8.4", "ring", "blocking dist.send/dist.recv (even ranks send first)",
+                                       ("dist.send/dist.recv block",)),
     "ring_ignores_order": Variant("8.4", "ring", "zigzag treated as contiguous", ("layout `order`",)),
     "ring_no_errors": Variant("8.4", "ring_errors", "unknown order accepted", ("ValueError",)),
 }
-ALTERNATIVES = ("alt_into_tensor", "alt_separate_kv_reverse_ring")
+ALTERNATIVES = ("alt_into_tensor", "alt_separate_kv_reverse_ring", "alt_by_name_late_send_wait")
 
 
 def build(name: str | None):
@@ -187,7 +194,7 @@ def _ring_attention(q, k, v, group, causal, order, mistake):
     if mistake == "ring_all_gather":
         blocks = [torch.empty_like(torch.stack([k, v])) for _ in range(cp)]
         dist.all_gather(blocks, torch.stack([k, v]), group=group)
-    kv = torch.stack([k, v])
+    kv, late_sends = torch.stack([k, v]), []
     for step in range(cp):
         owner = (rank - step_dir * step) % cp
         requests, incoming = [], None
@@ -195,6 +202,15 @@ def _ring_attention(q, k, v, group, causal, order, mistake):
             kv = blocks[owner]
         elif mistake == "ring_send_after_compute":
             pass
+        elif mistake == "alt_by_name_late_send_wait" and step < cp - 1:
+            incoming = torch.empty_like(kv)                 # the receive waited for after the compute, the send
+            late_sends.append(isend(kv, to_rank, group=group))      # only at the very end: still in flight
+            requests = [irecv(incoming, from_rank, group=group)]    # through the last step
+        elif mistake == "ring_blocking_send_recv" and step < cp - 1:
+            incoming = torch.empty_like(kv)
+            pair = [lambda: dist.send(kv, to_rank, group=group), lambda: dist.recv(incoming, from_rank, group=group)]
+            for op in pair if rank % 2 == 0 else pair[::-1]:      # even ranks send first: no deadlock
+                op()
         elif step < cp - 1 or (mistake == "ring_forward_last" and cp > 1):
             incoming = torch.empty_like(kv)
             if reverse:
@@ -206,6 +222,10 @@ def _ring_attention(q, k, v, group, causal, order, mistake):
             else:
                 requests = dist.batch_isend_irecv([dist.P2POp(dist.isend, kv, to_rank, group),
                                                    dist.P2POp(dist.irecv, incoming, from_rank, group)])
+            if mistake == "ring_wait_before_compute" or (mistake == "ring_overlap_first_step_only" and step > 0):
+                for request in requests:            # the block arrives before this step's compute starts
+                    request.wait()
+                requests = []                       # (a gloo request waited for twice never returns)
         for qi, qc in enumerate(my_chunks):
             rows = slice(qi * chunk, (qi + 1) * chunk)
             for ki, kc in enumerate(chunks_of_rank(owner, cp, layout)):
@@ -240,4 +260,6 @@ def _ring_attention(q, k, v, group, causal, order, mistake):
             if reverse:
                 incoming = torch.stack(halves)
             kv = incoming
+    for request in late_sends:
+        request.wait()
     return o / l

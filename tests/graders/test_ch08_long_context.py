@@ -19,8 +19,11 @@ What the graders check:
       (zigzag and contiguous layouts, causal and not, and with scores in the hundreds where an exponential
       without the running max overflows), tolerance from float32's eps; the K/V ring (CommTracer): only
       point-to-point messages, to one ring neighbour and from the other, exactly cp-1 K/V blocks sent and
-      nothing else, no collective; the transfer posted before the compute it overlaps (the first
-      point-to-point operator reaches the dispatcher before the first matmul); the causal work
+      nothing else, no collective; THE OVERLAP (helpers.course.ring_attention.TransferOverlap, the measure
+      of notebook 08): every step but the last computes while a transfer is in flight, i.e. overlapped
+      FLOPs / all matmul FLOPs >= (work - last-step chunk pairs) / work (>=: a send may stay in flight
+      through the last step), no blocking send/recv, the transfer posted before the first matmul (p2p and
+      matmul order at the dispatcher), isend/irecv imported by name traced too; the causal work
       (FlopCounterMode): no more matmul FLOPs than the
       (query chunk, key chunk) pairs the mask does not hide entirely (helpers.course.ring_attention.
       causal_work); the promised ValueErrors.
@@ -39,9 +42,14 @@ Mistakes each grader catches (each one planted in tests/graders/planted_ch08_lon
       ring_no_skip               masked-out chunk pairs computed anyway: right output, unbalanced work
       ring_forward_last          the last block forwarded too: cp blocks sent instead of cp-1
       ring_send_after_compute    each block sent only after computing with it: no overlap
+      ring_wait_before_compute   each step's transfer posted, then waited for, then computed: no overlap
+                                 (the old check, first p2p before first matmul, passed it)
+      ring_overlap_first_step_only  the first step overlaps, later ones wait first (passed the old check)
+      ring_blocking_send_recv    blocking dist.send/dist.recv: nothing can overlap (passed the old check)
       ring_ignores_order         the zigzag layout treated as contiguous
       ring_no_errors             an unknown order accepted without ValueError
 """
+import contextlib
 import math
 
 import pytest
@@ -53,7 +61,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from helpers import launch, load_impl
 from helpers.claims import max_abs_diff, tolerance
 from helpers.comm_trace import CommTracer
-from helpers.course.ring_attention import ORDERS, attention_reference, causal_work, positions_of_rank
+from helpers.course.ring_attention import (ORDERS, TransferOverlap, attention_reference, causal_work, chunks_of_rank,
+                                           positions_of_rank)
 from tests.graders.planted import assert_caught, mistake
 
 # Rounding budget (helpers.claims policy): the reduce-scatter sums ≤ 4 terms; ring attention sums softmax
@@ -241,6 +250,23 @@ class _OpOrder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def _traced_by_name(fn):
+    """While the tracers are on: a learner's module that did `from torch.distributed import isend, ...` calls
+    the traced functions too (the tracers replace the attributes of torch.distributed, not names bound before)."""
+    from torch.distributed import distributed_c10d as c10d
+    names = ("isend", "irecv", "batch_isend_irecv", "P2POp", "send", "recv")
+    scope = getattr(fn, "__globals__", {})
+    swapped = {key: value for key, value in scope.items()
+               if any(value is getattr(c10d, name, None) for name in names)}
+    for key, value in swapped.items():
+        scope[key] = getattr(dist, value.__name__)
+    try:
+        yield
+    finally:
+        scope.update(swapped)
+
+
 def check_ring(impl, rank, world_size, group=None, label="WORLD"):
     """ring_attention in `group`: values against full attention, the K/V ring, the causal work."""
     cp_mod, failures = _cp(impl), []
@@ -254,8 +280,8 @@ def check_ring(impl, rank, world_size, group=None, label="WORLD"):
         q, k, v = _attention_inputs(seq, 7, scale)
         positions = positions_of_rank(seq, r, n, order)
         local = [t[:, positions].contiguous() for t in (q, k, v)]
-        flops, order_log = FlopCounterMode(display=False), _OpOrder()
-        with CommTracer() as trace, flops, order_log:
+        flops, order_log, meter = FlopCounterMode(display=False), _OpOrder(), TransferOverlap()
+        with CommTracer() as trace, flops, order_log, meter, _traced_by_name(cp_mod.ring_attention):
             try:
                 out = cp_mod.ring_attention(*local, group=group, causal=causal, order=order)
             except NotImplementedError:
@@ -270,20 +296,18 @@ def check_ring(impl, rank, world_size, group=None, label="WORLD"):
         diff, tol = max_abs_diff(out, want), tolerance(want, torch.float32, FACTOR)
         if not diff <= tol:
             wrong[(order, causal, scale)] = (where, diff, tol)
-        failures += _ring_messages(where, trace.records, ranks, r, n, local[1].numel() * 4 * 2)
-        ops = order_log.ops
-        if n > 1 and "p2p" in ops and "matmul" in ops and ops.index("matmul") < ops.index("p2p"):
-            failures.append(f"{where}: the first matmul ran before the first K/V message was posted — post each "
-                            f"step's isend/irecv BEFORE computing with the block you hold, so the transfer "
-                            f"overlaps the compute ({RING})")
+        messages = _ring_messages(where, trace.records, ranks, r, n, local[1].numel() * 4 * 2)
         if causal and scale == 1:
             pair_flops = 2 * 2 * HEADS * CHUNK * CHUNK * HEAD_DIM      # q·kᵀ and p·v of one chunk pair
             allowed = causal_work(seq, n, order)[r] * pair_flops
             got = flops.get_total_flops()
             if got > allowed:
-                failures.append(f"{where}: {got} matmul FLOPs, expected at most {allowed} "
+                messages.append(f"{where}: {got} matmul FLOPs, expected at most {allowed} "
                                 f"({causal_work(seq, n, order)[r]} unmasked chunk pairs) — skip every (query chunk, "
                                 f"key chunk) pair the causal mask hides entirely ({RING})")
+        failures += messages
+        if n > 1 and not messages:          # the overlap's measure assumes the ring and the work are right
+            failures += _overlap(where, trace.records, order_log.ops, meter, ranks, r, n, seq, order, causal)
     if wrong:
         failures.insert(0, _diagnose(wrong))
     return failures
@@ -334,6 +358,44 @@ def _ring_messages(where, records, ranks, r, n, kv_bytes):
     if received != want:
         failures.append(f"{where}: received {received} B, expected {want} B ({n - 1} K/V blocks) ({RING})")
     return failures
+
+
+def last_step_pairs(rank, cp, order, causal, forward=True):
+    """The chunk pairs of the ring's last step, which passes nothing on: the compute nothing can hide behind.
+    forward: blocks travel to rank+1 (at step s a rank holds rank-s's block); else to rank-1."""
+    owner = (rank - (cp - 1)) % cp if forward else (rank + cp - 1) % cp
+    return sum(1 for qc in chunks_of_rank(rank, cp, order) for kc in chunks_of_rank(owner, cp, order)
+               if not causal or kc <= qc)
+
+
+def _overlap(where, records, ops, meter, ranks, r, n, seq, order, causal):
+    """Every step but the last computes while a K/V transfer is in flight (TransferOverlap, the notebook's
+    measure): overlapped FLOPs / all FLOPs >= (work - last-step pairs) / work, with work the chunk pairs this
+    rank computes. >= because a send may stay in flight through the last step (waited for at the end)."""
+    p2p = [x for x in records if x.op in P2P_SEND | P2P_RECV]
+    if any(x.op in ("send", "recv") and x.via == "dist" for x in p2p):
+        return [f"{where}: dist.send/dist.recv block until the transfer is over, so no compute can overlap it — "
+                f"post each step's transfer with dist.isend/dist.irecv (or dist.batch_isend_irecv) BEFORE "
+                f"computing with the block you hold, and wait() for it after ({RING})"]
+    if any(x.via != "dist" for x in p2p):
+        return [f"{where}: the K/V messages did not go through dist.isend / dist.irecv / dist.batch_isend_irecv "
+                f"(called through another module, or torch.ops.c10d?): call them as dist.isend(...) — the grader "
+                f"measures the overlap of the requests those return ({RING})"]
+    if "p2p" in ops and "matmul" in ops and ops.index("matmul") < ops.index("p2p"):
+        return [f"{where}: the first matmul ran before the first K/V message was posted — post each step's "
+                f"isend/irecv BEFORE computing with the block you hold, so the transfer overlaps the compute "
+                f"({RING})"]
+    over, total = meter.overlapped_flops, meter.total_flops
+    work = causal_work(seq, n, order, causal)[r]
+    last = last_step_pairs(r, n, order, causal, forward={x.peer for x in p2p if x.op in P2P_SEND}
+                           == {ranks[(r + 1) % n]})
+    if total == 0 or over * work >= total * (work - last):
+        return []               # (total 0: no mm/bmm to measure, e.g. a fused attention kernel; not asked for)
+    which = "no step computed" if over == 0 else "only some steps computed"
+    return [f"{where}: {over / total:.0%} of the attention FLOPs ran while a K/V transfer was in flight, expected "
+            f"{(work - last) / work:.0%} (every step but the last: {work - last} of {work} chunk pairs) — {which} "
+            f"while the next block travelled: wait() for each step's isend/irecv only AFTER computing with the "
+            f"block you hold, at every step ({RING})"]
 
 
 def check_ring_errors(impl, rank, world_size, group=None, label="WORLD"):
@@ -440,7 +502,8 @@ def test_reference_and_valid_alternatives_pass():
     from tests.graders import planted_ch08_long_context as planted
     # The unmodified reference is graded by the exercise tests themselves (COURSE_IMPL=solutions in CI).
     for name, checks, sizes in [(None, ["sp_errors", "ring_errors"], (2,)), ("alt_into_tensor", ["sp"], (4,)),
-                                ("alt_separate_kv_reverse_ring", ["ring"], (3, 4))]:
+                                ("alt_separate_kv_reverse_ring", ["ring"], (3, 4)),
+                                ("alt_by_name_late_send_wait", ["ring"], (3,))]:
         for world_size in sizes:
             results = launch(_job, world_size, checks, planted.build(name), show_output=False, timeout=120)
             failures = [f for rank_failures in results for f in rank_failures]
