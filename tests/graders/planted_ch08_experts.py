@@ -50,6 +50,9 @@ VARIANTS = {
     "ep_unweighted": Variant("8.2", "ep", "results not multiplied by the gate weights", ("gate weight",)),
     "ep_duplicates_lost": Variant("8.2", "ep", "out[token] += rows: a token's repeated index keeps one of its slots",
                                   ("only one of its",)),
+    "ep_per_rank_slot_lost": Variant("8.2", "ep", "one row per destination rank, but its local experts' results "
+                                     "assigned, not added: a token with two experts on one rank keeps one",
+                                     ("only one of its",)),
     "ep_weights_early": Variant("8.2", "ep", "x's rows scaled by the gate weights before the experts",
                                 ("AFTER the expert",)),
     "ep_weighted_twice": Variant("8.2", "ep", "gate weights applied before the experts and again after",
@@ -284,6 +287,25 @@ def _ep_per_rank(sol, ep):
         forward = PerRankAllToAllMoE.forward
     ep.ExpertParallelMoE = PerRank
 
+
+def _ep_per_rank_slot_lost(sol, ep):
+    from helpers.course.moe import PerRankAllToAllMoE
+
+    def local_sum(self, rows, expert_ids, weights):
+        out = torch.zeros_like(rows)
+        for j, expert in enumerate(self.experts):
+            row, slot = torch.where(expert_ids == self.first_expert + j)
+            if row.numel():                 # = instead of +=: the token's previous local expert is overwritten
+                out[row] = expert(rows[row]) * weights[row, slot, None].to(rows.dtype)
+        return out
+
+    class PerRank(sol.ExpertParallelMoE):
+        _local_sum = local_sum
+        forward = PerRankAllToAllMoE.forward
+    ep.ExpertParallelMoE = PerRank
+
+
+_PLANT["ep_per_rank_slot_lost"] = _ep_per_rank_slot_lost
 
 _ALTERNATIVE = {
     "route_softmax_of_top_k": _route_softmax_of_top_k,

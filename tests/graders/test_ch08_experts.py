@@ -45,6 +45,7 @@ Mistakes each grader catches (each one planted in tests/graders/planted_ch08_exp
       ep_weights_early      x's rows scaled by the gate weights before the experts, not the results after
       ep_weighted_twice     the gate weights applied before the experts and again after
       ep_duplicates_lost    out[token] += rows: a token's two slots share an index, one write survives
+      ep_per_rank_slot_lost one row per destination rank, its local experts' results assigned, not added
       ep_floor_split        num_experts // world_size experts per rank, no ValueError
 """
 import math
@@ -352,8 +353,9 @@ def _output_hint(block, x, routing, y, tol):
     one_each = [any(max_abs_diff(y[t], weighted[t, s]) <= tol for s in range(block.top_k) if routing.kept[t, s])
                 or max_abs_diff(y[t], weighted[t].sum(0)) <= tol for t in range(x.shape[0])]
     if several.any() and all(one_each) and max_abs_diff(y[several], weighted[several].sum(1)) > tol:
-        return ("each token got only one of its top_k expert results: add every returned row into its token with "
-                "out.index_add_(0, token, rows) — out[token] += rows keeps one write per repeated index")
+        return ("each token got only one of its top_k expert results: add every slot's result into its token "
+                "with out.index_add_(0, token, rows) — out[token] += rows keeps one write per repeated index, and "
+                "so does out[row] = ... for a token whose experts share a rank")
     return ("add each returned row to the token it came from: restore the original order (the rows come back "
             "sorted by expert, not by token)")
 
