@@ -219,8 +219,12 @@ def test_pipe_pp2_replica_tokens_sampling_cancel_and_overlap(model, reference):
                 if msg[1] == "x" and len(streamed["x"]) >= 3 and not cancelled:
                     conn.send(("cancel", "x"))
                     cancelled = True
-            elif msg[0] == "done":
+            elif msg[0] == "done":   # with the last step's tokens and their logprobs (replica.send_tokens)
                 done[msg[1]] = msg[2]
+                got = streamed.setdefault(msg[1], [])
+                got.extend(msg[2][len(got):])
+                if msg[4] is not None:
+                    logprobs.extend(msg[4])
             assert msg[0] != "failed", msg
         while True:          # the cancel reaches both stages with the next message down the pipeline
             msg = _recv(conn, deadline)

@@ -2,6 +2,8 @@
 400s and leave the server healthy, a client that disconnects is cancelled, a killed replica loses no request,
 and stopping leaves no process behind."""
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -122,14 +124,23 @@ def test_good_request_and_disconnect(server):
     assert reply["choices"][0]["token_ids"] == expected and reply["usage"]["completion_tokens"] == 12
     before = value(parse(server.get("/metrics")), "serving_client_disconnects_total")
     body = json.dumps({"prompt": "Four", "max_tokens": 200, "temperature": 0}).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-    time.sleep(0.3)
-    sock.close()  # leave before the answer
-    deadline = time.monotonic() + 20
-    while value(parse(server.get("/metrics")), "serving_client_disconnects_total") == before:
-        assert time.monotonic() < deadline, "the server never noticed the client leaving"
-        time.sleep(0.1)
+    # the replicas are stopped (SIGSTOP) while the client leaves, so the request cannot finish first on a fast machine
+    stopped = [r["pid"] for r in server.replicas()]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body)
+        time.sleep(0.3)
+        sock.close()  # leave before the answer
+        deadline = time.monotonic() + 20
+        while value(parse(server.get("/metrics")), "serving_client_disconnects_total") == before:
+            assert time.monotonic() < deadline, "the server never noticed the client leaving"
+            time.sleep(0.1)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
     assert server.complete(prompt="Four", max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
 
 

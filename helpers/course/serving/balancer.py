@@ -356,12 +356,13 @@ class Balancer:
                 self._emit(pending, r, token_ids, logprobs)
         elif kind == "done":
             _, rid, tokens, timings = msg[:4]
+            logprobs = msg[4] if len(msg) > 4 else None   # of the tokens this attempt had not streamed
             pending = r.inflight.pop(rid, None)
             r.cancelling.discard(rid)
             r.served += 1
             if pending is not None and not pending.closed:
                 # a replica that streamed has sent every token already; one that did not sends them all here
-                self._emit(pending, r, tokens[pending.received:], None, timings=timings)
+                self._emit(pending, r, tokens[pending.received:], logprobs, timings=timings)
                 self._observe_finished(pending)
             self._gauge(r)
         elif kind == "failed":

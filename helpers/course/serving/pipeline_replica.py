@@ -34,9 +34,8 @@ import time
 import traceback
 
 from helpers.course.serving.config import HEARTBEAT, ServeConfig
-from helpers.course.serving.replica import STATS_EVERY, load_model_module
+from helpers.course.serving.replica import STATS_EVERY, load_model_module, send_tokens
 
-STREAM_TOKENS = True   # send ("tokens", rid, ids, logprobs) after each batch (issue 20's streaming balancer)
 
 
 class Link:
@@ -237,17 +236,7 @@ def _serve(conn, engine) -> None:
                 failed.append((seq.rid, 500, f"the engine failed on this request: {seq.error}"))
             for rid, status, message in failed:
                 conn.send(("failed", rid, status, message))
-            if STREAM_TOKENS:
-                for rid, entry in live.items():
-                    request, sent = entry
-                    if len(request.tokens) > sent:
-                        logprobs = getattr(request, "output_logprobs", [])[sent:] \
-                            if getattr(request, "logprobs", None) is not None else None
-                        conn.send(("tokens", rid, request.tokens[sent:], logprobs))
-                        entry[1] = len(request.tokens)
-            for seq in finished:
-                live.pop(seq.rid, None)
-                conn.send(("done", seq.rid, seq.tokens, seq.timings()))
+            send_tokens(conn, live, finished)
             now = time.monotonic()
             if finished or failed or now - last_stats > (STATS_EVERY if engine.has_unfinished else HEARTBEAT * 0.8):
                 conn.send(("stats", pipeline_stats(engine)))

@@ -137,6 +137,19 @@ class SamplingRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} strings; the text ends before one")
     user: str | None = None
     return_token_ids: bool | None = Field(False, description="vLLM's extension: the prompt's and choices' ids")
+    # vLLM's sampling extensions that `vllm bench serve` always sends (vllm/benchmarks/lib/endpoint_request_func.py,
+    # async_request_openai_completions: "repetition_penalty": 1.0; benchmarks/serve.py sets ignore_eos for random
+    # prompts); vLLM's CompletionRequest has both (vllm/entrypoints/openai/completion/protocol.py)
+    repetition_penalty: float | None = Field(1.0, description="vLLM's extension: only 1.0 (no penalty) here")
+    ignore_eos: bool | None = Field(False, description="vLLM's extension: the tiny Llama has no EOS token (a no-op)")
+
+    @field_validator("repetition_penalty", mode="before")
+    @classmethod
+    def _repetition_penalty(cls, v):
+        if v is None or (type(v) in (int, float) and v == 1):
+            return None if v is None else 1.0
+        raise BadRequest(f"'repetition_penalty' {_show(v)} is not supported here: only 1.0 (no penalty)",
+                         "repetition_penalty")
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -10,7 +10,10 @@ Messages (tuples, pickled by multiprocessing.Connection):
                            ("tokens", rid, token_ids, logprobs)   after each step, for each request that produced
                                                      tokens: the new ones (logprobs: None, or one
                                                      {"logprob", "top"} per token; engine/sampling.py)
-                           ("done", rid, tokens, timings)   all its tokens (the ones streamed, whole)
+                           ("done", rid, tokens, timings, logprobs)   all its tokens (whole); the step's new
+                                                     tokens of a finished request come only here, so a
+                                                     streaming client gets its last token with the finish
+                                                     (logprobs: of the tokens not sent before, or None)
                            ("failed", rid, status, message)   this request failed here (400: it was
                                                      invalid, 500: it hit a bug); the replica carries on
                            ("cancelled", rid)        the cancel was handled: the replica holds rid no more
@@ -243,10 +246,7 @@ def _serve(conn, engine, group_size: int) -> None:
                 continue
             for rid, status, message in failed:
                 conn.send(("failed", rid, status, message))
-            _send_new_tokens(conn, live)
-            for seq in finished:
-                live.pop(seq.rid, None)
-                conn.send(("done", seq.rid, seq.tokens, seq.timings()))
+            send_tokens(conn, live, finished)
             now = time.monotonic()
             if finished or failed or now - last_stats > (STATS_EVERY if engine.has_unfinished else HEARTBEAT * 0.8):
                 conn.send(("stats", {"busy_seconds": engine.busy_seconds, "waiting": len(engine.waiting),
@@ -257,13 +257,23 @@ def _serve(conn, engine, group_size: int) -> None:
         return  # the front end is gone
 
 
-def _send_new_tokens(conn, live: dict) -> None:
-    """("tokens", rid, new token ids, their logprobs or None) for every request that produced tokens since the
-    last call: what a streaming client receives as they come (vLLM's engine core likewise returns each step's new
-    tokens per request, EngineCoreOutput.new_token_ids in vllm/v1/engine/__init__.py)."""
+def send_tokens(conn, live: dict, finished: list) -> None:
+    """("tokens", rid, new token ids, their logprobs or None) for every unfinished request that produced tokens
+    since the last call: what a streaming client receives as they come (vLLM's engine core likewise returns each
+    step's new tokens per request, EngineCoreOutput.new_token_ids in vllm/v1/engine/__init__.py); then ("done", ...)
+    for each finished request, carrying its last new tokens with the finish, as vLLM's last EngineCoreOutput carries
+    both (so a client sees no extra empty chunk: `vllm bench serve` would count it as a token). `live`: rid ->
+    [request, tokens sent]; the pipeline replica uses this too."""
+    done = {seq.rid for seq in finished}
     for rid, entry in live.items():
         request, sent = entry
-        if len(request.tokens) > sent:
-            logprobs = request.output_logprobs[sent:] if request.logprobs is not None else None
-            conn.send(("tokens", rid, request.tokens[sent:], logprobs))
+        if rid not in done and len(request.tokens) > sent:
+            conn.send(("tokens", rid, request.tokens[sent:], _logprobs(request, sent)))
             entry[1] = len(request.tokens)
+    for seq in finished:
+        sent = live.pop(seq.rid, [seq, 0])[1]
+        conn.send(("done", seq.rid, seq.tokens, seq.timings(), _logprobs(seq, sent)))
+
+
+def _logprobs(request, sent: int):
+    return request.output_logprobs[sent:] if getattr(request, "logprobs", None) is not None else None
