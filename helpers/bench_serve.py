@@ -213,10 +213,13 @@ def versions() -> dict:
                          check=True).stdout
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "helpers/course", "solutions"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.split("\n")
     return {"vllm_env": json.loads(out), "course_env": {"python": sys.version.split()[0],
                                                          "torch": metadata.version("torch"),
                                                          "transformers": metadata.version("transformers")},
-            "course_commit": commit}
+            "course_commit": commit,
+            "course_files_changed_since_commit": sorted(line[3:] for line in dirty if line[3:])}
 
 
 def run_client(dataset: str, server: str, port: int, result_dir: str) -> dict:

@@ -1,5 +1,5 @@
 """helpers/bench_serve.py without vLLM: the side-by-side table and the checks of a `vllm bench serve` result (the
-run itself needs .venv-vllm and two servers: `make bench-serve`)."""
+run itself needs .venv-vllm and two servers: `make bench-serve`), and the stored run passes its own checks."""
 import copy
 import json
 
@@ -58,3 +58,10 @@ def test_same_completion_recognises_vllms_leaked_prompt():
     assert bench_serve.same_completion(" fox", "ab\ufffd fog", 5) == "different"
     assert bench_serve.same_completion(" fox", "abcde fox", 5) == "different"       # no U+FFFD: no leak
 
+
+
+def test_the_stored_run_passes_its_checks():
+    stored = json.loads(bench_serve.RESULT_PATH.read_text())
+    assert set(stored["runs"]) == set(bench_serve.DATASETS)
+    assert all(set(runs) == set(bench_serve.SERVERS) for runs in stored["runs"].values())
+    assert [statement for statement, ok in bench_serve.checks(stored) if not ok] == []
