@@ -273,6 +273,16 @@ def test_killing_a_rank_of_a_tp_replica_loses_no_request():
                                             policy="round_robin")))
 
 
+def test_killing_a_stage_of_a_pipeline_replica_loses_no_request():
+    """The same with 2 replicas of 2 pipeline stages: SIGKILL stage 1 (rank 1) of replica 0, then stage 0 (rank 0,
+    the scheduler's rank) of replica 1. A stage's death breaks its replica's sends and receives: the replica exits
+    and its requests are retried on the other one (pipeline_replica.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COURSE_IMPL", "solutions")
+        asyncio.run(_kill_ranks(ServeConfig(data_parallel_size=2, pipeline_parallel_size=2, stuck_after=0,
+                                            policy="round_robin")))
+
+
 async def _kill_ranks(config):
     prompt, lengths = encode(PROMPT), [24 + 8 * (i % 2) for i in range(20)]
     expected = _greedy(prompt, set(lengths))

@@ -121,8 +121,11 @@ def pipeline_rank(rank, world_size, conn, config: ServeConfig):
     module, tp_group = build_stage(model, pp, tp)
     runner = PipelineStageRunner(module, config.kv_cache, config.num_gpu_blocks_override, config.block_size)
     link = Link()
+    import torch.distributed as dist
+    ranks = [None] * world_size
+    dist.all_gather_object(ranks, os.getpid())   # every rank's process, rank 0 first: the front end's /replicas
     if rank == 0:
-        _serve(conn, _build_engine(model, config, DistributedPipeline(runner, link, tp, pp, tp_group)))
+        _serve(conn, _build_engine(model, config, DistributedPipeline(runner, link, tp, pp, tp_group)), ranks)
     else:
         _stage_loop(runner, link, rank, tp, pp, tp_group)
     link.wait()
@@ -182,10 +185,10 @@ def pipeline_stats(engine) -> dict:
                          "both_busy_seconds": both, "any_busy_seconds": anyone}}
 
 
-def _serve(conn, engine) -> None:
+def _serve(conn, engine, ranks: list) -> None:
     """Rank 0's loop: replica.py's, on a PipelineEngine (each step launches a batch or takes one back)."""
     from helpers.course.engine import Request
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", os.getpid(), ranks))
     last_stats = 0.0
     live = {}   # rid -> [Request, tokens sent]
     try:
