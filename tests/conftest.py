@@ -13,14 +13,28 @@ os.environ.setdefault("COURSE_TIMEOUT", "30")
 os.environ.setdefault("COURSE_FALLBACK", "0")
 
 
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run the tiny Llama on one torch thread in this process (a module asks with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`): a 0.85 M-parameter model gains nothing from a second
+    thread, and on a busy 2-core machine, with replicas spinning beside it, the threads' hand-offs made 32 decode
+    steps take ~10 s instead of ~0.3 s."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------- widgets, after nbval's Run All
 # nbval runs each notebook's cells in one kernel but never moves a slider. After a notebook's last cell, in the
 # same kernel (no second Run All), one more item moves every control of every `interact` view through its values
 # and fails on any exception (helpers.widgets.drive_widgets): a view whose function reads a global that a later
 # cell reassigned breaks only there.
 import json  # noqa: E402
-
-import pytest  # noqa: E402
 
 _DRIVE = """
 import json as _json, sys as _sys

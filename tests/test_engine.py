@@ -17,12 +17,7 @@ from helpers.course.engine import (AllBlocksCleared, BlockRemoved, BlockStored, 
                                    SchedulerConfig, run_requests, sample)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()        # the tiny Llama gains nothing from a second thread (2-core machine)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ from helpers.course.serving.metrics import parse, value
 PROMPTS = ["Four score and seven years ago", "We hold these", "A", "The fox and the grapes"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The model runs here on one thread: several spin against the servers' replicas for a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 def test_batching_policies_give_the_models_tokens():

@@ -62,13 +62,7 @@ def load_model():
     return FaultyLlama(tiny_llama.load_model())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The model runs here on one thread: several spin against the servers' replicas for a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 def _reference(prompt, n):

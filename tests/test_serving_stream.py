@@ -21,13 +21,7 @@ from helpers.course.serving.replica import build_engine
 PROMPT = tiny_llama.encode(tiny_llama.PROMPT)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The model runs here on one thread: several spin against the replicas for a busy machine's two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ EXPECTED_IDS = [32, 111, 117, 114, 32, 102, 97, 116, 104, 101, 114, 115, 32, 98,
                 32, 102, 111, 114, 116, 104, 32, 111, 110, 32, 116, 104]        # " our fathers brought forth on th"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A 0.85 M-parameter model gains nothing from a second thread, and on a busy 2-core machine the threads'
-    # hand-offs made 32 decode steps take ~10 s instead of ~0.3 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
