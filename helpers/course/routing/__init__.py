@@ -5,7 +5,7 @@
                    (SGLang's cache-aware router: caches predicted from the requests it sent, no events)
     router.py      Router: hashes prompts, asks the policy, tracks outstanding requests, applies KV events
     transport.py   EventChannel: event batches from replicas to the router, late or lost (a replay's modelled time)
-    wire.py        vLLM's KVEventBatch bytes (msgpack, written out: no msgspec here): encode_batch, decode_batch
+    wire.py        vLLM's KVEventBatch bytes (msgpack through msgspec, as vLLM encodes them): encode_batch, decode_batch
     zmq_events.py  ZmqEventPublisher / ZmqEventSubscriber: vLLM's (topic, seq, payload) frames over PUB/SUB, gaps
     replay.py      replay: the workload on N modelled engines (paged KV cache, prefix caching, KV events) behind
                    the router, with a replica restart; per-replica hit rate, prefill tokens, TTFT, load
