@@ -76,8 +76,7 @@ def test_a_stream_gives_the_whole_answer_token_by_token(paged, model):
         streamed = await asyncio.gather(*(_read(s) for s in streams))
         whole = []
         for c, seed in zip(cases, seeds):
-            _, future = balancer.submit_for_result({"prompt": PROMPT, "max_tokens": 10, **c, "seed": seed})
-            whole.append((await future)["tokens"])
+            whole.append(_tokens(await _read(balancer.submit({"prompt": PROMPT, "max_tokens": 10, **c, "seed": seed}))))
         return streamed, whole, seeds
 
     streamed, whole, seeds = loop.run_until_complete(run())
@@ -107,9 +106,8 @@ def test_a_replica_killed_mid_stream_costs_no_token(paged):
         stream = balancer.submit({"prompt": PROMPT, "max_tokens": 64, "temperature": 1.0, "logprobs": 2})
         seed = _params(balancer, stream.rid)["seed"]
         items = await _read(stream, kill_after_five)
-        _, future = balancer.submit_for_result({"prompt": PROMPT, "max_tokens": 64, "temperature": 1.0,
-                                                "seed": seed})
-        return items, (await future)["tokens"]
+        unkilled = await _read(balancer.submit({"prompt": PROMPT, "max_tokens": 64, "temperature": 1.0, "seed": seed}))
+        return items, _tokens(unkilled)
 
     items, unkilled = loop.run_until_complete(run())
     assert killed and items[-1]["retries"] == 1 and items[-1]["replica"] != killed[0], items[-1]

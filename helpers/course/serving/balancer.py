@@ -264,7 +264,6 @@ class Balancer:
         self._ids = itertools.count()
         self._rr = itertools.count()
         self._ready_event = None
-        self._collectors: set = set()   # submit_for_result's tasks (kept referenced until they end)
         self.stopping = False
 
     # ------------------------------------------------------------------ processes
@@ -479,30 +478,6 @@ class Balancer:
         pending = Pending(next(self._ids), params)
         self._dispatch(pending)
         return pending.stream
-
-    def submit_for_result(self, params: dict) -> tuple[int, asyncio.Future]:
-        """The whole answer at once: (request id, future of {tokens, replica, retries, replicas, timings}), the
-        stream collected (the future raises what the stream raises; it is cancelled by cancel(rid))."""
-        stream = self.submit(params)
-        future = asyncio.get_running_loop().create_future()
-
-        async def collect():
-            tokens = []
-            try:
-                async for out in stream:
-                    tokens += out["token_ids"]
-                    if out["finished"] and not future.done():
-                        future.set_result({"tokens": tokens, "replica": out["replica"], "retries": out["retries"],
-                                           "replicas": out["replicas"], "timings": out["timings"]})
-            except (RequestFailed, NoReplicaError) as e:
-                if not future.done():
-                    future.set_exception(e)
-            if not future.done():
-                future.cancel()     # cancelled: the stream ended without its last item
-        task = asyncio.ensure_future(collect())
-        self._collectors.add(task)
-        task.add_done_callback(self._collectors.discard)
-        return stream.rid, future
 
     def _emit(self, pending: Pending, r: ReplicaHandle, token_ids: list, logprobs, timings=None) -> None:
         """Give the stream what it has not had of `token_ids`, the next tokens of the current attempt (after a
