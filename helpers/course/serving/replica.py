@@ -262,8 +262,8 @@ def send_tokens(conn, live: dict, finished: list) -> None:
     since the last call: what a streaming client receives as they come (vLLM's engine core likewise returns each
     step's new tokens per request, EngineCoreOutput.new_token_ids in vllm/v1/engine/__init__.py); then ("done", ...)
     for each finished request, carrying its last new tokens with the finish, as vLLM's last EngineCoreOutput carries
-    both (so a client sees no extra empty chunk: `vllm bench serve` would count it as a token). `live`: rid ->
-    [request, tokens sent]; the pipeline replica uses this too."""
+    both (vllm/v1/core/sched/scheduler.py, update_from_output), so a client sees no extra empty chunk (`vllm bench
+    serve` would count it as a token). `live`: rid -> [request, tokens sent]; the pipeline replica uses this too."""
     done = {seq.rid for seq in finished}
     for rid, entry in live.items():
         request, sent = entry
