@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["ModelShape", "MODELS",
-           "kv_bytes_per_token", "kv_heads_per_rank", "inference_memory", "smallest_tp_that_fits",
+           "kv_bytes_per_token", "mla_kv_bytes_per_token", "kv_heads_per_rank", "inference_memory", "smallest_tp_that_fits",
            "parameter_bytes", "tensor_bytes", "GB"]
 
 GB = 1e9
@@ -57,6 +57,14 @@ MODELS = {
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bytes_per_value: float = 2) -> float:
     """Bytes of K and V cached for one token in every layer."""
     return 2 * layers * kv_heads * head_dim * bytes_per_value
+
+
+def mla_kv_bytes_per_token(layers: int, kv_lora_rank: int, rope_head_dim: int, bytes_per_value: float = 2) -> float:
+    """Bytes cached for one token in every layer by multi-head latent attention (DeepSeek-V2/V3, chapter 10):
+    one latent of kv_lora_rank values and one rope key of rope_head_dim values, shared by all heads, no separate
+    V — the formula above with one KV "head" of width (kv_lora_rank + rope_head_dim) / 2 (vLLM's
+    MLAAttentionSpec: num_kv_heads=1, head_size=L+R, head_size_v=0). helpers/course/mla.py holds the layer."""
+    return kv_bytes_per_token(layers, 1, (kv_lora_rank + rope_head_dim) / 2, bytes_per_value)
 
 
 def kv_heads_per_rank(kv_heads: int, tp: int) -> float:
