@@ -56,4 +56,5 @@ def run():
     for model in ("Llama-3-8B", "Llama-3-70B"):
         for row in recompute_vs_load(model):
             print(f"   {model:<12} {row['link']:<17} KV {row['kv_bytes'] / 1e6:7.1f} MB  "
-                  f"load {1e3 * row['load_s']:6.2f} ms  recompute {1e3 * row['recompute_s']:7.2f} ms  ({row['ratio']:5.1f}× the load)")
+                  f"load {1e3 * row['load_s']:6.2f} ms  recompute {1e3 * row['recompute_s']:7.2f} ms  "
+                  f"({row['ratio']:5.1f}× the load)")
