@@ -44,6 +44,18 @@ Streaming
     client never receives a token twice. vLLM's front end likewise consumes a per-request output queue fed by
     the engine (vllm/v1/engine/output_processor.py, RequestOutputCollector; async_llm.py `generate`).
 
+Routing on KV events (chapter 9)
+    With `routing` (--routing round_robin|least_outstanding|kv_aware|approx_tree) the balancer asks chapter 9's
+    Router (helpers/course/routing/router.py) instead of the policy function: it hashes each prompt into the
+    engines' block hashes and asks its policy (routing/policies.py). kv_aware subscribes to every replica's KV
+    events over ZeroMQ (the replicas publish them with --kv-events-config: replica.py; routing/zmq_events.py's
+    ZmqEventSubscriber here) and applies them before every decision and every ROUTER_POLL seconds; a malformed
+    batch is counted and skipped (subscriber), a malformed or unknown event likewise (Router.deliver). A replica
+    that dies leaves the router's pool at once (Router.replica_down drops its index entries: a new process starts
+    with an empty cache) and rejoins when its new process is ready, subscribed again at its new publisher. The
+    router's counters are on /metrics (metrics.py RouterCollector): events applied and rejected, batches
+    missed and malformed, stale replicas, requests routed per replica, index blocks per replica.
+
 Outstanding requests
     A replica's outstanding count is what it still holds: requests sent and not answered, plus requests
     cancelled by the front end (client gone, timeout) whose cancel the replica has not yet acknowledged.
@@ -66,6 +78,7 @@ from helpers.course.serving.config import HEARTBEAT, POLICIES, STUCK_AFTER, Serv
 from helpers.course.serving.replica import replica_main
 from helpers.impl import DEFAULT, REFERENCE, impl_package, load_impl, unwritten_exercises
 
+ROUTER_POLL = 0.02        # seconds between the front end's reads of the replicas' KV events (also before each route)
 MAX_FAILED_STARTS = 3     # deaths before "ready", in a row, that make the server's start fail
 RESPAWN_FIRST_DELAY = 0.25   # seconds before a replica's process is started again after a failed start; doubles
 RESPAWN_MAX_DELAY = 30.0     # up to this
@@ -77,6 +90,9 @@ EXERCISES_USED = {
     "tensor parallel": {"tp_llama": ("shard_llama",)},
     "pipeline of tensor-parallel stages": {"hybrid": ("build_hybrid_stage",)},
 }
+# What chapter 9's Router runs in the front end: exercise 7.3's hashes for every routing; 9.1 and 9.2 for kv_aware
+ROUTER_EXERCISES = {"prefix_cache": ("block_hashes",)}
+KV_ROUTER_EXERCISES = {"kv_router": ("KVIndex", "choose_replica_kv")}
 
 
 def course_router():
@@ -115,14 +131,29 @@ def replica_exercises(config: ServeConfig) -> dict:
           {"COURSE_FALLBACK": "1"}, its per-module lines silenced);
       a grader (COURSE_FALLBACK=0): the server does not start (SystemExit naming the exercises);
       a notebook (COURSE_FALLBACK=1): the replicas fall back and report it to the kernel by themselves."""
-    if impl_package() != DEFAULT:
-        return {}
     used = dict(EXERCISES_USED["paged"]) if config.kv_cache == "paged" else {}
     if config.kv_cache == "paged" and config.enable_prefix_caching:
         used.update(EXERCISES_USED["prefix caching"])
     if config.tensor_parallel_size > 1:
         used.update(EXERCISES_USED["tensor parallel" if config.pipeline_parallel_size == 1 else
                                    "pipeline of tensor-parallel stages"])
+    return _exercise_fallback(used, "this server's replicas")
+
+
+def router_exercises(config: ServeConfig) -> dict:
+    """As replica_exercises, for what chapter 9's Router runs in the front end (--routing): the environment to
+    build the Router under ({} when every exercise it runs is written, or COURSE_IMPL is not labs)."""
+    if config.routing is None:
+        return {}
+    used = dict(ROUTER_EXERCISES, **(KV_ROUTER_EXERCISES if config.routing == "kv_aware" else {}))
+    return _exercise_fallback(used, "this server's router")
+
+
+def _exercise_fallback(used: dict, who: str) -> dict:
+    """{} or the environment that makes load_impl fall back to the reference answers of `used`'s exercises not
+    written yet in labs/ (SystemExit under a grader). who: what runs them, for the messages."""
+    if impl_package() != DEFAULT:
+        return {}
     missing = {}   # stub message -> file
     for module, names in used.items():
         try:
@@ -137,15 +168,49 @@ def replica_exercises(config: ServeConfig) -> dict:
     exercises = ", ".join(sorted(missing, key=lambda e: [int(x) for x in e.split()[-1].split(".")]))
     files = ", ".join(sorted(set(missing.values())))
     fallback = _fallback_setting()
+    s = "s" if who.endswith("router") else ""     # "the router runs", "the replicas run"
     if fallback is False:
-        raise SystemExit(f"this server's replicas run {exercises}, not written yet ({files}): write "
+        raise SystemExit(f"{who} run{s} {exercises}, not written yet ({files}): write "
                          f"{'it' if len(missing) == 1 else 'them'}, or serve the reference answers with "
                          "COURSE_IMPL=solutions (COURSE_FALLBACK=0: no fallback to them)")
     if fallback:
         return {}
-    print(f"{exercises} not written yet in {files}: this server's replicas use the reference answers "
-          "(solutions/).", flush=True)
+    print(f"{exercises} not written yet in {files}: {who} use{s} the reference answers (solutions/).", flush=True)
     return {"COURSE_FALLBACK": "1", "COURSE_FALLBACK_NOTES": os.devnull}
+
+
+def build_router(config: ServeConfig):
+    """Chapter 9's Router over the replicas' indices with config.routing's policy, every replica down until its
+    process reports ready. Built under router_exercises' environment: the learner's 7.3 (hashes) and 9.1-9.2
+    (kv_aware), or the reference answers while they are not written, as the replicas do."""
+    from helpers.course.routing.policies import ApproxTree, KVAware, LeastOutstanding, RoundRobin
+    from helpers.course.routing.router import Router
+    policies = {"round_robin": RoundRobin, "least_outstanding": LeastOutstanding, "approx_tree": ApproxTree,
+                "kv_aware": lambda: KVAware(config.kv_overlap_score_weight)}
+    env = router_exercises(config)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        router = Router(range(config.data_parallel_size), policies[config.routing](), config.block_size,
+                        stale_after=config.kv_events_stale_after or None)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    for i in range(config.data_parallel_size):
+        router.replica_down(i)
+    return router
+
+
+class RoutedRequest:
+    """What the Router reads of a request: rid, prompt (token ids), num_prompt_tokens, cache_salt."""
+    __slots__ = ("rid", "prompt", "num_prompt_tokens", "cache_salt")
+
+    def __init__(self, pending):
+        self.rid, self.prompt = pending.rid, pending.params["prompt"]
+        self.num_prompt_tokens, self.cache_salt = len(self.prompt), pending.params.get("cache_salt")
 
 
 class NoReplicaError(RuntimeError):
@@ -232,6 +297,7 @@ class ReplicaHandle:
         self.failed_starts = 0       # deaths before "ready" in a row (at the server's start: a crash loop fails it)
         self.spawn_failures = 0      # processes that could not be started, in a row (retried with backoff)
         self.reason: str | None = None   # why it is not up (None while ready)
+        self.kv_events_endpoint: str | None = None   # where its KV events are published (--kv-events-config)
 
     @property
     def outstanding(self) -> int:
@@ -243,7 +309,8 @@ class ReplicaHandle:
                 "outstanding": self.outstanding, "served": self.served, "restarts": self.restarts,
                 "stuck": self.stuck,
                 "reason": self.reason,
-                "started_at": self.started_at, "ready_at": self.ready_at, "died_at": self.died_at, **self.stats}
+                "started_at": self.started_at, "ready_at": self.ready_at, "died_at": self.died_at,
+                "kv_events_endpoint": self.kv_events_endpoint, **self.stats}
 
 
 class Balancer:
@@ -257,8 +324,14 @@ class Balancer:
         self._watchdog = None
         self.replicas = [ReplicaHandle(i) for i in range(config.data_parallel_size)]
         self.metrics = metrics
-        self.choose_policy = config.choose_function() or course_router()   # (policy, outstanding, turn) -> index
+        # chapter 9's Router (--routing) or chapter 6's policy function (policy, outstanding, turn) -> index
+        self.router = build_router(config) if config.routing is not None else None
+        self.choose_policy = None if self.router is not None else config.choose_function() or course_router()
+        self.events = None           # the KV events' ZmqEventSubscriber (kv events and a router), made in start()
+        self._event_task = None
         self.replica_env = replica_exercises(config)   # SystemExit when they would fail every request
+        if metrics is not None and self.router is not None and hasattr(metrics, "watch_router"):
+            metrics.watch_router(self)
         self.serving = False         # set once every replica was ready: from then on, replicas are never given up
         self.backlog: deque[Pending] = deque()
         self._ids = itertools.count()
@@ -269,6 +342,10 @@ class Balancer:
     # ------------------------------------------------------------------ processes
     async def start(self, timeout: float = 60.0) -> None:
         self._ready_event = asyncio.Event()
+        if self.router is not None and self.config.kv_events() is not None:
+            from helpers.course.routing.zmq_events import ZmqEventSubscriber
+            self.events = ZmqEventSubscriber({}, topic=self.config.kv_events()["topic"])
+            self._event_task = asyncio.ensure_future(self._read_events())
         for r in self.replicas:
             self._spawn(r)
         if self.stuck_after:
@@ -341,9 +418,16 @@ class Balancer:
     def _on_message(self, r: ReplicaHandle, msg) -> None:
         r.last_heard = time.monotonic()
         kind = msg[0]
-        if kind == "ready":
+        if kind == "kv_events":      # before "ready": subscribe now, so the first events find us connected
+            r.kv_events_endpoint = msg[1]
+            if self.events is not None:
+                self.events.add(r.index, msg[1], self.config.kv_events()["topic"])
+                self.events.next_seq[r.index] = 0      # a new publisher numbers from 0: a later first is a gap
+        elif kind == "ready":
             r.state, r.ready_at, r.failed_starts, r.reason = "ready", time.time(), 0, None
             r.ranks = list(msg[2]) if len(msg) > 2 else [msg[1]]
+            if self.router is not None:
+                self.router.replica_up(r.index)        # with an empty index: a new process caches nothing
             self._gauge(r)
             self._ready_event.set()
             while self.backlog and r.state == "ready":
@@ -358,6 +442,7 @@ class Balancer:
             logprobs = msg[4] if len(msg) > 4 else None   # of the tokens this attempt had not streamed
             pending = r.inflight.pop(rid, None)
             r.cancelling.discard(rid)
+            self._router_finished(r, rid)
             r.served += 1
             if pending is not None and not pending.closed:
                 # a replica that streamed has sent every token already; one that did not sends them all here
@@ -368,11 +453,13 @@ class Balancer:
             _, rid, status, message = msg
             pending = r.inflight.pop(rid, None)
             r.cancelling.discard(rid)
+            self._router_finished(r, rid)
             if pending is not None and not pending.closed:
                 pending.fail(RequestFailed(status, message, r.index))
             self._gauge(r)
         elif kind == "cancelled":
             r.cancelling.discard(msg[1])
+            self._router_finished(r, msg[1])
             self._gauge(r)
         elif kind == "stats":
             stats = msg[1]
@@ -394,13 +481,17 @@ class Balancer:
             r.failed_starts += 1
         stuck = r.state == "stuck"
         r.conn, r.state, r.died_at, r.ranks = None, "dead", time.time(), []
+        if self.router is not None:
+            self.router.replica_down(r.index)         # its index entries dropped: its cache died with it
+        if self.events is not None:
+            self.events.remove(r.index)
         r.process.join(timeout=1.0)
         code = r.process.exitcode
         r.reason = ("stuck (no heartbeat), killed" if stuck else
                     "died" + (" before becoming ready" if r.failed_starts else "") +
                     ("" if code is None else f" (killed by signal {-code})" if code < 0 else f" (exit code {code})"))
         r.stats = dict(r.stats, busy_seconds=0.0, waiting=0, running=0)
-        for key in ("prefix_queries", "prefix_hits", "preemptions"):   # a new process counts from 0
+        for key in ("prefix_queries", "prefix_hits", "preemptions", "prefill_tokens"):   # a new process: from 0
             if key in r.stats:
                 r.stats[key] = 0
         orphans, r.inflight, r.cancelling = list(r.inflight.values()), {}, set()
@@ -447,6 +538,10 @@ class Balancer:
         self.stopping = True
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._event_task is not None:
+            self._event_task.cancel()
+        if self.events is not None:
+            self.events.close()
         loop = asyncio.get_running_loop()
         for r in self.replicas:
             if r.conn is not None:
@@ -534,11 +629,18 @@ class Balancer:
                 self.backlog.remove(pending)
                 pending.stream._put(None)
 
-    def choose(self) -> ReplicaHandle | None:
-        """The replica the next request goes to, or None while none is up."""
+    def choose(self, pending: Pending | None = None) -> ReplicaHandle | None:
+        """The replica the next request goes to, or None while none is up. With a Router (--routing), `pending`'s
+        prompt is what it routes on (the freshest KV events applied first)."""
         ready = [r for r in self.replicas if r.state == "ready"]
         if not ready:
             return None
+        if self.router is not None and pending is not None:
+            self._drain_events()
+            return self.replicas[self.router.route(RoutedRequest(pending), now=time.monotonic())]
+        if self.router is not None:     # no request to route on: its policy's load view, the least outstanding
+            loads = self.router.outstanding_requests()
+            return self.replicas[min(self.router.live, key=lambda i: loads[i])]
         outstanding = [r.outstanding if r.state == "ready" else None for r in self.replicas]
         return self.replicas[self.choose_policy(self.policy, outstanding, next(self._rr))]
 
@@ -547,7 +649,7 @@ class Balancer:
             pending.fail(NoReplicaError(f"request failed on {pending.attempts} replicas ({pending.replicas}); "
                                         "giving up"))
             return
-        r = self.choose()
+        r = self.choose(pending)
         if r is None:
             self.backlog.append(pending)  # sent when a replica reports ready
             self._backlog_gauge()
@@ -561,6 +663,45 @@ class Balancer:
             r.conn.send(("submit", pending.rid, pending.params))
         except OSError:
             self._on_death(r)  # re-dispatches what r held, this request included
+
+    # ------------------------------------------------------------------ chapter 9's router
+    def _router_finished(self, r: ReplicaHandle, rid: int) -> None:
+        if self.router is not None:
+            self.router.finished(r.index, rid)
+
+    def _drain_events(self) -> None:
+        """Apply every KV event batch that has arrived (in order per replica) to the router's policy."""
+        if self.events is None:
+            return
+        now = time.monotonic()
+        for replica, _seq, _ts, events in self.events.poll(0):
+            self.router.deliver(replica, events, now)
+
+    async def _read_events(self) -> None:
+        """Keep the router's index fresh between requests (and its staleness clock right)."""
+        while not self.stopping:
+            try:
+                self._drain_events()
+            except Exception as e:      # one bad read must not end the reading
+                print(f"KV events: {type(e).__name__}: {e}", flush=True)
+            await asyncio.sleep(ROUTER_POLL)
+
+    def router_state(self) -> dict | None:
+        """The router's figures (for /metrics and /replicas), None without --routing."""
+        if self.router is None:
+            return None
+        router, events = self.router, self.events
+        index = getattr(router.policy, "index", None)
+        return {"routing": self.config.routing, "policy": router.policy.name, "live": list(router.live),
+                "routed": dict(router.metrics["routed"]), "events_applied": router.metrics["events_applied"],
+                "events_rejected": router.metrics["events_rejected"],
+                "stale_now": router._stale(time.monotonic()) if router.policy.uses_events else [],
+                "stale_ever": list(router.metrics["stale_replicas"]),
+                "stale_routings": router.metrics["stale_routings"],
+                "batches_malformed": events.malformed if events is not None else 0,
+                "batches_missed": dict(events.gaps) if events is not None else {},
+                "index_blocks": {i: len(index.blocks_of(i)) for i in router.replicas} if index is not None else {},
+                "outstanding": {i: len(router.outstanding[i]) for i in router.replicas}}
 
     # ------------------------------------------------------------------ metrics
     def _gauge(self, r: ReplicaHandle) -> None:

@@ -30,12 +30,18 @@ def _batching() -> tuple:
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 POLICIES = ("round_robin", "least_outstanding")    # the balancer's policies (balancer.py; exercise 6.2)
+ROUTINGS = ("round_robin", "least_outstanding", "kv_aware", "approx_tree")   # chapter 9's Router (routing/)
 KV_CACHES = ("contiguous", "paged")
 HEARTBEAT = 0.5     # seconds between a replica's load reports while idle: the front end's sign of life
 STUCK_AFTER = 5.0   # seconds of silence after which a ready replica is taken for stuck (10 heartbeats)
 API_KEY_ENV = "SERVING_API_KEY"
 
 KV_GROUP = "KV cache and scheduler (chapter 7; vLLM's names)"
+ROUTING_GROUP = "KV events and routing (chapter 9; vLLM's and Dynamo's names)"
+# vLLM's KVEventsConfig fields (vllm/config/kv_events.py) the course's replicas honour; replay_endpoint,
+# buffer_steps and max_queue_size are accepted as vLLM's spellings but there is no replay socket here
+KV_EVENTS_FIELDS = {"enable_kv_cache_events": bool, "publisher": str, "endpoint": str, "replay_endpoint": (str,
+                    type(None)), "buffer_steps": int, "hwm": int, "max_queue_size": int, "topic": str}
 
 
 def option(default, help: str, *aliases: str, choices=None, type=None, group=None, env=None, argv=True):
@@ -80,7 +86,21 @@ class ServeConfig:
                                                 type=int, group=KV_GROUP)
     long_prefill_token_threshold: int = option(0, "at most this many prompt tokens of one request per step "
                                                "(paged; 0: no cap)", group=KV_GROUP)
+    kv_events_config: str | None = option(None, "JSON, vLLM's --kv-events-config: "
+                                          "'{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\", "
+                                          "\"endpoint\": \"tcp://*:5557\"}' makes each replica publish its KV events "
+                                          "over ZeroMQ, replica i on the endpoint's port + i as vLLM's data-parallel "
+                                          "ranks (paged, prefix caching)", type=str, group=ROUTING_GROUP)
     # --------------------------------------------------------------- the balancer
+    routing: str | None = option(None, "route with chapter 9's Router instead of --policy: round_robin, "
+                                 "least_outstanding, kv_aware (on the replicas' KV events: --kv-events-config) or "
+                                 "approx_tree (caches predicted from the requests sent, SGLang's)", type=str,
+                                 choices=ROUTINGS, group=ROUTING_GROUP)
+    kv_overlap_score_weight: float = option(1.0, "kv_aware's weight of the cached prefix against the load "
+                                            "(Dynamo's --kv-overlap-score-weight)", group=ROUTING_GROUP)
+    kv_events_stale_after: float = option(0.0, "kv_aware: a replica with requests outstanding that published "
+                                          "nothing for this many seconds is routed on load alone until it "
+                                          "publishes again (0: never)", group=ROUTING_GROUP)
     policy: str = option("least_outstanding", "how the balancer picks a replica (exercise 6.2)", choices=POLICIES)
     choose: str | None = option(None, "module:function replacing the balancing policy (the capstone's), called "
                                 "as f(policy, outstanding, turn) -> replica index", type=str)
@@ -130,6 +150,21 @@ class ServeConfig:
                                         "long_prefill_token_threshold") if getattr(self, n) not in (False, None, 0)]
         if self.kv_cache != "paged" and paged_only:
             error(f"{' and '.join(paged_only)} need{'s' if len(paged_only) == 1 else ''} --kv-cache paged")
+        events = self.kv_events()          # ValueError with the reason if the JSON is wrong
+        if events is not None and not (self.kv_cache == "paged" and self.enable_prefix_caching):
+            error("--kv-events-config publishes the prefix cache's events: it needs --kv-cache paged "
+                  "--enable-prefix-caching")
+        if events is not None and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
+            error("--kv-events-config: the course's replicas publish KV events with --tp 1 --pp 1 only")
+        if self.routing is not None and self.routing not in ROUTINGS:
+            error(f"--routing {self.routing!r}: choose one of {', '.join(ROUTINGS)}")
+        if self.routing is not None and self.choose is not None:
+            error("--routing and --choose both replace the balancing policy: give one")
+        if self.routing == "kv_aware" and events is None:
+            error("--routing kv_aware routes on the replicas' KV events: give --kv-events-config "
+                  "'{\"enable_kv_cache_events\": true, \"endpoint\": \"tcp://*:5557\"}'")
+        if self.kv_overlap_score_weight < 0 or self.kv_events_stale_after < 0:
+            error("--kv-overlap-score-weight and --kv-events-stale-after must be >= 0")
 
     def check_model(self, model_config) -> None:
         """The checks that need the model's config (the server runs them once it has imported the model):
@@ -147,6 +182,46 @@ class ServeConfig:
                              f"tokens: give at least {-(-longest // self.block_size)} blocks")
 
     # ------------------------------------------------------------------------------------------ uses
+    def kv_events(self) -> dict | None:
+        """--kv-events-config as vLLM's KVEventsConfig fields (vllm/config/kv_events.py, defaults filled in), or
+        None when the replicas publish nothing (no config, enable_kv_cache_events false, or publisher "null").
+        ValueError naming what is wrong."""
+        if self.kv_events_config is None:
+            return None
+        import json
+        try:
+            given = json.loads(self.kv_events_config)
+        except ValueError as e:
+            raise ValueError(f"--kv-events-config is not JSON: {e}") from None
+        if not isinstance(given, dict):
+            raise ValueError("--kv-events-config is a JSON object of vLLM's KVEventsConfig fields")
+        for key, value in given.items():
+            if key not in KV_EVENTS_FIELDS:
+                raise ValueError(f"--kv-events-config: unknown field {key!r} (vLLM's KVEventsConfig has "
+                                 f"{', '.join(KV_EVENTS_FIELDS)})")
+            if not isinstance(value, KV_EVENTS_FIELDS[key]) or (isinstance(value, bool) and
+                                                               KV_EVENTS_FIELDS[key] is int):
+                raise ValueError(f"--kv-events-config: {key}={value!r} has the wrong type")
+        config = {"enable_kv_cache_events": False, "publisher": None, "endpoint": "tcp://*:5557",
+                  "replay_endpoint": None, "buffer_steps": 10_000, "hwm": 100_000, "max_queue_size": 100_000,
+                  "topic": "", **given}
+        if config["publisher"] is None:      # vLLM's __post_init__
+            config["publisher"] = "zmq" if config["enable_kv_cache_events"] else "null"
+        if config["publisher"] not in ("zmq", "null"):
+            raise ValueError(f"--kv-events-config: publisher {config['publisher']!r}: choose zmq or null")
+        if not config["enable_kv_cache_events"] or config["publisher"] == "null":
+            return None
+        if config["replay_endpoint"] is not None:
+            raise ValueError("--kv-events-config: the course's publisher has no replay socket (replay_endpoint)")
+        if not config["endpoint"].startswith(("tcp://", "ipc://")):
+            raise ValueError(f"--kv-events-config: endpoint {config['endpoint']!r}: give tcp://*:PORT, "
+                             "tcp://127.0.0.1:PORT or ipc://PATH")
+        host = config["endpoint"][len("tcp://"):].rpartition(":")[0] if config["endpoint"].startswith("tcp") else ""
+        if host not in ("", "*", "127.0.0.1", "localhost"):
+            raise ValueError(f"--kv-events-config: endpoint {config['endpoint']!r}: this teaching server publishes "
+                             "on loopback only (tcp://*:PORT binds 127.0.0.1)")
+        return config
+
     def scheduler_config(self, model_config):
         """The engine's SchedulerConfig. Without a token budget a step computes whole prompts: a budget of
         max_num_seqs × the model's context fits every prompt of the batch (the contiguous cache always does)."""
@@ -172,6 +247,10 @@ class ServeConfig:
                      + (", prefix caching" if self.enable_prefix_caching else "")
                      + (f", {self.max_num_batched_tokens} tokens per step" if self.max_num_batched_tokens else "")
                      + ")")
+        if self.kv_events() is not None:
+            text += f", KV events on {self.kv_events()['endpoint']} (+ replica index)"
+        if self.routing is not None:
+            text = text.replace(f"policy={self.policy}", f"routing={self.routing}")
         return text + (", API key required on /v1" if self.api_key else "")
 
     # ------------------------------------------------------------------------------------------ spellings

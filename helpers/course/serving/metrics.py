@@ -7,6 +7,7 @@ series under `vllm:` (e.g. `vllm:e2e_request_latency_seconds`, `vllm:num_request
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -56,6 +57,16 @@ class ServingMetrics:
                                    "(vllm:prefix_cache_hits)", registry=r)
         self.preemptions = Counter("serving_num_preemptions", "Sequences preempted for want of KV blocks, and "
                                    "recomputed later (vllm:num_preemptions)", registry=r)
+        # The same per replica (vLLM labels its counters per engine: engine="0", ...), and the prompt tokens each
+        # replica actually computed: what routing requests to the replica holding their prefix saves (chapter 9)
+        self.replica_queries = Counter("serving_replica_prefix_cache_queries", "Tokens looked up in the prefix "
+                                       "cache at admission, per replica", ["replica"], registry=r)
+        self.replica_hits = Counter("serving_replica_prefix_cache_hits", "Tokens found in the prefix cache at "
+                                    "admission, per replica", ["replica"], registry=r)
+        self.prefill_tokens = Counter("serving_prefill_tokens_computed", "Prompt tokens computed in the replica's "
+                                      "steps (chunks and recomputation; not those found in the prefix cache), per "
+                                      "replica (vllm:prompt_tokens_by_source{source=\"local_compute\"})",
+                                      ["replica"], registry=r)
 
     def observe_kv(self, replica: int, stats: dict, before: dict) -> None:
         """Record a replica's KV report. Its counters are totals since it started: add what grew since its
@@ -64,12 +75,61 @@ class ServingMetrics:
             return   # a contiguous cache reports none
         self.kv_usage.labels(replica=replica).set(stats["kv_blocks_used"] / max(1, stats["kv_blocks"]))
         for key, counter in (("prefix_queries", self.prefix_queries), ("prefix_hits", self.prefix_hits),
-                             ("preemptions", self.preemptions)):
+                             ("preemptions", self.preemptions),
+                             ("prefix_queries", self.replica_queries.labels(replica=replica)),
+                             ("prefix_hits", self.replica_hits.labels(replica=replica)),
+                             ("prefill_tokens", self.prefill_tokens.labels(replica=replica))):
+            if key not in stats:
+                continue
             previous = before.get(key, 0)
             counter.inc(stats[key] - (previous if stats[key] >= previous else 0))
 
+    def watch_router(self, balancer) -> None:
+        """Export chapter 9's router's figures (balancer.router_state()) at every scrape."""
+        self.registry.register(RouterCollector(balancer))
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RouterCollector:
+    """The router's state as Prometheus series, read when /metrics is scraped (a custom collector: the Router keeps
+    plain counts, routing/router.py). vLLM's router-side projects export the like: llm-d's kv-cache manager
+    counts events and index lookups, Dynamo's KV router its events and hits."""
+
+    def __init__(self, balancer):
+        self.balancer = balancer
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        state = self.balancer.router_state()
+        if state is None:
+            return
+        routed = CounterMetricFamily("serving_router_routed", "Requests the router sent to each replica "
+                                     f"(--routing {state['routing']})", labels=["replica"])
+        index = GaugeMetricFamily("serving_router_index_blocks", "Blocks the router's KV index holds for each "
+                                  "replica (from its KV events; 0 after the replica died)", labels=["replica"])
+        stale = GaugeMetricFamily("serving_router_stale_replica", "1 while a replica with requests outstanding "
+                                  "has published no KV event for --kv-events-stale-after seconds: routed on load "
+                                  "alone", labels=["replica"])
+        missed = CounterMetricFamily("serving_router_event_batches_missed", "KV event batches lost on the way "
+                                     "(gaps in a replica's sequence numbers)", labels=["replica"])
+        for i in range(len(self.balancer.replicas)):
+            routed.add_metric([str(i)], state["routed"].get(i, 0))
+            index.add_metric([str(i)], state["index_blocks"].get(i, 0))
+            stale.add_metric([str(i)], 1 if i in state["stale_now"] else 0)
+            missed.add_metric([str(i)], state["batches_missed"].get(i, 0))
+        yield from (routed, index, stale, missed)
+        yield CounterMetricFamily("serving_router_events_applied", "KV events applied to the router's index",
+                                  value=state["events_applied"])
+        yield CounterMetricFamily("serving_router_events_rejected", "KV events the router could not apply "
+                                  "(malformed, unknown type): logged and skipped", value=state["events_rejected"])
+        yield CounterMetricFamily("serving_router_event_batches_malformed", "KV event batches that could not be "
+                                  "decoded: logged and skipped", value=state["batches_malformed"])
+        yield CounterMetricFamily("serving_router_stale_routings", "Requests routed while some replica's index "
+                                  "entries were taken for stale", value=state["stale_routings"])
 
 
 def parse(text: str) -> dict:

@@ -17,7 +17,21 @@ Messages (tuples, pickled by multiprocessing.Connection):
                            ("failed", rid, status, message)   this request failed here (400: it was
                                                      invalid, 500: it hit a bug); the replica carries on
                            ("cancelled", rid)        the cancel was handled: the replica holds rid no more
-                           ("stats", {busy_seconds, waiting, running, steps, tokens})   also the heartbeat
+                           ("stats", {busy_seconds, waiting, running, steps, tokens})   also the heartbeat;
+                                                     a paged replica adds its KV figures (kv_stats: prefix_queries,
+                                                     prefix_hits, ...) and prefill_tokens (prompt tokens computed)
+                           ("kv_events", endpoint)   before "ready", with --kv-events-config: where its ZeroMQ
+                                                     publisher is bound (the front end subscribes there)
+
+KV events (chapter 9). With `kv_events_config` the replica's KV cache manager logs its BlockStored / BlockRemoved /
+AllBlocksCleared events (engine/kv_events.py) and the loop publishes them after every step as one batch on a
+ZeroMQ PUB socket (routing/zmq_events.py: vLLM's (topic, seq, payload) frames, routing/wire.py: vLLM's msgpack
+bytes), as vLLM's scheduler publishes what its KV cache manager took at the end of each update_from_output
+(vllm/v1/core/sched/scheduler.py: kv_cache_manager.take_events(), kv_event_publisher.publish(KVEventBatch(...))).
+Replica i binds the configured endpoint with its port + i, as vLLM offsets a data-parallel rank's endpoint
+(vllm/distributed/kv_events.py ZmqEventPublisher.offset_endpoint_port); `tcp://*:P` binds loopback only here.
+The socket is bound before the model loads, and its address sent at once, so the front end's subscription is
+connected by the time the first events go out (PUB/SUB drops what is sent before a subscriber joined).
 
 The loop waits on the pipe while idle and polls it between decode steps while busy, so new requests join
 the batch at the next step (continuous batching) without a thread. It reports its load at least every
@@ -125,7 +139,10 @@ def replica_main(conn, index: int, config: ServeConfig, env: dict | None = None)
                backend="gloo")
         return
     if tp == 1:
-        _serve(conn, _build_engine(config, config.threads), group_size=1)
+        publisher = kv_event_publisher(config, index)
+        if publisher is not None:
+            conn.send(("kv_events", publisher.endpoint))
+        _serve(conn, _build_engine(config, config.threads), group_size=1, publisher=publisher)
         return
     # The replica lives as long as the server: no job timeout worth speaking of. When one rank fails or dies, launch
     # stops the others and raises; the replica then exits, and its pipe's end-of-file tells the front end.
@@ -143,13 +160,57 @@ def build_engine(model, config: ServeConfig):
     paged cache (config.kv_cache "paged": num_gpu_blocks_override blocks of block_size tokens, prefix caching);
     its SchedulerConfig is config.scheduler_config (max_num_seqs; max_num_batched_tokens, None: whole prompts;
     long_prefill_token_threshold)."""
-    from helpers.course.engine import LLMEngine
+    from helpers.course.engine import KVEventLog, LLMEngine, WallClock
     scheduler = config.scheduler_config(model.config)
+    clock = PrefillCounter(WallClock())
     if config.kv_cache == "contiguous":
-        return LLMEngine.contiguous(model, config=scheduler, batching=config.batching, record_steps=False)
+        return LLMEngine.contiguous(model, config=scheduler, batching=config.batching, record_steps=False,
+                                    clock=clock)
+    events = KVEventLog() if config.kv_events() is not None else None   # the KV events the loop publishes
     return LLMEngine.paged(model, num_blocks=config.num_gpu_blocks_override, block_size=config.block_size,
-                           enable_prefix_caching=config.enable_prefix_caching, config=scheduler,
-                           batching=config.batching, record_steps=False)
+                           enable_prefix_caching=config.enable_prefix_caching, events=events, config=scheduler,
+                           batching=config.batching, record_steps=False, clock=clock)
+
+
+class PrefillCounter:
+    """The engine's clock, counting the prompt tokens every step computed (chunks, and a preempted request's
+    recomputation): what a prefix-cache hit saves. The engine hands each step's counts to its clock
+    (engine.py LLMEngine.step); a server keeps no step records (record_steps=False), so they are summed here.
+    vLLM exports the like as vllm:prompt_tokens_by_source{source="local_compute"} (vllm/v1/metrics/loggers.py),
+    counted once per request at admission; this counts every step's, as chapter 9's replay does."""
+
+    def __init__(self, clock):
+        self.clock, self.prefill_tokens = clock, 0
+
+    def step(self, decodes: int, prefill_tokens: int, measured: float) -> float:
+        self.prefill_tokens += prefill_tokens
+        return self.clock.step(decodes, prefill_tokens, measured)
+
+    def __getattr__(self, name):
+        return getattr(self.clock, name)
+
+
+def replica_endpoint(endpoint: str, index: int) -> str:
+    """Where replica `index` binds its KV event publisher: vLLM's offset_endpoint_port (tcp: the port + index,
+    port 0 left to the OS; vllm/distributed/kv_events.py), with a wildcard host bound on loopback (the course's
+    server is loopback only) and an ipc:// path suffixed _dp<index> (vLLM suffixes inproc:// so, and refuses ipc://
+    for ranks > 0)."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "ipc":
+        return endpoint if index == 0 else f"{endpoint}_dp{index}"
+    host, _, port = rest.rpartition(":")
+    host = "127.0.0.1" if host in ("*", "localhost", "") else host
+    port = int(port)
+    return f"tcp://{host}:{port + index if port else 0}"
+
+
+def kv_event_publisher(config: ServeConfig, index: int):
+    """Replica `index`'s ZmqEventPublisher (routing/zmq_events.py), bound; None without --kv-events-config."""
+    events = config.kv_events()
+    if events is None:
+        return None
+    from helpers.course.routing.zmq_events import ZmqEventPublisher
+    return ZmqEventPublisher(replica_endpoint(events["endpoint"], index), topic=events["topic"], hwm=events["hwm"])
 
 
 def _build_engine(config: ServeConfig, threads: int, shard=None):
@@ -167,8 +228,9 @@ def _tp_rank(rank, world_size, conn, config: ServeConfig):
     _serve(conn if rank == 0 else None, engine, group_size=world_size)
 
 
-def _serve(conn, engine, group_size: int) -> None:
-    """The replica loop. conn is None on the ranks > 0 of a tensor-parallel replica."""
+def _serve(conn, engine, group_size: int, publisher=None) -> None:
+    """The replica loop. conn is None on the ranks > 0 of a tensor-parallel replica; publisher: the KV events'
+    ZmqEventPublisher, or None."""
     import torch.distributed as dist
 
     from helpers.course.engine import Request
@@ -244,6 +306,8 @@ def _serve(conn, engine, group_size: int) -> None:
                 for seq in finished:
                     live.pop(seq.rid, None)
                 continue
+            if publisher is not None:
+                publisher.publish(engine.kv.events.take())   # this step's (and any abort's) events, one batch
             for rid, status, message in failed:
                 conn.send(("failed", rid, status, message))
             send_tokens(conn, live, finished)
@@ -251,7 +315,8 @@ def _serve(conn, engine, group_size: int) -> None:
             if finished or failed or now - last_stats > (STATS_EVERY if engine.has_unfinished else HEARTBEAT * 0.8):
                 conn.send(("stats", {"busy_seconds": engine.busy_seconds, "waiting": len(engine.waiting),
                                      "running": len(engine.running), "steps": engine.num_steps,
-                                     "tokens": engine.tokens_generated, **engine.kv_stats()}))
+                                     "tokens": engine.tokens_generated, **engine.kv_stats(),
+                                     "prefill_tokens": getattr(engine.clock, "prefill_tokens", 0)}))
                 last_stats = now
     except (BrokenPipeError, ConnectionResetError):
         return  # the front end is gone
