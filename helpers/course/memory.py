@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["ModelShape", "MODELS",
-           "kv_bytes_per_token", "mla_kv_bytes_per_token", "kv_heads_per_rank", "inference_memory", "smallest_tp_that_fits",
+           "kv_bytes_per_token", "mla_kv_bytes_per_token", "kv_heads_per_rank", "inference_memory",
+           "smallest_tp_that_fits",
            "parameter_bytes", "tensor_bytes", "GB"]
 
 GB = 1e9
