@@ -65,6 +65,7 @@ __all__ = ["HostTierClient", "serve_host_tier", "TierConnector", "block_bytes", 
            "recompute_vs_load", "offload_run", "OffloadRun", "plot_offload"]
 
 STORE, LOAD, STOP = 1, 2, 3
+TIER_COUNTS = ("stores", "loads", "kv_bytes_received", "kv_bytes_sent", "blocks_held")
 HASH_BYTES = 32
 
 
@@ -91,7 +92,7 @@ def serve_host_tier(peer: int, layers: int, block_size: int, kv_heads: int, head
     Protocol (every message a tensor through dist.send/recv): a header int64 [op, n], then
       STORE  hashes uint8 [n, 32], slots int64 [n], blocks [n, layers, 2, block_size, kv_heads, head_dim]
       LOAD   hashes, slots → status int64 [1] (0, or 1 + the first slot that does not hold its hash), blocks
-      STOP   → nothing; the loop ends."""
+      STOP   → its counts int64 [5] (TIER_COUNTS); the loop ends."""
     slots = torch.zeros(capacity_blocks, layers, 2, block_size, kv_heads, head_dim, dtype=dtype)
     labels: list = [None] * capacity_blocks
     counts = {"stores": 0, "loads": 0, "kv_bytes_received": 0, "kv_bytes_sent": 0}
@@ -100,7 +101,9 @@ def serve_host_tier(peer: int, layers: int, block_size: int, kv_heads: int, head
         dist.recv(header, src=peer)
         op, n = int(header[0]), int(header[1])
         if op == STOP:
-            break
+            counts["blocks_held"] = sum(label is not None for label in labels)
+            dist.send(torch.tensor([counts[k] for k in TIER_COUNTS], dtype=torch.int64), dst=peer)
+            return counts
         hashes = torch.empty(n, HASH_BYTES, dtype=torch.uint8)
         where = torch.empty(n, dtype=torch.int64)
         dist.recv(hashes, src=peer)
@@ -124,8 +127,6 @@ def serve_host_tier(peer: int, layers: int, block_size: int, kv_heads: int, head
                 counts["kv_bytes_sent"] += blocks.numel() * blocks.element_size()
         else:
             raise ValueError(f"host tier: unknown op {op} from rank {peer}")
-    counts["blocks_held"] = sum(label is not None for label in labels)
-    return counts
 
 
 # ------------------------------------------------------------------------------------------ the engine's side
@@ -140,7 +141,8 @@ class HostTierClient:
                               held takes a free slot or evicts the least recently used one; a hash already held
                               is written again (and counted again: not storing it twice is the caller's job)
     load(hashes) -> blocks    [n, layers, 2, block_size, kv_heads, head_dim]; KeyError if one is not held
-    close() -> dict           STOP to the tier's process; its own counts (None in-process)"""
+    close() -> dict           STOP to the tier's process; what IT counted on its side of the wire (TIER_COUNTS;
+                              None in-process)"""
 
     def __init__(self, layers: int, block_size: int, kv_heads: int, head_dim: int, capacity_blocks: int,
                  peer: int | None = None, dtype=torch.float32):
@@ -237,8 +239,10 @@ class HostTierClient:
         if self.peer is None:
             return None
         dist.send(torch.tensor([STOP, 0], dtype=torch.int64), dst=self.peer)
-        self.control_bytes += 16
-        return None
+        counts = torch.zeros(len(TIER_COUNTS), dtype=torch.int64)
+        dist.recv(counts, src=self.peer)
+        self.control_bytes += 16 + counts.numel() * 8
+        return dict(zip(TIER_COUNTS, counts.tolist()))
 
     def figures(self) -> dict:
         return {"kv_bytes_sent": self.kv_bytes_sent, "kv_bytes_received": self.kv_bytes_received,
@@ -475,9 +479,9 @@ def _offload_ranks(rank, world_size, workload, num_blocks, block_size, tier_bloc
     engine = _engine(model, num_blocks, block_size, connector, config)
     connector.clock, connector.link = engine.clock, Link(gbytes_per_s=link_gbps, latency_ms=0.01)
     finished = serve_chat(engine, workload, logprobs=3)
-    tier.close()
+    tier_side = tier.close()
     with_tier = _figures("with the host tier", engine, finished, connector)
-    with_tier.tier, with_tier.block_bytes = tier.figures(), tier.block_bytes
+    with_tier.tier, with_tier.tier_side, with_tier.block_bytes = tier.figures(), tier_side, tier.block_bytes
     engine = _engine(model, num_blocks, block_size, None, config)
     without = _figures("device pool only", engine, serve_chat(engine, workload, logprobs=3))
     return without, with_tier
@@ -496,9 +500,7 @@ def offload_run(workload=None, num_blocks: int = 16, block_size: int = 16, tier_
     config = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     results = launch(_offload_ranks, 2, workload or chapter_workload(), num_blocks, block_size, tier_blocks,
                      link_gbps, config, show_output=False, timeout=timeout)
-    without, with_tier = results[0]
-    with_tier.tier_side = results[1]
-    return without, with_tier
+    return results[0]
 
 
 def plot_offload(without: OffloadRun, with_tier: OffloadRun):

@@ -254,9 +254,9 @@ def check_save(impl=None):
     stored = len(tier.stored_hashes)
     want = formula_bytes(stored, BS, LAYERS, KV_HEADS, HEAD_DIM)
     if tier.kv_bytes_sent != want or stored != 6:
+        six = formula_bytes(6, BS, LAYERS, KV_HEADS, HEAD_DIM)
         failures.append(f"[9.3] {stored} blocks and {tier.kv_bytes_sent:,} KV bytes sent, expected 6 blocks and "
-                        f"{formula_bytes(6, BS, LAYERS, KV_HEADS, HEAD_DIM):,} B (blocks × block_size × layers × 2 × "
-                        f"kv_heads × head_dim × 4 B) ({SAVE})")
+                        f"{six:,} B (blocks × block_size × layers × 2 × kv_heads × head_dim × 4 B) ({SAVE})")
     return failures
 
 
@@ -337,7 +337,7 @@ def _tier_run(cls, tier):
     try:
         run_requests(_engine(connector), requests, max_steps=400)
     finally:
-        tier.close()                                   # the tier's process ends its loop whatever happened
+        tier.tier_side = tier.close()                  # the tier's process ends its loop whatever happened
     return connector, tier, requests, loaded
 
 
@@ -387,9 +387,11 @@ def _same_as_without(label, tier, requests, plain, loaded, spy):
     from helpers.claims import max_abs_diff, tolerance
     config, failures = tiny_llama.CONFIG, []
     block = formula_bytes(1, ENGINE_BS, config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
-    if tier.kv_bytes_sent != block * tier.blocks_stored or tier.kv_bytes_received != block * tier.blocks_loaded:
-        failures.append(f"[9.3] {label}: KV bytes sent {tier.kv_bytes_sent:,} / received {tier.kv_bytes_received:,} for "
-                        f"{tier.blocks_stored} / {tier.blocks_loaded} blocks of {block:,} B (the formula)")
+    side = tier.tier_side
+    if (side["kv_bytes_received"], side["kv_bytes_sent"]) != (block * tier.blocks_stored, block * tier.blocks_loaded):
+        failures.append(f"[9.3] {label}: the tier's process received {side['kv_bytes_received']:,} and sent "
+                        f"{side['kv_bytes_sent']:,} KV bytes for {tier.blocks_stored} / {tier.blocks_loaded} blocks of "
+                        f"{block:,} B (the formula)")
     for got, want in zip(requests, plain):
         if got.tokens != want.tokens:
             failures.append(f"[9.3] {label}: request {got.rid} generated {got.tokens} with the tier, {want.tokens} "
