@@ -55,8 +55,12 @@ BLOCK_SIZE = 32
 NUM_BLOCKS = 32               # KV blocks per replica (1,024 tokens): the chat workload's working set is ~2x that
 MAX_NUM_SEQS = 8
 REPLICAS = 2
-POLICIES = ("round_robin", "kv")
-LABELS = {"round_robin": "round robin", "kv": "KV events (Dynamo's cost)"}
+# (key, proxy --policy, --overlap-score-weight, label)
+POLICIES = [("round_robin", "round_robin", 1.0, "round robin"),
+            ("kv", "kv", 1.0, "KV events, weight 1 (Dynamo's default)"),
+            ("kv_w4", "kv", 4.0, "KV events, weight 4 (the chapter's)"),
+            ("approx", "approx", 1.0, "predicted, no events (SGLang-like)")]
+LABELS = {key: label for key, _, _, label in POLICIES}
 # (a) the chat workload, scaled to max_model_len 256: longest prompt 128 + 3*24 + 2*16 = 232, + 16 new tokens
 TENANTS, SESSIONS, TURNS = 8, 24, (2, 3)
 WORKLOAD = dict(num_tenants=TENANTS, sessions=SESSIONS, turns=TURNS, system_tokens=(96, 128), user_tokens=(8, 24),
@@ -144,11 +148,12 @@ def replicas(log_dir: Path):
 
 
 @contextlib.contextmanager
-def router(policy: str, reps: list, log_dir: Path):
+def router(policy: str, weight: float, reps: list, log_dir: Path):
     """The course's router (proxy.py) in front of `reps`, as its own process; yields its URL and command."""
     port = free_port()
-    argv = ["-m", "helpers.course.routing.proxy", "--policy", policy, "--block-size", str(BLOCK_SIZE),
-            "--port", str(port)] + [a for r in reps for a in ("--replica", f"{r['url']}={r['events']}")]
+    argv = ["-m", "helpers.course.routing.proxy", "--policy", policy, "--overlap-score-weight", f"{weight:g}",
+            "--block-size", str(BLOCK_SIZE), "--port", str(port)]
+    argv += [a for r in reps for a in ("--replica", f"{r['url']}={r['events']}")]
     env = dict(os.environ, COURSE_IMPL="solutions", OMP_NUM_THREADS="1")
     log_path = log_dir / f"router_{policy}.log"
     with open(log_path, "wb") as log:
@@ -290,15 +295,47 @@ def run_bench(url: str, result_dir: str, policy: str) -> dict:
     return out
 
 
+def check_tokenization(url: str) -> dict:
+    """The router tokenizes what vLLM tokenizes: one chat and one text completion through the router with
+    `return_token_ids`; vLLM's prompt_token_ids against the router's own (RouterProxy.prompt_ids)."""
+    from helpers.course.routing.proxy import RouterProxy
+    messages = [{"role": "system", "content": "You answer in one line."}, {"role": "user", "content": "Four score?"}]
+    cases = {"/v1/chat/completions": {"messages": messages}, "/v1/completions": {"prompt": "It was the best of"}}
+    out = {}
+    for path, extra in cases.items():
+        body = {"model": SERVED_MODEL_NAME, "max_tokens": 2, "temperature": 0, "return_token_ids": True, **extra}
+        request = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        theirs = answer.get("prompt_token_ids") or answer["choices"][0].get("prompt_token_ids")
+        ours = RouterProxy.prompt_ids(_Tokenizing(), path, body)
+        out[path] = {"same_prompt_ids": theirs == ours, "prompt_tokens": len(ours)}
+    return out
+
+
+class _Tokenizing:
+    """Just enough of a RouterProxy for prompt_ids: the course's tokenizer."""
+    @property
+    def tokenizer(self):
+        from helpers.course.tokenizer import load_tokenizer
+        return load_tokenizer()
+
+
 # ------------------------------------------------------------------------------------------------------------ main
 def run(result: dict, log_dir: Path) -> None:
     with replicas(log_dir) as reps:
         result["replicas"] = [{k: r[k] for k in ("command", "startup_s")} for r in reps]
-        for policy in POLICIES:
-            print(f"policy {LABELS[policy]}:", flush=True)
-            run_policy = result["policies"].setdefault(policy, {"label": LABELS[policy]})
-            with router(policy, reps, log_dir) as (url, command, router_log):
+        for policy, name, weight, label in POLICIES:
+            print(f"policy {label}:", flush=True)
+            run_policy = result["policies"].setdefault(policy, {"label": label})
+            with router(name, weight, reps, log_dir) as (url, command, router_log):
                 run_policy["router_command"] = command
+                if policy == "round_robin":
+                    try:
+                        result["tokenization"] = check_tokenization(url)
+                    except Exception as exc:             # noqa: BLE001 - recorded in the JSON
+                        result["failures"].append(f"tokenization check: {exc!r}"[:1000])
                 for part in ("chat", "bench"):
                     run_policy["reset_prefix_cache"] = reset_caches(reps)
                     before = [scrape(r["url"]) for r in reps]
@@ -323,6 +360,8 @@ def run(result: dict, log_dir: Path) -> None:
                                                                "retried", "live")}
                     figures["router"]["routed"] = {k: v - stats_before["routed"].get(k, 0)
                                                    for k, v in stats["routed"].items()}
+                    q, h = (stats[k] - stats_before[k] for k in ("bound_queries", "bound_hits"))
+                    figures["bound"] = {"prompt_tokens": q, "cached_tokens": h, "hit_rate": h / q if q else None}
                     run_policy[part] = figures
                     print(f"  {part}: " + summary_line(figures), flush=True)
                 run_policy["router_log_tail"] = router_log.read_text(errors="replace").splitlines()[-5:]
@@ -333,7 +372,8 @@ def summary_line(f: dict) -> str:
     ttft = f.get("ttft_ms", {}) or {}
     mean = ttft.get("mean", f.get("mean_ttft_ms"))
     rates = ", ".join("-" if r["hit_rate"] is None else f"{r['hit_rate']:.0%}" for r in f["replicas"])
-    return (f"hit rate {t['hit_rate']:.1%} (replicas {rates}), prefill tokens computed "
+    bound = f.get("bound", {}).get("hit_rate")
+    return (f"hit rate {t['hit_rate']:.1%} (replicas {rates}; bound {bound:.0%}), prefill tokens computed "
             f"{t['prefill_tokens_computed']:.0f}, routed {f['router']['routed']}, mean TTFT {mean:.1f} ms")
 
 
