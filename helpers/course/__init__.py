@@ -31,6 +31,11 @@ Chapter → module (helpers/course/...):
                              roofline.py            prefill vs decode: FLOPs, bytes, intensity; a measured roofline
                              disaggregated.py       prefill and decode workers on real ranks, KV blocks between them
     8  experts, long context moe.py, ring_attention.py, sequence_parallel.py
+    9  cluster serving       routing/               a router on the replicas' KV events: the chat workload, policies
+                                                    (round robin, least outstanding, KV events, predicted caches),
+                                                    replays of N engines, vLLM's event bytes over ZeroMQ, live replicas,
+                                                    an HTTP proxy (`python -m helpers.course.routing`)
+                             kv_offload.py          a host tier for the KV blocks a replica evicts, behind a connector
 
     all chapters             tiny_llama.py          the course's trained 4-layer Llama (checkpoint in data/)
 """
