@@ -31,8 +31,10 @@ What vLLM does, read in vLLM 0.32 (`vllm/distributed/kv_transfer/kv_connector/v1
     hold yet. So vLLM saves a block WHEN IT IS COMPUTED, not when the device evicts it: the copy is already in
     the tier when the eviction comes, and eviction stays a free-list operation. The course does the same, after
     each step (the engine's `save` hook); vLLM defers the copy to the next step's start and overlaps it.
-  * Loads are synchronous in the course (the step waits for them); vLLM's worker issues them on a CUDA stream
-    before the forward.
+  * Loads are synchronous in the course (the step that admits the request waits for them). vLLM's are not:
+    `get_num_new_matched_tokens` returns (tokens, True), the request waits in WAITING_FOR_REMOTE_KVS while the
+    worker copies on its own CUDA streams (`kv_offload/cpu/gpu_worker.py`), and the scheduler schedules it once
+    the load has finished (`vllm/v1/core/sched/scheduler.py`), so other requests' steps go on meanwhile.
 
 What moves, and where: the engine's process and the tier's process are two ranks of a torch.distributed group on
 gloo (`helpers.launch`), and every block crosses as tensors through `dist.send` / `dist.recv`. One block is
@@ -62,7 +64,7 @@ from helpers.course.engine.kv_connector import KVConnector
 from helpers.course.memory import kv_bytes_per_token
 
 __all__ = ["HostTierClient", "serve_host_tier", "TierConnector", "block_bytes", "serve_chat", "LINKS",
-           "recompute_vs_load", "offload_run", "OffloadRun", "plot_offload"]
+           "recompute_vs_load", "chapter_workload", "offload_run", "OffloadRun", "plot_offload"]
 
 STORE, LOAD, STOP = 1, 2, 3
 TIER_COUNTS = ("stores", "loads", "kv_bytes_received", "kv_bytes_sent", "blocks_held")
