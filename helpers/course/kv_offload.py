@@ -509,7 +509,7 @@ def plot_offload(without: OffloadRun, with_tier: OffloadRun):
     """Two panels: prompt tokens by where their KV came from (computed, device prefix cache, host tier) and the
     TTFT distribution of the two runs (modelled)."""
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 3.8))
     labels = [without.label, with_tier.label]
     computed = [without.computed, with_tier.computed]
     hits = [without.local_hits, with_tier.local_hits]
@@ -519,7 +519,7 @@ def plot_offload(without: OffloadRun, with_tier: OffloadRun):
     left.barh(labels, loaded, left=[c + h for c, h in zip(computed, hits)], color="tab:blue",
               label="loaded from the host tier")
     left.set_xlabel("prompt tokens")
-    left.legend(fontsize=8, loc="lower right")
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
     left.set_title("where each prompt token's KV came from")
     for run, colour in ((without, "tab:red"), (with_tier, "tab:blue")):
         t = [1e3 * x for x in run.ttfts]
