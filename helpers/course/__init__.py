@@ -36,6 +36,8 @@ Chapter → module (helpers/course/...):
                                                     replays of N engines, vLLM's event bytes over ZeroMQ, live replicas,
                                                     an HTTP proxy (`python -m helpers.course.routing`)
                              kv_offload.py          a host tier for the KV blocks a replica evicts, behind a connector
+   10  faster decoding,      mla.py                 multi-head latent attention (DeepSeek-V3) and its latent KV cache
+       DeepSeek serving      dp_attention.py        DP attention + EP MoE vs TP on a tiny MLA+MoE model; the dummy batch
 
     all chapters             tiny_llama.py          the course's trained 4-layer Llama (checkpoint in data/)
 """
