@@ -360,6 +360,7 @@ def run(result: dict, log_dir: Path) -> None:
                                                                "retried", "live")}
                     figures["router"]["routed"] = {k: v - stats_before["routed"].get(k, 0)
                                                    for k, v in stats["routed"].items()}
+                    figures["router"]["index_behind"] = stats["index_behind"] - stats_before["index_behind"]
                     q, h = (stats[k] - stats_before[k] for k in ("bound_queries", "bound_hits"))
                     figures["bound"] = {"prompt_tokens": q, "cached_tokens": h, "hit_rate": h / q if q else None}
                     run_policy[part] = figures

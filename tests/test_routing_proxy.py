@@ -197,6 +197,10 @@ def test_kv_policy_routes_to_the_replica_whose_events_hold_the_prefix_and_stream
     assert c.complete(text).headers["x-routed-to"] == "1"
     # another prefix goes by load: replica 0 (nothing outstanding anywhere, the first in order)
     assert c.complete(prompt_ids(4, 3), stream=False).json() == {"replica": "0"}
+    # the same new prefix again before any replica announced it: the index is behind (counted)
+    assert c.stats()["index_behind"] == 0
+    c.complete(prompt_ids(4, 3), stream=False)
+    assert c.stats()["index_behind"] == 1
     # the replica clears its cache (a restart, /reset_prefix_cache): its entries go
     c.publish(1, [AllBlocksCleared()])
     assert c.stats()["indexed_blocks"]["1"] == 0
@@ -206,6 +210,9 @@ def test_round_robin_through_the_proxy_alternates(cluster):
     c = cluster(policy="round_robin")
     ids = prompt_ids(2, 4)
     assert [c.complete(ids, stream=False).json()["replica"] for _ in range(4)] == ["0", "1", "0", "1"]
+    # the bound one unlimited cache gives: the 2 full blocks of the 3 later requests (the last token never hits)
+    stats = c.stats()
+    assert (stats["bound_queries"], stats["bound_hits"]) == (4 * len(ids), 3 * 2 * BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------- what it survives

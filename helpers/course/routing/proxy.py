@@ -174,7 +174,7 @@ class RouterProxy:
         # blocks seen before in a routed prompt or a BlockStored of any replica; the last token never hits, as vLLM)
         self.seen: set = set()
         self.counters = {"hash_checked": 0, "hash_mismatch": 0, "hash_unchecked": 0, "retried": 0,
-                         "bound_queries": 0, "bound_hits": 0,
+                         "bound_queries": 0, "bound_hits": 0, "index_behind": 0,
                          "replica_failures": {r: 0 for r in replicas}, "event_batches": {r: 0 for r in replicas}}
         self._tokenizer = tokenizer
         self._rids = itertools.count()
@@ -293,6 +293,10 @@ class RouterProxy:
                 if h not in self.seen:
                     break
                 cached += 1
+            index = getattr(self.router.policy, "index", None)
+            if index is not None and hashes and hashes[0] in self.seen and \
+                    not any(index.longest_prefix(hashes[:1]).values()):
+                self.counters["index_behind"] += 1     # its first block was sent before, no replica announced it
             self.counters["bound_queries"] += len(ids)
             self.counters["bound_hits"] += cached * size
             self.seen.update(hashes)
@@ -455,6 +459,8 @@ class RouterProxy:
         scalar("router_block_hash_checked_total", s["hash_checked"], "BlockStored whose hashes the proxy reproduced")
         scalar("router_block_hash_mismatch_total", s["hash_mismatch"], "BlockStored whose hashes it did not")
         scalar("router_retried_total", s["retried"], "requests retried on another replica")
+        scalar("router_index_behind_total", s["index_behind"], "requests whose first block had been routed before "
+               "but no replica's events held it (not yet announced, or evicted)")
         scalar("router_bound_prompt_tokens_total", s["bound_queries"], "prompt tokens routed")
         scalar("router_bound_cached_tokens_total", s["bound_hits"],
                "prompt tokens one unlimited cache would have held (blocks seen before: an upper bound)")
