@@ -71,6 +71,26 @@ NUM_PROMPTS, NUM_PREFIXES, MAX_CONCURRENCY, OUTPUT_LEN, SEED = 48, 8, 4, 16, 0
 DATASET = ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "96",
            "--prefix-repetition-suffix-len", "32", "--prefix-repetition-num-prefixes", str(NUM_PREFIXES),
            "--prefix-repetition-output-len", str(OUTPUT_LEN)]
+# What was tried on the 2-core machine and what limits the configuration (recorded with each run).
+NOTES = [
+    "--num-gpu-blocks-override 8 does not start: vLLM keeps one block as its null block (vllm/v1/core/block_pool.py"
+    " BlockPool.null_block), so 8 blocks hold 7 x 32 = 224 tokens < --max-model-len 256, and the engine core "
+    "stops with \"To serve at least one request with the model's max seq len (256) ... the estimated maximum model "
+    "length is 224\" (7 blocks: 192). 9 blocks is the smallest cache that starts and serves a 250-token prompt; "
+    f"the run uses {NUM_BLOCKS} so that {CONCURRENCY} requests of up to 8 blocks run at once while the workloads' "
+    "prefixes still do not fit in one replica.",
+    "The --kv-events-config endpoint is a wildcard bind, tcp://*:PORT: vLLM binds only endpoints with '*', '::', "
+    "ipc:// or inproc:// and connects to any other (ZmqEventPublisher._is_bind_endpoint in "
+    "vllm/distributed/kv_events.py), so tcp://127.0.0.1:PORT would leave no publisher for the router to subscribe "
+    "to (read in the source, not run).",
+    "Two engines on two cores: VLLM_CPU_OMP_THREADS_BIND=0 and =1 give each engine's OpenMP thread its own core. "
+    "With the default 'auto' a lone engine binds core 0 and reserves core 1 (its log: 'core ids=[0]', "
+    "'reserved_cpus=[1]'), so two engines would both compute on core 0.",
+    "vLLM sends block hashes as 64-bit ints by default (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1, vllm/envs.py); the "
+    "router compares the low 64 bits of the SHA-256 chain it computes. PYTHONHASHSEED is removed from the replicas' "
+    "environment: it would re-seed vLLM's NONE_HASH (kv_cache_utils.resolve_none_hash_seed) and no hash would match "
+    "(the router counts such events as hash_mismatch).",
+]
 COUNTERS = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:prompt_tokens_total",
             "vllm:generation_tokens_total", "vllm:num_preemptions_total")
 
@@ -117,6 +137,18 @@ def stop(proc: subprocess.Popen) -> None:
     proctree.wait_gone(tree, timeout=10)
 
 
+def rss_gib(pid: int) -> float:
+    """Resident memory of a process and everything below it (vllm serve: API server, engine core, worker)."""
+    from helpers import proctree
+    total = 0
+    for p in [pid, *proctree.descendants(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return round(total / 2**20, 2)
+
+
 @contextlib.contextmanager
 def replicas(log_dir: Path):
     """Start REPLICAS `vllm serve` at once; yield [{url, events, command, startup_s}]."""
@@ -141,6 +173,8 @@ def replicas(log_dir: Path):
         for proc, r in zip(procs, out):
             wait_http(r["url"] + "/v1/models", proc, r["log"], 900)
             r["startup_s"] = round(time.perf_counter() - started, 1)
+        for proc, r in zip(procs, out):
+            r["rss_gib"] = rss_gib(proc.pid)
         yield out
     finally:
         for proc in procs:
@@ -325,7 +359,7 @@ class _Tokenizing:
 # ------------------------------------------------------------------------------------------------------------ main
 def run(result: dict, log_dir: Path) -> None:
     with replicas(log_dir) as reps:
-        result["replicas"] = [{k: r[k] for k in ("command", "startup_s")} for r in reps]
+        result["replicas"] = [{k: r[k] for k in ("command", "startup_s", "rss_gib")} for r in reps]
         for policy, name, weight, label in POLICIES:
             print(f"policy {label}:", flush=True)
             run_policy = result["policies"].setdefault(policy, {"label": label})
@@ -412,7 +446,7 @@ def main(argv: list[str]) -> None:
                            "max_num_seqs": MAX_NUM_SEQS, "chat_workload": WORKLOAD, "chat_concurrency": CONCURRENCY,
                            "bench": {"num_prompts": NUM_PROMPTS, "max_concurrency": MAX_CONCURRENCY,
                                      "dataset": DATASET, "seed": SEED}},
-              "machine": machine(), "versions": versions(), "policies": {}, "failures": []}
+              "machine": machine(), "versions": versions(), "notes": NOTES, "policies": {}, "failures": []}
     with contextlib.ExitStack() as stack:
         log_dir = args.keep_logs or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vllm-cluster-")))
         log_dir.mkdir(parents=True, exist_ok=True)
