@@ -33,11 +33,11 @@ from helpers.course.serving.metrics import parse, value
 
 __all__ = ["LIVE_WORKLOAD", "LiveResult", "live_workload", "live_config", "run_live", "compare"]
 
-# The chapter's workload shape, sized for the tiny Llama's 256-token context: longest prompt + answer <= 208 tokens
+# The chapter's workload shape, sized for the tiny Llama's 256-token context: longest prompt + answer <= 200 tokens
 LIVE_WORKLOAD = dict(num_tenants=8, sessions=16, turns=(2, 4), system_tokens=(64, 96), user_tokens=(8, 16),
-                     answer_tokens=(6, 10))
+                     answer_tokens=(4, 8))
 REPLICAS = 4
-NUM_BLOCKS = 32               # per replica: 512 tokens, the system prompts of two or three tenants, not eight
+NUM_BLOCKS = 24               # per replica: 384 tokens, the system prompts of two or three tenants, not eight
 BLOCK_SIZE = 16
 CONCURRENCY = 6               # client threads, one session at a time each
 WEIGHT = 4.0                  # the chapter's overlap_score_weight (routing/__main__.py CHAPTER_WEIGHT)

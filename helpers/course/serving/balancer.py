@@ -326,7 +326,9 @@ class Balancer:
         self.metrics = metrics
         # chapter 9's Router (--routing) or chapter 6's policy function (policy, outstanding, turn) -> index
         self.router = build_router(config) if config.routing is not None else None
-        self.choose_policy = None if self.router is not None else config.choose_function() or course_router()
+        self.choose_policy = self.route_with_router if self.router is not None else \
+            config.choose_function() or course_router()
+        self._dispatching: Pending | None = None      # the request being placed (for the Router)
         self.events = None           # the KV events' ZmqEventSubscriber (kv events and a router), made in start()
         self._event_task = None
         self.replica_env = replica_exercises(config)   # SystemExit when they would fail every request
@@ -629,18 +631,11 @@ class Balancer:
                 self.backlog.remove(pending)
                 pending.stream._put(None)
 
-    def choose(self, pending: Pending | None = None) -> ReplicaHandle | None:
-        """The replica the next request goes to, or None while none is up. With a Router (--routing), `pending`'s
-        prompt is what it routes on (the freshest KV events applied first)."""
+    def choose(self) -> ReplicaHandle | None:
+        """The replica the next request goes to, or None while none is up."""
         ready = [r for r in self.replicas if r.state == "ready"]
         if not ready:
             return None
-        if self.router is not None and pending is not None:
-            self._drain_events()
-            return self.replicas[self.router.route(RoutedRequest(pending), now=time.monotonic())]
-        if self.router is not None:     # no request to route on: its policy's load view, the least outstanding
-            loads = self.router.outstanding_requests()
-            return self.replicas[min(self.router.live, key=lambda i: loads[i])]
         outstanding = [r.outstanding if r.state == "ready" else None for r in self.replicas]
         return self.replicas[self.choose_policy(self.policy, outstanding, next(self._rr))]
 
@@ -649,7 +644,8 @@ class Balancer:
             pending.fail(NoReplicaError(f"request failed on {pending.attempts} replicas ({pending.replicas}); "
                                         "giving up"))
             return
-        r = self.choose(pending)
+        self._dispatching = pending   # what chapter 9's Router routes on (route_with_router)
+        r = self.choose()
         if r is None:
             self.backlog.append(pending)  # sent when a replica reports ready
             self._backlog_gauge()
@@ -668,6 +664,16 @@ class Balancer:
     def _router_finished(self, r: ReplicaHandle, rid: int) -> None:
         if self.router is not None:
             self.router.finished(r.index, rid)
+
+    def route_with_router(self, policy, outstanding, turn) -> int:
+        """With --routing, the policy function chapter 6's `choose` calls: the Router places the request being
+        dispatched on its prompt's block hashes, the freshest KV events applied first. (policy, outstanding and
+        turn are chapter 6's arguments: the Router keeps its own view of both.)"""
+        self._drain_events()
+        if self._dispatching is None:       # asked without a request: the least outstanding replica up
+            loads = self.router.outstanding_requests()
+            return min(self.router.live, key=lambda i: loads[i])
+        return self.router.route(RoutedRequest(self._dispatching), now=time.monotonic())
 
     def _drain_events(self) -> None:
         """Apply every KV event batch that has arrived (in order per replica) to the router's policy."""
