@@ -4,6 +4,10 @@
     python -m helpers.course.serving --replicas 1 --pp 2 --tp 2      # one replica: 2 pipeline stages × 2 TP ranks
     python -m helpers.course.serving --kv-cache paged --enable-prefix-caching --max-num-batched-tokens 64
                                               # chapter 7's paged KV cache, prefix caching and chunked prefill
+    python -m helpers.course.serving --replicas 4 --kv-cache paged --enable-prefix-caching --num-blocks 24 \
+        --kv-events-config '{"enable_kv_cache_events": true, "endpoint": "tcp://*:5557"}' --routing kv_aware
+                                              # chapter 9: replicas publish KV events over ZeroMQ (ports 5557-5560),
+                                              # the Router places each request where its prefix is cached
     python -m helpers.course.serving --help   # every option: ServeConfig's fields (config.py), vLLM's names
     curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "It was the best of times", "max_tokens": 24, "temperature": 0}'
