@@ -8,6 +8,7 @@
     pipeline_replica.py  a replica cut into pp pipeline stages (chapters 3 and 5's stages) running the engine's
                    PipelineEngine: up to pp batches in flight (engine/pipeline_runner.py)
     balancer.py    round-robin vs least-outstanding-requests; retries when a replica dies; restarts
+                   (with --routing: chapter 9's Router, subscribed to the replicas' KV events over ZeroMQ)
     protocol.py    the OpenAI-compatible requests as pydantic models (completions, chat), their checks, and
                    OpenAI's error object
     openai_serving.py  completions and chat completions on the balancer: n choices, stop strings, logprobs,
