@@ -64,6 +64,15 @@ def test_placement_equals_vllms_default_policy(block):
             assert torch.equal(ours, theirs), (load.tolist(), ours.tolist(), theirs.tolist())
 
 
+def test_stored_vllm_placements_are_ours():
+    """The notebook compares with vLLM's answers stored in helpers/course/data (for machines without the wheel)."""
+    for case in eplb.stored_vllm_placements():
+        ours = eplb.rebalance_experts(torch.tensor(case["load"]), case["num_physical"], case["num_ranks"])
+        assert ours.tolist() == case["phy2log"]
+        theirs = eplb.vllm_rebalance(torch.tensor(case["load"]), case["num_physical"], case["num_ranks"])
+        assert theirs is None or theirs.tolist() == case["phy2log"]
+
+
 def test_placement_rules(block):
     _, routing = _workload(block)
     load = tokens_per_expert(routing, E)

