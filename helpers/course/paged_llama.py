@@ -51,13 +51,11 @@ a budget, TTFT with and without prefix caching at a 90 % shared prefix).
 from __future__ import annotations
 
 import math
-from collections import deque
-from itertools import accumulate
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+import torch.nn.functional as F
 
-from helpers.course.kv_cache import KVPool, OutOfBlocks, slots_of
+from helpers.course.kv_cache import KVPool, OutOfBlocks
 from helpers.impl import load_impl
 
 __all__ = ["PagedLlamaRunner", "generate_paged", "check_against_transformers", "block_owners", "plot_block_tables"]
@@ -95,27 +93,78 @@ class PagedLlamaRunner:
             self.manager = self.paged.BlockManager(num_blocks, block_size)
         self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "decode_tokens": 0, "decode_steps": 0,
                       "preemptions": 0, "peak_blocks_used": 0, "peak_running": 0}
+        self._fused_cache: dict = {}            # layer index -> (source weights, their versions, fused weights)
+        self._rotary_table = None               # (cos, sin) of every position, [max_positions, head_dim] each
 
     # ------------------------------------------------------------------------------ the forward passes
-    def _project_qkv(self, layer, h: torch.Tensor, rotary):
-        """h: [T, hidden] (normed) -> q [T, heads, head_dim], k, v [T, kv_heads, head_dim], rotary applied.
-        rotary: (cos, sin) of the tokens' positions, [1, T, head_dim] each (the same in every layer)."""
-        attn = layer.self_attn
-        tokens = h.shape[0]
-        q = attn.q_proj(h).view(tokens, self.heads, self.head_dim)
-        k = attn.k_proj(h).view(tokens, self.kv_heads, self.head_dim)
-        v = attn.v_proj(h).view(tokens, self.kv_heads, self.head_dim)
-        cos, sin = rotary
-        q, k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
-        return q[0].transpose(0, 1), k[0].transpose(0, 1), v
+    def _fused(self, index: int, layer):
+        """(qkv, gate_up) of layer `index`: q/k/v's weights in ONE matrix [(heads + 2 kv_heads) × head_dim, hidden]
+        and gate/up's in one [2 × intermediate, hidden], so that a layer makes two matmuls where it made five, as
+        vLLM's Llama does (vllm/model_executor/models/llama.py: `qkv_proj`, a QKVParallelLinear, and `gate_up_proj`,
+        a MergedColumnParallelLinear, loaded from q/k/v_proj and gate/up_proj by `stacked_params_mapping`).
+        Built on first use and again whenever one of those weights is replaced or changed in place (its version);
+        None when the projections are not plain nn.Linear without hooks (chapter 2's sharded layers): they then run
+        one by one, as modules."""
+        attn, mlp = layer.self_attn, layer.mlp
+        parts = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
+        weights = tuple(p.weight for p in parts)
+        versions = tuple(w._version for w in weights)
+        held = self._fused_cache.get(index)
+        if held is not None and all(a is b for a, b in zip(held[0], weights)) and held[1] == versions:
+            return held[2]
+        fused = None
+        if all(_plain_linear(p) and p.bias is None for p in parts):
+            fused = (torch.cat(weights[:3]), torch.cat(weights[3:]))
+        self._fused_cache[index] = (weights, versions, fused)
+        return fused
 
-    def _finish_layer(self, layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """Residual adds around attention's output projection and the MLP. attn_out: [T, heads × head_dim]."""
-        x = x + layer.self_attn.o_proj(attn_out)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+    def _rotary(self, x: torch.Tensor, positions: list):
+        """(cos, sin) of the tokens' positions, [T, 1, head_dim] each, sin with its first half negated (see
+        _project_qkv). Llama's default rotary embedding depends on the position alone, so its table over every
+        position is computed once, by the model's own rotary_emb, and read by index (vLLM's RotaryEmbedding keeps
+        a `cos_sin_cache` the same way); other rope types are computed per step."""
+        rotary, half = self.model.model.rotary_emb, self.head_dim // 2
+        if getattr(rotary, "rope_type", "default") != "default":
+            cos, sin = rotary(x, torch.tensor([positions]))
+            return cos[0, :, None], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)[:, None]
+        if self._rotary_table is None:
+            cos, sin = rotary(x, torch.arange(self.max_positions)[None])
+            self._rotary_table = (cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1))
+        cos, sin = self._rotary_table                                            # [max_positions, head_dim]
+        at = torch.tensor(positions)
+        return cos[at, None], sin[at, None]
+
+    def _project_qkv(self, layer, fused, x: torch.Tensor, rotary):
+        """x: [T, hidden] (the residual stream) -> q [T, heads, head_dim], k, v [T, kv_heads, head_dim]: the input
+        RMSNorm, the q/k/v projections (one matmul, fused = self._fused(...)) and the rotary embedding, on q and k
+        at once. transformers' apply_rotary_pos_emb computes x·cos + rotate_half(x)·sin, rotate_half(x) =
+        (-x2, x1) for the halves x1, x2 of head_dim; here (x2, x1)·(-sin1, sin2), the same products."""
+        tokens, heads, kv_heads = x.shape[0], self.heads, self.kv_heads
+        h = _rms_norm(layer.input_layernorm, x)
+        if fused is not None:
+            qkv = F.linear(h, fused[0]).view(tokens, heads + 2 * kv_heads, self.head_dim)
+            qk, v = qkv[:, :heads + kv_heads], qkv[:, heads + kv_heads:]
+        else:
+            attn = layer.self_attn
+            qk = torch.cat([attn.q_proj(h).view(tokens, heads, self.head_dim),
+                            attn.k_proj(h).view(tokens, kv_heads, self.head_dim)], dim=1)
+            v = attn.v_proj(h).view(tokens, kv_heads, self.head_dim)
+        cos, sin = rotary
+        qk = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin
+        return qk[:, :heads], qk[:, heads:], v
+
+    def _finish_layer(self, layer, fused, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Residual adds around attention's output projection and the SwiGLU MLP (gate and up: one matmul when
+        fused is not None). attn_out: [T, heads × head_dim]."""
+        x = x + _linear(layer.self_attn.o_proj, attn_out)
+        h, mlp = _rms_norm(layer.post_attention_layernorm, x), layer.mlp
+        if fused is None:
+            return x + mlp(h)
+        gate, up = F.linear(h, fused[1]).chunk(2, dim=-1)
+        return x + _linear(mlp.down_proj, mlp.act_fn(gate) * up)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(x))
+        return _linear(self.model.lm_head, _rms_norm(self.model.model.norm, x))
 
     @torch.no_grad()
     def forward_batch(self, batch, all_logits: bool = False) -> torch.Tensor:
@@ -127,43 +176,51 @@ class PagedLlamaRunner:
         decodes (one token each) in ONE call of `paged_attention` (exercise 7.2, vLLM's batched kernel: a query
         per sequence, their block tables and lengths), each chunk with causal attention over its positions
         0 .. end-1 read back from the pool. Returns the logits of each sequence's last token [len(batch), vocab]
-        (all_logits: of every token, [total tokens, vocab])."""
-        items = []
-        for seq_id, token_ids, start in batch:
-            token_ids = [int(t) for t in token_ids]
-            if not token_ids or start < 0:
+        (all_logits: of every token, [total tokens, vocab]).
+
+        What depends only on the step, not on the layer, is built once before the layers, as vLLM's model runner
+        prepares a step's inputs (vllm/v1/worker/gpu_model_runner.py `_prepare_inputs`): the positions, the slot
+        mapping (each new token's row in the pool, block × block_size + offset: vllm/v1/worker/block_table.py
+        `compute_slot_mapping`), the rotary cos/sin, the decodes' block tables and lengths."""
+        size = self.pool.block_size
+        token_ids, positions, slots, items = [], [], [], []
+        for seq_id, ids, start in batch:
+            ids = [int(t) for t in ids]
+            if not ids or start < 0:
                 raise ValueError(f"sequence {seq_id!r}: a step computes at least one token from start >= 0")
             table = self.manager.block_table(seq_id)
-            if start + len(token_ids) > len(table) * self.pool.block_size:
-                raise ValueError(f"sequence {seq_id!r}: positions up to {start + len(token_ids) - 1} but its block "
-                                 f"table holds {len(table)} blocks of {self.pool.block_size}: allocate first")
-            items.append((token_ids, start, table))
-        positions = torch.cat([torch.arange(start, start + len(ids)) for ids, start, _ in items])
-        slots = [slots_of(table, start, len(ids), self.pool.block_size) for ids, start, table in items]
-        blocks, offsets = torch.cat([b for b, _ in slots]), torch.cat([o for _, o in slots])
-        x = self.model.model.embed_tokens(torch.tensor([t for ids, _, _ in items for t in ids]))   # [T, hidden]
+            end = start + len(ids)
+            if end > len(table) * size:
+                raise ValueError(f"sequence {seq_id!r}: positions up to {end - 1} but its block table holds "
+                                 f"{len(table)} blocks of {size}: allocate first")
+            items.append((len(token_ids), len(ids), start, table))      # its first row in x, tokens, start, table
+            token_ids += ids
+            positions += range(start, end)
+            slots += [table[p // size] * size + p % size for p in range(start, end)]
+        slots = torch.tensor(slots)                                     # the slot mapping: rows of the flat pool
+        x = _embed(self.model.model.embed_tokens, torch.tensor(token_ids))        # [T, hidden]
         group = self.heads // self.kv_heads
-        starts = list(accumulate([len(ids) for ids, _, _ in items][:-1], initial=0))   # each one's first row in x
-        decodes = [i for i, (ids, _, _) in enumerate(items) if len(ids) == 1]
-        decode_rows = torch.tensor([starts[i] for i in decodes], dtype=torch.long)
-        decode_tables = [items[i][2] for i in decodes]
-        decode_lens = [items[i][1] + 1 for i in decodes]
-        chunks = [(starts[i], ids, start, table) for i, (ids, start, table) in enumerate(items) if len(ids) > 1]
-        rotary = self.model.model.rotary_emb(x, positions[None])                 # cos, sin: once per step
+        decodes = [(row, start + 1, table) for row, n, start, table in items if n == 1]
+        decode_tables = [table for _, _, table in decodes]
+        decode_lens = [length for _, length, _ in decodes]
+        chunks = [(row, n, start, table) for row, n, start, table in items if n > 1]
+        rotary = self._rotary(x, positions)                             # cos, sin: once per step
         for index, layer in enumerate(self.model.model.layers):
-            q, k, v = self._project_qkv(layer, layer.input_layernorm(x), rotary)
-            self.pool.k[index][blocks, offsets] = k.to(self.pool.dtype)          # write every new K/V first
-            self.pool.v[index][blocks, offsets] = v.to(self.pool.dtype)
+            fused = self._fused(index, layer)                                    # qkv and gate_up weights
+            q, k, v = self._project_qkv(layer, fused, x, rotary)
+            k_pool, v_pool = self.pool.k[index], self.pool.v[index]
+            k_pool.view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k.to(self.pool.dtype))
+            v_pool.view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v.to(self.pool.dtype))
             if not chunks:                                                       # a decode step: every row
-                out = self.paged.paged_attention(q, self.pool.k[index], self.pool.v[index], decode_tables,
-                                                 decode_lens)                    # is a decode, ONE call
+                out = self.paged.paged_attention(q, k_pool, v_pool, decode_tables, decode_lens)   # ONE call
             else:
                 out = torch.empty_like(q)                                        # [T, heads, head_dim]
                 if decodes:                                                      # ONE call for every decode
-                    out[decode_rows] = self.paged.paged_attention(q[decode_rows], self.pool.k[index],
-                                                                  self.pool.v[index], decode_tables, decode_lens)
-            for row, ids, start, table in chunks:
-                n, end = len(ids), start + len(ids)
+                    decode_rows = torch.tensor([row for row, _, _ in decodes])
+                    out[decode_rows] = self.paged.paged_attention(q[decode_rows], k_pool, v_pool, decode_tables,
+                                                                  decode_lens)
+            for row, n, start, table in chunks:
+                end = start + n
                 keys, values = self.pool.gather(index, table, end)              # [end, kv_heads, head_dim]
                 keys = keys.repeat_interleave(group, dim=1)                     # query head h reads h // group
                 values = values.repeat_interleave(group, dim=1)
@@ -171,11 +228,10 @@ class PagedLlamaRunner:
                 future = torch.arange(end)[None, :] > torch.arange(start, end)[:, None]
                 probs = torch.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1).to(q.dtype)
                 out[row:row + n] = torch.einsum("hts,shd->thd", probs, values)
-            x = self._finish_layer(layer, x, out.reshape(x.shape[0], -1))
+            x = self._finish_layer(layer, fused, x, out.reshape(x.shape[0], -1))
         self._note_usage()
-        if not all_logits:
-            ends = torch.tensor([len(ids) for ids, _, _ in items]).cumsum(0) - 1
-            x = x[ends]
+        if not all_logits and len(items) < x.shape[0]:                  # a prompt chunk: only its last row
+            x = x[torch.tensor([row + n - 1 for row, n, _, _ in items])]
         return self._logits(x)
 
     @torch.no_grad()
@@ -275,6 +331,33 @@ class PagedLlamaRunner:
         self.stats["peak_running"] = max([self.stats["peak_running"]] + [len(step.decodes) for step in steps])
         self.last_engine = engine
         return [r.tokens for r in requests]
+
+
+def _plain_linear(module) -> bool:
+    """A torch.nn.Linear itself (not a subclass such as chapter 2's parallel layers) with no hooks: its weight can
+    be used directly."""
+    return type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _linear(module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), without nn.Module's call overhead when module is a plain nn.Linear."""
+    return F.linear(x, module.weight, module.bias) if _plain_linear(module) else module(x)
+
+
+def _embed(module, ids: torch.Tensor) -> torch.Tensor:
+    """module(ids), without nn.Module's call overhead when module is a plain nn.Embedding."""
+    if type(module) is torch.nn.Embedding and module.max_norm is None and not (module._forward_hooks or
+                                                                              module._forward_pre_hooks):
+        return F.embedding(ids, module.weight, module.padding_idx)
+    return module(ids)
+
+
+def _rms_norm(module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) for transformers' LlamaRMSNorm as one call of torch's rms_norm (the same numbers: float32 in, the
+    mean of squares, rsqrt, times the weight); any other norm module is called."""
+    if type(module).__name__ == "LlamaRMSNorm" and x.dtype == torch.float32 and not module._forward_hooks:
+        return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
+    return module(x)
 
 
 def generate_paged(prompts, max_new_tokens: int, num_blocks: int | None = None, block_size: int = 16,

@@ -29,6 +29,16 @@ def _entries(output):
     return out
 
 
+def _token_ids(request, start: int, n: int) -> list[int]:
+    """request.all_token_ids[start:start + n] without building the whole list (a decode reads one token)."""
+    prompt = request.prompt
+    if start >= len(prompt):
+        return request.tokens[start - len(prompt):start - len(prompt) + n]
+    if start + n <= len(prompt):
+        return prompt[start:start + n]
+    return request.all_token_ids[start:start + n]
+
+
 class ModelledRunner:
     """Computes nothing; returns token 0 for every request that is due."""
 
@@ -50,7 +60,7 @@ class PagedRunner:
         entries = _entries(output)
         if not entries:
             return {}
-        batch = [(request.rid, request.all_token_ids[start:start + n], start) for request, start, n, _ in entries]
+        batch = [(request.rid, _token_ids(request, start, n), start) for request, start, n, _ in entries]
         logits = self.paged.forward_batch(batch)                      # [len(entries), vocab]: last position each
         return {request.rid: logits[i] for i, (request, _, _, due) in enumerate(entries) if due}
 
