@@ -55,6 +55,7 @@ BLOCK_SIZE = 32
 NUM_BLOCKS = 32               # KV blocks per replica (1,024 tokens): the chat workload's working set is ~2x that
 MAX_NUM_SEQS = 8
 REPLICAS = 2
+REPEATS = 2                   # rounds over the policies, the second in reverse order
 # (key, proxy --policy, --overlap-score-weight, label)
 POLICIES = [("round_robin", "round_robin", 1.0, "round robin"),
             ("kv", "kv", 1.0, "KV events, weight 1 (Dynamo's default)"),
@@ -358,48 +359,99 @@ class _Tokenizing:
 
 # ------------------------------------------------------------------------------------------------------------ main
 def run(result: dict, log_dir: Path) -> None:
+    """REPEATS rounds over the policies, the second in reverse order (a shared machine's load drifts: no policy gets
+    all the quiet minutes); each round of a policy: a fresh router, both caches reset before each workload."""
     with replicas(log_dir) as reps:
         result["replicas"] = [{k: r[k] for k in ("command", "startup_s", "rss_gib")} for r in reps]
-        for policy, name, weight, label in POLICIES:
-            print(f"policy {label}:", flush=True)
-            run_policy = result["policies"].setdefault(policy, {"label": label})
-            with router(name, weight, reps, log_dir) as (url, command, router_log):
-                run_policy["router_command"] = command
-                if policy == "round_robin":
-                    try:
-                        result["tokenization"] = check_tokenization(url)
-                    except Exception as exc:             # noqa: BLE001 - recorded in the JSON
-                        result["failures"].append(f"tokenization check: {exc!r}"[:1000])
-                for part in ("chat", "bench"):
-                    run_policy["reset_prefix_cache"] = reset_caches(reps)
-                    before = [scrape(r["url"]) for r in reps]
-                    stats_before = get_json(url + "/router/stats")
-                    busy = cpu_times()
-                    print(f"  {part}...", flush=True)
-                    try:
-                        figures = asyncio.run(run_chat(url)) if part == "chat" else \
-                            run_bench(url, str(log_dir), policy)
-                    except Exception as exc:             # noqa: BLE001 - recorded in the JSON
-                        result["failures"].append(f"{policy} {part}: {exc}"[:2000])
-                        print(f"  FAILED: {exc}", flush=True)
-                        continue
-                    figures["cpu_busy_during"] = cpu_busy_since(busy)
-                    time.sleep(1.0)                      # vLLM's /metrics is updated by its stat logger
-                    per = replica_figures(before, [scrape(r["url"]) for r in reps])
-                    stats = get_json(url + "/router/stats")
-                    figures["replicas"], figures["total"] = per, totals(per)
-                    figures["router"] = {k: stats[k] for k in ("routed", "events_applied", "events_rejected",
-                                                               "hash_checked", "hash_mismatch", "hash_unchecked",
-                                                               "batches_malformed", "batch_gaps", "stale_routings",
-                                                               "retried", "live")}
-                    figures["router"]["routed"] = {k: v - stats_before["routed"].get(k, 0)
-                                                   for k, v in stats["routed"].items()}
-                    figures["router"]["index_behind"] = stats["index_behind"] - stats_before["index_behind"]
-                    q, h = (stats[k] - stats_before[k] for k in ("bound_queries", "bound_hits"))
-                    figures["bound"] = {"prompt_tokens": q, "cached_tokens": h, "hit_rate": h / q if q else None}
-                    run_policy[part] = figures
-                    print(f"  {part}: " + summary_line(figures), flush=True)
-                run_policy["router_log_tail"] = router_log.read_text(errors="replace").splitlines()[-5:]
+        for round_ in range(REPEATS):
+            for policy, name, weight, label in (POLICIES if round_ % 2 == 0 else POLICIES[::-1]):
+                print(f"round {round_ + 1}, policy {label}:", flush=True)
+                run_policy = result["policies"].setdefault(policy, {"label": label, "rounds": []})
+                with router(name, weight, reps, log_dir) as (url, command, router_log):
+                    run_policy["router_command"] = command
+                    if policy == "round_robin" and "tokenization" not in result:
+                        try:
+                            result["tokenization"] = check_tokenization(url)
+                        except Exception as exc:             # noqa: BLE001 - recorded in the JSON
+                            result["failures"].append(f"tokenization check: {exc!r}"[:1000])
+                    this = {}
+                    for part in ("chat", "bench"):
+                        figures = run_part(part, url, reps, log_dir, policy, round_, result)
+                        if figures is not None:
+                            this[part] = figures
+                    run_policy["rounds"].append(this)
+                    run_policy["router_log_tail"] = router_log.read_text(errors="replace").splitlines()[-5:]
+    for p in result["policies"].values():
+        for part in ("chat", "bench"):
+            rounds = [r[part] for r in p["rounds"] if part in r]
+            if rounds:
+                p[part] = merge(rounds)
+
+
+def run_part(part, url, reps, log_dir, policy, round_, result):
+    reset_caches(reps)
+    before = [scrape(r["url"]) for r in reps]
+    stats_before = get_json(url + "/router/stats")
+    busy = cpu_times()
+    print(f"  {part}...", flush=True)
+    try:
+        figures = asyncio.run(run_chat(url)) if part == "chat" else run_bench(url, str(log_dir), f"{policy}_{round_}")
+    except Exception as exc:                             # noqa: BLE001 - recorded in the JSON
+        result["failures"].append(f"{policy} round {round_ + 1} {part}: {exc}"[:2000])
+        print(f"  FAILED: {exc}", flush=True)
+        return None
+    figures["cpu_busy_during"] = cpu_busy_since(busy)
+    time.sleep(1.0)                                      # vLLM's /metrics is updated by its stat logger
+    per = replica_figures(before, [scrape(r["url"]) for r in reps])
+    stats = get_json(url + "/router/stats")
+    figures["replicas"], figures["total"] = per, totals(per)
+    figures["router"] = {k: stats[k] for k in ("events_applied", "events_rejected", "hash_checked", "hash_mismatch",
+                                               "hash_unchecked", "batches_malformed", "batch_gaps", "stale_routings",
+                                               "retried", "live")}
+    figures["router"]["routed"] = {k: v - stats_before["routed"].get(k, 0) for k, v in stats["routed"].items()}
+    figures["router"]["index_behind"] = stats["index_behind"] - stats_before["index_behind"]
+    q, h = (stats[k] - stats_before[k] for k in ("bound_queries", "bound_hits"))
+    figures["bound"] = {"prompt_tokens": q, "cached_tokens": h, "hit_rate": h / q if q else None}
+    print(f"  {part}: " + summary_line(figures), flush=True)
+    return figures
+
+
+def merge(rounds: list) -> dict:
+    """The rounds of one policy and workload as one: counters summed (rates from the sums), timings averaged, the
+    rounds' own hit rates kept."""
+    out = {"rounds": len(rounds), "round_hit_rates": [r["total"]["hit_rate"] for r in rounds],
+           "cpu_busy_during": statistics.fmean(r["cpu_busy_during"] or 0 for r in rounds)}
+    per = [{k: sum(r["replicas"][i][k] for r in rounds) for k in rounds[0]["replicas"][i]
+            if k not in ("hit_rate",)} for i in range(len(rounds[0]["replicas"]))]
+    for r in per:
+        r["hit_rate"] = r["prefix_cache_hits"] / r["prefix_cache_queries"] if r["prefix_cache_queries"] else None
+    out["replicas"], out["total"] = per, totals(per)
+    q, h = (sum(r["bound"][k] for r in rounds) for k in ("prompt_tokens", "cached_tokens"))
+    out["bound"] = {"prompt_tokens": q, "cached_tokens": h, "hit_rate": h / q if q else None}
+    router = {}
+    for k, v in rounds[0]["router"].items():
+        if isinstance(v, dict):
+            router[k] = {x: sum(r["router"][k].get(x, 0) for r in rounds) for x in v}
+        elif isinstance(v, (int, float)):
+            router[k] = sum(r["router"][k] for r in rounds)
+        else:
+            router[k] = v
+    out["router"] = router
+    if "ttft_ms" in rounds[0]:                          # the chat client's
+        out["ttft_ms"] = {k: statistics.fmean(r["ttft_ms"][k] for r in rounds) for k in rounds[0]["ttft_ms"]}
+        for k in ("requests", "answered", "duration_s"):
+            out[k] = sum(r[k] for r in rounds)
+        out["failed"] = [f for r in rounds for f in r["failed"]]
+        out["workload"] = rounds[0]["workload"]
+    else:                                               # vllm bench serve's
+        for k in ("completed", "failed", "num_prompts", "total_input_tokens", "total_output_tokens"):
+            out[k] = sum(r.get(k, 0) for r in rounds)
+        for k, v in rounds[0].items():
+            if k.endswith("_ms") or k in ("request_throughput", "output_throughput", "duration"):
+                out[k] = statistics.fmean(r[k] for r in rounds)
+        out["round_mean_ttft_ms"] = [r["mean_ttft_ms"] for r in rounds]
+        out["command"] = rounds[0]["command"]
+    return out
 
 
 def summary_line(f: dict) -> str:
