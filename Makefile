@@ -89,7 +89,7 @@ vllm-scheduler-check: $(STAMP) $(VLLM_STAMP)
 # round robin and the KV-aware policy, each replica's own prefix-cache counters (about 6 minutes).
 # Writes helpers/course/data/vllm_cluster.json, which notebook 09 shows.
 vllm-cluster: $(STAMP) $(VLLM_STAMP)
-	$(PY) -m helpers.vllm_cluster
+	$(PY) -m helpers.vllm_cluster $(ARGS)
 
 # vLLM's own benchmark client, `vllm bench serve`, against the course's server (paged, prefix caching, one replica)
 # and `vllm serve` on the same model: same datasets (random; prefix_repetition), 40 prompts, 4 concurrent, greedy.

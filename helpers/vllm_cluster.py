@@ -52,7 +52,8 @@ from helpers.bench_serve import (KEEP, MODEL_DIR, ROOT, SERVED_MODEL_NAME, VLLM_
 RESULT_PATH = ROOT / "helpers" / "course" / "data" / "vllm_cluster.json"
 BENCH_SERVE = ROOT / "helpers" / "bench_serve.py"     # `--vllm-cli ...` = the `vllm` command (see bench_serve.py)
 BLOCK_SIZE = 32
-NUM_BLOCKS = 32               # KV blocks per replica (1,024 tokens): the chat workload's working set is ~2x that
+NUM_BLOCKS = 48               # KV blocks per replica (1,536 tokens, one of them vLLM's null block): less than the
+                              # chat workload's prefixes and sessions on one replica, enough for half of them
 MAX_NUM_SEQS = 8
 REPLICAS = 2
 REPEATS = 2                   # rounds over the policies, the second in reverse order
@@ -78,8 +79,10 @@ NOTES = [
     " BlockPool.null_block), so 8 blocks hold 7 x 32 = 224 tokens < --max-model-len 256, and the engine core "
     "stops with \"To serve at least one request with the model's max seq len (256) ... the estimated maximum model "
     "length is 224\" (7 blocks: 192). 9 blocks is the smallest cache that starts and serves a 250-token prompt; "
-    f"the run uses {NUM_BLOCKS} so that {CONCURRENCY} requests of up to 8 blocks run at once while the workloads' "
-    "prefixes still do not fit in one replica.",
+    f"The default, {NUM_BLOCKS}, holds the {CONCURRENCY} requests of up to 8 blocks that run at once and about half "
+    "of what the chat workload's 8 system prompts and live sessions need; at 32 blocks (make vllm-cluster "
+    "ARGS=--num-blocks=32) the running requests leave so little that a replica the KV-aware router loads more "
+    "evicts its prefixes.",
     "The --kv-events-config endpoint is a wildcard bind, tcp://*:PORT: vLLM binds only endpoints with '*', '::', "
     "ipc:// or inproc:// and connects to any other (ZmqEventPublisher._is_bind_endpoint in "
     "vllm/distributed/kv_events.py), so tcp://127.0.0.1:PORT would leave no publisher for the router to subscribe "
@@ -484,7 +487,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--show", action="store_true", help="print the stored run")
     parser.add_argument("--json", type=Path, default=RESULT_PATH)
     parser.add_argument("--keep-logs", type=Path, default=None, help="a folder for the servers' logs")
+    parser.add_argument("--num-blocks", type=int, default=NUM_BLOCKS, help="KV blocks per replica")
     args = parser.parse_args(argv)
+    globals()["NUM_BLOCKS"] = args.num_blocks
     if args.show:
         show(json.loads(args.json.read_text()))
         return
