@@ -10,6 +10,8 @@
     replay.py      replay: the workload on N modelled engines (paged KV cache, prefix caching, KV events) behind
                    the router, with a replica restart; per-replica hit rate, prefill tokens, TTFT, load
     __main__.py    `python -m helpers.course.routing`: the chapter's comparison as a table, with its verdicts
+    proxy.py       the Router as an OpenAI-compatible HTTP proxy in front of `vllm serve` replicas, fed by vLLM's own
+                   KV events over ZMQ (`make vllm-cluster`, helpers/vllm_cluster.py); not imported here
 """
 from helpers.course.routing.policies import ApproxTree, KVAware, LeastOutstanding, Policy, RoundRobin
 from helpers.course.routing.replay import ReplayResult, replay
