@@ -5,7 +5,7 @@ their KV events over ZeroMQ, a short chat workload sent over HTTP, routed by rou
     python -m helpers.course.routing.live      # the same, as a table
 
 Each policy gets a fresh server (`python -m helpers.course.serving --replicas 4 --kv-cache paged
---enable-prefix-caching --num-blocks 32 --kv-events-config '{"enable_kv_cache_events": true, "endpoint":
+--enable-prefix-caching --num-blocks 24 --kv-events-config '{"enable_kv_cache_events": true, "endpoint":
 "tcp://*:0"}' --routing kv_aware`), cold caches, and the same sessions; the figures are the replicas' own, read
 from the server's /metrics: prompt tokens looked up and found in each replica's prefix cache
 (serving_replica_prefix_cache_queries/hits, vLLM's prefix_cache_queries/hits per engine), prompt tokens each replica
