@@ -108,7 +108,9 @@ def test_tiny_llama_on_the_fp8_cache(llama):
         runner.allocate("s", text)
         got = runner.prefill("s", text)
         assert torch.isfinite(got).all()
-        assert 0 < (got - want).abs().max() < 0.1 * (want.amax(-1) - want.amin(-1)).min()
+        # no closed-form bound survives 4 layers; a sanity margin (~3× what the notebook measures): FP8 moved the
+        # logits (0 <) without wrecking them
+        assert 0 < (got - want).abs().max() < 0.25 * (want.amax(-1) - want.amin(-1)).min()
         same = (got.argmax(-1) == want.argmax(-1)).double().mean()
         assert same >= 0.9, f"{per}: the greedy token changed at {1 - same:.0%} of positions"
     assert math.isclose(fp8_kv.E4M3_MAX, 448.0)
