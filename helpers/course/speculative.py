@@ -256,7 +256,9 @@ class SpeculativeEngine(LLMEngine):
             self.proposer.release(request.rid)
         decoding = [r for r in output.scheduled if output.num_scheduled_tokens[r.rid] == 1 and r.tokens
                     and r.num_computed_tokens == r.num_tokens - 1]
-        room = {r.rid: min(self.k, r.max_tokens - len(r.tokens) - 1) for r in decoding}
+        limit = getattr(self.runner.paged, "max_positions", None) or 1 << 30
+        # no more drafts than the request may still emit after the target's own token, nor past the model's positions
+        room = {r.rid: min(self.k, r.max_tokens - len(r.tokens) - 1, limit - r.num_tokens) for r in decoding}
         asked = [r for r in decoding if room[r.rid] > 0]
         proposals = self.proposer.propose(asked, self.k) if asked else {}
         batch, plan = [], []

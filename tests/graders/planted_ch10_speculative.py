@@ -72,6 +72,8 @@ def _sampler(residual_from_p=False, bonus=True, bonus_row0=False, keep_rejected=
             if greedy:
                 best = int(torch.argmax(p))
                 if token != best:
+                    if keep_rejected:
+                        return out + [token, best]
                     return out[:-1] + [best] if drop_last and out else out + [token if greedy_draft else best]
                 out.append(token)
                 continue

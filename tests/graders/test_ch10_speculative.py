@@ -415,7 +415,8 @@ def _planted_job(rank, world_size, names):
 
 @pytest.fixture(scope="module")
 def planted_results():
-    pytest.importorskip("solutions.speculative_decoding", reason="the reference answers are absent (instructor grading)")
+    pytest.importorskip("solutions.speculative_decoding",
+                        reason="the reference answers are absent (instructor grading)")
     from tests.graders import planted_ch10_speculative as planted
     names = [m.name for m in (*planted.MISTAKES, *planted.ALTERNATIVES)]
     return launch(_planted_job, 1, names, show_output=False, timeout=600)[0]
