@@ -1,7 +1,8 @@
 """Chapter 9 on real replica processes (helpers/course/serving with --kv-events-config and --routing): a replica's
 KV events reach the front end's Router over ZeroMQ with the router's own block hashes, a request goes to the replica
 that holds its prefix, a replica's death drops its index entries and its new process is subscribed again, a
-malformed frame or event is counted and skipped, and the replicas' own prefix-cache figures are on /metrics."""
+malformed frame or event is counted and skipped, a replica that falls silent is routed on load alone and /metrics
+says so, and the replicas' own prefix-cache figures are on /metrics."""
 import asyncio
 import json
 import os
@@ -35,12 +36,13 @@ def reference_answers():
 
 EVENTS = json.dumps({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:0"})
 BLOCK = 16
+STALE = 1.0      # seconds of silence, with requests outstanding, after which a replica's entries are not trusted
 
 
 def _config(**options) -> ServeConfig:
     return ServeConfig(data_parallel_size=2, kv_cache="paged", enable_prefix_caching=True,
                        num_gpu_blocks_override=32, block_size=BLOCK, routing="kv_aware", kv_overlap_score_weight=4.0,
-                       kv_events_config=EVENTS, stuck_after=0, **options)
+                       kv_events_config=EVENTS, kv_events_stale_after=STALE, stuck_after=0, **options)
 
 
 def _prompt(seed: int, n: int) -> list:
@@ -99,7 +101,8 @@ def test_replicas_events_routing_bad_frames_and_a_death():
     """On 2 real replicas behind --routing kv_aware: a replica's BlockStored, heard by a second subscriber of the
     same PUB socket, carries the hashes the router computes for the same prompt; the router's index gets them; a
     request sharing that prefix goes to that replica (round robin would have sent it to the other); the figures on
-    /metrics add up; a malformed frame and an unknown event are counted and skipped. Then SIGKILL the holder: the
+    /metrics add up; a malformed frame and an unknown event are counted and skipped; a silent holder (SIGSTOP) is
+    taken for stale, on /metrics, and routed around. Then SIGKILL the holder: the
     index forgets it at once (its cache died with it) and /metrics says 0 blocks; its new process is subscribed at
     its new endpoint, and its events fill the index again. (One server for all: each start costs seconds.)"""
     metrics = ServingMetrics()
@@ -161,6 +164,25 @@ def test_replicas_events_routing_bad_frames_and_a_death():
             samples = parse(metrics.exposition().decode())
             assert value(samples, "serving_router_event_batches_malformed_total") == 1
             assert value(samples, "serving_router_events_rejected_total") == rejected + 2
+            balancer.events.remove(other)               # the replica's own publisher again
+            balancer.events.add(other, balancer.replicas[other].kv_events_endpoint)
+
+            # the holder stops (SIGSTOP) with a request of that prefix in flight: after kv_events_stale_after
+            # seconds of silence its entries are not trusted, /metrics says so, and the next request goes by load
+            pid = balancer.replicas[holder].process.pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                frozen = asyncio.ensure_future(_run(balancer, a + _prompt(10, 7)))
+                await _until(lambda: holder in balancer.router_state()["stale_now"], "the holder to be stale")
+                samples = parse(metrics.exposition().decode())
+                assert value(samples, "serving_router_stale_replica", replica=holder) == 1
+                assert value(samples, "serving_router_stale_replica", replica=other) == 0
+                _, where = await _run(balancer, a + _prompt(11, 7))
+                assert where == other, balancer.router_state()
+                assert value(parse(metrics.exposition().decode()), "serving_router_stale_routings_total") >= 1
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert (await frozen)[1] == holder
 
             # the holder dies: its entries go at once; its new process is heard at its new endpoint
             old, endpoint = balancer.replicas[holder].process.pid, balancer.replicas[holder].kv_events_endpoint
