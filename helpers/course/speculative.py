@@ -318,7 +318,7 @@ class SpeculativeEngine(LLMEngine):
 
     def _count(self, num_drafts: int, emitted: int) -> None:
         stats = self.spec_stats
-        accepted = max(0, min(emitted - 1, num_drafts)) if emitted <= num_drafts else num_drafts
+        accepted = max(0, min(emitted - 1, num_drafts))      # emitted = accepted drafts + the target's token
         stats.num_drafts += 1
         stats.num_draft_tokens += num_drafts
         stats.num_accepted_tokens += accepted
