@@ -108,3 +108,23 @@ def test_target_tp2_and_draft_on_a_third_rank_give_the_plain_targets_tokens(refe
     assert tokens0 == tokens1 == [r[:24] for r in reference[:2]]
     assert served == rounds0 > 0                                   # every proposal came from the draft rank
     assert stats0["num_accepted_tokens"] > 0
+
+
+def test_stored_vllm_ngram_run_agrees_with_the_course(model):
+    """helpers/course/data/vllm_spec_check.json (python -m helpers.vllm_spec_check, vLLM 0.32's CPU build): vLLM's
+    n-gram speculative decoding on the course's model gave the course's ids, and as many verifications and accepted
+    tokens per position as the course's engine does now, but for the last verification of a request (vLLM does not
+    cut proposals at max_tokens: it may accept one more draft per position there)."""
+    import json
+
+    from helpers.vllm_spec_check import RESULT_PATH
+    stored = json.loads(RESULT_PATH.read_text())
+    for name, ids in stored["prompts"].items():
+        theirs = stored["vllm"]["per_prompt"][name]
+        engine = SpeculativeEngine.paged(model, proposer=NgramProposer(*stored["prompt_lookup"]),
+                                         num_speculative_tokens=stored["k"])
+        assert generate_speculative(engine, [ids], stored["max_tokens"])[0] == theirs["ids"], name
+        ours = engine.spec_stats
+        assert ours.num_drafts == theirs["spec"]["num_drafts"], name
+        gaps = [a - b for a, b in zip(theirs["spec"]["num_accepted_tokens_per_pos"], ours.accepted_per_pos)]
+        assert all(g in (0, 1) for g in gaps), (name, gaps)
