@@ -14,9 +14,11 @@
 
 The model is helpers.course.tiny_llama's, with its own weights: this file only re-does the forward pass so
 that keys and values go to, and come from, the pools through each sequence's block table instead of
-transformers' contiguous cache. The layers' own modules do the rest (RMSNorm, the q/k/v/o projections,
+transformers' contiguous cache. The layers' own weights do the rest (RMSNorm, the q/k/v/o projections,
 rotary embedding, the SwiGLU MLP, lm_head), so the logits equal transformers' within rounding
-(`check_against_transformers`).
+(`check_against_transformers`). As in vLLM's Llama, q, k and v are projected by ONE matmul of their stacked
+weights and gate and up by another (`_fused`), and what is the same for every layer of a step (the slot mapping,
+the rotary cos/sin) is built once per step: `python -m helpers.bench engine_decode` times the decode.
 
 One forward per engine step, as vLLM's model runner does (`forward_batch`): the step's tokens — prompt chunks and
 decodes of several sequences — are embedded, projected and run through the MLP together; in every layer each
@@ -166,7 +168,7 @@ class PagedLlamaRunner:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(self.model.lm_head, _rms_norm(self.model.model.norm, x))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward_batch(self, batch, all_logits: bool = False) -> torch.Tensor:
         """ONE forward over several sequences' new tokens, as vLLM's model runner does for a scheduled step:
         batch = [(seq_id, token_ids, start), ...], the tokens of positions start .. start+len-1 of each (a prompt
@@ -181,7 +183,9 @@ class PagedLlamaRunner:
         What depends only on the step, not on the layer, is built once before the layers, as vLLM's model runner
         prepares a step's inputs (vllm/v1/worker/gpu_model_runner.py `_prepare_inputs`): the positions, the slot
         mapping (each new token's row in the pool, block × block_size + offset: vllm/v1/worker/block_table.py
-        `compute_slot_mapping`), the rotary cos/sin, the decodes' block tables and lengths."""
+        `compute_slot_mapping`), the rotary cos/sin, the decodes' block tables and lengths. It runs under
+        torch.inference_mode, as vLLM's `execute_model` does (no autograd bookkeeping on any tensor); the logits
+        returned are an ordinary tensor, which a caller may change in place."""
         size = self.pool.block_size
         token_ids, positions, slots, items = [], [], [], []
         for seq_id, ids, start in batch:
@@ -232,7 +236,9 @@ class PagedLlamaRunner:
         self._note_usage()
         if not all_logits and len(items) < x.shape[0]:                  # a prompt chunk: only its last row
             x = x[torch.tensor([row + n - 1 for row, n, _, _ in items])]
-        return self._logits(x)
+        logits = self._logits(x)
+        with torch.inference_mode(False):
+            return logits.clone()                                       # an ordinary tensor, not an inference one
 
     @torch.no_grad()
     def prefill(self, seq_id, token_ids, start: int = 0) -> torch.Tensor:
