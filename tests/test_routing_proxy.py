@@ -270,3 +270,25 @@ def test_a_stream_that_stops_falls_back_to_load_only_routing_and_says_so(cluster
     held.join(10)
     c.publish(0, [stored(prompt_ids(1, 9))])                     # events again: no longer stale
     assert c.metric('router_kv_events_stale{replica="0"}') == 0
+
+
+# ----------------------------------------------------------------------------------------------- the stored run
+def test_the_stored_vllm_cluster_run_is_complete_and_its_hashes_matched():
+    """make vllm-cluster's stored run (helpers/course/data/vllm_cluster.json, shown by notebook 09): every request
+    of every policy answered, every BlockStored hash vLLM published reproduced by the router, vLLM's prompt ids equal
+    to the router's for a chat and a text request, and the figures consistent with the replicas' counters."""
+    import json
+
+    from helpers.vllm_cluster import POLICIES, RESULT_PATH
+    run = json.loads(RESULT_PATH.read_text())
+    assert run["failures"] == [] and set(run["policies"]) == {key for key, *_ in POLICIES}
+    assert all(case["same_prompt_ids"] for case in run["tokenization"].values())
+    for policy in run["policies"].values():
+        chat, bench = policy["chat"], policy["bench"]
+        assert chat["answered"] == chat["requests"] and not chat["failed"]
+        assert bench["completed"] == bench["num_prompts"] and bench["failed"] == 0
+        for part in (chat, bench):
+            assert part["router"]["hash_checked"] > 0 and part["router"]["hash_mismatch"] == 0
+            total = part["total"]
+            assert total["prefix_cache_hits"] == sum(r["prefix_cache_hits"] for r in part["replicas"])
+            assert total["hit_rate"] <= part["bound"]["hit_rate"] + 0.02     # the bound, up to late events
