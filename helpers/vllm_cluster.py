@@ -1,7 +1,7 @@
 """`make vllm-cluster`: two real `vllm serve` replicas behind the course's router, which reads their KV events.
 
     make vllm-env            # once: vLLM's CPU build in .venv-vllm (see vllm_check.py)
-    make vllm-cluster        # about 6 minutes: the replicas, the router per policy, two workloads, the stored JSON
+    make vllm-cluster        # about 8 minutes: the replicas, the router per policy, two workloads, the stored JSON
     python -m helpers.vllm_cluster --show       # the stored run's table (no vLLM)
 
 What runs (all on loopback, all stopped at the end):
@@ -78,7 +78,7 @@ NOTES = [
     "--num-gpu-blocks-override 8 does not start: vLLM keeps one block as its null block (vllm/v1/core/block_pool.py"
     " BlockPool.null_block), so 8 blocks hold 7 x 32 = 224 tokens < --max-model-len 256, and the engine core "
     "stops with \"To serve at least one request with the model's max seq len (256) ... the estimated maximum model "
-    "length is 224\" (7 blocks: 192). 9 blocks is the smallest cache that starts and serves a 250-token prompt; "
+    "length is 224\" (7 blocks: 192). 9 blocks is the smallest cache that starts and serves a 250-token prompt. "
     f"The default, {NUM_BLOCKS}, holds the {CONCURRENCY} requests of up to 8 blocks that run at once and about half "
     "of what the chat workload's 8 system prompts and live sessions need. A single round at 32 blocks (make "
     "vllm-cluster ARGS=--num-blocks=32, 2026-12-06 23:23 UTC) gave bench hit rates of 43% (round robin), 44% and "
