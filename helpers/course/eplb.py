@@ -42,8 +42,8 @@ import torch.nn as nn
 from helpers.course.moe import MoEBlock, Routing
 
 __all__ = ["zipf_preferences", "zipf_skewed_inputs", "mixtral_route", "logical_to_physical_map", "to_physical",
-           "physical_loads", "rank_loads", "contiguous_placement", "EPLBMoE", "AllGatherReduceScatterEPLB", "vllm_rebalance", "stored_vllm_placements",
-           "VLLM_POLICY_DIR", "KNUTH_MULTIPLIER"]
+           "physical_loads", "rank_loads", "contiguous_placement", "EPLBMoE", "AllGatherReduceScatterEPLB",
+           "vllm_rebalance", "stored_vllm_placements", "VLLM_POLICY_DIR", "KNUTH_MULTIPLIER"]
 
 KNUTH_MULTIPLIER = 2654435769          # floor(2^32 / golden ratio), vLLM's hash of the token index
 VLLM_POLICY_DIR = (pathlib.Path(__file__).resolve().parents[2] / ".venv-vllm" / "lib" / "python3.11" /
