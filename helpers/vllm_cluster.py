@@ -57,6 +57,7 @@ NUM_BLOCKS = 48               # KV blocks per replica (1,536 tokens, one of them
 MAX_NUM_SEQS = 8
 REPLICAS = 2
 REPEATS = 2                   # rounds over the policies, the second in reverse order
+KILL_AFTER = 20               # the fault phase kills replica 1 once the router has routed this many requests
 # (key, proxy --policy, --overlap-score-weight, label)
 POLICIES = [("round_robin", "round_robin", 1.0, "round robin"),
             ("kv", "kv", 1.0, "KV events, weight 1 (Dynamo's default)"),
@@ -170,7 +171,8 @@ def replicas(log_dir: Path):
                 procs.append(subprocess.Popen([str(VLLM_PYTHON), str(BENCH_SERVE), "--vllm-cli", *args], cwd=ROOT,
                                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
             out.append({"url": f"http://127.0.0.1:{port}", "events": f"tcp://127.0.0.1:{events_port}",
-                        "log": log_path, "command": (f"VLLM_SERVER_DEV_MODE=1 VLLM_CPU_OMP_THREADS_BIND={i} "
+                        "log": log_path, "procs": procs, "index": i, "argv": args, "env": env,
+                        "command": (f"VLLM_SERVER_DEV_MODE=1 VLLM_CPU_OMP_THREADS_BIND={i} "
                                                      f"VLLM_CPU_KVCACHE_SPACE=1 " + as_typed(args)
                                                      .replace(f"--port {port}", "--port PORT")
                                                      .replace(f"*:{events_port}", "*:EVENTS_PORT"))})
@@ -259,25 +261,30 @@ async def run_chat(url: str) -> dict:
 
     from helpers.course.routing.workload import chat_workload
     workload = chat_workload(**WORKLOAD)
-    ttfts, routed, answered, failed = [], {}, 0, []
+    ttfts, routed, answered, failed, retried = [], {}, 0, [], []
     semaphore = asyncio.Semaphore(CONCURRENCY)
 
     async def turn(client, prompt, max_tokens):
         body = {"model": SERVED_MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True, "return_token_ids": True}
-        start, first, tokens = time.perf_counter(), None, []
+        start, first, tokens, done = time.perf_counter(), None, [], False
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"{response.status_code}: {(await response.aread())[:300]!r}")
             replica = response.headers.get("x-routed-to")
             async for line in response.aiter_lines():
+                done = done or line == "data: [DONE]"
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"the stream says: {chunk['error']}")
                 for choice in chunk.get("choices", []):
                     if choice.get("token_ids"):
                         first = first or time.perf_counter()
                         tokens.extend(choice["token_ids"])
+        if not done or first is None:
+            raise RuntimeError("the stream ended before [DONE]")
         return first - start, tokens, replica
 
     async def session(client, s):
@@ -288,7 +295,11 @@ async def run_chat(url: str) -> dict:
                 if i:
                     prompt = prompt + answer + list(s.user_messages[i])
                 try:
-                    ttft, answer, replica = await turn(client, prompt, s.answer_tokens[i])
+                    try:
+                        ttft, answer, replica = await turn(client, prompt, s.answer_tokens[i])
+                    except (httpx.HTTPError, RuntimeError):     # its replica died under it: once more
+                        retried.append(f"tenant {s.tenant} session {s.sid} turn {i}")
+                        ttft, answer, replica = await turn(client, prompt, s.answer_tokens[i])
                 except Exception as exc:            # noqa: BLE001 - recorded, the run goes on
                     failed.append(f"tenant {s.tenant} session {s.sid} turn {i}: {exc!r}"[:300])
                     return
@@ -301,7 +312,8 @@ async def run_chat(url: str) -> dict:
         await asyncio.gather(*(session(client, s) for s in workload.sessions))
         duration = time.perf_counter() - started
     ttfts.sort()
-    return {"requests": workload.num_requests, "answered": answered, "failed": failed, "duration_s": duration,
+    return {"requests": workload.num_requests, "answered": answered, "failed": failed, "retried": retried,
+            "duration_s": duration,
             "ttft_ms": {"mean": 1e3 * statistics.fmean(ttfts), "p50": 1e3 * ttfts[len(ttfts) // 2],
                         "p99": 1e3 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]} if ttfts else None,
             "replicas_per_tenant": {t: sorted(set(v)) for t, v in sorted(routed.items())},
@@ -385,11 +397,97 @@ def run(result: dict, log_dir: Path) -> None:
                             this[part] = figures
                     run_policy["rounds"].append(this)
                     run_policy["router_log_tail"] = router_log.read_text(errors="replace").splitlines()[-5:]
+        fault(result, reps, log_dir)
     for p in result["policies"].values():
         for part in ("chat", "bench"):
             rounds = [r[part] for r in p["rounds"] if part in r]
             if rounds:
                 p[part] = merge(rounds)
+
+
+def run_fault(reps: list, log_dir: Path) -> dict:
+    """A replica dies mid-workload and comes back, behind the KV-aware router (weight 4): replica 1's whole process
+    group is SIGKILLed once the router has routed KILL_AFTER requests; the chat workload goes on (a turn whose stream
+    broke is sent again, once); then replica 1 is started again with the same command and ports, and CONCURRENCY
+    requests at once show it serving and publishing again."""
+    import threading
+
+    from helpers import proctree
+    victim = reps[1]
+    out = {"policy": LABELS["kv_w4"], "kill_after_routed": KILL_AFTER}
+    with router("kv", 4.0, reps, log_dir) as (url, _command, router_log):
+        reset_caches(reps)
+        chat: dict = {}
+        worker = threading.Thread(target=lambda: chat.update(asyncio.run(run_chat(url))), daemon=True)
+        worker.start()
+        wait_until(lambda: sum(get_json(url + "/router/stats")["routed"].values()) >= KILL_AFTER, 300, "requests")
+        before = get_json(url + "/router/stats")
+        out["indexed_blocks_before_kill"] = before["indexed_blocks"]
+        victim_proc = victim["procs"][victim["index"]]
+        proctree.kill_group(victim_proc.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        victim_proc.wait()
+        down = wait_until(lambda: (s := get_json(url + "/router/stats"))["live"] == [0] and s, 60, "replica 1 out")
+        out["seconds_to_drop"] = round(time.monotonic() - killed_at, 2)
+        out["after_kill"] = {k: down[k] for k in ("live", "indexed_blocks", "replica_failures", "retried")}
+        worker.join(600)
+        out["chat"] = {k: chat.get(k) for k in ("requests", "answered", "failed", "retried")}
+        out["routed_during_chat"] = get_json(url + "/router/stats")["routed"]
+        # the same replica again: same command, same ports (the router knows it by its URL and events endpoint)
+        restarted = time.monotonic()
+        with open(victim["log"], "ab") as log:
+            proc = subprocess.Popen([str(VLLM_PYTHON), str(BENCH_SERVE), "--vllm-cli", *victim["argv"]], cwd=ROOT,
+                                    env=victim["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        victim["procs"].append(proc)
+        wait_http(victim["url"] + "/v1/models", proc, victim["log"], 900)
+        up = wait_until(lambda: (s := get_json(url + "/router/stats"))["live"] == [0, 1] and s, 60, "replica 1 back")
+        out["seconds_to_serve_again"] = round(time.monotonic() - restarted, 1)
+        asyncio.run(burst(url))
+        after = get_json(url + "/router/stats")
+        out["after_restart"] = {"routed_to_1": after["routed"]["1"] - up["routed"]["1"],
+                                "event_batches_from_1": after["event_batches"]["1"] - up["event_batches"]["1"],
+                                "hash_checked": after["hash_checked"] - up["hash_checked"],
+                                "hash_mismatch": after["hash_mismatch"], "live": after["live"],
+                                "indexed_blocks": after["indexed_blocks"]}
+        out["router_log"] = [line for line in router_log.read_text(errors="replace").splitlines()
+                             if "down" in line or "up again" in line][:6]
+    return out
+
+
+async def burst(url: str) -> None:
+    """CONCURRENCY * 2 requests with distinct 3-block prompts, CONCURRENCY at a time (so loads differ)."""
+    import httpx
+    rng = random.Random(1)
+    prompts = [[rng.randrange(256) for _ in range(3 * BLOCK_SIZE + 8)] for _ in range(2 * CONCURRENCY)]
+    semaphore = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(client, prompt):
+        async with semaphore:
+            r = await client.post(f"{url}/v1/completions", json={"model": SERVED_MODEL_NAME, "prompt": prompt,
+                                                                "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+            r.raise_for_status()
+    async with httpx.AsyncClient(timeout=600) as client:
+        await asyncio.gather(*(one(client, p) for p in prompts))
+
+
+def wait_until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"waited {timeout} s for {what}")
+
+
+def fault(result: dict, reps: list, log_dir: Path) -> None:
+    print("a replica dies and comes back...", flush=True)
+    try:
+        result["fault"] = run_fault(reps, log_dir)
+        print(f"  {result['fault']}", flush=True)
+    except Exception as exc:                             # noqa: BLE001 - recorded in the JSON
+        result["failures"].append(f"fault: {type(exc).__name__}: {exc}"[:2000])
+        print(f"  FAILED: {exc}", flush=True)
 
 
 def run_part(part, url, reps, log_dir, policy, round_, result):
@@ -489,6 +587,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--json", type=Path, default=RESULT_PATH)
     parser.add_argument("--keep-logs", type=Path, default=None, help="a folder for the servers' logs")
     parser.add_argument("--num-blocks", type=int, default=NUM_BLOCKS, help="KV blocks per replica")
+    parser.add_argument("--only-fault", action="store_true",
+                        help="run only the phase where a replica dies and comes back; store it in the JSON's 'fault'")
     args = parser.parse_args(argv)
     globals()["NUM_BLOCKS"] = args.num_blocks
     if args.show:
@@ -498,6 +598,19 @@ def main(argv: list[str]) -> None:
         sys.exit(f"{VLLM_PYTHON} is missing: run `make vllm-env` first")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     random.seed(SEED)
+    if args.only_fault:
+        stored = json.loads(args.json.read_text())
+        part = {"failures": []}
+        with tempfile.TemporaryDirectory(prefix="vllm-cluster-") as tmp:
+            log_dir = args.keep_logs or Path(tmp)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            with replicas(log_dir) as reps:
+                fault(part, reps, log_dir)
+        stored["fault"] = part.get("fault")
+        stored["fault_date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        stored["failures"] = [f for f in stored["failures"] if not f.startswith("fault")] + part["failures"]
+        args.json.write_text(json.dumps(stored, indent=1, default=str) + "\n")
+        sys.exit(1 if part["failures"] else 0)
     result = {"how": "make vllm-cluster (python -m helpers.vllm_cluster)",
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "settings": {"replicas": REPLICAS, "block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS,

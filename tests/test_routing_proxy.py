@@ -81,6 +81,8 @@ class StubReplica:
 
             async def chunks():
                 for i in range(3):
+                    if i == body.get("die_after"):        # the replica dies mid-answer: the connection breaks
+                        raise ConnectionAbortedError("replica died")
                     yield f'data: {{"replica": "{name}", "i": {i}}}\n\n'.encode()
                 yield b"data: [DONE]\n\n"
             return StreamingResponse(chunks(), media_type="text/event-stream")
@@ -246,6 +248,11 @@ def test_a_dead_replica_is_dropped_its_requests_retried_and_it_comes_back(cluste
     stats = wait_for(lambda: (s := c.stats())["live"] == [0] and s, what="replica 1 out of the pool")
     assert stats["indexed_blocks"]["1"] == 0 and stats["replica_failures"]["1"] == 1
     assert c.metric('router_replica_up{replica="1"}') == 0
+    # a replica that dies in the middle of an answer: the client gets what was streamed, then an error event
+    broken = c.client.post("/v1/completions", json={"model": "m", "prompt": ids, "stream": True, "die_after": 1})
+    assert broken.text.startswith('data: {"replica": "0", "i": 0}\n\ndata: {"error": ')
+    assert '"code": 502' in broken.text and "[DONE]" not in broken.text
+    assert c.metric('router_outstanding_requests{replica="0"}') == 0
     # it restarts on the same port (a new process, an empty cache): the health probe brings it back
     c.replicas[1] = StubReplica("1", port=port, events_endpoint=endpoint)
     wait_for(lambda: c.stats()["live"] == [0, 1], what="replica 1 back")

@@ -365,8 +365,11 @@ class RouterProxy:
                 try:
                     async for chunk in response.aiter_raw():
                         yield chunk
-                except httpx.HTTPError as exc:
+                except httpx.HTTPError as exc:        # the replica died mid-answer: say so, as vLLM streams errors
                     log.warning("replica %r: the answer stopped (%s)", replica, exc)
+                    error = {"message": f"replica {replica} stopped answering: {type(exc).__name__}",
+                             "type": "BadGateway", "code": 502}
+                    yield f"data: {json.dumps({'error': error})}\n\n".encode()
                 finally:
                     await response.aclose()
                     proxy.finished(replica, rid)
