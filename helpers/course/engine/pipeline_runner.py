@@ -91,7 +91,8 @@ class PipelineStageRunner:
       "paged"       a KVPool of this stage's layers only, num_blocks × block_size; the block tables come with the
                     batch (the scheduler's KVCacheManager decides them, as vLLM's scheduler does), so every stage's
                     pool uses the same block ids; one forward over the whole batch, as helpers/course/paged_llama.py
-                    `forward_batch` does for the whole model (the same operations: the same numbers)
+                    `forward_batch` does for the whole model (which fuses q/k/v and gate/up into one matmul
+                    each: the same tokens, logits equal within float32 rounding)
 
     run(batch, x) computes the batch: x is None on the first stage (it embeds batch.token_ids), the previous stage's
     hidden states [tokens, hidden] otherwise; returns hidden states, or on the last stage {rid: logits [vocab]} of
