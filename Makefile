@@ -86,7 +86,8 @@ vllm-scheduler-check: $(STAMP) $(VLLM_STAMP)
 
 # Two `vllm serve` replicas (prefix caching, KV events over ZMQ) behind the course's router (chapter 9,
 # helpers/course/routing/proxy.py): a multi-tenant chat workload and `vllm bench serve` (prefix_repetition) through
-# round robin, the KV-aware policy and a predicting one, each replica's own prefix-cache counters (about 8 minutes).
+# round robin, the KV-aware policy and a predicting one, each replica's own prefix-cache counters; then one
+# replica is killed under load and started again (about 10 minutes).
 # Writes helpers/course/data/vllm_cluster.json, which notebook 09 shows.
 vllm-cluster: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m helpers.vllm_cluster $(ARGS)

@@ -1,7 +1,7 @@
 """`make vllm-cluster`: two real `vllm serve` replicas behind the course's router, which reads their KV events.
 
     make vllm-env            # once: vLLM's CPU build in .venv-vllm (see vllm_check.py)
-    make vllm-cluster        # about 8 minutes: the replicas, the router per policy, two workloads, the stored JSON
+    make vllm-cluster        # about 10 minutes: the replicas, the router per policy, two workloads, the stored JSON
     python -m helpers.vllm_cluster --show       # the stored run's table (no vLLM)
 
 What runs (all on loopback, all stopped at the end):
@@ -27,6 +27,12 @@ What runs (all on loopback, all stopped at the end):
 * (b) vLLM's own benchmark client, `vllm bench serve --dataset-name prefix_repetition` (PrefixRepetitionRandom
   Dataset: NUM_PREFIXES random prefixes each shared by num_prompts / NUM_PREFIXES prompts, shuffled), against the
   router, per policy: TTFT side by side, with the replicas' counters again.
+
+* (c) a replica dies and comes back: behind the KV-aware router (weight 4), replica 1's processes are SIGKILLed
+  after KILL_AFTER requests of the chat workload; the router must drop its index entries and send everything to
+  replica 0 (a turn whose stream broke is sent again by the client, up to twice); then replica 1 is started again with
+  the same command and ports and must receive requests and publish events again. `--only-fault` runs this part alone
+  and stores it beside the stored rounds.
 
 It writes helpers/course/data/vllm_cluster.json (figures, versions, commands, what failed), which notebook 09
 shows. Nothing in `make test` runs this.
@@ -295,11 +301,14 @@ async def run_chat(url: str) -> dict:
                 if i:
                     prompt = prompt + answer + list(s.user_messages[i])
                 try:
-                    try:
-                        ttft, answer, replica = await turn(client, prompt, s.answer_tokens[i])
-                    except (httpx.HTTPError, RuntimeError):     # its replica died under it: once more
-                        retried.append(f"tenant {s.tenant} session {s.sid} turn {i}")
-                        ttft, answer, replica = await turn(client, prompt, s.answer_tokens[i])
+                    for attempt in range(3):                # its replica died under it: up to twice more
+                        try:
+                            ttft, answer, replica = await turn(client, prompt, s.answer_tokens[i])
+                            break
+                        except (httpx.HTTPError, RuntimeError):
+                            if attempt == 2:
+                                raise
+                            retried.append(f"tenant {s.tenant} session {s.sid} turn {i}")
                 except Exception as exc:            # noqa: BLE001 - recorded, the run goes on
                     failed.append(f"tenant {s.tenant} session {s.sid} turn {i}: {exc!r}"[:300])
                     return
@@ -408,7 +417,7 @@ def run(result: dict, log_dir: Path) -> None:
 def run_fault(reps: list, log_dir: Path) -> dict:
     """A replica dies mid-workload and comes back, behind the KV-aware router (weight 4): replica 1's whole process
     group is SIGKILLed once the router has routed KILL_AFTER requests; the chat workload goes on (a turn whose stream
-    broke is sent again, once); then replica 1 is started again with the same command and ports, and CONCURRENCY
+    broke is sent again, up to twice); then replica 1 is started again with the same command and ports, and CONCURRENCY
     requests at once show it serving and publishing again."""
     import threading
 
@@ -443,6 +452,10 @@ def run_fault(reps: list, log_dir: Path) -> dict:
         up = wait_until(lambda: (s := get_json(url + "/router/stats"))["live"] == [0, 1] and s, 60, "replica 1 back")
         out["seconds_to_serve_again"] = round(time.monotonic() - restarted, 1)
         asyncio.run(burst(url))
+        with contextlib.suppress(TimeoutError):       # vLLM publishes a step's events after it answered
+            wait_until(lambda: get_json(url + "/router/stats")["event_batches"]["1"] > up["event_batches"]["1"],
+                       15, "events from the restarted replica")
+        time.sleep(0.5)
         after = get_json(url + "/router/stats")
         out["after_restart"] = {"routed_to_1": after["routed"]["1"] - up["routed"]["1"],
                                 "event_batches_from_1": after["event_batches"]["1"] - up["event_batches"]["1"],

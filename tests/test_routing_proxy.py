@@ -252,6 +252,8 @@ def test_a_dead_replica_is_dropped_its_requests_retried_and_it_comes_back(cluste
     broken = c.client.post("/v1/completions", json={"model": "m", "prompt": ids, "stream": True, "die_after": 1})
     assert broken.text.startswith('data: {"replica": "0", "i": 0}\n\ndata: {"error": ')
     assert '"code": 502' in broken.text and "[DONE]" not in broken.text
+    assert c.stats()["replica_failures"]["0"] == 1      # taken out at once; its health probe brings it back
+    wait_for(lambda: c.stats()["live"] == [0], what="replica 0 back")
     assert c.metric('router_outstanding_requests{replica="0"}') == 0
     # it restarts on the same port (a new process, an empty cache): the health probe brings it back
     c.replicas[1] = StubReplica("1", port=port, events_endpoint=endpoint)
@@ -299,3 +301,8 @@ def test_the_stored_vllm_cluster_run_is_complete_and_its_hashes_matched():
             total = part["total"]
             assert total["prefix_cache_hits"] == sum(r["prefix_cache_hits"] for r in part["replicas"])
             assert total["hit_rate"] <= part["bound"]["hit_rate"] + 0.02     # the bound, up to late events
+    fault = run["fault"]                               # a replica killed under load, then started again
+    assert fault["after_kill"]["live"] == [0] and fault["after_kill"]["indexed_blocks"]["1"] == 0
+    assert fault["chat"]["answered"] == fault["chat"]["requests"] and not fault["chat"]["failed"]
+    assert fault["after_restart"]["routed_to_1"] > 0 and fault["after_restart"]["event_batches_from_1"] > 0
+    assert fault["after_restart"]["hash_mismatch"] == 0

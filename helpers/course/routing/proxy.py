@@ -30,8 +30,9 @@ a warning in the log at the first mismatch: a router whose hashes never match ro
 otherwise. tests/test_routing_proxy.py checks both.
 
 What the proxy survives.
-* A replica that dies: a request that cannot connect is retried on another replica; the replica leaves the pool
-  (so does one that fails two health probes in a row), its index entries are dropped (Router.replica_down), its
+* A replica that dies: a request that cannot connect (or gets no answer) is retried on another replica; the replica
+  leaves the pool (so does one whose answer breaks mid-stream — the client gets an SSE error event, as vLLM streams
+  errors — and one that fails two health probes in a row), its index entries are dropped (Router.replica_down), its
   subscriber is closed; a health probe (GET /health every `health_interval` s) that answers brings it back
   (Router.replica_up, a new subscriber: a restarted vLLM numbers its batches from 0 and starts with an empty cache).
 * A malformed or unknown event: decode_batch / the policy reject it, the Router logs and counts it
@@ -352,7 +353,8 @@ class RouterProxy:
                 try:
                     response = await client.send(upstream, stream=True)
                     break
-                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.RemoteProtocolError) as exc:
+                    # nothing reached the client yet: take the replica out and try another one
                     proxy.finished(replica, rid)
                     proxy.replica_down(replica, f"{type(exc).__name__}")
                     proxy.counters["retried"] += 1
@@ -366,7 +368,7 @@ class RouterProxy:
                     async for chunk in response.aiter_raw():
                         yield chunk
                 except httpx.HTTPError as exc:        # the replica died mid-answer: say so, as vLLM streams errors
-                    log.warning("replica %r: the answer stopped (%s)", replica, exc)
+                    proxy.replica_down(replica, f"its answer broke: {type(exc).__name__}")
                     error = {"message": f"replica {replica} stopped answering: {type(exc).__name__}",
                              "type": "BadGateway", "code": 502}
                     yield f"data: {json.dumps({'error': error})}\n\n".encode()
@@ -378,6 +380,10 @@ class RouterProxy:
                 return StreamingResponse(chunks(), status_code=response.status_code, headers=passthrough)
             try:
                 content = await response.aread()
+            except httpx.HTTPError as exc:
+                proxy.replica_down(replica, f"its answer broke: {type(exc).__name__}")
+                return JSONResponse({"error": {"message": f"replica {replica} stopped answering: "
+                                               f"{type(exc).__name__}", "type": "BadGateway", "code": 502}}, 502)
             finally:
                 await response.aclose()
                 proxy.finished(replica, rid)
