@@ -1,7 +1,8 @@
-"""Chapter 10's given speculative-decoding code (helpers/course/speculative.py): vLLM's n-gram rule, the engine
-that verifies k+1 positions in one forward (same tokens as plain greedy decoding, with either proposer, with
-prefix caching, at batch 1 and 3), the trained draft's acceptance, and the run across processes (target TP=2 on
-two ranks, the draft on a third: same tokens as the plain target)."""
+"""Chapter 10's given speculative-decoding code (helpers/course/speculative.py): vLLM's n-gram rule, the one engine
+with a proposer verifying k+1 positions in one forward (same tokens as plain greedy decoding, with either proposer,
+with prefix caching, at batch 1 and 3; the drafts charged to the token budget, trimmed by it, dropped at a
+preemption), the trained draft's acceptance, and the run across processes (target TP=2 on two ranks, the draft on a
+third: same tokens as the plain target)."""
 from __future__ import annotations
 
 import random
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from helpers import launch
+from helpers.course.engine import LLMEngine, SchedulerConfig
 from helpers.course.speculative import (DraftModelProposer, NgramProposer, SpeculativeEngine, generate_speculative,
                                         ngram_propose, plain_greedy, speculative_tp_job)
 from helpers.course.tiny_llama import PROMPT, encode, load_model
@@ -82,8 +84,8 @@ def reference(model):
                                                       ("draft", 2, 3, True)])
 def test_speculative_engine_gives_plain_greedy_tokens(model, reference, proposer, k, batch, caching):
     chosen = NgramProposer() if proposer == "ngram" else DraftModelProposer()
-    engine = SpeculativeEngine.paged(model, proposer=chosen, num_speculative_tokens=k, block_size=8,
-                                     enable_prefix_caching=caching)
+    engine = LLMEngine.paged(model, num_blocks=128, block_size=8, enable_prefix_caching=caching, proposer=chosen,
+                             num_speculative_tokens=k)
     got = []
     for i in range(0, len(PROMPTS), batch):
         got += generate_speculative(engine, PROMPTS[i:i + batch], 40)
@@ -94,8 +96,58 @@ def test_speculative_engine_gives_plain_greedy_tokens(model, reference, proposer
         assert again == reference[:1]
 
 
+def _recording(engine):
+    """Wrap the engine's scheduler: per step, (drafts each running request held before it, the SchedulerOutput)."""
+    steps, schedule = [], engine.scheduler.schedule
+
+    def recorded(*args, **kwargs):
+        held = {r.rid: len(r.spec_token_ids) for r in engine.scheduler.running}
+        output = schedule(*args, **kwargs)
+        steps.append((held, output))
+        return output
+    engine.scheduler.schedule = recorded
+    return steps
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_drafts_are_scheduled_tokens_under_the_budget_and_preemption(model, reference, proposer):
+    """vLLM's rule: a request's drafts are tokens of its step (num_new_tokens = 1 + drafts), charged to
+    max_num_batched_tokens; a budget that cuts the request short trims them; a preempted request loses them. With a
+    budget of 8 and 32 blocks of 4 for three requests of up to 92 tokens, all three happen, and the tokens stay
+    plain greedy decoding's."""
+    chosen = NgramProposer() if proposer == "ngram" else DraftModelProposer()
+    engine = LLMEngine.paged(model, num_blocks=32, block_size=4, proposer=chosen, num_speculative_tokens=4,
+                             config=SchedulerConfig(max_num_batched_tokens=8))
+    steps = _recording(engine)
+    assert generate_speculative(engine, PROMPTS, 40) == reference
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    assert engine.scheduler.num_preemptions > 0
+    assert all(output.total_num_scheduled_tokens <= 8 for _, output in steps)
+    verified = [(held, output, rid) for held, output in steps for rid in output.spec_decode_tokens]
+    assert len(verified) == engine.spec_stats.num_drafts > 0
+    for held, output, rid in verified:           # the drafts ride in the request's share of the budget
+        assert output.num_scheduled_tokens[rid] == 1 + len(output.spec_decode_tokens[rid]) <= 1 + held[rid]
+    assert any(len(output.spec_decode_tokens.get(r.rid, ())) < held.get(r.rid, 0)                 # trimmed
+               for held, output in steps for r in output.scheduled)
+
+
+def test_sampled_drafts_trimmed_by_the_budget_keep_their_probabilities(model):
+    """Temperature 0.8 with the draft model's distributions: a trimmed proposal's draft probs are trimmed with it
+    (exercise 10.1 checks their shape), every request gets its tokens, every slot comes back."""
+    engine = LLMEngine.paged(model, num_blocks=64, block_size=4, proposer=DraftModelProposer(),
+                             num_speculative_tokens=4, config=SchedulerConfig(max_num_batched_tokens=8))
+    steps = _recording(engine)
+    out = generate_speculative(engine, PROMPTS, 24, temperature=0.8, seed=3)
+    assert any(0 < len(output.spec_decode_tokens.get(r.rid, ())) < held.get(r.rid, 0)      # some, not all, verified
+               for held, output in steps for r in output.scheduled)
+    assert [len(tokens) for tokens in out] == [24] * len(PROMPTS)
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    assert engine.spec_stats.num_accepted_tokens > 0
+
+
 def test_trained_draft_needs_at_most_half_a_target_forward_per_token(model, reference):
     engine = SpeculativeEngine.paged(model, proposer=DraftModelProposer(), num_speculative_tokens=4)
+    assert type(engine) is LLMEngine                               # the old name builds the one engine
     assert generate_speculative(engine, PROMPTS[:1], 40) == reference[:1]
     stats = engine.spec_stats
     assert stats.forwards_per_token <= 0.5, stats

@@ -1,30 +1,32 @@
-"""Speculative decoding on the course's engine (chapter 10): proposers, the engine step that verifies k+1 positions
-in one forward, and the same across processes (the target tensor-parallel on two ranks, the draft on a third).
+"""Speculative decoding on the course's engine (chapter 10): the proposers that plug into LLMEngine, its counters,
+and the same across processes (the target tensor-parallel on two ranks, the draft on a third).
 
-    from helpers.course.speculative import NgramProposer, DraftModelProposer, SpeculativeEngine, generate_speculative
+    from helpers.course.engine import LLMEngine
+    from helpers.course.speculative import NgramProposer, DraftModelProposer, generate_speculative
 
-    engine = SpeculativeEngine.paged(proposer=DraftModelProposer(), num_speculative_tokens=4)
+    engine = LLMEngine.paged(proposer=DraftModelProposer(), num_speculative_tokens=4)
     tokens = generate_speculative(engine, [encode(PROMPT)], max_tokens=60)[0]   # = plain greedy decoding's tokens
     engine.spec_stats            # drafts proposed, accepted (per position), target forwards, tokens generated
 
-How a step goes (vLLM V1: vllm/v1/core/sched/scheduler.py, `schedule` and `update_from_output`; the proposers in
-vllm/v1/spec_decode/):
-  1. the scheduler (exercise 7.4) schedules each decoding request's one uncomputed token, and the KV cache manager
-     reserves `num_lookahead_tokens` = k more slots past it (SchedulerConfig.num_lookahead_tokens, vLLM's
-     `allocate_slots(..., num_lookahead_tokens=...)`), for the draft tokens;
-  2. the proposer guesses up to k tokens per decoding request (`propose`: n-gram prompt lookup, or a draft model
-     running k small forwards on its own paged cache);
-  3. the target runs ONE forward over every request's last token and its drafts (a k+1-token causal chunk each;
-     prompt chunks of other requests in the same forward), and returns the logits of all k+1 positions;
+Speculation is a part of the one engine loop (LLMEngine.step, helpers/course/engine/engine.py), as in vLLM V1
+(vllm/v1/core/sched/scheduler.py `schedule` and `update_from_output`; vllm/v1/worker/gpu_model_runner.py
+`propose_draft_token_ids`; vllm/v1/engine/core.py `post_step`; the proposers in vllm/v1/spec_decode/):
+  1. after a step, the proposer guesses up to k tokens for each request that is decoding (`propose`: n-gram prompt
+     lookup, or a draft model running k small forwards on its own paged cache); they wait in
+     `request.spec_token_ids`;
+  2. the next step's scheduler (exercise 7.4, unchanged) sees the request's num_new_tokens = 1 + k (its last token
+     and the drafts: vLLM's num_tokens_with_spec) and charges them to the token budget; the KV cache manager
+     allocates their slots like any scheduled token's;
+  3. the target runs ONE forward over every scheduled token (a k+1-token causal chunk per speculating request,
+     prompt chunks of other requests in the same forward) and returns the logits of all positions;
   4. exercise 10.2 (`verify_and_rollback`, with exercise 10.1's rejection sampler) keeps the accepted tokens and
-     one target token, and rolls the rejected tokens' slots back (KVCacheManager.rollback).
+     one target token, and rolls the rejected tokens' slots back (KVCacheManager.rollback; vLLM:
+     num_computed_tokens -= num_rejected).
 Draft tokens are never in `request.tokens` until accepted, so the KV cache manager, which hashes blocks only up to
 `request.num_tokens` (vllm/v1/core/kv_cache_manager.py `allocate_slots`: "only finalized tokens are cached"),
-never registers a rejected token's keys and values in the prefix cache. Unlike vLLM, the draft tokens are not
-charged to the step's token budget here (they ride in the look-ahead slots): a simplification that does not
-change any token.
+never registers a rejected token's keys and values in the prefix cache.
 
-Proposers (`propose(requests, k) -> {rid: (draft token ids, draft probs [n, vocab] or None)}`):
+Proposers (`propose(requests, k) -> {rid: (draft token ids, draft probs [n, vocab] or None)}`; `release(rid)`):
   NgramProposer        vLLM's prompt lookup (vllm/v1/spec_decode/ngram_proposer.py,
                        `_find_longest_matched_ngram_and_propose_tokens`): the longest n-gram, prompt_lookup_min <= n
                        <= prompt_lookup_max, that ends the request's tokens and occurs earlier; of equally long
@@ -34,26 +36,23 @@ Proposers (`propose(requests, k) -> {rid: (draft token ids, draft probs [n, voca
                        paged KV cache: it catches up on the tokens it has not seen (the accepted ones and the target's
                        token), then drafts k tokens one forward each, greedy or sampled from its own distribution
                        q with the request's temperature (vllm/v1/spec_decode/draft_model.py + llm_base_proposer.py).
+                       Its keys and values live in its own cache, so the target reserves no look-ahead slots
+                       (vLLM's num_lookahead_tokens is 0 for n-gram; a draft model sharing the target's blocks
+                       needs k).
 
 Across processes (`speculative_tp_job`, 3 ranks on gloo via helpers.launch): ranks 0 and 1 hold the target sharded
-by chapter 2's `shard_llama` (TP=2 within a sub-group) and each runs the same SpeculativeEngine in lockstep (as the
-course's TP replicas do); rank 2 holds the draft. Every step rank 0 broadcasts each decoding request's tokens (the
-verdict of the previous step is in them: the accepted tokens and the target's token), rank 2 answers with its
-proposals, and both target ranks verify them identically.
+by chapter 2's `shard_llama` (TP=2 within a sub-group) and each runs the same engine in lockstep (as the course's
+TP replicas do); rank 2 holds the draft. After every step rank 0 broadcasts each decoding request's tokens (the
+verdict of the step is in them: the accepted tokens and the target's token), rank 2 answers with its proposals, and
+both target ranks verify them identically in the next step.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from helpers.course.engine.engine import LLMEngine
-from helpers.course.engine.kv_cache_manager import KVCacheManager
-from helpers.course.engine.request import RequestStatus
-from helpers.course.engine.runner import PagedRunner
-from helpers.course.engine.scheduler import SchedulerConfig
-from helpers.course.engine.stats import StepRecord
 from helpers.impl import load_impl
 
 __all__ = ["target_probs_for", "ngram_propose", "NgramProposer", "DraftModelProposer", "SpeculativeEngine",
@@ -187,7 +186,7 @@ class DraftModelProposer:
         self.generators.pop(rid, None)
 
 
-# ---------------------------------------------------------------------------------------------- the engine
+# ---------------------------------------------------------------------------------------------- counters, the engine
 @dataclass
 class SpecStats:
     """vLLM's spec-decode metrics (vllm/v1/spec_decode/metrics.py: num_drafts, num_draft_tokens,
@@ -214,125 +213,22 @@ class SpecStats:
         return self.target_forwards / self.tokens_generated if self.tokens_generated else float("nan")
 
 
-class SpeculativeEngine(LLMEngine):
-    """LLMEngine whose step also verifies proposals (module docstring). proposer: NgramProposer,
-    DraftModelProposer or anything with propose(requests, k) and release(rid); num_speculative_tokens: k (the
-    SchedulerConfig's num_lookahead_tokens is set to it). verify: exercise 10.2 (default: load_impl)."""
+class SpeculativeEngine:
+    """Not an engine of its own: the name chapter 10 first used for the one engine with a proposer.
+    SpeculativeEngine.paged(model, proposer, num_speculative_tokens, ...) is LLMEngine.paged(model, ...,
+    proposer=proposer, num_speculative_tokens=...) with this chapter's defaults (n-gram lookup, k = 4, 128 blocks);
+    the speculation itself is a part of LLMEngine.step (helpers/course/engine/engine.py)."""
 
-    def __init__(self, runner, kv, proposer, num_speculative_tokens: int, config: SchedulerConfig | None = None,
-                 verify=None, **options):
-        if num_speculative_tokens < 0:
-            raise ValueError(f"num_speculative_tokens={num_speculative_tokens} must be >= 0")
-        config = config or SchedulerConfig()
-        config = SchedulerConfig(**{**vars(config), "num_lookahead_tokens": num_speculative_tokens})
-        super().__init__(runner, kv, config=config, **options)
-        self.proposer, self.k = proposer, num_speculative_tokens
-        self.verify = verify or load_impl("speculative_decoding").verify_and_rollback
-        self.spec_stats = SpecStats(accepted_per_pos=[0] * num_speculative_tokens)
-
-    @classmethod
-    def paged(cls, model=None, proposer=None, num_speculative_tokens: int = 4, num_blocks: int = 128,
-              block_size: int = 16, enable_prefix_caching: bool = False, **options) -> "SpeculativeEngine":
-        from helpers.course.paged_llama import PagedLlamaRunner
-        paged = PagedLlamaRunner(model, num_blocks=num_blocks, block_size=block_size,
-                                 prefix_caching=enable_prefix_caching)
-        kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, block_manager=paged.manager)
-        engine = cls(PagedRunner(paged), kv, proposer or NgramProposer(), num_speculative_tokens, **options)
-        engine.paged_model = paged
-        return engine
-
-    @torch.no_grad()
-    def step(self):
-        started, start = time.perf_counter(), self.clock.now()
-        output = self.scheduler.schedule(admit=not (self.batching == "static" and self.scheduler.running))
-        if not output.scheduled:
-            self._unschedulable()
-            return self._finished([])
-        for request in output.admitted:
-            if request.started is None:
-                request.started = start
-        for request in output.preempted:
-            self.runner.release(request.rid)
-            self.proposer.release(request.rid)
-        decoding = [r for r in output.scheduled if output.num_scheduled_tokens[r.rid] == 1 and r.tokens
-                    and r.num_computed_tokens == r.num_tokens - 1]
-        limit = getattr(self.runner.paged, "max_positions", None) or 1 << 30
-        # no more drafts than the request may still emit after the target's own token, nor past the model's positions
-        room = {r.rid: min(self.k, r.max_tokens - len(r.tokens) - 1, limit - r.num_tokens) for r in decoding}
-        asked = [r for r in decoding if room[r.rid] > 0]
-        proposals = self.proposer.propose(asked, self.k) if asked else {}
-        batch, plan = [], []
-        for request in output.scheduled:
-            n, first = output.num_scheduled_tokens[request.rid], request.num_computed_tokens
-            drafts, probs = proposals.get(request.rid, ([], None))
-            drafts = list(drafts)[:room.get(request.rid, 0)]
-            if probs is not None:
-                probs = probs[:len(drafts)]
-            batch.append((request.rid, request.all_token_ids[first:first + n] + drafts, first))
-            plan.append((request, n, drafts, probs))
-        logits = self.runner.paged.forward_batch(batch, all_logits=True)      # every position of every entry
-        self.spec_stats.target_forwards += 1
-        rows, decodes, chunks, now_tokens = 0, [], [], []
-        for request, n, drafts, probs in plan:
-            mine = logits[rows:rows + n + len(drafts)]
-            rows += n + len(drafts)
-            if request in decoding:
-                decodes.append(request.rid)
-            else:
-                chunks.append((request.rid, n))
-            due = request.num_computed_tokens + n == request.num_tokens
-            if not due:                          # a prompt chunk that is not the last: nothing to sample
-                request.num_computed_tokens += n
-                self.kv.rollback(request, request.num_computed_tokens)         # the unused look-ahead slots
-                continue
-            if drafts:
-                before = len(request.tokens)
-                self.verify(request, drafts, mine[n - 1:], self.kv, probs)
-                emitted = len(request.tokens) - before
-                self._count(len(drafts), emitted)
-                now_tokens.append((request, emitted))
-                continue
-            request.num_computed_tokens += n
-            self.kv.rollback(request, request.num_computed_tokens)
-            now_tokens.append((request, None, mine[n - 1]))
-        seconds = self.clock.step(len(decodes), sum(n for _, n in chunks) + sum(len(d) for _, _, d, _ in plan),
-                                  time.perf_counter() - started)
-        now = self.clock.now()
-        for item in now_tokens:
-            request = item[0]
-            if request.status != RequestStatus.RUNNING:
-                continue
-            if len(item) == 3:
-                self._append(request, item[2], now)
-                self.spec_stats.tokens_generated += 1
-            else:
-                request.token_times.extend([now] * item[1])
-                self.tokens_generated += item[1]
-                self.spec_stats.tokens_generated += item[1]
-        self.num_steps += 1
-        if self.record_steps:
-            self.steps.append(StepRecord(start, seconds, tuple(decodes), tuple(chunks),
-                                         tuple(r.rid for r in output.preempted)))
-        self.busy_seconds += seconds
-        return self._finished([r for r in output.scheduled if r.done and r.status == RequestStatus.RUNNING])
-
-    def _count(self, num_drafts: int, emitted: int) -> None:
-        stats = self.spec_stats
-        accepted = max(0, min(emitted - 1, num_drafts))      # emitted = accepted drafts + the target's token
-        stats.num_drafts += 1
-        stats.num_draft_tokens += num_drafts
-        stats.num_accepted_tokens += accepted
-        for i in range(accepted):
-            stats.accepted_per_pos[i] += 1
-
-    def _retire(self, request, status, now=None) -> None:
-        super()._retire(request, status, now)
-        self.proposer.release(request.rid)
+    @staticmethod
+    def paged(model=None, proposer=None, num_speculative_tokens: int = 4, num_blocks: int = 128,
+              **options) -> LLMEngine:
+        return LLMEngine.paged(model, num_blocks=num_blocks, proposer=proposer or NgramProposer(),
+                               num_speculative_tokens=num_speculative_tokens, **options)
 
 
 def generate_speculative(engine: LLMEngine, prompts, max_tokens: int, temperature: float = 0.0,
                          seed: int | None = None) -> list[list[int]]:
-    """Serve every prompt to max_tokens on `engine` (a SpeculativeEngine, or a plain LLMEngine for the reference);
+    """Serve every prompt to max_tokens on `engine` (an LLMEngine with a proposer, or without for the reference);
     returns the generated ids per prompt, in order. Failed requests raise."""
     from helpers.course.engine.request import Request
     requests = [Request(i, p, max_tokens=max_tokens, temperature=temperature,
@@ -408,7 +304,8 @@ def serve_proposals(proposer) -> int:
 
 def speculative_tp_job(rank, world_size, prompts, max_tokens: int, k: int = 4, temperature: float = 0.0,
                        seed: int | None = None):
-    """3 ranks: 0 and 1 the target at TP=2 (shard_llama over a sub-group) running SpeculativeEngine in lockstep,
+    """3 ranks: 0 and 1 the target at TP=2 (shard_llama over a sub-group), each an LLMEngine with the remote
+    proposer, in lockstep,
     2 the draft model. Returns, on the target ranks, (generated ids per prompt, spec stats as a dict, proposal
     rounds); on the draft rank (None, None, rounds served)."""
     import torch.distributed as dist
@@ -421,7 +318,7 @@ def speculative_tp_job(rank, world_size, prompts, max_tokens: int, k: int = 4, t
         return None, None, serve_proposals(DraftModelProposer())
     model = load_impl("tp_llama").shard_llama(load_model(), group=tp_group)
     proposer = RemoteProposer(draft_rank=2)
-    engine = SpeculativeEngine.paged(model, proposer=proposer, num_speculative_tokens=k)
+    engine = LLMEngine.paged(model, num_blocks=128, proposer=proposer, num_speculative_tokens=k)
     try:
         tokens = generate_speculative(engine, prompts, max_tokens, temperature, seed)
     finally:

@@ -18,6 +18,14 @@ What differs between the course's replicas is a part, not a copy of this loop (n
                batching: "continuous" (vLLM), "static" (nothing joins a batch until all of it is done),
                "none" (one request at a time)
   a connector  kv_connector.py: KV that another process or tier supplies (none by default)
+  a proposer   speculative decoding (chapter 10, helpers/course/speculative.py: n-gram lookup, a draft model):
+               after a step it guesses up to num_speculative_tokens tokens per decoding request
+               (request.spec_token_ids); the next schedule charges them to the token budget as tokens of that
+               request, the paged runner scores every position of the step in its one forward, and exercise 10.2
+               (verify_and_rollback) keeps the accepted ones and rolls the rest back. vLLM V1 the same way:
+               scheduler.py `schedule` (num_tokens_with_spec) and `update_from_output` (num_computed_tokens -=
+               num_rejected), gpu_model_runner.py `propose_draft_token_ids` after sampling, EngineCore.post_step
+               handing the drafts to the scheduler (`update_draft_token_ids`).
 
 One request's failure is that request's alone: a step that raises is run again one request at a time, and only
 the request that raises fails; a sampling error fails only its request. A server answers a failed request with
@@ -48,12 +56,19 @@ class LLMEngine:
     """runner: runner.py; kv: a KVCacheManager (or UnlimitedKV); config: SchedulerConfig; clock: WallClock or
     ModelledClock; connector: a KVConnector or None; batching: continuous, static or none; schedule_step: the
     step function (default exercise 7.4's, by load_impl); record_steps: keep a StepRecord per step (a long-lived
-    server counts steps only)."""
+    server counts steps only). proposer: None, or speculative decoding's (anything with propose(requests, k) ->
+    {rid: (draft ids, draft probs [n, vocab] or None)} and release(rid)), with num_speculative_tokens = k >= 1 and
+    verify (default exercise 10.2's verify_and_rollback, by load_impl); needs a paged runner. spec_stats: its
+    counters (helpers/course/speculative.py SpecStats; None without a proposer)."""
 
     def __init__(self, runner, kv=None, config: SchedulerConfig | None = None, clock=None, connector=None,
-                 batching: str = "continuous", schedule_step=None, record_steps: bool = True):
+                 batching: str = "continuous", schedule_step=None, record_steps: bool = True, proposer=None,
+                 num_speculative_tokens: int = 0, verify=None):
         if batching not in BATCHING:
             raise ValueError(f"batching={batching!r}: choose one of {', '.join(BATCHING)}")
+        if proposer is not None and (num_speculative_tokens < 1 or getattr(runner, "paged", None) is None):
+            raise ValueError(f"a proposer needs num_speculative_tokens >= 1 (got {num_speculative_tokens}) and a "
+                             f"paged runner (got {type(runner).__name__}): the verification scores every position")
         config = config or SchedulerConfig()
         if batching == "none" and config.max_num_seqs != 1:
             config = SchedulerConfig(**{**vars(config), "max_num_seqs": 1})
@@ -67,6 +82,13 @@ class LLMEngine:
         self.record_steps, self.num_steps = record_steps, 0
         self.busy_seconds = 0.0                 # time spent in steps (wall) or modelled: the replica's utilisation
         self.tokens_generated = 0
+        self.proposer, self.num_speculative_tokens, self.spec_stats = proposer, num_speculative_tokens, None
+        self._draft_probs: dict = {}            # rid -> the draft distributions of its spec_token_ids (or None)
+        if proposer is not None:
+            from helpers.course.speculative import SpecStats
+            from helpers.impl import load_impl
+            self.verify = verify or load_impl("speculative_decoding").verify_and_rollback
+            self.spec_stats = SpecStats(accepted_per_pos=[0] * num_speculative_tokens)
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -136,7 +158,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self) -> list[Request]:
-        """Schedule, run one forward, sample; returns the requests that finished in this step."""
+        """Schedule, run one forward, sample (or verify a request's drafts), propose; returns the requests that
+        finished in this step."""
         started, start = time.perf_counter(), self.clock.now()
         output = self.scheduler.schedule(admit=not (self.batching == "static" and self.scheduler.running))
         if not output.scheduled:
@@ -147,22 +170,33 @@ class LLMEngine:
                 request.started = start
         for request in output.preempted:
             self.runner.release(request.rid)
+            self._release_drafts(request.rid)
         self._load_external(output)
         logits = self._execute(output)
-        decodes, chunks = [], []
+        decodes, chunks, num_drafts = [], [], 0
         for request in output.scheduled:
-            n = output.num_scheduled_tokens[request.rid]
+            drafts = len(output.spec_decode_tokens.get(request.rid, ()))
+            n = output.num_scheduled_tokens[request.rid] - drafts       # the request's own tokens
             if n == 1 and request.tokens and request.num_computed_tokens == request.num_tokens - 1:
                 decodes.append(request.rid)
             else:
                 chunks.append((request.rid, n))
-            request.num_computed_tokens += n
-        seconds = self.clock.step(len(decodes), sum(n for _, n in chunks), time.perf_counter() - started)
+            num_drafts += drafts
+            if not drafts:                       # with drafts, exercise 10.2 counts what was computed
+                request.num_computed_tokens += n
+        seconds = self.clock.step(len(decodes), sum(n for _, n in chunks) + num_drafts,
+                                  time.perf_counter() - started)
         now = self.clock.now()
         for request in output.scheduled:
             if request.rid in logits and request.status == RequestStatus.RUNNING:
-                self._append(request, logits[request.rid], now)
+                if request.rid in output.spec_decode_tokens:
+                    self._verify(request, output.spec_decode_tokens[request.rid], logits[request.rid], now)
+                else:
+                    self._append(request, logits[request.rid], now)
         self._save_external(output)
+        if self.proposer is not None:
+            self.spec_stats.target_forwards += 1
+            self._propose(output.scheduled)
         self.num_steps += 1
         if self.record_steps:
             self.steps.append(StepRecord(start, seconds, tuple(decodes), tuple(chunks),
@@ -171,8 +205,9 @@ class LLMEngine:
         return self._finished([r for r in output.scheduled if r.done and r.status == RequestStatus.RUNNING])
 
     def _execute(self, output: SchedulerOutput) -> dict:
+        run = self._score if self.proposer is not None else self.runner.execute
         try:
-            return self.runner.execute(output, self.kv)
+            return run(output, self.kv)
         except Exception as e:
             if len(output.scheduled) == 1:
                 self.fail(output.scheduled[0], e)
@@ -180,11 +215,75 @@ class LLMEngine:
         logits = {}
         for request in list(output.scheduled):     # find the request that breaks the step: each alone
             alone = SchedulerOutput({request.rid: output.num_scheduled_tokens[request.rid]}, [request])
+            if request.rid in output.spec_decode_tokens:
+                alone.spec_decode_tokens[request.rid] = output.spec_decode_tokens[request.rid]
             try:
-                logits.update(self.runner.execute(alone, self.kv))
+                logits.update(run(alone, self.kv))
             except Exception as e:
                 self.fail(request, e)
         return logits
+
+    # ------------------------------------------------------------------ speculative decoding (a proposer)
+    def _score(self, output: SchedulerOutput, kv) -> dict:
+        """The paged runner's one forward over every scheduled token, draft tokens included (each request's own
+        tokens, then its drafts: one causal chunk), with the logits of every position (forward_batch(...,
+        all_logits=True)). Returns {rid: logits} for the requests due a token: [vocab] for a request without
+        drafts, [1 + drafts, vocab] for one with (row i follows its last token and drafts 0 .. i - 1)."""
+        batch, spans = [], []
+        for request in output.scheduled:
+            drafts = output.spec_decode_tokens.get(request.rid, [])
+            first = request.num_computed_tokens
+            n = output.num_scheduled_tokens[request.rid] - len(drafts)
+            batch.append((request.rid, request.all_token_ids[first:first + n] + list(drafts), first))
+            spans.append((request, n, len(drafts), first + n == request.num_tokens))
+        logits = self.runner.paged.forward_batch(batch, all_logits=True)       # [all scheduled tokens, vocab]
+        out, row = {}, 0
+        for request, n, drafts, due in spans:
+            if due:
+                out[request.rid] = logits[row + n - 1:row + n + drafts] if drafts else logits[row + n - 1]
+            row += n + drafts
+        return out
+
+    def _verify(self, request: Request, drafts: list, logits, now: float) -> None:
+        """Exercise 10.2 on one request: keep the accepted drafts and one target token, roll the rest back."""
+        probs = self._draft_probs.pop(request.rid, None)
+        probs = None if probs is None else probs[:len(drafts)]
+        before = len(request.tokens)
+        try:
+            self.verify(request, drafts, logits, self.kv, probs)
+        except Exception as e:
+            self.fail(request, e)
+            return
+        emitted = len(request.tokens) - before
+        request.token_times.extend([now] * emitted)
+        self.tokens_generated += emitted
+        stats = self.spec_stats
+        accepted = max(0, min(emitted - 1, len(drafts)))      # emitted = accepted drafts + the target's token
+        stats.num_drafts += 1
+        stats.num_draft_tokens += len(drafts)
+        stats.num_accepted_tokens += accepted
+        stats.tokens_generated += emitted
+        for i in range(accepted):
+            stats.accepted_per_pos[i] += 1
+
+    def _propose(self, scheduled: list) -> None:
+        """After the step (vLLM's propose_draft_token_ids): drafts for every request of the step that is decoding
+        (a token sampled, nothing else to compute), at most k, and no more than it may still emit after the target's
+        own token next step, nor past the model's positions. They wait in request.spec_token_ids."""
+        k, limit = self.num_speculative_tokens, getattr(self.runner.paged, "max_positions", None) or 1 << 30
+        room = {r.rid: min(k, r.max_tokens - len(r.tokens) - 1, limit - r.num_tokens) for r in scheduled
+                if r.status == RequestStatus.RUNNING and r.tokens and r.num_computed_tokens == r.num_tokens - 1}
+        asked = [r for r in scheduled if room.get(r.rid, 0) > 0]
+        proposals = self.proposer.propose(asked, k) if asked else {}
+        for request in asked:
+            drafts, probs = proposals.get(request.rid, ([], None))
+            request.spec_token_ids = [int(t) for t in drafts][:room[request.rid]]
+            self._draft_probs[request.rid] = None if probs is None else probs[:len(request.spec_token_ids)]
+
+    def _release_drafts(self, rid) -> None:
+        if self.proposer is not None:
+            self.proposer.release(rid)
+            self._draft_probs.pop(rid, None)
 
     def _append(self, request: Request, logits, now: float) -> None:
         try:
@@ -198,6 +297,8 @@ class LLMEngine:
         request.tokens.append(token)
         request.token_times.append(now)
         self.tokens_generated += 1
+        if self.spec_stats is not None:
+            self.spec_stats.tokens_generated += 1
 
     def _finished(self, done: list[Request]) -> list[Request]:
         now = self.clock.now()
@@ -213,6 +314,7 @@ class LLMEngine:
     def _retire(self, request: Request, status: RequestStatus, now: float | None = None) -> None:
         self.scheduler.finish(request, status)
         self.runner.release(request.rid)
+        self._release_drafts(request.rid)
         if request in self.held and status != RequestStatus.FINISHED:
             self.held.remove(request)
         request.finished = self.clock.now() if now is None else now

@@ -58,6 +58,7 @@ class Request:
         if self.temperature > 0:
             self.generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
         self.tokens: list[int] = []               # generated so far
+        self.spec_token_ids: list[int] = []       # a proposer's draft tokens, to verify next step (chapter 10)
         self.output_logprobs: list[dict] = []     # one per generated token when logprobs is not None
         self.num_computed_tokens = 0              # of prompt + tokens, in the KV cache
         self.status = RequestStatus.WAITING
@@ -84,9 +85,15 @@ class Request:
         return self.prompt + self.tokens
 
     @property
+    def num_tokens_with_spec(self) -> int:
+        """num_tokens and the draft tokens waiting to be verified (vLLM's name): what the scheduler catches up to."""
+        return self.num_tokens + len(self.spec_token_ids)
+
+    @property
     def num_new_tokens(self) -> int:
-        """Tokens to compute before the next sample: a prompt (chunk) or, once caught up, 1."""
-        return self.num_tokens - self.num_computed_tokens
+        """Tokens to compute before the next sample: a prompt (chunk) or, once caught up, 1 (1 + its draft tokens
+        when a proposer gave it some: vLLM's num_tokens_with_spec - num_computed_tokens)."""
+        return self.num_tokens_with_spec - self.num_computed_tokens
 
     @property
     def done(self) -> bool:

@@ -16,6 +16,13 @@ step itself is exercise 7.4, `schedule_step` in labs/chunked_prefill.py, which t
     its blocks are freed, its computed tokens reset to 0, its generated tokens kept, and it goes back to the
     head of the waiting queue; a step that preempted admits no one.
 
+Speculative decoding (chapter 10) changes no rule: a request that a proposer gave k draft tokens
+(`request.spec_token_ids`, set after the previous step) has `num_new_tokens` = 1 + k — its last sampled token and
+the drafts — so the step charges the drafts to the token budget like any token and allocates their slots (vLLM:
+`num_tokens_with_spec` in `schedule`). The schedule hands the drafts it scheduled to the engine
+(`SchedulerOutput.spec_decode_tokens`, vLLM's `scheduled_spec_decode_tokens`; trimmed when the budget cut the
+request short) and clears them from the request; a preempted request's drafts are dropped (`_preempt_request`).
+
 `policy="decode_first"` is the contrast chapter 7 draws: Sarathi-Serve's and vLLM V0's chunked prefill, which
 schedules the running decodes before any prompt chunk. The scheduler hands exercise 7.4 the running queue with
 the decoding requests first (admission order otherwise); the step's rules are the same.
@@ -50,7 +57,7 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0          # 0: no cap per request
     enable_chunked_prefill: bool = True
     full_sequence_must_fit: bool = True            # vLLM's admission gate (scheduler_reserve_full_isl)
-    num_lookahead_tokens: int = 0                  # slots reserved past the last token (speculative decoding)
+    num_lookahead_tokens: int = 0                  # slots past the scheduled tokens (vLLM: EAGLE's drafter KV)
     policy: str = "fcfs"
 
     def __post_init__(self):
@@ -73,6 +80,7 @@ class SchedulerOutput:
     admitted: list = field(default_factory=list)
     preempted: list = field(default_factory=list)
     external: dict = field(default_factory=dict)      # rid -> (start, count) a connector loads before the step
+    spec_decode_tokens: dict = field(default_factory=dict)   # rid -> the draft tokens scheduled (verified after)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -188,6 +196,7 @@ class Scheduler:
         output.scheduled = [by_rid[rid] for rid in output.num_scheduled_tokens if rid in by_rid]
         output.admitted = [r for r in self.running if id(r) in waiting_before]
         self._check(output)
+        self._take_drafts(output)
         for request in output.admitted:
             self._counter += 1
             self._admitted_order[request.rid] = self._counter
@@ -198,8 +207,27 @@ class Scheduler:
         self.num_preemptions += len(output.preempted)
         return output
 
+    @staticmethod
+    def _take_drafts(output: SchedulerOutput) -> None:
+        """vLLM's `schedule`: the scheduled share of each request's drafts goes to the step (num_new_tokens +
+        num_computed_tokens - num_tokens of them), and the request's list is cleared (the proposer sets it again
+        after the step); a preempted request's drafts are dropped."""
+        for request in output.scheduled:
+            drafts = getattr(request, "spec_token_ids", None)
+            if not drafts:
+                continue
+            n = output.num_scheduled_tokens[request.rid] + request.num_computed_tokens - request.num_tokens
+            if n > 0:
+                output.spec_decode_tokens[request.rid] = list(drafts[:n])
+            request.spec_token_ids = []
+        for request in output.preempted:
+            if getattr(request, "spec_token_ids", None):
+                request.spec_token_ids = []
+
     def finish(self, request: Request, status: RequestStatus = RequestStatus.FINISHED) -> None:
         """Take a request out of the queues and give its blocks back."""
+        if getattr(request, "spec_token_ids", None):
+            request.spec_token_ids = []
         if request in self.running:
             self.running.remove(request)
         if request in self.waiting:
