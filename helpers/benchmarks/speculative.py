@@ -1,4 +1,5 @@
 """Speculative decoding on the course's engine (chapter 10): acceptance, target forwards per token, modelled speed-up.
+The engine is the course's one LLMEngine with a proposer (LLMEngine.paged(..., proposer=..., num_speculative_tokens=k)).
 
     python -m helpers.bench speculative
 
@@ -40,8 +41,7 @@ def prompts() -> dict:
 
 def run() -> None:
     from helpers.course.engine import LLMEngine
-    from helpers.course.speculative import (DraftModelProposer, NgramProposer, SpeculativeEngine,
-                                            generate_speculative, modelled_speedup)
+    from helpers.course.speculative import DraftModelProposer, NgramProposer, generate_speculative, modelled_speedup
     from helpers.course.tiny_llama import load_model
     torch.set_num_threads(1)
     model, chosen = load_model(), prompts()
@@ -55,7 +55,7 @@ def run() -> None:
     measured = {}
     for name, make in [("n-gram", NgramProposer), ("draft model", DraftModelProposer)]:
         for k in KS:
-            engine = SpeculativeEngine.paged(model, proposer=make(), num_speculative_tokens=k, num_blocks=64)
+            engine = LLMEngine.paged(model, num_blocks=64, proposer=make(), num_speculative_tokens=k)
             start = time.perf_counter()
             got = [generate_speculative(engine, [ids], MAX_TOKENS)[0] for ids in chosen.values()]
             seconds = time.perf_counter() - start
