@@ -173,8 +173,8 @@ def test_stored_vllm_ngram_run_agrees_with_the_course(model):
     stored = json.loads(RESULT_PATH.read_text())
     for name, ids in stored["prompts"].items():
         theirs = stored["vllm"]["per_prompt"][name]
-        engine = SpeculativeEngine.paged(model, proposer=NgramProposer(*stored["prompt_lookup"]),
-                                         num_speculative_tokens=stored["k"])
+        engine = LLMEngine.paged(model, num_blocks=128, proposer=NgramProposer(*stored["prompt_lookup"]),
+                                 num_speculative_tokens=stored["k"])
         assert generate_speculative(engine, [ids], stored["max_tokens"])[0] == theirs["ids"], name
         ours = engine.spec_stats
         assert ours.num_drafts == theirs["spec"]["num_drafts"], name
