@@ -10,8 +10,9 @@ Exercise 10.1  `rejection_sample`: keep a prefix of the draft's tokens and add o
                (`rejection_sample`, `rejection_random_sample_kernel`, `sample_recovered_tokens_kernel`, and
                `rejection_greedy_sample_kernel` for greedy requests).
 Exercise 10.2  `verify_and_rollback`: on the engine's paged KV cache, one request's verification step: the target
-               has just computed the keys and values of its last token and its k draft tokens (the engine reserved
-               the k look-ahead slots: SchedulerConfig.num_lookahead_tokens); keep the accepted tokens, count their
+               has just computed the keys and values of its last token and its k draft tokens (the scheduler
+               scheduled the drafts as tokens of the step, as vLLM's does, so their slots are allocated, charged to
+               the step's token budget); keep the accepted tokens, count their
                keys and values as computed, and give back the rejected tokens' slots (KVCacheManager.rollback: whole
                blocks freed, the last one truncated). vLLM: `Scheduler.update_from_output` in
                vllm/v1/core/sched/scheduler.py (`request.num_computed_tokens -= num_rejected`), and the prefix-cache

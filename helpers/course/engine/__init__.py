@@ -10,7 +10,8 @@
     clock.py             WallClock, ModelledClock, step_seconds (modelled device time)
     sampling.py          sample: greedy or temperature + top_p with the request's generator; token_logprobs
     stats.py             percentile (defined once), StepRecord, EngineResult
-    engine.py            LLMEngine.step: schedule → run → sample; run_requests: a replay with arrivals
+    engine.py            LLMEngine.step: schedule → run → sample (or, with a proposer, verify the drafts and
+                         propose the next: chapter 10's speculative decoding); run_requests: a replay with arrivals
     pipeline_runner.py   PipelineEngine: up to pp batches in flight through pipeline stages (vLLM's batch queue);
                          PipelineStageRunner, one stage's layers and their KV cache
 """

@@ -17,7 +17,7 @@ exercise 7.3's `PrefixCachingBlockManager` (labs/prefix_cache.py). The scheduler
 Metrics as vLLM counts them (`vllm/v1/metrics/stats.py` PrefixCacheStats): one lookup per admission, of
 request.num_tokens tokens; a preempted request's re-admission is recorded apart (preempted_queries /
 preempted_hits), not in queries / hits. KV events (kv_events.py) for every block stored in and removed from
-the cache. `rollback(request, num_tokens)` drops look-ahead slots whose tokens were rejected (chapter 10).
+the cache. `rollback(request, num_tokens)` drops the slots of draft tokens that were rejected (chapter 10).
 """
 from __future__ import annotations
 
