@@ -38,7 +38,7 @@ Chapter → module (helpers/course/...):
                              kv_offload.py          a host tier for the KV blocks a replica evicts, behind a connector
    10  faster decoding,      mla.py                 multi-head latent attention (DeepSeek-V3) and its latent KV cache
        DeepSeek serving      dp_attention.py        DP attention + EP MoE vs TP on a tiny MLA+MoE model; the dummy batch
-                             speculative.py         proposers (n-gram, a trained draft) for LLMEngine(proposer=), the TP run
+                             speculative.py         proposers (n-gram, a trained draft) for LLMEngine, the TP run
                              train_draft.py         trains the draft model (`python -m helpers.course.train_draft`)
                              eplb.py                EPLB: vLLM's replicate-and-pack placement, routing among copies
                              fp8_kv.py              an FP8 (e4m3) KV pool with per-tensor or per-head scales
