@@ -13,13 +13,30 @@ grader's own indexing, "the a collective", a line that announces something (ends
 
 One record format, `Mistake`, for new planted mistakes; the older files keep their own records (five formats,
 listed in the issue) and pass their fields to assert_caught through `mistake(...)`.
+
+The tests themselves are the same in every grader file, so they are written once, here (`planted_tests`): a
+grader binds them at module level,
+
+    planted_results, test_planted_mistakes_are_caught, test_valid_alternatives_pass, \
+        test_reference_passes_every_check = planted_tests("planted_ch09_routing", CHECKS, "solutions.kv_router")
+
+and pytest collects them as that file's tests (same ids: test_planted_mistakes_are_caught[<mistake name>]). The
+trust rule holds: every planted answer is built and checked in a launched rank (`planted_job`), never in the
+process that records a grade; the test process only reads the failure messages back. `names` reads the
+mistakes' names with ast, so collection imports no solution.
 """
 from __future__ import annotations
 
+import ast
+import importlib
+import pathlib
 import re
 from dataclasses import dataclass, field
 
+import pytest
+
 from helpers.grade import condense
+from helpers.launch import launch
 
 # Messages that explain nothing: (pattern, what is wrong with them).
 USELESS = [
@@ -84,3 +101,126 @@ def assert_passes(name: str, what: str, failures) -> None:
     line = learner_reads(failures)
     if line:
         raise AssertionError(f"valid answer {name!r} ({what}) was failed: {line}")
+
+
+# ------------------------------------------------------------------------- the planted tests of a grader file
+
+def names(module: str, table: str) -> list:
+    """The names in tests/graders/<module>.py's `table`, read with ast (collection imports no solution): a list
+    of Mistake(exercise, name, ...) records, or a dict keyed by name (the older files' VARIANTS)."""
+    tree = ast.parse((pathlib.Path(__file__).parent / f"{module}.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == table:
+            if isinstance(node.value, ast.Dict):
+                return [k.value for k in node.value.keys]
+            return [call.args[1].value for call in node.value.elts]
+    return []
+
+
+def record(planted, name: str, exercise: str = "") -> Mistake:
+    """The Mistake named `name` in a planted module: from MISTAKES/ALTERNATIVES (lists of Mistake), or from the
+    older VARIANTS/ALTERNATIVES dicts of Variant(exercise?, check or checks, what, points_at?) (`exercise` where
+    a Variant carries none)."""
+    for m in (*getattr(planted, "MISTAKES", ()), *getattr(planted, "ALTERNATIVES", ())):
+        if isinstance(m, Mistake) and m.name == name:
+            return m
+    v = next(table[name] for table in (getattr(planted, "VARIANTS", {}), getattr(planted, "ALTERNATIVES", {}))
+             if isinstance(table, dict) and name in table)
+    check = "+".join(v.checks) if hasattr(v, "checks") else getattr(v, "check", "")
+    points_at = mistake("", name, "", getattr(v, "points_at", ())).points_at
+    return Mistake(getattr(v, "exercise", exercise), name, v.what, points_at, check=check)
+
+
+def planted_job(rank, world_size, module, checks, names, ranked=False):
+    """In a launched rank: each named planted answer through its record's checks ("a+b": in order, up to the
+    first that fails, as the learner reads only the first failure); None: the reference through every check.
+    A check that raises is a failure naming the exception; NotImplementedError (an answer left a stub) is not.
+    ranked: the checks take (impl, rank, world_size, group, label), run in the world group."""
+    planted = importlib.import_module(f"tests.graders.{module}")
+    out = {}
+    for name in names:
+        impl = planted.build(name)
+        failures = []
+        for check in (checks if name is None else record(planted, name).check.split("+")):
+            try:
+                failures += checks[check](impl, rank, world_size, None, "WORLD") if ranked else checks[check](impl)
+            except NotImplementedError:
+                raise
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+            if failures and name is not None:
+                break
+        out[name] = failures
+    return out
+
+
+def run_planted(module, checks, names, *, world_size=1, ranked=False, timeout=120) -> dict:
+    """name -> the failures of every rank (rank order) for these planted answers, checked in one launched job."""
+    by_rank = launch(planted_job, world_size, module, checks, list(names), ranked, show_output=False,
+                     timeout=timeout)
+    return {name: [f for rank_out in by_rank for f in rank_out[name]] for name in names}
+
+
+def planted_tests(module: str, checks: dict, needs: str, *, world_size: int = 1, ranked: bool = False,
+                  timeout: float = 120, own: dict | None = None, alternatives: str = "each",
+                  reference=True, exercise: str = ""):
+    """The planted tests of a grader file: (planted_results, test_planted_mistakes_are_caught,
+    test_valid_alternatives_pass, test_reference_passes_every_check), to bind at module level under those names.
+
+    module: the planted file (tests/graders/<module>.py: MISTAKES and ALTERNATIVES, or VARIANTS; build(name)).
+    checks: the grader's CHECKS (name -> check(impl) -> failures; ranked: check(impl, rank, world_size, group,
+        label)). needs: the reference module (the tests skip without it: instructor grading of a submission).
+    world_size, ranked, timeout: the one launched job that checks every planted answer.
+    own: check name -> fn(name) -> failures, for answers whose check the grader launches itself (another job).
+    alternatives: "each" (one test per valid alternative), "one" (one test for all of them: the older files'
+        id), or None (the grader tests them its own way; the fixture leaves them out).
+    reference: True (the reference through every check), a list of check names, or False (no such test).
+    exercise: the exercise of older VARIANTS records that carry none.
+    """
+    own = own or {}
+    caught_names = names(module, "VARIANTS") or names(module, "MISTAKES")
+    valid_names = names(module, "ALTERNATIVES") if alternatives else []
+
+    def load():
+        return importlib.import_module(f"tests.graders.{module}")
+
+    def results(planted_results, name):
+        m = record(load(), name, exercise)
+        return (own[m.check](name) if m.check in own else planted_results[name]), m
+
+    @pytest.fixture(scope="module", name="planted_results")
+    def planted_results():
+        pytest.importorskip(needs, reason="the reference answers are absent (instructor grading)")
+        planted = load()
+        launched = [n for n in caught_names + valid_names if record(planted, n, exercise).check not in own]
+        return run_planted(module, checks, launched, world_size=world_size, ranked=ranked, timeout=timeout)
+
+    @pytest.mark.parametrize("name", caught_names)
+    def test_planted_mistakes_are_caught(planted_results, name):
+        failures, m = results(planted_results, name)
+        assert_caught(m, failures)
+
+    @pytest.mark.parametrize("name", valid_names)
+    def test_valid_alternatives_pass(planted_results, name):
+        failures, m = results(planted_results, name)
+        assert_passes(name, m.what, failures)
+
+    def test_valid_alternatives_pass_together(planted_results):
+        """Answers written differently pass the same checks: the graders grade the mechanism, not one way of
+        writing it."""
+        for name in valid_names:
+            failures, m = results(planted_results, name)
+            assert_passes(name, m.what, failures)
+
+    def test_reference_passes_every_check():
+        pytest.importorskip(needs, reason="the reference answers are absent")
+        run = list(checks) if reference is True else list(reference)
+        failures = run_planted(module, {n: checks[n] for n in run}, [None], world_size=world_size, ranked=ranked,
+                               timeout=timeout)[None]
+        assert not failures, "\n".join(failures[:6])
+
+    if alternatives == "one":
+        test_valid_alternatives_pass_together.__name__ = "test_valid_alternatives_pass"
+        test_valid_alternatives_pass = test_valid_alternatives_pass_together
+    return (planted_results, test_planted_mistakes_are_caught, test_valid_alternatives_pass if alternatives else None,
+            test_reference_passes_every_check if reference else None)

@@ -54,7 +54,7 @@ from helpers import launch, load_impl
 from helpers.course import tiny_llama  # noqa: F401
 from helpers.course.engine import Request
 from helpers.course.kv_offload import HostTierClient, TierConnector
-from tests.graders.planted import assert_caught, assert_passes
+from tests.graders.planted import planted_tests
 
 MATCH = "labs/kv_offload.py: OffloadingConnector.get_num_new_matched_tokens"
 SAVE = "labs/kv_offload.py: OffloadingConnector.blocks_to_save"
@@ -454,59 +454,7 @@ def test_engine_with_host_tier_loads_evicted_prefix():
 
 # ------------------------------------------------------------- planted wrong answers (not an exercise)
 
-def _planted_job(rank, world_size, names):
-    from tests.graders import planted_ch09_offload as planted
-    records = {m.name: m for m in (*planted.MISTAKES, *planted.ALTERNATIVES)}
-    out = {}
-    for name in names:
-        m = records[name]
-        try:
-            out[name] = CHECKS[m.check](planted.build(name))
-        except NotImplementedError:
-            raise
-        except Exception as exc:
-            out[name] = [f"{type(exc).__name__}: {exc}"]
-    return out
-
-
-def _names(kind):
-    import ast
-    import pathlib
-    tree = ast.parse((pathlib.Path(__file__).parent / "planted_ch09_offload.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == kind:
-            return [call.args[1].value for call in node.value.elts]
-    return []
-
-
-@pytest.fixture(scope="module")
-def planted_results():
-    pytest.importorskip("solutions.kv_offload", reason="the reference answers are absent (instructor grading)")
-    from tests.graders import planted_ch09_offload as planted
-    names = [m.name for m in (*planted.MISTAKES, *planted.ALTERNATIVES) if m.check in CHECKS]
-    return launch(_planted_job, 1, names, show_output=False, timeout=120)[0]
-
-
-@pytest.mark.parametrize("name", _names("MISTAKES"))
-def test_planted_mistakes_are_caught(planted_results, name):
-    from tests.graders import planted_ch09_offload as planted
-    assert_caught(next(m for m in planted.MISTAKES if m.name == name), planted_results[name])
-
-
-@pytest.mark.parametrize("name", [n for n in _names("ALTERNATIVES")])
-def test_valid_alternatives_pass(planted_results, name):
-    from tests.graders import planted_ch09_offload as planted
-    m = next(m for m in planted.ALTERNATIVES if m.name == name)
-    if m.check == "engine":
-        pytest.importorskip("solutions.kv_offload", reason="the reference answers are absent")
-        failures = launch(_engine_job, 2, name, show_output=False, timeout=180)[0]
-    else:
-        failures = planted_results[name]
-    assert_passes(name, m.what, failures)
-
-
-def test_reference_passes_every_check():
-    pytest.importorskip("solutions.kv_offload", reason="the reference answers are absent")
-    from tests.graders import planted_ch09_offload as planted
-    failures = launch(_run, 1, list(CHECKS), planted.build(None), show_output=False, timeout=120)[0]
-    assert not failures, "\n".join(failures[:6])
+# The engine alternative runs in its own 2-rank job (the tier in another process), as test_connector_in_the_engine.
+planted_results, test_planted_mistakes_are_caught, test_valid_alternatives_pass, test_reference_passes_every_check = \
+    planted_tests("planted_ch09_offload", CHECKS, "solutions.kv_offload",
+                  own={"engine": lambda name: launch(_engine_job, 2, name, show_output=False, timeout=180)[0]})

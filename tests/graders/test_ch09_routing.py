@@ -53,7 +53,7 @@ import pytest
 
 from helpers import launch, load_impl
 from helpers.course.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from tests.graders.planted import assert_caught, assert_passes
+from tests.graders.planted import planted_tests
 
 INDEX = "labs/kv_router.py: KVIndex"
 CHOOSE = "labs/kv_router.py: choose_replica_kv"
@@ -405,55 +405,5 @@ def test_choose_replica_kv():
 
 # ------------------------------------------------------------- planted wrong answers (not an exercise)
 
-def _planted_job(rank, world_size, names):
-    from tests.graders import planted_ch09_routing as planted
-    records = {m.name: m for m in (*planted.MISTAKES, *planted.ALTERNATIVES)}
-    out = {}
-    for name in names:
-        m = records[name]
-        try:
-            out[name] = CHECKS[m.check](planted.build(name))
-        except NotImplementedError:
-            raise
-        except Exception as exc:
-            out[name] = [f"{type(exc).__name__}: {exc}"]
-    return out
-
-
-@pytest.fixture(scope="module")
-def planted_results():
-    pytest.importorskip("solutions.kv_router", reason="the reference answers are absent (instructor grading)")
-    from tests.graders import planted_ch09_routing as planted
-    names = [m.name for m in (*planted.MISTAKES, *planted.ALTERNATIVES)]
-    return launch(_planted_job, 1, names, show_output=False, timeout=120)[0]
-
-
-def _names(kind):
-    import ast
-    import pathlib
-    tree = ast.parse((pathlib.Path(__file__).parent / "planted_ch09_routing.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == kind:
-            return [call.args[1].value for call in node.value.elts]
-    return []
-
-
-@pytest.mark.parametrize("name", _names("MISTAKES"))
-def test_planted_mistakes_are_caught(planted_results, name):
-    from tests.graders import planted_ch09_routing as planted
-    assert_caught(next(m for m in planted.MISTAKES if m.name == name), planted_results[name])
-
-
-@pytest.mark.parametrize("name", _names("ALTERNATIVES"))
-def test_valid_alternatives_pass(planted_results, name):
-    from tests.graders import planted_ch09_routing as planted
-    m = next(m for m in planted.ALTERNATIVES if m.name == name)
-    assert_passes(name, m.what, planted_results[name])
-
-
-def test_reference_passes_every_check():
-    pytest.importorskip("solutions.kv_router", reason="the reference answers are absent")
-    from tests.graders import planted_ch09_routing as planted
-    failures = launch(_run, 1, list(CHECKS), planted.build(None), show_output=False, timeout=120)[0]
-    assert not failures, "\n".join(failures[:6])
-
+planted_results, test_planted_mistakes_are_caught, test_valid_alternatives_pass, test_reference_passes_every_check = \
+    planted_tests("planted_ch09_routing", CHECKS, "solutions.kv_router")

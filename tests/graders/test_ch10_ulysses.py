@@ -39,7 +39,7 @@ from helpers import launch, load_impl
 from helpers.claims import max_abs_diff, tolerance
 from helpers.comm_trace import CommTracer
 from helpers.course.ring_attention import attention_reference
-from tests.graders.planted import assert_caught, assert_passes
+from tests.graders.planted import planted_tests
 
 ULY = "labs/ulysses.py"
 A2A = {"all_to_all", "all_to_all_single"}
@@ -325,55 +325,12 @@ def test_ulysses_attention(world_size):
 
 # ------------------------------------------------------------- planted wrong answers (not an exercise)
 
-def _planted_job(rank, world_size, names):
-    from tests.graders import planted_ch10_ulysses as planted
-    records = {m.name: m for m in (*planted.MISTAKES, *planted.ALTERNATIVES)}
-    out = {}
-    for name in names:
-        m = records[name]
-        try:
-            out[name] = [f for check in m.check.split("+")
-                         for f in CHECKS[check](planted.build(name), rank, world_size, None, "WORLD")]
-        except NotImplementedError:
-            raise
-        except Exception as exc:
-            out[name] = [f"{type(exc).__name__}: {exc}"]
-    return out
-
-
-@pytest.fixture(scope="module")
-def planted_results():
-    pytest.importorskip("solutions.ulysses", reason="the reference answers are absent (instructor grading)")
-    from tests.graders import planted_ch10_ulysses as planted
-    names = [m.name for m in (*planted.MISTAKES, *planted.ALTERNATIVES)]
-    by_rank = launch(_planted_job, 4, names, show_output=False, timeout=120)
-    return {name: [f for rank_out in by_rank for f in rank_out[name]] for name in names}
-
-
-def _names(kind):
-    import ast
-    import pathlib
-    tree = ast.parse((pathlib.Path(__file__).parent / "planted_ch10_ulysses.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == kind:
-            return [call.args[1].value for call in node.value.elts]
-    return []
-
-
-@pytest.mark.parametrize("name", _names("MISTAKES"))
-def test_planted_mistakes_are_caught(planted_results, name):
-    from tests.graders import planted_ch10_ulysses as planted
-    assert_caught(next(m for m in planted.MISTAKES if m.name == name), planted_results[name])
-
-
-@pytest.mark.parametrize("name", _names("ALTERNATIVES"))
-def test_valid_alternatives_pass(planted_results, name):
-    from tests.graders import planted_ch10_ulysses as planted
-    m = next(m for m in planted.ALTERNATIVES if m.name == name)
-    assert_passes(name, m.what, planted_results[name])
+planted_results, test_planted_mistakes_are_caught, test_valid_alternatives_pass, _ = \
+    planted_tests("planted_ch10_ulysses", CHECKS, "solutions.ulysses", world_size=4, ranked=True, reference=False)
 
 
 def test_reference_passes_every_check():
+    """Its own: the reference through every check in the world group AND in the sub-groups {0,1}, {2,3} (_job)."""
     pytest.importorskip("solutions.ulysses", reason="the reference answers are absent")
     from tests.graders import planted_ch10_ulysses as planted
     _check_all(launch(_job, 4, list(CHECKS), planted.build(None), show_output=False, timeout=120))
