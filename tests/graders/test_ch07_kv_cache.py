@@ -96,7 +96,7 @@ from helpers.claims import max_abs_diff, tolerance
 from helpers.course import tiny_llama  # noqa: F401  imported once here, so every forked rank has it (its
 #                                       transformers Llama takes seconds to import on a busy machine)
 from helpers.course.kv_cache import OutOfBlocks
-from tests.graders.planted import assert_caught, mistake
+from tests.graders.planted import planted_tests
 
 # Rounding budget (helpers.claims policy): a dot product over head_dim ≤ 32 and a softmax over ≤ 64 positions,
 # computed in another order than the grader's loop; the model's logits go through 4 such layers and matmuls of
@@ -1305,58 +1305,8 @@ def test_prefix_caching_runs_the_tiny_llama():
 
 # ------------------------------------------------------------- planted wrong answers (not an exercise)
 
-def _planted_job(rank, world_size, names):
-    from tests.graders import planted_ch07_kv_cache as planted
-    out = {}
-    for name in names:
-        variant, impl = {**planted.VARIANTS, **planted.ALTERNATIVES}[name], planted.build(name)
-        try:
-            out[name] = [f for check in variant.checks for f in CHECKS[check](impl)]
-        except NotImplementedError:
-            raise
-        except Exception as exc:
-            out[name] = [f"{type(exc).__name__}: {exc}"]
-    return out
-
-
-@pytest.fixture(scope="module")
-def planted_results():
-    pytest.importorskip("solutions.prefix_cache", reason="the reference answers are absent (instructor grading)")
-    from tests.graders import planted_ch07_kv_cache as planted
-    return launch(_planted_job, 1, list(planted.VARIANTS), show_output=False, timeout=120)[0]
-
-
-def _variant_names():
-    import ast
-    import pathlib
-    tree = ast.parse((pathlib.Path(__file__).parent / "planted_ch07_kv_cache.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "VARIANTS":
-            return [k.value for k in node.value.keys]
-    return []
-
-
-@pytest.mark.parametrize("name", _variant_names())
-def test_planted_mistakes_are_caught(planted_results, name):
-    from tests.graders import planted_ch07_kv_cache as planted
-    variant = planted.VARIANTS[name]
-    failures = planted_results[name]
-    assert_caught(mistake(variant.exercise, name, variant.what, variant.points_at), failures)
-
-
-def test_valid_alternatives_pass():
-    """Answers written differently (another free-list order, SDPA, the hash chain written with hashlib directly)
-    pass the same checks: the graders grade the mechanism, not one way of writing it."""
-    pytest.importorskip("solutions.prefix_cache", reason="the reference answers are absent")
-    from tests.graders import planted_ch07_kv_cache as planted
-    results = launch(_planted_job, 1, list(planted.ALTERNATIVES), show_output=False, timeout=120)[0]
-    for name, failures in results.items():
-        assert not failures, f"valid alternative {name!r} ({planted.ALTERNATIVES[name].what}) failed: {failures[0]}"
-
-
-def test_reference_passes_every_check():
-    pytest.importorskip("solutions.prefix_cache", reason="the reference answers are absent")
-    from tests.graders import planted_ch07_kv_cache as planted
-    cheap = [name for name in CHECKS if "llama" not in name]       # the graded tests run the model checks
-    failures = launch(_run, 1, cheap, planted.build(None), show_output=False, timeout=120)[0]
-    assert not failures, "\n".join(failures[:6])
+# Its valid alternatives in one test (its id since chapter 7); the model checks left out of the reference test:
+# the graded tests run them.
+planted_results, test_planted_mistakes_are_caught, test_valid_alternatives_pass, test_reference_passes_every_check = \
+    planted_tests("planted_ch07_kv_cache", CHECKS, "solutions.prefix_cache", alternatives="one",
+                  reference=[name for name in CHECKS if "llama" not in name])

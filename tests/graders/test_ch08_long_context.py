@@ -63,7 +63,7 @@ from helpers.claims import max_abs_diff, tolerance
 from helpers.comm_trace import CommTracer
 from helpers.course.ring_attention import (ORDERS, TransferOverlap, attention_reference, causal_work, chunks_of_rank,
                                            positions_of_rank)
-from tests.graders.planted import assert_caught, mistake
+from tests.graders.planted import planted_tests
 
 # Rounding budget (helpers.claims policy): the reduce-scatter sums ≤ 4 terms; ring attention sums softmax
 # terms over ≤ 24 keys and head_dim 4, rescaled once per chunk pair: a few ulps, 64 leaves room.
@@ -455,45 +455,10 @@ def test_ring_attention(world_size):
 
 # ------------------------------------------------------------- planted wrong answers (not an exercise)
 
-def _planted_job(rank, world_size, names):
-    from tests.graders import planted_ch08_long_context as planted
-    out = {}
-    for name in names:
-        variant = planted.VARIANTS[name]
-        try:
-            got = CHECKS[variant.check](planted.build(name), rank, world_size, None, "WORLD")
-        except NotImplementedError:
-            raise
-        except Exception as exc:
-            got = [f"{type(exc).__name__}: {exc}"]
-        out[name] = got
-    return out
-
-
-@pytest.fixture(scope="module")
-def planted_results():
-    pytest.importorskip("solutions.context_parallel", reason="the reference answers are absent (instructor grading)")
-    from tests.graders import planted_ch08_long_context as planted
-    by_rank = launch(_planted_job, 4, list(planted.VARIANTS), show_output=False, timeout=120)
-    return {name: [f for rank_out in by_rank for f in rank_out[name]] for name in planted.VARIANTS}
-
-
-def _variant_names():
-    import ast
-    import pathlib
-    tree = ast.parse((pathlib.Path(__file__).parent / "planted_ch08_long_context.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "VARIANTS":
-            return [k.value for k in node.value.keys]
-    return []
-
-
-@pytest.mark.parametrize("name", _variant_names())
-def test_planted_mistakes_are_caught(planted_results, name):
-    from tests.graders import planted_ch08_long_context as planted
-    variant = planted.VARIANTS[name]
-    failures = planted_results[name]
-    assert_caught(mistake(variant.exercise, name, variant.what, variant.points_at), failures)
+# Its own test of the valid alternatives and the reference below: each at its own world sizes (3 ranks: an odd ring).
+planted_results, test_planted_mistakes_are_caught, _, _ = \
+    planted_tests("planted_ch08_long_context", CHECKS, "solutions.context_parallel", world_size=4, ranked=True,
+                  alternatives=None, reference=False)
 
 
 def test_reference_and_valid_alternatives_pass():
