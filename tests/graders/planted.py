@@ -117,33 +117,36 @@ def names(module: str, table: str) -> list:
     return []
 
 
-def record(planted, name: str, exercise: str = "") -> Mistake:
+def record(planted, name: str, exercise: str = "", check: str = "") -> Mistake:
     """The Mistake named `name` in a planted module: from MISTAKES/ALTERNATIVES (lists of Mistake), or from the
-    older VARIANTS/ALTERNATIVES dicts of Variant(exercise?, check or checks, what, points_at?) (`exercise` where
-    a Variant carries none)."""
+    older VARIANTS/ALTERNATIVES dicts of Variant(exercise?, check or checks?, what, points_at?) or of what alone
+    (`exercise`, `check`: for the records that carry none)."""
     for m in (*getattr(planted, "MISTAKES", ()), *getattr(planted, "ALTERNATIVES", ())):
         if isinstance(m, Mistake) and m.name == name:
             return m
     v = next(table[name] for table in (getattr(planted, "VARIANTS", {}), getattr(planted, "ALTERNATIVES", {}))
              if isinstance(table, dict) and name in table)
-    check = "+".join(v.checks) if hasattr(v, "checks") else getattr(v, "check", "")
+    if isinstance(v, str):
+        return Mistake(exercise, name, v, (), check=check)
+    check = "+".join(v.checks) if hasattr(v, "checks") else getattr(v, "check", check)
     points_at = mistake("", name, "", getattr(v, "points_at", ())).points_at
     return Mistake(getattr(v, "exercise", exercise), name, v.what, points_at, check=check)
 
 
-def planted_job(rank, world_size, module, checks, names, ranked=False):
+def planted_job(rank, world_size, module, checks, names, ranked=False, check=""):
     """In a launched rank: each named planted answer through its record's checks ("a+b": in order, up to the
-    first that fails, as the learner reads only the first failure); None: the reference through every check.
-    A check that raises is a failure naming the exception; NotImplementedError (an answer left a stub) is not.
-    ranked: the checks take (impl, rank, world_size, group, label), run in the world group."""
+    first that fails, as the learner reads only the first failure; `check` for records that name none); None:
+    the reference through every check. A check that raises is a failure naming the exception; NotImplementedError
+    (an answer left a stub) is raised. ranked: the checks take (impl, rank, world_size, group, label), run in
+    the world group."""
     planted = importlib.import_module(f"tests.graders.{module}")
     out = {}
     for name in names:
         impl = planted.build(name)
         failures = []
-        for check in (checks if name is None else record(planted, name).check.split("+")):
+        for c in (checks if name is None else record(planted, name, check=check).check.split("+")):
             try:
-                failures += checks[check](impl, rank, world_size, None, "WORLD") if ranked else checks[check](impl)
+                failures += checks[c](impl, rank, world_size, None, "WORLD") if ranked else checks[c](impl)
             except NotImplementedError:
                 raise
             except Exception as exc:
@@ -154,28 +157,41 @@ def planted_job(rank, world_size, module, checks, names, ranked=False):
     return out
 
 
-def run_planted(module, checks, names, *, world_size=1, ranked=False, timeout=120) -> dict:
-    """name -> the failures of every rank (rank order) for these planted answers, checked in one launched job."""
-    by_rank = launch(planted_job, world_size, module, checks, list(names), ranked, show_output=False,
-                     timeout=timeout)
-    return {name: [f for rank_out in by_rank for f in rank_out[name]] for name in names}
+def run_planted(module, checks, names, *, world_size=1, ranked=False, timeout=120, check="") -> dict:
+    """name -> the failures of every rank (rank order) for these planted answers, checked in launched jobs:
+    one, or one per world size where `world_size` maps a record's (first) check to its own."""
+    planted = importlib.import_module(f"tests.graders.{module}")
+
+    def size(name):
+        if not isinstance(world_size, dict):
+            return world_size
+        return min(world_size.values()) if name is None else \
+            world_size[record(planted, name, check=check).check.split("+")[0]]
+    out = {}
+    for n in sorted({size(name) for name in names}):
+        group = [name for name in names if size(name) == n]
+        by_rank = launch(planted_job, n, module, checks, group, ranked, check, show_output=False, timeout=timeout)
+        out.update({name: [f for rank_out in by_rank for f in rank_out[name]] for name in group})
+    return out
 
 
-def planted_tests(module: str, checks: dict, needs: str, *, world_size: int = 1, ranked: bool = False,
+def planted_tests(module: str, checks: dict, needs: str, *, world_size=1, ranked: bool = False,
                   timeout: float = 120, own: dict | None = None, alternatives: str = "each",
-                  reference=True, exercise: str = ""):
+                  reference=True, exercise: str = "", check: str = ""):
     """The planted tests of a grader file: (planted_results, test_planted_mistakes_are_caught,
-    test_valid_alternatives_pass, test_reference_passes_every_check), to bind at module level under those names.
+    test_valid_alternatives_pass, test_reference_passes_every_check), to bind at module level under those names
+    (a file may bind one under its older name: pytest names a test by the name it is bound to).
 
     module: the planted file (tests/graders/<module>.py: MISTAKES and ALTERNATIVES, or VARIANTS; build(name)).
     checks: the grader's CHECKS (name -> check(impl) -> failures; ranked: check(impl, rank, world_size, group,
         label)). needs: the reference module (the tests skip without it: instructor grading of a submission).
-    world_size, ranked, timeout: the one launched job that checks every planted answer.
-    own: check name -> fn(name) -> failures, for answers whose check the grader launches itself (another job).
+    world_size, ranked, timeout: the launched job that checks every planted answer; world_size: a number, or
+        check name -> world size (one job per size).
+    own: check name -> fn(name) -> failures, for answers whose check the grader runs itself (another job).
     alternatives: "each" (one test per valid alternative), "one" (one test for all of them: the older files'
         id), or None (the grader tests them its own way; the fixture leaves them out).
     reference: True (the reference through every check), a list of check names, or False (no such test).
-    exercise: the exercise of older VARIANTS records that carry none.
+    exercise, check: for older records that carry none.
     """
     own = own or {}
     caught_names = names(module, "VARIANTS") or names(module, "MISTAKES")
@@ -185,15 +201,16 @@ def planted_tests(module: str, checks: dict, needs: str, *, world_size: int = 1,
         return importlib.import_module(f"tests.graders.{module}")
 
     def results(planted_results, name):
-        m = record(load(), name, exercise)
+        m = record(load(), name, exercise, check)
         return (own[m.check](name) if m.check in own else planted_results[name]), m
 
     @pytest.fixture(scope="module", name="planted_results")
     def planted_results():
         pytest.importorskip(needs, reason="the reference answers are absent (instructor grading)")
         planted = load()
-        launched = [n for n in caught_names + valid_names if record(planted, n, exercise).check not in own]
-        return run_planted(module, checks, launched, world_size=world_size, ranked=ranked, timeout=timeout)
+        launched = [n for n in caught_names + valid_names if record(planted, n, exercise, check).check not in own]
+        return run_planted(module, checks, launched, world_size=world_size, ranked=ranked, timeout=timeout,
+                           check=check)
 
     @pytest.mark.parametrize("name", caught_names)
     def test_planted_mistakes_are_caught(planted_results, name):
@@ -215,12 +232,16 @@ def planted_tests(module: str, checks: dict, needs: str, *, world_size: int = 1,
     def test_reference_passes_every_check():
         pytest.importorskip(needs, reason="the reference answers are absent")
         run = list(checks) if reference is True else list(reference)
-        failures = run_planted(module, {n: checks[n] for n in run}, [None], world_size=world_size, ranked=ranked,
-                               timeout=timeout)[None]
+        sizes = {world_size.get(c) for c in run} if isinstance(world_size, dict) else {world_size}
+        failures = []
+        for n in sorted(sizes):            # each check at its own world size
+            subset = {c: checks[c] for c in run if not isinstance(world_size, dict) or world_size[c] == n}
+            failures += run_planted(module, subset, [None], world_size=n, ranked=ranked, timeout=timeout)[None]
         assert not failures, "\n".join(failures[:6])
 
     if alternatives == "one":
-        test_valid_alternatives_pass_together.__name__ = "test_valid_alternatives_pass"
         test_valid_alternatives_pass = test_valid_alternatives_pass_together
+        test_valid_alternatives_pass.__name__ = test_valid_alternatives_pass.__qualname__ = \
+            "test_valid_alternatives_pass"
     return (planted_results, test_planted_mistakes_are_caught, test_valid_alternatives_pass if alternatives else None,
             test_reference_passes_every_check if reference else None)

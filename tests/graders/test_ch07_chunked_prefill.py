@@ -54,7 +54,7 @@ from helpers.course import tiny_llama  # noqa: F401  imported once here, so ever
 #                                       transformers Llama takes seconds to import on a busy machine)
 from helpers.course.engine import KVCacheManager, LLMEngine, Request, RequestStatus, SchedulerConfig, run_requests
 from helpers.course.kv_cache import OutOfBlocks
-from tests.graders.planted import assert_caught, mistake
+from tests.graders.planted import planted_tests
 
 WHERE = "(labs/chunked_prefill.py: schedule_step)"
 
@@ -667,60 +667,11 @@ def test_engine_runs_with_schedule_step():
 
 # ------------------------------------------------------------- planted wrong answers (not an exercise)
 
-def _planted_job(rank, world_size, names):
-    """Each variant through the checks in order, stopping at its first failure (the model run only for answers
-    that pass the rest)."""
-    from tests.graders import planted_ch07_chunked_prefill as planted
-    out = {}
-    for name in names:
-        impl = planted.build(name)
-        found = []
-        for check in ("step", "engine", "model"):
-            if found or (check == "model" and name in planted.VARIANTS):
-                break
-            try:
-                found += CHECKS[check](impl)
-            except Exception as exc:
-                found.append(f"{type(exc).__name__}: {exc}")
-        out[name] = found
-    return out
-
-
-def _variant_names(table="VARIANTS"):
-    import ast
-    import pathlib
-    tree = ast.parse((pathlib.Path(__file__).parent / "planted_ch07_chunked_prefill.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == table:
-            return [k.value for k in node.value.keys]
-    return []
-
-
-@pytest.fixture(scope="module")
-def planted_results():
-    pytest.importorskip("solutions.chunked_prefill", reason="the reference answers are absent (instructor grading)")
-    return launch(_planted_job, 1, _variant_names() + _variant_names("ALTERNATIVES") + [None], show_output=False,
-                  timeout=180)[0]
-
-
-@pytest.mark.parametrize("name", _variant_names())
-def test_planted_mistakes_are_caught(planted_results, name):
-    from tests.graders import planted_ch07_chunked_prefill as planted
-    variant = planted.VARIANTS[name]
-    failures = planted_results[name]
-    assert_caught(mistake("7.4", name, variant.what, variant.points_at), failures)
-
-
-@pytest.mark.parametrize("name", _variant_names("ALTERNATIVES"))
-def test_valid_alternatives_pass(planted_results, name):
-    """Answers written differently pass: the graders grade the decisions, not one way to write them."""
-    from tests.graders import planted_ch07_chunked_prefill as planted
-    failures = planted_results[name]
-    assert not failures, f"valid alternative {name!r} ({planted.ALTERNATIVES[name]}) failed: {failures[0]}"
-
-
-def test_reference_passes(planted_results):
-    _assert_none(planted_results[None])
+# Every answer through step, engine, then model, up to its first failure (the model runs only for answers that pass
+# the rest: the alternatives and the reference).
+planted_results, test_planted_mistakes_are_caught, test_valid_alternatives_pass, test_reference_passes = \
+    planted_tests("planted_ch07_chunked_prefill", CHECKS, "solutions.chunked_prefill", timeout=180,
+                  exercise="7.4", check="step+engine+model")
 
 
 def test_the_engine_refuses_a_step_that_breaks_its_rules():

@@ -50,7 +50,7 @@ from helpers.course.kv_cache import KVPool
 # imported here, once, so that the forked ranks do not each import transformers
 from helpers.course.tiny_llama import encode, generate, load_model
 from helpers.launch import LaunchError, RankFailed
-from tests.graders.planted import assert_caught, mistake
+from tests.graders.planted import planted_tests
 
 WHERE_SEND = "labs/disaggregation.py: send_kv"
 WHERE_RECV = "labs/disaggregation.py: recv_kv"
@@ -532,73 +532,10 @@ def test_end_to_end_same_tokens():
 
 # ------------------------------------------------------------- planted wrong answers (not an exercise)
 
-def _planted_job(rank, world_size, names, check):
-    from tests.graders import planted_ch07_disaggregation as planted
-    fn = {"send": check_send, "recv": check_recv}[check]
-    out = {}
-    for name in names:
-        try:
-            out[name] = fn(rank, world_size, planted.build(name))
-        except NotImplementedError:
-            raise
-        except Exception as exc:
-            out[name] = [f"{type(exc).__name__}: {exc}"]
-    return out
-
-
-@pytest.fixture(scope="module")
-def planted_results():
-    pytest.importorskip("solutions.disaggregation", reason="the reference answers are absent (instructor grading)")
-    from tests.graders import planted_ch07_disaggregation as planted
-    results = {}
-    for check, world_size in (("send", 3), ("recv", 2)):
-        names = [n for n, v in planted.VARIANTS.items() if v.check == check]
-        by_rank = launch(_planted_job, world_size, names, check, show_output=False, timeout=120)
-        results.update({name: [f for rank_out in by_rank for f in rank_out[name]] for name in names})
-    return results
-
-
-def _variant_names():
-    import ast
-    import pathlib
-    tree = ast.parse((pathlib.Path(__file__).parent / "planted_ch07_disaggregation.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "VARIANTS":
-            return [k.value for k in node.value.keys]
-    return []
-
-
-@pytest.mark.parametrize("name", _variant_names())
-def test_planted_mistakes_are_caught(planted_results, name):
-    from tests.graders import planted_ch07_disaggregation as planted
-    variant = planted.VARIANTS[name]
-    failures = planted_results[name]
-    assert_caught(mistake("7.5", name, variant.what, variant.points_at), failures)
-
-
-def _alternatives_job(rank, world_size, names):
-    from tests.graders import planted_ch07_disaggregation as planted
-    out = {}
-    for name in names:
-        impl = planted.build(name)
-        out[name] = check_send(rank, world_size, impl) + check_recv(rank, world_size, impl)
-    return out
-
-
-def test_valid_alternatives_pass():
-    """Answers written differently (isend + wait, batch_isend_irecv, irecv, advanced indexing instead of
-    index_copy_) pass the same checks: the graders grade what is sent and held, not one way of writing it."""
-    pytest.importorskip("solutions.disaggregation", reason="the reference answers are absent")
-    from tests.graders import planted_ch07_disaggregation as planted
-    by_rank = launch(_alternatives_job, 3, list(planted.ALTERNATIVES), show_output=False, timeout=120)
-    for name in planted.ALTERNATIVES:
-        failures = [f for rank_out in by_rank for f in rank_out[name]]
-        assert not failures, f"valid alternative {name!r} ({planted.ALTERNATIVES[name]}) failed: {failures[0]}"
-
-
-def test_reference_passes_the_checks_the_planted_tests_use():
-    pytest.importorskip("solutions.disaggregation", reason="the reference answers are absent")
-    from tests.graders import planted_ch07_disaggregation as planted
-    impl = planted.build(None)
-    _check_all(launch(check_send, 3, impl, show_output=False, timeout=60))
-    _check_all(launch(check_recv, 2, impl, show_output=False, timeout=60))
+# send on 3 ranks (a prefill rank, the decode rank, a bystander), recv on 2; a valid alternative through both, on 3.
+PLANTED_CHECKS = {"send": lambda impl, rank, world_size, *_: check_send(rank, world_size, impl),
+                  "recv": lambda impl, rank, world_size, *_: check_recv(rank, world_size, impl)}
+planted_results, test_planted_mistakes_are_caught, test_valid_alternatives_pass, \
+    test_reference_passes_the_checks_the_planted_tests_use = \
+    planted_tests("planted_ch07_disaggregation", PLANTED_CHECKS, "solutions.disaggregation", ranked=True,
+                  world_size={"send": 3, "recv": 2}, alternatives="one", exercise="7.5", check="send+recv")
