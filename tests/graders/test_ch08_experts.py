@@ -60,7 +60,7 @@ from helpers import launch, load_impl
 from helpers.claims import max_abs_diff, tolerance
 from helpers.comm_trace import CommTracer
 from helpers.course.moe import MoEBlock, Routing, experts_of_rank, skew_towards
-from tests.graders.planted import assert_caught, mistake
+from tests.graders.planted import planted_tests
 
 # Rounding budget (helpers.claims policy): the expert MLPs reduce over hidden/ffn ≤ 32 terms, and the two
 # computations differ only in how the rows are batched and in which order at most top_k slots are added.
@@ -476,62 +476,15 @@ def test_expert_parallel_errors():
 
 # ------------------------------------------------------------- planted wrong answers (not an exercise)
 
-def _planted_job(rank, world_size, names):
-    from tests.graders import planted_ch08_experts as planted
-    out = {}
-    for name in names:
-        variant, impl = planted.VARIANTS[name], planted.build(name)
-        try:
-            if variant.check == "ep":
-                got = check_ep(impl, rank, world_size, None, "WORLD")
-            else:
-                got = check_ep_errors(rank, world_size, impl)
-        except NotImplementedError:
-            raise
-        except Exception as exc:
-            got = [f"{type(exc).__name__}: {exc}"]
-        out[name] = got
-    return out
-
-
-LOCAL_CHECKS = {"capacity": check_capacity, "route": check_route}
-
-
-@pytest.fixture(scope="module")
-def planted_results():
-    pytest.importorskip("solutions.expert_parallel", reason="the reference answers are absent (instructor grading)")
-    from tests.graders import planted_ch08_experts as planted
-    results = {}
-    # the EP checks on 2 ranks (2 processes on the 2 cores: quick); the error checks need 4 (6 experts on 4)
-    for check, world_size in (("ep", 2), ("ep_errors", 4)):
-        names = [n for n, v in planted.VARIANTS.items() if v.check == check]
-        by_rank = launch(_planted_job, world_size, names, show_output=False, timeout=120)
-        results.update({name: [f for rank_out in by_rank for f in rank_out[name]] for name in names})
-    for name, v in planted.VARIANTS.items():
-        if v.check in LOCAL_CHECKS:
-            try:
-                results[name] = LOCAL_CHECKS[v.check](planted.build(name))
-            except Exception as exc:
-                results[name] = [f"{type(exc).__name__}: {exc}"]
-    return results
-
-
-def _variant_names():
-    import ast
-    import pathlib
-    tree = ast.parse((pathlib.Path(__file__).parent / "planted_ch08_experts.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "VARIANTS":
-            return [k.value for k in node.value.keys]
-    return []
-
-
-@pytest.mark.parametrize("name", _variant_names())
-def test_planted_mistakes_are_caught(planted_results, name):
-    from tests.graders import planted_ch08_experts as planted
-    variant = planted.VARIANTS[name]
-    failures = planted_results[name]
-    assert_caught(mistake(variant.exercise, name, variant.what, variant.points_at), failures)
+# The EP checks on 2 ranks (2 processes on the 2 cores: quick), the error checks on 4 (6 experts on 4), capacity and
+# routing (one process's work) beside the EP ones. Its own alternatives test below: EP on 3 ranks, an odd group.
+PLANTED_CHECKS = {"ep": check_ep,
+                  "ep_errors": lambda impl, rank, world_size, *_: check_ep_errors(rank, world_size, impl),
+                  "capacity": lambda impl, *_: check_capacity(impl), "route": lambda impl, *_: check_route(impl)}
+planted_results, test_planted_mistakes_are_caught, _, test_reference_passes_the_checks_the_planted_tests_use = \
+    planted_tests("planted_ch08_experts", PLANTED_CHECKS, "solutions.expert_parallel", ranked=True,
+                  world_size={"ep": 2, "ep_errors": 4, "capacity": 2, "route": 2}, alternatives=None,
+                  reference=["capacity", "route", "ep_errors"])
 
 
 def _alternatives_job(rank, world_size, names):
@@ -553,14 +506,6 @@ def test_valid_alternatives_pass():
     for name in (n for n in planted.ALTERNATIVES if n.startswith("route_")):
         failures = check_route(planted.build(name))
         assert not failures, f"valid alternative {name!r} ({planted.ALTERNATIVES[name]}) failed: {failures[0]}"
-
-
-def test_reference_passes_the_checks_the_planted_tests_use():
-    pytest.importorskip("solutions.expert_parallel", reason="the reference answers are absent")
-    from tests.graders import planted_ch08_experts as planted
-    impl = planted.build(None)
-    assert check_capacity(impl) == [] and check_route(impl) == []
-    _check_all(launch(check_ep_errors, 4, impl, show_output=False))
 
 
 def test_grader_routing_matches_the_transformers_router():
