@@ -40,6 +40,14 @@ KV_GROUP = "KV cache and scheduler (chapter 7; vLLM's names)"
 ROUTING_GROUP = "KV events and routing (chapter 9; vLLM's and Dynamo's names)"
 # vLLM's KVEventsConfig fields (vllm/config/kv_events.py) the course's replicas honour; replay_endpoint,
 # buffer_steps and max_queue_size are accepted as vLLM's spellings but there is no replay socket here
+SPEC_GROUP = "Speculative decoding (chapter 10; vLLM's names)"
+# vLLM's SpeculativeConfig fields (vllm/config/speculative.py) the course's replicas honour, and its methods: the course
+# has two of them (helpers/course/speculative.py NgramProposer, DraftModelProposer)
+SPEC_FIELDS = {"method": (str, type(None)), "model": (str, type(None)), "num_speculative_tokens": int,
+               "prompt_lookup_max": (int, type(None)), "prompt_lookup_min": (int, type(None))}
+SPEC_METHODS = ("ngram", "draft_model")
+VLLM_SPEC_METHODS = ("ngram", "medusa", "mlp_speculator", "draft_model", "suffix", "custom_class", "eagle", "eagle3",
+                     "extract_hidden_states", "mtp", "dflash", "ngram_gpu", "dspark")   # vLLM's SpeculativeMethod
 KV_EVENTS_FIELDS = {"enable_kv_cache_events": bool, "publisher": str, "endpoint": str, "replay_endpoint": (str,
                     type(None)), "buffer_steps": int, "hwm": int, "max_queue_size": int, "topic": str}
 
@@ -91,6 +99,12 @@ class ServeConfig:
                                           "\"endpoint\": \"tcp://*:5557\"}' makes each replica publish its KV events "
                                           "over ZeroMQ, replica i on the endpoint's port + i as vLLM's data-parallel "
                                           "ranks (paged, prefix caching)", type=str, group=ROUTING_GROUP)
+    speculative_config: str | None = option(None, "JSON, vLLM's --speculative-config: '{\"method\": \"ngram\", "
+                                            "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 3}' (prompt "
+                                            "lookup) or '{\"method\": \"draft_model\", \"model\": "
+                                            "\"helpers/course/data/draft_llama\", \"num_speculative_tokens\": 4}' "
+                                            "(chapter 10; --kv-cache paged, --pp 1)", "-sc", type=str,
+                                            group=SPEC_GROUP)
     # --------------------------------------------------------------- the balancer
     routing: str | None = option(None, "route with chapter 9's Router instead of --policy: round_robin, "
                                  "least_outstanding, kv_aware (on the replicas' KV events: --kv-events-config) or "
@@ -156,6 +170,12 @@ class ServeConfig:
                   "--enable-prefix-caching")
         if events is not None and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
             error("--kv-events-config: the course's replicas publish KV events with --tp 1 --pp 1 only")
+        speculative = self.speculative()   # ValueError naming the field if the JSON is wrong
+        if speculative is not None and self.kv_cache != "paged":
+            error("--speculative-config needs --kv-cache paged: the verification scores every draft position in one "
+                  "forward on the paged runner (LLMEngine.paged)")
+        if speculative is not None and self.pipeline_parallel_size > 1:
+            error("--speculative-config: the course's pipeline replicas (--pp > 1) do not speculate; give --pp 1")
         if self.routing is not None and self.routing not in ROUTINGS:
             error(f"--routing {self.routing!r}: choose one of {', '.join(ROUTINGS)}")
         if self.routing is not None and self.choose is not None:
@@ -180,6 +200,16 @@ class ServeConfig:
             raise SystemExit(f"{spelled('num_gpu_blocks_override')} {blocks} × --block-size {self.block_size} = "
                              f"{tokens} tokens of KV cache per replica, less than the model's context of {longest} "
                              f"tokens: give at least {-(-longest // self.block_size)} blocks")
+
+        speculative = self.speculative()
+        if speculative is not None and speculative["method"] == "draft_model":
+            import json
+            from pathlib import Path
+            draft = json.loads((Path(speculative["model"]) / "config.json").read_text())
+            if draft.get("vocab_size") != model_config.vocab_size:
+                raise SystemExit(f"--speculative-config: the draft model {speculative['model']} has a vocabulary of "
+                                 f"{draft.get('vocab_size')} tokens, the target {model_config.vocab_size}: a draft "
+                                 "must share the target's tokenizer")
 
     # ------------------------------------------------------------------------------------------ uses
     def kv_events(self) -> dict | None:
@@ -222,6 +252,58 @@ class ServeConfig:
                              "on loopback only (tcp://*:PORT binds 127.0.0.1)")
         return config
 
+    def speculative(self) -> dict | None:
+        """--speculative-config as vLLM's SpeculativeConfig fields with its defaults filled in, or None.
+        Parsed as vLLM parses it (vllm/engine/arg_utils.py: json.loads, then create_speculative_config turns "-" in
+        the keys into "_"), checked as SpeculativeConfig.__post_init__ checks it (vllm/config/speculative.py: method
+        inferred from model — "ngram" gives ngram, anything else draft_model; prompt_lookup_min and _max both 5
+        when neither is given, one copied to the other when one is; min <= max; num_speculative_tokens > 0).
+        ValueError naming the field."""
+        if self.speculative_config is None:
+            return None
+        import json
+        try:
+            given = json.loads(self.speculative_config)
+        except ValueError as e:
+            raise ValueError(f"--speculative-config is not JSON: {e}") from None
+        if not isinstance(given, dict):
+            raise ValueError("--speculative-config is a JSON object of vLLM's SpeculativeConfig fields")
+        given = {str(k).replace("-", "_"): v for k, v in given.items()}
+        for key, value in given.items():
+            if key not in SPEC_FIELDS:
+                raise ValueError(f"--speculative-config: field {key!r} is not one the course's server honours "
+                                 f"(it takes vLLM's {', '.join(SPEC_FIELDS)})")
+            if not isinstance(value, SPEC_FIELDS[key]) or isinstance(value, bool):
+                raise ValueError(f"--speculative-config: {key}={value!r} has the wrong type")
+        config = {k: given.get(k) for k in SPEC_FIELDS}
+        if config["method"] is None:
+            config["method"] = "ngram" if config["model"] in ("ngram", "[ngram]") else "draft_model"
+        if config["method"] == "[ngram]":
+            config["method"] = "ngram"
+        if config["method"] not in SPEC_METHODS:
+            known = " (one of vLLM's, not the course's)" if config["method"] in VLLM_SPEC_METHODS else ""
+            raise ValueError(f"--speculative-config: method {config['method']!r}{known}: choose "
+                             f"{' or '.join(SPEC_METHODS)}")
+        k = config["num_speculative_tokens"]
+        if k is None or k < 1:
+            raise ValueError(f"--speculative-config: num_speculative_tokens={k!r}: give an integer > 0")
+        if config["method"] == "ngram":
+            low, high = config["prompt_lookup_min"], config["prompt_lookup_max"]
+            low, high = (5, 5) if low is None and high is None else (high if low is None else low,
+                                                                      low if high is None else high)
+            for name, n in (("prompt_lookup_min", low), ("prompt_lookup_max", high)):
+                if n < 1:
+                    raise ValueError(f"--speculative-config: {name}={n} must be >= 1")
+            if low > high:
+                raise ValueError(f"--speculative-config: prompt_lookup_min={low} must be <= prompt_lookup_max={high}")
+            config.update(prompt_lookup_min=low, prompt_lookup_max=high, model=config["model"] or "ngram")
+        else:
+            for name in ("prompt_lookup_min", "prompt_lookup_max"):
+                if config[name] is not None:
+                    raise ValueError(f"--speculative-config: {name} is the ngram method's, not draft_model's")
+            config["model"] = str(draft_dir(config["model"]))
+        return config
+
     def scheduler_config(self, model_config):
         """The engine's SchedulerConfig. Without a token budget a step computes whole prompts: a budget of
         max_num_seqs × the model's context fits every prompt of the batch (the contiguous cache always does)."""
@@ -249,6 +331,9 @@ class ServeConfig:
                      + ")")
         if self.kv_events() is not None:
             text += f", KV events on {self.kv_events()['endpoint']} (+ replica index)"
+        if self.speculative() is not None:
+            spec = self.speculative()
+            text += f", speculative decoding ({spec['method']}, k={spec['num_speculative_tokens']})"
         if self.routing is not None:
             text = text.replace(f"policy={self.policy}", f"routing={self.routing}")
         return text + (", API key required on /v1" if self.api_key else "")
@@ -327,6 +412,23 @@ class ServeConfig:
 ALIASES = {"replicas": "data_parallel_size", "tp": "tensor_parallel_size", "pp": "pipeline_parallel_size",
            "max_batch": "max_num_seqs", "num_blocks": "num_gpu_blocks_override", "model_name": "served_model_name"}
 _FLAGS = {"data_parallel_size": "--replicas"}   # the course's spelling first; vLLM's is an alias
+
+
+def draft_dir(model: str | None):
+    """The draft model's directory (--speculative-config's "model" with method draft_model): a local directory of
+    a transformers Llama checkpoint (config.json, model.safetensors), as given or from the repository's root; the
+    course's committed draft is helpers/course/data/draft_llama (helpers/course/train_draft.py). ValueError if it
+    is not one (this server loads nothing from the Hub)."""
+    from pathlib import Path
+    if model is None:
+        raise ValueError("--speculative-config: method draft_model needs \"model\": the draft's directory, e.g. "
+                         "helpers/course/data/draft_llama")
+    root = Path(__file__).resolve().parents[3]
+    for where in (Path(model), root / model):
+        if (where / "config.json").is_file() and (where / "model.safetensors").is_file():
+            return where.resolve()
+    raise ValueError(f"--speculative-config: model {model!r} is not a local checkpoint directory (config.json, "
+                     "model.safetensors): the course's draft is helpers/course/data/draft_llama")
 
 
 def flag(name: str) -> str:

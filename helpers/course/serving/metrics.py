@@ -68,9 +68,40 @@ class ServingMetrics:
                                       "replica (vllm:prompt_tokens_by_source{source=\"local_compute\"})",
                                       ["replica"], registry=r)
 
+        # A speculating replica's counters (--speculative-config; helpers/course/speculative.py SpecStats), under
+        # vLLM's names and meaning (vllm/v1/spec_decode/metrics.py SpecDecodingProm: vllm:spec_decode_num_drafts,
+        # _num_draft_tokens, _num_accepted_tokens, _num_accepted_tokens_per_pos{position}), per replica as vLLM's
+        # are per engine. A draft is one request's verification that had draft tokens; each emits its accepted
+        # tokens and one of the target's own.
+        self.spec_drafts = Counter("serving_spec_decode_num_drafts", "Verifications of a request's draft tokens "
+                                   "(vllm:spec_decode_num_drafts)", ["replica"], registry=r)
+        self.spec_draft_tokens = Counter("serving_spec_decode_num_draft_tokens", "Draft tokens proposed and "
+                                         "verified (vllm:spec_decode_num_draft_tokens)", ["replica"], registry=r)
+        self.spec_accepted = Counter("serving_spec_decode_num_accepted_tokens", "Draft tokens accepted "
+                                     "(vllm:spec_decode_num_accepted_tokens)", ["replica"], registry=r)
+        self.spec_accepted_per_pos = Counter("serving_spec_decode_num_accepted_tokens_per_pos", "Draft tokens "
+                                             "accepted at each draft position, 0 first "
+                                             "(vllm:spec_decode_num_accepted_tokens_per_pos)",
+                                             ["replica", "position"], registry=r)
+
+    def observe_spec(self, replica: int, stats: dict, before: dict) -> None:
+        """Record a speculating replica's counters (replica.py spec_stats: totals since it started)."""
+        def grow(counter, now, previous):
+            counter.inc(now - (previous if now >= previous else 0))
+
+        for key, counter in (("spec_num_drafts", self.spec_drafts), ("spec_num_draft_tokens", self.spec_draft_tokens),
+                             ("spec_num_accepted_tokens", self.spec_accepted)):
+            if key in stats:
+                grow(counter.labels(replica=replica), stats[key], before.get(key, 0))
+        positions, previous = stats.get("spec_accepted_per_pos", []), before.get("spec_accepted_per_pos", [])
+        for pos, now in enumerate(positions):
+            grow(self.spec_accepted_per_pos.labels(replica=replica, position=pos), now,
+                 previous[pos] if pos < len(previous) else 0)
+
     def observe_kv(self, replica: int, stats: dict, before: dict) -> None:
-        """Record a replica's KV report. Its counters are totals since it started: add what grew since its
-        last report (from 0 again after a restart)."""
+        """Record a replica's KV report (and a speculating replica's counters: observe_spec). Its counters are
+        totals since it started: add what grew since its last report (from 0 again after a restart)."""
+        self.observe_spec(replica, stats, before)
         if "kv_blocks" not in stats:
             return   # a contiguous cache reports none
         self.kv_usage.labels(replica=replica).set(stats["kv_blocks_used"] / max(1, stats["kv_blocks"]))

@@ -167,9 +167,39 @@ def build_engine(model, config: ServeConfig):
         return LLMEngine.contiguous(model, config=scheduler, batching=config.batching, record_steps=False,
                                     clock=clock)
     events = KVEventLog() if config.kv_events() is not None else None   # the KV events the loop publishes
+    proposer, k = speculative_proposer(model, config)
     return LLMEngine.paged(model, num_blocks=config.num_gpu_blocks_override, block_size=config.block_size,
                            enable_prefix_caching=config.enable_prefix_caching, events=events, config=scheduler,
-                           batching=config.batching, record_steps=False, clock=clock)
+                           batching=config.batching, record_steps=False, clock=clock, proposer=proposer,
+                           num_speculative_tokens=k)
+
+
+def speculative_proposer(model, config: ServeConfig) -> tuple:
+    """(proposer, num_speculative_tokens) from --speculative-config (config.speculative(): vLLM's SpeculativeConfig
+    fields), or (None, 0). ngram: chapter 10's NgramProposer with prompt_lookup_min/_max and the model's positions
+    as max_model_len (vLLM's NgramProposer reads the same three: vllm/v1/spec_decode/ngram_proposer.py); draft_model:
+    DraftModelProposer on the draft checkpoint, its own paged cache as large as the target's (vLLM gives a draft
+    model blocks of the one KV pool instead)."""
+    spec = config.speculative()
+    if spec is None:
+        return None, 0
+    from helpers.course.speculative import DraftModelProposer, NgramProposer
+    if spec["method"] == "ngram":
+        proposer = NgramProposer(spec["prompt_lookup_min"], spec["prompt_lookup_max"],
+                                 max_model_len=model.config.max_position_embeddings)
+    else:
+        from pathlib import Path
+
+        from transformers import LlamaForCausalLM
+
+        from helpers.course.train_draft import DRAFT_CONFIG, DRAFT_DIR, load_draft
+        if Path(spec["model"]).resolve() == DRAFT_DIR.resolve():
+            draft = load_draft()
+        else:
+            draft = LlamaForCausalLM.from_pretrained(spec["model"], local_files_only=True,
+                                                     attn_implementation=DRAFT_CONFIG._attn_implementation).eval()
+        proposer = DraftModelProposer(draft, num_blocks=config.num_gpu_blocks_override, block_size=config.block_size)
+    return proposer, spec["num_speculative_tokens"]
 
 
 class PrefillCounter:
@@ -268,6 +298,10 @@ def _serve(conn, engine, group_size: int, publisher=None) -> None:
             for msg in messages:
                 if msg[0] == "submit":
                     _, rid, p = msg
+                    refused = refuse_with_speculation(engine, p)
+                    if refused is not None:
+                        failed.append((rid, 400, f"invalid request: {refused}"))
+                        continue
                     try:
                         request = Request(rid, p["prompt"], p["max_tokens"], p.get("temperature", 0.0),
                                           p.get("top_p", 1.0), p.get("seed"), logprobs=p.get("logprobs"))
@@ -316,10 +350,36 @@ def _serve(conn, engine, group_size: int, publisher=None) -> None:
                 conn.send(("stats", {"busy_seconds": engine.busy_seconds, "waiting": len(engine.waiting),
                                      "running": len(engine.running), "steps": engine.num_steps,
                                      "tokens": engine.tokens_generated, **engine.kv_stats(),
-                                     "prefill_tokens": getattr(engine.clock, "prefill_tokens", 0)}))
+                                     "prefill_tokens": getattr(engine.clock, "prefill_tokens", 0),
+                                     **spec_stats(engine)}))
                 last_stats = now
     except (BrokenPipeError, ConnectionResetError):
         return  # the front end is gone
+
+
+def spec_stats(engine) -> dict:
+    """A speculating engine's counters for the "stats" report (totals since the replica started; metrics.py
+    exports them under vLLM's names), {} without a proposer."""
+    stats = getattr(engine, "spec_stats", None)
+    if stats is None:
+        return {}
+    return {"spec_num_drafts": stats.num_drafts, "spec_num_draft_tokens": stats.num_draft_tokens,
+            "spec_num_accepted_tokens": stats.num_accepted_tokens,
+            "spec_accepted_per_pos": list(stats.accepted_per_pos)}
+
+
+def refuse_with_speculation(engine, p: dict) -> str | None:
+    """Why a request cannot be served by a speculating engine, or None: the course's verification
+    (verify_and_rollback) records no logprobs and samples from softmax(logits / temperature) without top_p's cut, so
+    such requests get a 400 rather than a silently different answer (vLLM serves both with speculation)."""
+    if getattr(engine, "proposer", None) is None:
+        return None
+    if p.get("logprobs") is not None:
+        return "logprobs are not available with --speculative-config on this server"
+    from helpers.course.serving.protocol import SAMPLING_EPS
+    if p.get("temperature", 0.0) >= SAMPLING_EPS and p.get("top_p", 1.0) < 1.0:
+        return "top_p < 1 with temperature > 0 is not available with --speculative-config on this server"
+    return None
 
 
 def send_tokens(conn, live: dict, finished: list) -> None:
