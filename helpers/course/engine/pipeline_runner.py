@@ -15,8 +15,8 @@ pipeline is the *batch queue*: the scheduler does not wait for a batch to come b
       (`_update_after_schedule`), so a request whose tokens are still in flight has 0 new tokens and is skipped
       ("PP>1 and we have already scheduled all prompt tokens but they are not finished yet", `continue`, not
       `break`): a request is in at most one batch in flight. `PipelineEngine` keeps the course's rule (the engine
-      advances num_computed_tokens when the batch comes back) and hides the in-flight requests from the step
-      function instead, with the same effect.
+      advances num_computed_tokens when the batch comes back) and tells the scheduler which requests are in
+      flight instead, `Scheduler.schedule(skip=...)`, with the same effect.
     vllm/v1/executor/multiproc_executor.py: the scheduler output goes to every worker (`rpc_broadcast_mq`), the
       output comes back from one rank only, `_get_output_rank`: "TP rank=0 and PP rank=-1". Here the step's plan
       travels with the activations, stage to stage (one message per hop), and the last stage's tp rank 0 answers.
@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
@@ -332,37 +332,24 @@ class PipelineEngine(LLMEngine):
         return self.num_batches
 
     def _schedule(self):
-        """The scheduler's step over the running requests NOT in flight (vLLM skips a request with 0 new tokens) and
-        the waiting ones; the running queue keeps its order; max_num_seqs counts the hidden ones too.
-        balance: a batch takes at most ceil(running / max_concurrent_batches) of the running requests (the oldest
-        not in flight); the others wait for the next batch, so the batches in flight share the running requests
-        evenly even when they all arrived at once (vLLM V1 takes every request not in flight; its V2 runner with
-        async scheduling staggers decodes over the pp steps instead). Preemption, when blocks run out, picks the
-        newest request of those shown (vLLM may pick one in flight and drops its stale output when it comes back)."""
+        """The scheduler's step with the running requests in flight skipped (`Scheduler.schedule(skip=...)`: vLLM
+        skips a request with 0 new tokens); they keep their place in the running queue and count toward
+        max_num_seqs. balance: a batch takes at most ceil(running / max_concurrent_batches) of the running requests
+        (the oldest not in flight); the others are skipped too and wait for the next batch, so the batches in
+        flight share the running requests evenly even when they all arrived at once (vLLM V1 takes every request
+        not in flight; its V2 runner with async scheduling staggers decodes over the pp steps instead). Preemption,
+        when blocks run out, picks the newest request of those not skipped (vLLM may pick one in flight and drops
+        its stale output when it comes back)."""
         scheduler = self.scheduler
         if not scheduler.has_unfinished:
             return None
-        before = list(scheduler.running)
-        visible = [r for r in before if r.rid not in self.in_flight]
-        if self.balance and self.max_concurrent_batches > 1:
-            visible = visible[:-(-len(before) // self.max_concurrent_batches)]
-        if len(visible) == len(before):
-            return self._nonempty(scheduler.schedule(admit=not (self.batching == "static" and scheduler.running)))
-        shown = set(map(id, visible))
-        room = scheduler.config.max_num_seqs - (len(before) - len(visible))
-        if room < 1 or (not visible and (self.batching == "static" or not scheduler.waiting)):
-            return None
-        config = scheduler.config
-        scheduler.running, scheduler.config = visible, replace(config, max_num_seqs=room)
-        try:
-            output = scheduler.schedule(admit=self.batching != "static")
-        finally:
-            after = scheduler.running
-            kept = set(map(id, after))
-            scheduler.running = [r for r in before if id(r) not in shown or id(r) in kept] + \
-                [r for r in after if r not in before]
-            scheduler.config = config
-        return self._nonempty(output)
+        running = scheduler.running
+        skip = set(self.in_flight)
+        if self.balance and self.max_concurrent_batches > 1 and running:
+            cap = -(-len(running) // self.max_concurrent_batches)
+            skip.update(r.rid for r in [r for r in running if r.rid not in self.in_flight][cap:])
+        admit = not (self.batching == "static" and running)
+        return self._nonempty(scheduler.schedule(admit=admit, skip=skip))
 
     @staticmethod
     def _nonempty(output):

@@ -173,29 +173,49 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, admit: bool = True) -> SchedulerOutput:
+    def schedule(self, admit: bool = True, skip=()) -> SchedulerOutput:
         """One step of exercise 7.4 over the queues, checked; admitted requests' prefix hits recorded.
-        admit=False: no waiting request joins in this step (chapter 6's static batching)."""
+        admit=False: no waiting request joins in this step (chapter 6's static batching).
+        skip: rids of running requests this step must not schedule — a pipeline's requests whose previous step
+        has not come back (vLLM's scheduler advances num_computed_tokens when it schedules, so such a request
+        has 0 new tokens and `schedule` skips it with `continue`; `EngineCore.step_with_batch_queue` relies on it
+        to keep a request in one batch in flight). The step function sees the running queue without them and a
+        max_num_seqs less their number (they still hold their seats); they keep their place in the queue."""
         output = SchedulerOutput()
         kv = _ConnectorKV(self.kv, self.connector, output)
+        before, running, config = self.running, self.running, self.config
+        if skip:
+            running = [r for r in before if r.rid not in skip]
+            if len(running) == len(before):
+                running = before                         # the step appends its admissions to self.running
+        hidden = len(before) - len(running)
+        if hidden:
+            room = config.max_num_seqs - hidden
+            if room < 1 or (not running and not (admit and self.waiting)):
+                return output                            # nothing to schedule this step
+            config = replace(config, max_num_seqs=room)
         if self.config.policy == "decode_first":
-            self.running.sort(key=lambda r: (r.num_computed_tokens < r.num_prompt_tokens, self._admitted_order[r.rid]))
+            running.sort(key=lambda r: (r.num_computed_tokens < r.num_prompt_tokens, self._admitted_order[r.rid]))
         waiting_before = {id(r) for r in self.waiting}
         waiting = self.waiting if admit else deque()
-        config = self.config
-        if config.long_prefill_token_threshold and len(self.running) + len(self.waiting) <= 1:
+        if config.long_prefill_token_threshold and len(running) + len(self.waiting) <= 1:
             config = replace(config, long_prefill_token_threshold=0)   # vLLM: alone, it starves no one
-        step = self.schedule_step(self.running, waiting, kv, config)
+        step = self.schedule_step(running, waiting, kv, config)
         if waiting is not self.waiting:                  # only preempted requests went there
             self.waiting.extendleft(reversed(waiting))
         if self.config.policy == "decode_first":
-            self.running.sort(key=lambda r: self._admitted_order.get(r.rid, self._counter + 1))
+            running.sort(key=lambda r: self._admitted_order.get(r.rid, self._counter + 1))
+        if hidden:                                       # the skipped ones keep their places; admitted ones last
+            shown, kept = {id(r) for r in before if r.rid not in skip}, {id(r) for r in running}
+            old = {id(r) for r in before}
+            self.running = [r for r in before if id(r) not in shown or id(r) in kept] + \
+                [r for r in running if id(r) not in old]
         output.num_scheduled_tokens = dict(step.num_scheduled_tokens)
         output.preempted = list(step.preempted)
-        by_rid = {r.rid: r for r in self.running}
+        by_rid = {r.rid: r for r in running}
         output.scheduled = [by_rid[rid] for rid in output.num_scheduled_tokens if rid in by_rid]
-        output.admitted = [r for r in self.running if id(r) in waiting_before]
-        self._check(output)
+        output.admitted = [r for r in running if id(r) in waiting_before]
+        self._check(output, running, skip)
         self._take_drafts(output)
         for request in output.admitted:
             self._counter += 1
@@ -236,8 +256,8 @@ class Scheduler:
         self.kv.free(request)
         request.status = status
 
-    def _check(self, output: SchedulerOutput) -> None:
-        """The rules the engine relies on, whatever the step function did."""
+    def _check(self, output: SchedulerOutput, shown: list, skip=()) -> None:
+        """The rules the engine relies on, whatever the step function did (shown: the running queue it saw)."""
         config, where = self.config, "(labs/chunked_prefill.py: schedule_step)"
         total = output.total_num_scheduled_tokens
         if total > config.max_num_batched_tokens:
@@ -246,9 +266,11 @@ class Scheduler:
         if len(self.running) > config.max_num_seqs:
             raise ScheduleError(f"{len(self.running)} running requests, over max_num_seqs={config.max_num_seqs} "
                                 f"{where}")
-        running = {r.rid: r for r in self.running}
+        running = {r.rid: r for r in shown}
         for rid, n in output.num_scheduled_tokens.items():
             request = running.get(rid)
+            if request is None and rid in skip:
+                raise ScheduleError(f"request {rid!r} is scheduled but its previous step has not come back {where}")
             if request is None:
                 raise ScheduleError(f"request {rid!r} is scheduled but not in the running queue {where}")
             if not isinstance(n, int) or not 1 <= n <= request.num_new_tokens:
