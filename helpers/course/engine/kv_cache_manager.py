@@ -55,6 +55,63 @@ class PrefixCacheStats:
         return self.hits / self.queries if self.queries else 0.0
 
 
+class _CacheChanges(dict):
+    """The block manager's `cached` {hash: block} map, noting the hashes that enter and leave it: what vLLM's
+    BlockPool turns into KV events where it changes the cache (`vllm/v1/core/block_pool.py`: `cache_full_blocks`
+    queues a BlockStored for the blocks it just cached, `_maybe_evict_cached_block` a BlockRemoved for the block it
+    just evicted). touched: {hash: whether it was cached before its first change} since the last take()."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.touched: dict = {}
+
+    def __setitem__(self, h, block):
+        if h not in self.touched:
+            self.touched[h] = h in self
+        super().__setitem__(h, block)
+
+    def __delitem__(self, h):
+        if h not in self.touched and h in self:
+            self.touched[h] = True
+        super().__delitem__(h)
+
+    def pop(self, h, *default):
+        if h not in self.touched and h in self:
+            self.touched[h] = True
+        return super().pop(h, *default)
+
+    def popitem(self):
+        h, block = super().popitem()
+        self.touched.setdefault(h, True)
+        return h, block
+
+    def setdefault(self, h, default=None):
+        if h not in self:
+            self[h] = default
+        return self[h]
+
+    def update(self, *args, **kwargs):
+        for h, block in dict(*args, **kwargs).items():
+            self[h] = block
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def clear(self):
+        for h in self:
+            self.touched.setdefault(h, True)
+        super().clear()
+
+    def take(self) -> tuple[list, list]:
+        """(hashes that left the map, in the order they left; hashes that entered it) since the last take — what
+        changed in between, so a hash evicted and cached again (or the reverse) is in neither."""
+        removed = [h for h, was in self.touched.items() if was and h not in self]
+        stored = [h for h, was in self.touched.items() if not was and h in self]
+        self.touched.clear()
+        return removed, stored
+
+
 class KVCacheManager:
     """num_blocks × block_size token slots; enable_caching: prefix caching (exercise 7.3's manager);
     events: a KVEventLog to emit to (None: no events); block_manager: one built already (graders)."""
@@ -94,7 +151,7 @@ class KVCacheManager:
         computed = request.num_computed_tokens + num_new_computed_tokens + num_external_computed_tokens
         end = computed + num_new_tokens + num_lookahead_tokens
         tokens = request.all_token_ids
-        before = set(manager.cached) if self.enable_caching and self.events is not None else None
+        changes = self._changes()
         if rid not in manager.tables:
             hit_blocks = num_new_computed_tokens // self.block_size
             # hit blocks no one holds are counted free: taking them leaves fewer for the rest (as vLLM's
@@ -130,8 +187,8 @@ class KVCacheManager:
             if upto // self.block_size > self._cached_upto.get(rid, 0):
                 manager.cache_blocks(rid, tokens[:upto], request.cache_salt)
                 self._cached_upto[rid] = upto // self.block_size
-            if before is not None:
-                self._emit(before, request, upto)
+            if changes is not None:
+                self._emit(changes, request, upto)
         return True
 
     def record_admission(self, request, num_hits: int) -> None:
@@ -143,10 +200,10 @@ class KVCacheManager:
         """Give back the request's blocks (a cached block stays in the cache, evictable)."""
         self._cached_upto.pop(request.rid, None)
         if request.rid in self.block_manager.tables:
-            before = set(self.block_manager.cached) if self.enable_caching and self.events is not None else None
+            changes = self._changes()
             self.block_manager.free(request.rid)
-            if before is not None:
-                self._emit(before, request, 0)
+            if changes is not None:
+                self._emit(changes, request, 0)
 
     def rollback(self, request, num_tokens: int) -> None:
         """Keep only the request's first num_tokens positions (rejected speculative tokens' slots go back)."""
@@ -179,12 +236,23 @@ class KVCacheManager:
         return 1.0 - self.block_manager.num_free_blocks / self.num_blocks
 
     # ------------------------------------------------------------------ events
-    def _emit(self, before: set, request, upto: int) -> None:
-        after = self.block_manager.cached
-        removed = tuple(h for h in before if h not in after)
+    def _changes(self):
+        """The cache map, noting its changes from now on (None when no events are sent). Changes made between two
+        calls (reset_prefix_cache, which sends its own event) are not this call's."""
+        if not self.enable_caching or self.events is None:
+            return None
+        cached = self.block_manager.cached
+        if type(cached) is not _CacheChanges:
+            cached = self.block_manager.cached = _CacheChanges(cached)
+        cached.touched.clear()
+        return cached
+
+    def _emit(self, changes: _CacheChanges, request, upto: int) -> None:
+        """The events of one call from what it changed: one BlockRemoved of the hashes evicted (in eviction
+        order), then a BlockStored per run of consecutive blocks of the request just cached."""
+        removed, stored = changes.take()
         if removed:
-            self.events.emit(BlockRemoved(removed))
-        stored = [h for h in after if h not in before]
+            self.events.emit(BlockRemoved(tuple(removed)))
         if not stored:
             return
         hashes = self._request_hashes(request, upto)
