@@ -90,6 +90,8 @@ def test_streaming_equals_too_with_stop_strings(servers, method):
     text, finish, chunks = streamed(servers[method], PROMPTS[0])
     assert (text, finish) == (full, "length")
     assert chunks <= MAX_TOKENS
+    if method == "draft_model":              # the draft is accepted on this prompt: some chunks carry several tokens
+        assert chunks < MAX_TOKENS
     stop = full[len(full) // 2:len(full) // 2 + 3]       # a stop string from the middle of the continuation
     expected = streamed(servers["plain"], PROMPTS[0], stop=[stop])
     got = streamed(servers[method], PROMPTS[0], stop=[stop])
@@ -149,6 +151,30 @@ def test_spec_decode_metrics_count_drafts_and_acceptances(servers, method):
     if method == "draft_model":              # a draft model proposes at every decode step but a request's last
         assert plain_steps <= 2 * len(COUNTED)
     assert want["tokens"] == len(COUNTED) * MAX_TOKENS
+
+
+def test_sampled_requests_with_a_seed_repeat(servers):
+    """Sampling under speculation (exercise 10.1's rejection sampler, the draft's q): the request's seed fixes it."""
+    for method in ("ngram", "draft_model"):
+        texts = [client(servers[method]).completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=20,
+                                                            temperature=0.8, seed=7).choices[0].text
+                 for _ in range(2)]
+        assert texts[0] == texts[1] and texts[0]
+
+
+def test_tensor_parallel_replica_speculates_alike(servers):
+    """--tp 2: each rank runs its own proposer on the same tokens, so the ranks verify in lockstep; greedy text is
+    the plain server's."""
+    server = start_server(api_key=KEY, speculative_config=NGRAM, **{**PAGED, "tp": 2}, env={"COURSE_IMPL": "solutions"})
+    try:
+        got = [r.choices[0].text for r in complete_all(server, PROMPTS)]
+        deadline = time.monotonic() + 30     # the replica's report follows its answers: poll for it
+        while (counters := spec_counters(server))["num_drafts"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert got == [r.choices[0].text for r in complete_all(servers["plain"], PROMPTS)]
+    assert 0 < counters["num_accepted_tokens"] <= counters["num_draft_tokens"]
 
 
 def test_requests_speculation_cannot_serve_are_refused_with_400(servers):

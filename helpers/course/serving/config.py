@@ -2,6 +2,8 @@
 
     python -m helpers.course.serving --replicas 2 --tensor-parallel-size 2 --kv-cache paged --max-num-seqs 8
     start_server(replicas=2, tp=2, kv_cache="paged", max_batch=8)          # the same server, from Python
+    python -m helpers.course.serving --kv-cache paged \
+        --speculative-config '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
 
 Each field below is one option: where vLLM has it, its name is vLLM's (`vllm serve --max-num-seqs ...`, the
 engine's SchedulerConfig); the rest (batching, kv_cache, the balancer's) are the course's. Its command-line

@@ -19,7 +19,8 @@ Messages (tuples, pickled by multiprocessing.Connection):
                            ("cancelled", rid)        the cancel was handled: the replica holds rid no more
                            ("stats", {busy_seconds, waiting, running, steps, tokens})   also the heartbeat;
                                                      a paged replica adds its KV figures (kv_stats: prefix_queries,
-                                                     prefix_hits, ...) and prefill_tokens (prompt tokens computed)
+                                                     prefix_hits, ...) and prefill_tokens (prompt tokens computed);
+                                                     a speculating one its spec_* counters (spec_stats)
                            ("kv_events", endpoint)   before "ready", with --kv-events-config: where its ZeroMQ
                                                      publisher is bound (the front end subscribes there)
 
@@ -125,7 +126,12 @@ def replica_main(conn, index: int, config: ServeConfig, env: dict | None = None)
     with pp > 1 each stage holds a pool for its own layers). With tp > 1 each rank's pool holds its own KV heads
     and every rank runs the same scheduler decisions and block tables in lockstep: SGLang's design (a scheduler
     per TP rank, kept in step by determinism); vLLM instead runs one scheduler and broadcasts its output to the
-    workers."""
+    workers.
+
+    speculative_config (chapter 10): the paged engine gets a proposer (speculative_proposer: n-gram lookup or the
+    draft model) and verifies its drafts in its step; a step may then append several tokens to a request, which
+    send_tokens streams as one chunk. With tp > 1 every rank runs its own proposer on the same tokens, so all ranks
+    propose, verify and roll back alike (the draft model is not sharded: each rank runs it whole)."""
     die_with_parent()
     os.environ.update(env or {})
     close_inherited_sockets(keep=conn.fileno())
