@@ -96,17 +96,23 @@ def load_model(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
 
     Safe to call inside a forked rank (helpers.launch): it only reads two local files.
     """
-    if not (MODEL_DIR / "model.safetensors").exists():
-        raise FileNotFoundError(f"no checkpoint in {MODEL_DIR}: run `.venv/bin/python -m helpers.course.tiny_llama "
-                                "train` to create it (or restore it with git)")
+    return load_checkpoint(MODEL_DIR, CONFIG, dtype, "helpers.course.tiny_llama train")
+
+
+def load_checkpoint(directory: Path, config, dtype: torch.dtype, remake: str) -> LlamaForCausalLM:
+    """A committed Llama checkpoint (this model's, or chapter 10's draft) in eval mode, offline and silent.
+    remake: the module (and arguments) that writes it, for the error when it is missing."""
+    if not (directory / "model.safetensors").exists():
+        raise FileNotFoundError(f"no checkpoint in {directory}: run `.venv/bin/python -m {remake}` to create it "
+                                "(or restore it with git)")
     # transformers draws a "Loading weights" progress bar on stderr; stored notebook outputs would see it.
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         # config.json does not record the attention implementation: without this argument transformers
-        # would pick "sdpa" and the loaded model would not be the eager one of CONFIG and build_model().
-        model = LlamaForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype, local_files_only=True,
-                                                 attn_implementation=CONFIG._attn_implementation)
+        # would pick "sdpa" and the loaded model would not be the eager one of the config and build_model().
+        model = LlamaForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True,
+                                                 attn_implementation=config._attn_implementation)
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
@@ -163,36 +169,60 @@ def _learning_rate(step: int, steps: int) -> float:
     return PEAK_LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def training_batches(data: torch.Tensor, seed: int):
+    """Endless batches [BATCH_SIZE, SEQ_LEN] of windows of `data`, drawn from a generator seeded with `seed`.
+
+    Half of the windows start at the beginning of a line. A prompt is read from position 0 with nothing
+    before it; a model that only ever saw windows cut mid-word learns to recite the corpus given a long
+    context but not to continue a short prompt such as PROMPT."""
+    windows = torch.Generator().manual_seed(seed)
+    is_newline = data[:len(data) - SEQ_LEN] == ord("\n")
+    line_starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(is_newline).flatten() + 1])
+    while True:
+        anywhere = torch.randint(0, len(data) - SEQ_LEN, (BATCH_SIZE,), generator=windows)
+        at_line = line_starts[torch.randint(0, len(line_starts), (BATCH_SIZE,), generator=windows)]
+        from_line = torch.rand(BATCH_SIZE, generator=windows) < 0.5
+        starts = torch.where(from_line, at_line, anywhere)
+        yield torch.stack([data[s:s + SEQ_LEN] for s in starts.tolist()])         # [batch, seq]
+
+
+def optimizer(model) -> torch.optim.AdamW:
+    """AdamW with the schedule's peak rate (optimizer_step sets each step's rate)."""
+    return torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def optimizer_step(model, opt, loss: torch.Tensor, step: int, steps: int) -> None:
+    """One update at step `step` of `steps`: the scheduled rate, gradients clipped to norm 1."""
+    for group in opt.param_groups:
+        group["lr"] = _learning_rate(step, steps)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def save_checkpoint(model, out_dir: Path) -> None:
+    """model in eval mode, saved to out_dir as safetensors (no progress bar)."""
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
 def train(steps: int = STEPS, out_dir: Path = MODEL_DIR) -> LlamaForCausalLM:
     """Train from seed TRAIN_SEED on CORPUS_PATH (windows of SEQ_LEN bytes) and save to out_dir."""
     torch.set_num_threads(1)        # one thread: the same order of floating-point sums on every run
     torch.use_deterministic_algorithms(True)
     data = torch.tensor(encode(CORPUS_PATH.read_text(encoding="utf-8")), dtype=torch.long)
     model = build_model(seed=TRAIN_SEED).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=0.1)
-    windows = torch.Generator().manual_seed(TRAIN_SEED)
-    # Half of the windows start at the beginning of a line. A prompt is read from position 0 with nothing
-    # before it; a model that only ever saw windows cut mid-word learns to recite the corpus given a long
-    # context but not to continue a short prompt such as PROMPT.
-    is_newline = data[:len(data) - SEQ_LEN] == ord("\n")
-    line_starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(is_newline).flatten() + 1])
+    opt = optimizer(model)
     print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {len(data):,} bytes: "
           f"{steps} steps of {BATCH_SIZE} x {SEQ_LEN} tokens")
     losses = []
     start, start_cpu = time.perf_counter(), time.process_time()
-    for step in range(steps):
-        anywhere = torch.randint(0, len(data) - SEQ_LEN, (BATCH_SIZE,), generator=windows)
-        at_line = line_starts[torch.randint(0, len(line_starts), (BATCH_SIZE,), generator=windows)]
-        from_line = torch.rand(BATCH_SIZE, generator=windows) < 0.5
-        starts = torch.where(from_line, at_line, anywhere)
-        batch = torch.stack([data[s:s + SEQ_LEN] for s in starts.tolist()])         # [batch, seq]
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, steps)
+    for step, batch in zip(range(steps), training_batches(data, TRAIN_SEED)):
         loss = model(input_ids=batch, labels=batch).loss    # transformers shifts labels by one inside
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, opt, loss, step, steps)
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             print(f"  step {step:4d}  loss {loss.item():.3f}  ({time.perf_counter() - start:.0f} s)")
@@ -200,10 +230,7 @@ def train(steps: int = STEPS, out_dir: Path = MODEL_DIR) -> LlamaForCausalLM:
     first, last = sum(losses[:10]) / min(10, len(losses)), sum(losses[-10:]) / min(10, len(losses))
     print(f"loss {first:.3f} -> {last:.3f} (mean of the first / last 10 steps; uniform guess = "
           f"{math.log(256):.3f}) in {seconds:.0f} s ({cpu_seconds:.0f} s of CPU time)")
-    model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf_logging.disable_progress_bar()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    save_checkpoint(model, out_dir)
     print(f"saved to {out_dir}")
     sample = generate(model, encode(PROMPT), 80)
     print(f"{PROMPT!r} -> {decode(sample)!r}")

@@ -21,14 +21,12 @@ The checkpoint is committed (no one trains or downloads anything); tests only lo
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.utils import logging as hf_logging
 
 from helpers.course import tiny_llama
 
@@ -66,44 +64,23 @@ def build_draft(seed: int = TRAIN_SEED) -> LlamaForCausalLM:
 
 def load_draft(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """The trained draft from DRAFT_DIR, in eval mode; offline and silent."""
-    if not (DRAFT_DIR / "model.safetensors").exists():
-        raise FileNotFoundError(f"no checkpoint in {DRAFT_DIR}: run `.venv/bin/python -m helpers.course.train_draft` "
-                                "(or restore it with git)")
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = LlamaForCausalLM.from_pretrained(DRAFT_DIR, dtype=dtype, local_files_only=True,
-                                                 attn_implementation=DRAFT_CONFIG._attn_implementation)
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
-    return model.eval()
+    return tiny_llama.load_checkpoint(DRAFT_DIR, DRAFT_CONFIG, dtype, "helpers.course.train_draft")
 
 
 def train_draft(steps: int = STEPS, out_dir: Path = DRAFT_DIR) -> LlamaForCausalLM:
-    """Train from seed TRAIN_SEED on the tiny Llama's corpus, half cross-entropy, half KL from the target."""
+    """Train from seed TRAIN_SEED on the tiny Llama's corpus, half cross-entropy, half KL from the target: the
+    tiny Llama's windows, optimiser and schedule (tiny_llama.training_batches, optimizer, optimizer_step)."""
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     target = tiny_llama.load_model()
     data = torch.tensor(tiny_llama.encode(tiny_llama.CORPUS_PATH.read_text(encoding="utf-8")), dtype=torch.long)
     model = build_draft().train()
-    seq_len, batch_size = tiny_llama.SEQ_LEN, tiny_llama.BATCH_SIZE
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tiny_llama.PEAK_LR, betas=(0.9, 0.95), weight_decay=0.1)
-    windows = torch.Generator().manual_seed(TRAIN_SEED)
-    is_newline = data[:len(data) - seq_len] == ord("\n")
-    line_starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(is_newline).flatten() + 1])
+    opt = tiny_llama.optimizer(model)
     print(f"training a draft of {sum(p.numel() for p in model.parameters()):,} parameters (target: "
           f"{sum(p.numel() for p in target.parameters()):,}) on {len(data):,} bytes: {steps} steps of "
-          f"{batch_size} x {seq_len} tokens")
+          f"{tiny_llama.BATCH_SIZE} x {tiny_llama.SEQ_LEN} tokens")
     start = time.perf_counter()
-    for step in range(steps):
-        anywhere = torch.randint(0, len(data) - seq_len, (batch_size,), generator=windows)
-        at_line = line_starts[torch.randint(0, len(line_starts), (batch_size,), generator=windows)]
-        from_line = torch.rand(batch_size, generator=windows) < 0.5
-        starts = torch.where(from_line, at_line, anywhere)
-        batch = torch.stack([data[s:s + seq_len] for s in starts.tolist()])
-        for group in optimizer.param_groups:
-            group["lr"] = tiny_llama._learning_rate(step, steps)
+    for step, batch in zip(range(steps), tiny_llama.training_batches(data, TRAIN_SEED)):
         with torch.no_grad():
             teacher = torch.log_softmax(target(input_ids=batch).logits[:, :-1].float(), dim=-1)
         out = model(input_ids=batch, labels=batch)
@@ -111,17 +88,11 @@ def train_draft(steps: int = STEPS, out_dir: Path = DRAFT_DIR) -> LlamaForCausal
         kl = torch.nn.functional.kl_div(student.reshape(-1, 256), teacher.reshape(-1, 256), log_target=True,
                                         reduction="batchmean")
         loss = (1 - DISTILL_WEIGHT) * out.loss + DISTILL_WEIGHT * kl
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        tiny_llama.optimizer_step(model, opt, loss, step, steps)
         if step % 50 == 0 or step == steps - 1:
             print(f"  step {step:4d}  cross-entropy {out.loss.item():.3f}  KL from target {kl.item():.3f}  "
                   f"({time.perf_counter() - start:.0f} s)")
-    model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf_logging.disable_progress_bar()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    tiny_llama.save_checkpoint(model, out_dir)
     prompt = tiny_llama.encode(tiny_llama.PROMPT)
     want, got = tiny_llama.generate(target, prompt, 60), tiny_llama.generate(model, prompt, 60)
     same = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), len(want))
