@@ -218,3 +218,14 @@ def test_vllm_spellings_and_defaults():
     assert (one["prompt_lookup_min"], one["prompt_lookup_max"]) == (3, 3)
     assert ServeConfig.from_argv(config.to_argv()) == config
     assert ServeConfig(kv_cache="paged", speculative_config=DRAFT).speculative()["method"] == "draft_model"
+
+
+def test_a_draft_of_another_vocabulary_is_refused_at_startup(tmp_path):
+    """The check that needs the target's config (ServeConfig.check_model, run by the server before it starts)."""
+    (tmp_path / "config.json").write_text('{"vocab_size": 7}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    config = ServeConfig(kv_cache="paged", speculative_config='{"method": "draft_model", "model": "%s", '
+                                                              '"num_speculative_tokens": 2}' % tmp_path)
+    with pytest.raises(SystemExit, match="vocabulary of 7 tokens"):
+        config.check_model(tiny_llama.CONFIG)
+    ServeConfig(kv_cache="paged", speculative_config=DRAFT).check_model(tiny_llama.CONFIG)   # the course's draft fits
