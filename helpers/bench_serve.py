@@ -308,17 +308,7 @@ def vllm_server(log_dir: str):
     finally:
         # vllm serve, its EngineCore and its worker share the process group of its session: SIGTERM lets vLLM
         # shut its engine down; whatever is left after 30 s is killed, group and stragglers alike.
-        tree = [proc.pid, *proctree.descendants(proc.pid)]
-        proctree.kill_group(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        proctree.kill_group(proc.pid, signal.SIGKILL)
-        for pid in tree:
-            proctree.kill(pid)
-        proc.wait()
-        proctree.wait_gone(tree, timeout=10)
+        proctree.stop_session(proc, grace=30)
 
 
 def run_all(result: dict, servers: list[str], tmp: str) -> None:

@@ -115,6 +115,24 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
         return False
 
 
+def stop_session(proc, grace: float = 30.0) -> None:
+    """Stop a subprocess.Popen started in its own session (start_new_session=True) and everything below it:
+    SIGTERM its process group (vllm serve shuts its engine core and worker down), then after `grace` seconds
+    SIGKILL the group and any process of the tree that left it; reap it and wait until the tree is gone."""
+    import subprocess
+    tree = [proc.pid, *descendants(proc.pid)]
+    kill_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_group(proc.pid, signal.SIGKILL)
+    for pid in tree:
+        kill(pid)
+    proc.wait()
+    wait_gone(tree, timeout=10)
+
+
 def reap(pid: int = -1) -> list[tuple[int, int]]:
     """Collect, without waiting, this process's exited children (`pid`: only that one): [(pid, exit code)], the
     code as subprocess gives it (negative: killed by that signal)."""

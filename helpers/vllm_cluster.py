@@ -136,17 +136,7 @@ def wait_http(url: str, proc: subprocess.Popen | None, log_path: Path | None, ti
 def stop(proc: subprocess.Popen) -> None:
     """SIGTERM the process's session (vllm serve, its engine core and worker), SIGKILL what is left after 30 s."""
     from helpers import proctree
-    tree = [proc.pid, *proctree.descendants(proc.pid)]
-    proctree.kill_group(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        pass
-    proctree.kill_group(proc.pid, signal.SIGKILL)
-    for pid in tree:
-        proctree.kill(pid)
-    proc.wait()
-    proctree.wait_gone(tree, timeout=10)
+    proctree.stop_session(proc, grace=30)
 
 
 def rss_gib(pid: int) -> float:

@@ -296,3 +296,26 @@ def test_proctree_walks_and_kills_a_tree(tmp_path):
     assert sorted(proctree.kill_tree(child)) == sorted([child, grandchild])
     assert not proctree.wait_gone([child, grandchild], timeout=10), "kill_tree left a process of the tree"
     assert proctree.reap(child) == [], "wait_gone reaped our child"
+
+
+def test_proctree_stop_session_ends_a_server_that_ignores_sigterm_and_its_stragglers(tmp_path):
+    """proctree.stop_session (how helpers/bench_serve.py and helpers/vllm_cluster.py stop vllm serve): a session
+    whose processes ignore SIGTERM is killed after the grace period, and so is a child that left its group."""
+    written = tmp_path / "straggler"
+    script = f"trap '' TERM; setsid sleep 60 & echo $! > {written}; sleep 60 & wait"
+    proc = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not (written.exists() and written.read_text().strip()):
+            assert time.monotonic() < deadline, "the test's bash never started its straggler"
+            time.sleep(0.01)
+        straggler = int(written.read_text())
+        tree = [proc.pid, *proctree.descendants(proc.pid)]
+        assert straggler in tree and len(tree) >= 3, tree
+        proctree.stop_session(proc, grace=0.5)
+        assert proc.returncode == -signal.SIGKILL, f"bash ignores SIGTERM: SIGKILL after the grace; {proc.returncode}"
+        assert not [p for p in tree if proctree.alive(p)], "stop_session left a process of the session's tree"
+    finally:
+        if proc.poll() is None:
+            proctree.kill_tree(proc.pid)
+            proc.wait()
