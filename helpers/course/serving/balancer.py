@@ -493,9 +493,12 @@ class Balancer:
                     "died" + (" before becoming ready" if r.failed_starts else "") +
                     ("" if code is None else f" (killed by signal {-code})" if code < 0 else f" (exit code {code})"))
         r.stats = dict(r.stats, busy_seconds=0.0, waiting=0, running=0)
-        for key in ("prefix_queries", "prefix_hits", "preemptions", "prefill_tokens"):   # a new process: from 0
+        for key in ("prefix_queries", "prefix_hits", "preemptions", "prefill_tokens", "spec_num_drafts",
+                    "spec_num_draft_tokens", "spec_num_accepted_tokens"):      # a new process counts from 0
             if key in r.stats:
                 r.stats[key] = 0
+        if "spec_accepted_per_pos" in r.stats:
+            r.stats["spec_accepted_per_pos"] = []
         orphans, r.inflight, r.cancelling = list(r.inflight.values()), {}, set()
         self._gauge(r)
         for pending in orphans:
