@@ -17,7 +17,10 @@ exercise 7.3's `PrefixCachingBlockManager` (labs/prefix_cache.py). The scheduler
 Metrics as vLLM counts them (`vllm/v1/metrics/stats.py` PrefixCacheStats): one lookup per admission, of
 request.num_tokens tokens; a preempted request's re-admission is recorded apart (preempted_queries /
 preempted_hits), not in queries / hits. KV events (kv_events.py) for every block stored in and removed from
-the cache. `rollback(request, num_tokens)` drops the slots of draft tokens that were rejected (chapter 10).
+the cache, from what each call changed (the cache map notes the hashes that enter and leave it). A request's
+block hashes (exercise 7.3's block_hashes) are computed once per block and kept on it, `request.block_hashes`,
+so a prompt that waits is not hashed again at every step (vLLM keeps the same list: vllm/v1/request.py).
+`rollback(request, num_tokens)` drops the slots of draft tokens that were rejected (chapter 10).
 """
 from __future__ import annotations
 
@@ -129,6 +132,10 @@ class KVCacheManager:
                 block_manager = load_impl("paged_kv_cache").BlockManager(num_blocks, block_size)
         self.block_manager = block_manager
         self._hash_blocks = load_impl("prefix_cache").block_hashes if enable_caching else None
+        # exercise 7.3's manager keys its `cached` map by those hashes: look a request's hashes up in it directly
+        # (another manager, e.g. a grader's, is asked with its own cached_prefix)
+        self._by_hash = enable_caching and isinstance(block_manager,
+                                                      load_impl("prefix_cache").PrefixCachingBlockManager)
         self.stats = PrefixCacheStats()
         self._cached_upto: dict = {}          # rid -> full blocks already offered to the cache
 
@@ -138,7 +145,23 @@ class KVCacheManager:
         < request.num_tokens). Changes nothing."""
         if not self.enable_caching:
             return 0
-        return len(self.block_manager.cached_prefix(request.all_token_ids, request.cache_salt)) * self.block_size
+        return len(self._cached_prefix(request, (request.num_tokens - 1) // self.block_size)) * self.block_size
+
+    def _cached_prefix(self, request, max_blocks: int) -> list:
+        """The blocks of the request's leading full blocks (at most max_blocks) found in the cache: its block
+        hashes, computed once (request.block_hashes_upto), looked up in the manager's `cached` map — what exercise
+        7.3's cached_prefix finds, without hashing the prompt again at every step the request waits (vLLM's
+        get_computed_blocks looks request.block_hashes up the same way: find_longest_cache_hit)."""
+        manager = self.block_manager
+        if not self._by_hash:
+            return manager.cached_prefix(request.all_token_ids, request.cache_salt)[:max_blocks]
+        cached, hits = manager.cached, []
+        for h in self._request_hashes(request, max_blocks * self.block_size):
+            block = cached.get(h)
+            if block is None or len(hits) == max_blocks:
+                break
+            hits.append(block)
+        return hits
 
     def allocate_slots(self, request, num_new_tokens: int, num_new_computed_tokens: int = 0,
                        num_lookahead_tokens: int = 0, full_sequence_must_fit: bool = False,
@@ -157,7 +180,7 @@ class KVCacheManager:
             # hit blocks no one holds are counted free: taking them leaves fewer for the rest (as vLLM's
             # get_num_blocks_to_allocate counts them)
             reused = 0 if not hit_blocks else sum(
-                1 for b in manager.cached_prefix(tokens, request.cache_salt)[:hit_blocks] if b in manager.evictable)
+                1 for b in self._cached_prefix(request, hit_blocks) if b in manager.evictable)
             if full_sequence_must_fit and manager.blocks_needed(max(end, request.num_tokens)) - hit_blocks + reused \
                     > manager.num_free_blocks:
                 return False
@@ -270,14 +293,9 @@ class KVCacheManager:
             self._stored(run, hashes, request)
 
     def _request_hashes(self, request, upto: int) -> list:
-        """The request's block hashes over its first `upto` tokens, extended as its tokens grow."""
-        known = request.block_hashes
-        full = upto // self.block_size
-        if len(known) < full:
-            start = len(known) * self.block_size
-            known.extend(self._hash_blocks(request.all_token_ids[start:full * self.block_size], self.block_size,
-                                           parent=known[-1] if known else None, cache_salt=request.cache_salt))
-        return known
+        """The request's block hashes over (at least) its first `upto` tokens, hashed once (Request.block_hashes_upto
+        with exercise 7.3's block_hashes)."""
+        return request.block_hashes_upto(upto, self.block_size, self._hash_blocks)
 
     def _stored(self, run: list, hashes: list, request) -> None:
         first = hashes.index(run[0])

@@ -65,6 +65,7 @@ class Request:
         self.num_preemptions = 0
         self.num_cached_tokens = -1               # prefix-cache hits when first scheduled (vLLM's field)
         self.block_hashes: list = []              # one per full block of prompt + tokens (prefix caching)
+        self._hashed_for = None                   # what block_hashes were computed for (block_hashes_upto)
         self.arrival = time.monotonic() if arrival is None else float(arrival)
         self.token_times: list[float] = []        # when each generated token came out (the engine's clock)
         self.started = self.finished = None       # first scheduled / finished, on the engine's clock
@@ -98,6 +99,30 @@ class Request:
     @property
     def done(self) -> bool:
         return len(self.tokens) >= self.max_tokens
+
+    def block_hashes_upto(self, num_tokens: int, block_size: int, hasher) -> list:
+        """`block_hashes`, covering at least the full blocks of the first num_tokens tokens: the blocks not hashed
+        yet are hashed by `hasher` (exercise 7.3's block_hashes(token_ids, block_size, parent, cache_salt)),
+        continuing the chain from the last hash, so each block of a request is hashed once, not at every step it
+        waits or every time a lookup or an event needs it. vLLM keeps the same list on its Request
+        (`vllm/v1/request.py`: `block_hashes`, extended by `update_block_hashes` when the request is made and
+        as output tokens are appended, with the hasher of `vllm/v1/core/kv_cache_utils.py`
+        `get_request_block_hasher`, which hashes only the new full blocks). Tokens are only ever appended, so
+        the hashes already computed stay right; they are computed again from the start when the block size,
+        the hasher, the cache salt or the prompt or tokens list itself (a new list assigned) is not the one they
+        were computed for. The list returned is `block_hashes` itself (callers read it, never change it)."""
+        key = (block_size, hasher, self.cache_salt)
+        known = self.block_hashes
+        if self._hashed_for is None or self._hashed_for[0] != key or self._hashed_for[1] is not self.prompt \
+                or self._hashed_for[2] is not self.tokens:
+            known = self.block_hashes = []
+            self._hashed_for = (key, self.prompt, self.tokens)
+        full = min(num_tokens, self.num_tokens) // block_size
+        if len(known) < full:
+            start = len(known) * block_size
+            known.extend(hasher(self.all_token_ids[start:full * block_size], block_size,
+                                parent=known[-1] if known else None, cache_salt=self.cache_salt))
+        return known
 
     # ------------------------------------------------------------------ what drivers read
     @property
