@@ -343,11 +343,13 @@ class PipelineEngine(LLMEngine):
         scheduler = self.scheduler
         if not scheduler.has_unfinished:
             return None
-        running = scheduler.running
-        skip = set(self.in_flight)
+        running, in_flight = scheduler.running, self.in_flight
+        skip = in_flight
         if self.balance and self.max_concurrent_batches > 1 and running:
             cap = -(-len(running) // self.max_concurrent_batches)
-            skip.update(r.rid for r in [r for r in running if r.rid not in self.in_flight][cap:])
+            rest = [r.rid for r in running if r.rid not in in_flight][cap:]
+            if rest:
+                skip = {*in_flight, *rest}
         admit = not (self.batching == "static" and running)
         return self._nonempty(scheduler.schedule(admit=admit, skip=skip))
 

@@ -181,8 +181,6 @@ class Scheduler:
         has 0 new tokens and `schedule` skips it with `continue`; `EngineCore.step_with_batch_queue` relies on it
         to keep a request in one batch in flight). The step function sees the running queue without them and a
         max_num_seqs less their number (they still hold their seats); they keep their place in the queue."""
-        output = SchedulerOutput()
-        kv = _ConnectorKV(self.kv, self.connector, output)
         before, running, config = self.running, self.running, self.config
         if skip:
             running = [r for r in before if r.rid not in skip]
@@ -192,22 +190,26 @@ class Scheduler:
         if hidden:
             room = config.max_num_seqs - hidden
             if room < 1 or (not running and not (admit and self.waiting)):
-                return output                            # nothing to schedule this step
+                return SchedulerOutput()                 # nothing to schedule this step
             config = replace(config, max_num_seqs=room)
+        output = SchedulerOutput()
+        kv = _ConnectorKV(self.kv, self.connector, output)
         if self.config.policy == "decode_first":
             running.sort(key=lambda r: (r.num_computed_tokens < r.num_prompt_tokens, self._admitted_order[r.rid]))
         waiting_before = {id(r) for r in self.waiting}
         waiting = self.waiting if admit else deque()
+        # vLLM: alone, it starves no one. (vLLM counts a request in flight too, get_request_counts; the course
+        # counts those shown, as its pipeline always did: a pipeline's schedules stay the ones recorded.)
         if config.long_prefill_token_threshold and len(running) + len(self.waiting) <= 1:
-            config = replace(config, long_prefill_token_threshold=0)   # vLLM: alone, it starves no one
+            config = replace(config, long_prefill_token_threshold=0)
+        shown = set(map(id, running)) if hidden else None
         step = self.schedule_step(running, waiting, kv, config)
         if waiting is not self.waiting:                  # only preempted requests went there
             self.waiting.extendleft(reversed(waiting))
         if self.config.policy == "decode_first":
             running.sort(key=lambda r: self._admitted_order.get(r.rid, self._counter + 1))
         if hidden:                                       # the skipped ones keep their places; admitted ones last
-            shown, kept = {id(r) for r in before if r.rid not in skip}, {id(r) for r in running}
-            old = {id(r) for r in before}
+            kept, old = set(map(id, running)), set(map(id, before))
             self.running = [r for r in before if id(r) not in shown or id(r) in kept] + \
                 [r for r in running if id(r) not in old]
         output.num_scheduled_tokens = dict(step.num_scheduled_tokens)
