@@ -129,3 +129,17 @@ def test_a_waiting_prompt_is_hashed_once_not_every_step(monkeypatch):
     while engine.has_unfinished:
         engine.step()
     assert waiting.tokens and len(waiting.tokens) == 4
+
+
+def test_a_block_removed_event_lists_the_blocks_in_eviction_order():
+    """Least recently used first, and a freed request's tail before its head (what chapter 9's notebook shows)."""
+    rng = random.Random(0)
+    system = [rng.randrange(256) for _ in range(40)]
+    log = KVEventLog()
+    engine = LLMEngine.modelled(kv=KVCacheManager(8, 16, True, events=log))
+    hashes = {}
+    for rid, prompt in (("a", system + [1] * 10), ("b", system + [2] * 10), ("c", list(range(100)))):
+        run_requests(engine, [Request(rid, prompt, 4, arrival=0.0)])
+        hashes[rid] = load_impl("prefix_cache").block_hashes(prompt, 16)
+    removed = [e.block_hashes for e in log.events if isinstance(e, BlockRemoved)]
+    assert removed == [(hashes["a"][2], hashes["b"][2], hashes["a"][1])]
