@@ -116,6 +116,28 @@ def vllm_cli(args: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # The course's side (.venv): servers, the client runs, the stored result
 # ------------------------------------------------------------------------------------------------------------
+def wait_http(url: str, proc=None, log_path: Path | None = None, timeout: float = 600) -> None:
+    """Poll `url` until it answers 200; RuntimeError (with the log's tail) if `proc` exits first, TimeoutError
+    after `timeout` seconds."""
+    import time
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
+            raise RuntimeError(f"{proc.args[:4]}... exited with {proc.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
+            raise TimeoutError(f"{url} did not answer within {timeout} s:\n{tail}")
+        time.sleep(0.5)
+
+
 def probe(port: int) -> str:
     """The client records only the HTTP reason of a failed request ("Bad Request"): send one request with the
     body vLLM's client sends (async_request_openai_completions) and return what the server said."""
@@ -273,10 +295,8 @@ def course_server(log_dir: str):
 def vllm_server(log_dir: str):
     """`vllm serve` in a session of its own, stopped on exit with everything it started: yields (its
     description, port)."""
-    import signal
     import subprocess
     import time
-    import urllib.request
 
     from helpers import proctree
     port = free_port()
@@ -288,21 +308,7 @@ def vllm_server(log_dir: str):
         proc = subprocess.Popen([str(VLLM_PYTHON), str(Path(__file__).resolve()), "--vllm-cli", *args], cwd=ROOT,
                                 env=vllm_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n"
-                                   f"{log_path.read_text(errors='replace')[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vllm serve did not answer within 600 s:\n"
-                                   f"{log_path.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, log_path, 600)
         yield ({"command": as_typed(args).replace(f"--port {port}", "--port PORT"),
                 "startup_s": round(time.perf_counter() - started, 1)}, port)
     finally:

@@ -53,7 +53,7 @@ import urllib.request
 from pathlib import Path
 
 from helpers.bench_serve import (KEEP, MODEL_DIR, ROOT, SERVED_MODEL_NAME, VLLM_PYTHON, as_typed, cpu_busy_since,
-                                 cpu_times, free_port, machine, versions, vllm_env)
+                                 cpu_times, free_port, machine, versions, vllm_env, wait_http)
 
 RESULT_PATH = ROOT / "helpers" / "course" / "data" / "vllm_cluster.json"
 BENCH_SERVE = ROOT / "helpers" / "bench_serve.py"     # `--vllm-cli ...` = the `vllm` command (see bench_serve.py)
@@ -114,23 +114,6 @@ def vllm_serve_args(port: int, events_port: int) -> list[str]:
             "--max-model-len", "256", "--block-size", str(BLOCK_SIZE), "--max-num-seqs", str(MAX_NUM_SEQS),
             "--num-gpu-blocks-override", str(NUM_BLOCKS), "--enable-prefix-caching", "--seed", "0",
             "--host", "127.0.0.1", "--port", str(port), "--kv-events-config", events]
-
-
-def wait_http(url: str, proc: subprocess.Popen | None, log_path: Path | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
-            raise RuntimeError(f"{proc.args[:4]}... exited with {proc.returncode}:\n{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer within {timeout} s")
-        time.sleep(0.5)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -211,16 +194,10 @@ def get_json(url: str):
 
 def scrape(url: str) -> dict:
     """vLLM's counters of interest from its Prometheus /metrics (summed over label sets)."""
+    from helpers.course.serving.metrics import parse
     with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
-        text = response.read().decode()
-    out = dict.fromkeys(COUNTERS, 0.0)
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        name = line.split("{")[0].split(" ")[0]
-        if name in out:
-            out[name] += float(line.rsplit(" ", 1)[1])
-    return out
+        samples = parse(response.read().decode())
+    return {name: sum(v for (n, _), v in samples.items() if n == name) for name in COUNTERS}
 
 
 def reset_caches(reps: list) -> list:
@@ -255,6 +232,7 @@ async def run_chat(url: str) -> dict:
     """The chat workload through the router: sessions in start order, CONCURRENCY at a time, turns in order."""
     import httpx
 
+    from helpers.course.engine.stats import percentile
     from helpers.course.routing.workload import chat_workload
     workload = chat_workload(**WORKLOAD)
     ttfts, routed, answered, failed, retried = [], {}, 0, [], []
@@ -310,11 +288,10 @@ async def run_chat(url: str) -> dict:
         started = time.perf_counter()
         await asyncio.gather(*(session(client, s) for s in workload.sessions))
         duration = time.perf_counter() - started
-    ttfts.sort()
     return {"requests": workload.num_requests, "answered": answered, "failed": failed, "retried": retried,
             "duration_s": duration,
-            "ttft_ms": {"mean": 1e3 * statistics.fmean(ttfts), "p50": 1e3 * ttfts[len(ttfts) // 2],
-                        "p99": 1e3 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]} if ttfts else None,
+            "ttft_ms": {"mean": 1e3 * statistics.fmean(ttfts), "p50": 1e3 * percentile(ttfts, 50),
+                        "p99": 1e3 * percentile(ttfts, 99)} if ttfts else None,
             "replicas_per_tenant": {t: sorted(set(v)) for t, v in sorted(routed.items())},
             "workload": workload.describe()}
 
