@@ -1,11 +1,9 @@
 """shard_llama's plan is checked before any module is replaced (issue 21 item 15): a size the plan cannot split
 raises ValueError naming the config field, and the model is left whole, not half-sharded."""
 import pytest
-import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers.course.tp_heads import check_llama_tp
-from solutions.tp_llama import shard_llama
 
 
 def _model(**sizes):
@@ -20,10 +18,16 @@ def _model(**sizes):
     ({}, 3, "num_heads=4"),
 ])
 def test_a_plan_that_cannot_split_raises_before_any_change(sizes, world_size, field):
+    shard_llama = pytest.importorskip("solutions.tp_llama", reason="the reference answers are absent").shard_llama
     model = _model(**sizes)
     with pytest.raises(ValueError, match=field):
         check_llama_tp(model.config, world_size)
+    before = [(name, type(m)) for name, m in model.named_modules()]
     with pytest.raises(ValueError, match=field):
         shard_llama(model, rank=0, world_size=world_size)
-    kinds = {type(m) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))}
-    assert kinds == {nn.Linear, nn.Embedding}, f"a failed shard_llama left sharded modules behind: {kinds}"
+    # Every module by name and type, not just "some nn.Linear is left": the parallel layers are nn.Modules, so a
+    # model with layer 0 replaced and layer 1 whole would still hold an nn.Linear and an nn.Embedding.
+    after = {name: type(m) for name, m in model.named_modules()}
+    changed = [(name, kind.__name__, after.get(name, type(None)).__name__)
+               for name, kind in before if after.get(name) is not kind]
+    assert not changed, f"a failed shard_llama left replaced modules behind (name, was, now): {changed[:4]}"
