@@ -157,6 +157,24 @@ def planted_job(rank, world_size, module, checks, names, ranked=False, check="")
     return out
 
 
+def grouped_job(rank, world_size, checks, names, impl=None):
+    """In a launched rank: the named ranked checks of a grader's `checks` (check(impl, rank, world_size, group,
+    label) -> failures) in the world group and, at 4 ranks, in the sub-groups {0,1} and {2,3} as well (every rank
+    creates both groups, as dist.new_group requires)."""
+    import torch.distributed as dist
+    groups = [(None, "WORLD")]
+    if world_size == 4:
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        groups.append((pairs[rank // 2], f"group {[0, 1] if rank < 2 else [2, 3]}"))
+    return [f for name in names for group, label in groups for f in checks[name](impl, rank, world_size, group, label)]
+
+
+def assert_no_failures(results) -> None:
+    """`launch`'s results (a list of failures per rank) hold none; else the first 8 are the message."""
+    failures = [f for rank_failures in results for f in rank_failures]
+    assert not failures, "\n".join(failures[:8])
+
+
 def run_planted(module, checks, names, *, world_size=1, ranked=False, timeout=120, check="") -> dict:
     """name -> the failures of every rank (rank order) for these planted answers, checked in launched jobs:
     one, or one per world size where `world_size` maps a record's (first) check to its own."""

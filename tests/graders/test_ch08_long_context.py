@@ -63,7 +63,7 @@ from helpers.claims import max_abs_diff, tolerance
 from helpers.comm_trace import CommTracer
 from helpers.course.ring_attention import (ORDERS, TransferOverlap, attention_reference, causal_work, chunks_of_rank,
                                            positions_of_rank)
-from tests.graders.planted import planted_tests
+from tests.graders.planted import assert_no_failures, grouped_job, planted_tests
 
 # Rounding budget (helpers.claims policy): the reduce-scatter sums ≤ 4 terms; ring attention sums softmax
 # terms over ≤ 24 keys and head_dim 4, rescaled once per chunk pair: a few ulps, 64 leaves room.
@@ -425,20 +425,10 @@ CHECKS = {"sp": check_sp, "sp_errors": check_sp_errors, "ring": check_ring, "rin
 
 def _job(rank, world_size, checks, impl=None):
     """Run the named checks in the world group and, at 4 ranks, in the sub-groups {0,1} and {2,3}."""
-    failures = []
-    groups = [(None, "WORLD")]
-    if world_size == 4:
-        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-        groups.append((pairs[rank // 2], f"group {[0, 1] if rank < 2 else [2, 3]}"))
-    for name in checks:
-        for group, label in groups:
-            failures += CHECKS[name](impl, rank, world_size, group, label)
-    return failures
+    return grouped_job(rank, world_size, CHECKS, checks, impl)
 
 
-def _check_all(results):
-    failures = [f for rank_failures in results for f in rank_failures]
-    assert not failures, "\n".join(failures[:8])
+_check_all = assert_no_failures
 
 
 @pytest.mark.exercise("8.3", "The sequence-parallel region: reduce-scatter / all-gather and their conjugates")
