@@ -16,21 +16,9 @@
 from __future__ import annotations
 
 
-def whole_working_set(workload, block_size: int = 16, max_num_batched_tokens: int = 256, max_num_seqs: int = 4):
-    """Prompt tokens computed when the device pool holds everything (1,024 blocks): the same schedule on
-    modelled time (LLMEngine.modelled), no model. What no cache of any size can save."""
-    from helpers.course.engine import KVCacheManager, LLMEngine, SchedulerConfig
-    from helpers.course.kv_offload import serve_chat
-    engine = LLMEngine.modelled(kv=KVCacheManager(1024, block_size, True),
-                                config=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
-                                                       max_num_seqs=max_num_seqs))
-    serve_chat(engine, workload)
-    return sum(step.prefill_tokens for step in engine.steps)
-
-
 def run():
     from helpers.course.engine import percentile
-    from helpers.course.kv_offload import chapter_workload, offload_run, recompute_vs_load
+    from helpers.course.kv_offload import chapter_workload, offload_run, recompute_vs_load, whole_working_set
     from helpers.impl import impl_package
 
     workload = chapter_workload()

@@ -64,7 +64,7 @@ from helpers.course.engine.kv_connector import KVConnector
 from helpers.course.memory import kv_bytes_per_token
 
 __all__ = ["HostTierClient", "serve_host_tier", "TierConnector", "block_bytes", "serve_chat", "LINKS",
-           "recompute_vs_load", "chapter_workload", "offload_run", "OffloadRun", "plot_offload"]
+           "recompute_vs_load", "chapter_workload", "whole_working_set", "offload_run", "OffloadRun", "plot_offload"]
 
 STORE, LOAD, STOP = 1, 2, 3
 TIER_COUNTS = ("stores", "loads", "kv_bytes_received", "kv_bytes_sent", "blocks_held")
@@ -448,6 +448,18 @@ def chapter_workload(seed: int = 0):
     from helpers.course.routing.workload import chat_workload
     return chat_workload(num_tenants=4, sessions=8, turns=(3, 3), system_tokens=(96, 128), user_tokens=(8, 16),
                          answer_tokens=(6, 8), session_rate=4.0, think=1.0, seed=seed)
+
+
+def whole_working_set(workload, block_size: int = 16, max_num_batched_tokens: int = 256, max_num_seqs: int = 4):
+    """Prompt tokens computed when the device pool holds everything (1,024 blocks): the same schedule on
+    modelled time (LLMEngine.modelled), no model. What no cache of any size can save: the independent
+    expectation for offload_run's run with the tier."""
+    from helpers.course.engine import KVCacheManager, LLMEngine, SchedulerConfig
+    engine = LLMEngine.modelled(kv=KVCacheManager(1024, block_size, True),
+                                config=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
+                                                       max_num_seqs=max_num_seqs))
+    serve_chat(engine, workload)
+    return sum(step.prefill_tokens for step in engine.steps)
 
 
 def _engine(model, num_blocks, block_size, connector, config):
