@@ -22,7 +22,7 @@ is sha256(pickle((parent, token_ids, extra_keys))) (--prefix-caching-hash-algo s
 chained from NONE_HASH = sha256(pickle("vllm-none-hash")) (init_none_hash, resolve_none_hash_seed: the fixed seed
 unless PYTHONHASHSEED is set, which then seeds it instead), and the event carries
 maybe_convert_block_hash(hash): the low 64 bits as an int, since VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES defaults to 1
-(vllm/envs.py). So `vllm_external_hashes` = router.vllm_block_hashes, cut to 64 bits. What (a) costs: it breaks if
+(vllm/envs.py). So VllmHasher = router.vllm_block_hashes, cut to 64 bits. What (a) costs: it breaks if
 the replicas hash differently (PYTHONHASHSEED set, another hash algorithm, salted or LoRA requests). So the proxy
 checks every BlockStored it receives: it recomputes the block chain from the event's token_ids and parent (the
 parent's full hash must be one it computed or checked) and counts `hash_checked` / `hash_mismatch` on /metrics, with
@@ -50,11 +50,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import hashlib
 import itertools
 import json
 import logging
-import pickle
 import threading
 import time
 from dataclasses import dataclass
@@ -66,6 +64,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from helpers.course.engine.kv_events import BlockStored
 from helpers.course.routing.router import VLLM_NONE_HASH, Router
 from helpers.course.routing.zmq_events import ZmqEventSubscriber
+from helpers.impl import load_impl
 
 __all__ = ["RouterProxy", "VllmHasher", "make_policy", "main"]
 
@@ -84,12 +83,6 @@ def make_policy(name: str, weight: float = 1.0):
     return policies[name]()
 
 
-def _sha256_block(parent: bytes, tokens, extra=None) -> bytes:
-    """vLLM 0.32's hash_block_tokens with sha256 (vllm/v1/core/kv_cache_utils.py, vllm/utils/hashing.py)."""
-    return hashlib.sha256(pickle.dumps((parent, tuple(int(t) for t in tokens), extra),
-                                       protocol=pickle.HIGHEST_PROTOCOL)).digest()
-
-
 class VllmHasher:
     """The block hashes a vLLM replica publishes: `external=True` (vLLM's default) the low 64 bits as ints, else
     the 32-byte sha256. Remembers the full hash behind each external one it computed or checked (bounded), so an
@@ -97,6 +90,9 @@ class VllmHasher:
 
     def __init__(self, none_hash: bytes = VLLM_NONE_HASH, external: bool = True, remember: int = 200_000):
         self.none_hash, self.external, self.remember = none_hash, external, remember
+        # vLLM 0.32's hash_block_tokens with sha256 (vllm/v1/core/kv_cache_utils.py, vllm/utils/hashing.py): the
+        # course's copy of it, given code in prefix_cache.py (chapter 7)
+        self._hash_block = load_impl("prefix_cache").hash_block_tokens
         self.full: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -116,7 +112,7 @@ class VllmHasher:
         out, parent = [], self.none_hash
         ids = [int(t) for t in token_ids]
         for start in range(0, len(ids) - block_size + 1, block_size):
-            parent = _sha256_block(parent, ids[start:start + block_size])
+            parent = self._hash_block(parent, ids[start:start + block_size])
             ext = self._ext(parent)
             self._keep(ext, parent)
             out.append(ext)
@@ -138,7 +134,7 @@ class VllmHasher:
         if len(tokens) != size * len(event.block_hashes):
             return False
         for i, published in enumerate(event.block_hashes):
-            parent = _sha256_block(parent, tokens[i * size:(i + 1) * size])
+            parent = self._hash_block(parent, tokens[i * size:(i + 1) * size])
             if self._ext(parent) != published:
                 return False
             self._keep(published, parent)
@@ -498,7 +494,6 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.hash == "course":
-        from helpers.impl import load_impl
         hasher = load_impl("prefix_cache").block_hashes
     else:
         hasher = VllmHasher(external=args.hash == "vllm")
