@@ -277,22 +277,13 @@ class TierConnector(KVConnector):
         self.loads: list = []
         self.saves: list = []
         self.load_seconds = 0.0
-        self._hashes: dict = {}
 
     def block_hashes(self, request) -> list:
         """The chained hash of every FULL block of request.all_token_ids (a trailing partial block has none),
-        extended as the request's tokens grow."""
-        owner, known = self._hashes.get(request.rid, (None, None))
-        if owner is not request:                   # a new request under a rid seen before: hash it afresh
-            known = []
-            self._hashes[request.rid] = (request, known)
-        tokens = request.all_token_ids
-        full = len(tokens) // self.block_size
-        if len(known) < full:
-            start = len(known) * self.block_size
-            known.extend(self.hasher(tokens[start:full * self.block_size], self.block_size,
-                                     parent=known[-1] if known else None, cache_salt=request.cache_salt))
-        return known[:full]
+        hashed once per block and kept on the request (Request.block_hashes_upto, the list the engine's
+        KVCacheManager extends with the same hasher)."""
+        full = request.num_tokens // self.block_size
+        return request.block_hashes_upto(request.num_tokens, self.block_size, self.hasher)[:full]
 
     # ---------------------------------------------------------------- exercise 9.3 (labs/kv_offload.py)
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
@@ -344,8 +335,6 @@ class TierConnector(KVConnector):
                     blocks[j, layer, 1] = v[i * size:(i + 1) * size]
             self.tier.store([hashes[i] for i in chosen], blocks)
             self.saves.append((request.rid, chosen))
-        if request.done:
-            self._hashes.pop(request.rid, None)
 
 
 # ------------------------------------------------------------------------------------------ a chat on one engine
