@@ -125,8 +125,8 @@ class ServingMetrics:
 
 class RouterCollector:
     """The router's state as Prometheus series, read when /metrics is scraped (a custom collector: the Router keeps
-    plain counts, routing/router.py). vLLM's router-side projects export the like: llm-d's kv-cache manager
-    counts events and index lookups, Dynamo's KV router its events and hits."""
+    plain counts, routing/router.py). Dynamo's KV router reports its hits the like: a KvHitRateEvent per routing,
+    aggregated by its metrics component into Prometheus series (ai-dynamo/dynamo components/metrics/README.md)."""
 
     def __init__(self, balancer):
         self.balancer = balancer
