@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from helpers.course.eplb import mixtral_route
 from helpers.course.mla import LatentKVCache, MLAConfig, MultiHeadLatentAttention, RMSNorm
-from helpers.course.moe import MoEBlock, PerRankAllToAllMoE, Routing, TensorParallelMoE
+from helpers.course.moe import MoEBlock, PerRankAllToAllMoE, TensorParallelMoE
 
 __all__ = ["Request", "TinyMLAMoEModel", "tiny_mla_moe_model", "dropless_route", "TensorParallelMLA",
            "generate_single", "generate_dp", "generate_tp", "EXAMPLE_REQUESTS"]
@@ -51,11 +52,9 @@ EXAMPLE_REQUESTS = [Request(f"req{i}", tuple((7 * i + 3 * j + 1) % 64 for j in r
                     for i in range(6)]
 
 
-def dropless_route(logits: torch.Tensor, top_k: int) -> Routing:
-    """Mixtral's top-k routing without a capacity limit (exercise 8.1's rule, given here so that this layout does
-    not depend on the learner's answer): softmax over all experts, top_k kept, renormalised to sum to 1."""
-    weights, ids = torch.softmax(logits.float(), -1).topk(top_k, -1)
-    return Routing(ids, weights / weights.sum(-1, keepdim=True), torch.ones_like(ids, dtype=torch.bool))
+# Mixtral's top-k routing without a capacity limit (exercise 8.1's rule, given so that this layout does not depend
+# on the learner's answer): softmax over all experts, top_k kept, renormalised to sum to 1 — eplb's, the same rule.
+dropless_route = mixtral_route
 
 
 class DecoderLayer(nn.Module):
