@@ -150,12 +150,18 @@ def test_replicas_events_routing_bad_frames_and_a_death():
             port = fake.bind_to_random_port("tcp://127.0.0.1")
             balancer.events.remove(other)
             balancer.events.add(other, f"tcp://127.0.0.1:{port}")
-            await asyncio.sleep(0.2)
+            # PUB drops what precedes the subscription: send a first good batch until it is heard (no sleep)
+            sync = encode_batch(0.0, [BlockStored((b"\x02" * 32,), None, tuple(range(BLOCK)), BLOCK)])
+
+            def heard():
+                fake.send_multipart((b"", (0).to_bytes(8, "big"), sync))
+                return b"\x02" * 32 in index.blocks_of(other)
+            await _until(heard, "the fake publisher's first batch")
             good = BlockStored((b"\x01" * 32,), None, tuple(range(BLOCK)), BLOCK)
             unknown = msgspec.msgpack.encode([0.0, [{"type": "BlockMoved", "block_hashes": []},
                                                     {"type": "BlockStored"}], None])
             rejected = balancer.router.metrics["events_rejected"]
-            for seq, payload in enumerate((b"\xc1 not msgpack", unknown, encode_batch(0.0, [good]))):
+            for seq, payload in enumerate((b"\xc1 not msgpack", unknown, encode_batch(0.0, [good])), start=1):
                 fake.send_multipart((b"", seq.to_bytes(8, "big"), payload))
             await _until(lambda: b"\x01" * 32 in index.blocks_of(other), "the good batch after the bad ones")
             fake.close(linger=0)
