@@ -64,7 +64,9 @@ def mla_kv_bytes_per_token(layers: int, kv_lora_rank: int, rope_head_dim: int, b
     """Bytes cached for one token in every layer by multi-head latent attention (DeepSeek-V2/V3, chapter 10):
     one latent of kv_lora_rank values and one rope key of rope_head_dim values, shared by all heads, no separate
     V — the formula above with one KV "head" of width (kv_lora_rank + rope_head_dim) / 2 (vLLM's
-    MLAAttentionSpec: num_kv_heads=1, head_size=L+R, head_size_v=0). helpers/course/mla.py holds the layer."""
+    MLAAttentionSpec, vllm/v1/kv_cache_interface.py: head_size_v=0; built in
+    vllm/model_executor/layers/attention/mla_attention.py with num_kv_heads=1, head_size=L+R).
+    helpers/course/mla.py holds the layer."""
     return kv_bytes_per_token(layers, 1, (kv_lora_rank + rope_head_dim) / 2, bytes_per_value)
 
 
