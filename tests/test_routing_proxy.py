@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from helpers.course.engine.kv_events import AllBlocksCleared, BlockStored
 from helpers.course.routing.proxy import RouterProxy, VllmHasher, make_policy
 from helpers.course.routing.zmq_events import ZmqEventPublisher
+from helpers.course.serving.metrics import parse, value
 
 BLOCK = 32
 # What a vLLM 0.32 replica (vllm serve, block size 32, sha256, PYTHONHASHSEED unset) published in BlockStored for a
@@ -193,6 +194,8 @@ def test_kv_policy_routes_to_the_replica_whose_events_hold_the_prefix_and_stream
     assert c.replicas[1].bodies[-1]["prompt"] == ids                     # forwarded unchanged
     assert c.metric("router_block_hash_checked_total") == 1 and c.metric("router_block_hash_mismatch_total") == 0
     assert c.metric('router_outstanding_requests{replica="1"}') == 0      # finished when the stream ended
+    samples = parse(c.client.get("/metrics").text)                       # well-formed Prometheus text
+    assert value(samples, "router_requests_routed_total", replica=1) == 1
     # a text prompt is tokenized with the model's tokenizer (a byte each): routed by the blocks of its bytes
     text = ("It was the best of times, it was the worst of times. " * 4)[:3 * BLOCK + 7]
     c.publish(1, [stored(list(text.encode()))])

@@ -433,43 +433,54 @@ class RouterProxy:
                     **{k: (dict(v) if isinstance(v, dict) else v) for k, v in self.counters.items()}}
 
     def prometheus(self) -> str:
+        """stats() as Prometheus text (prometheus_client's families, as serving/metrics.py's RouterCollector)."""
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
         s = self.stats()
-        lines = [f'router_info{{policy="{s["policy"]}"}} 1']
+        families = [InfoMetricFamily("router", "the routing policy", value={"policy": s["policy"]})]
 
-        def per_replica(name, values, help_text, kind="gauge"):
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
+        def per_replica(name, values, help_text, kind=GaugeMetricFamily):
+            family = kind(name, help_text, labels=["replica"])
             for replica, value in values.items():
-                lines.append(f'{name}{{replica="{replica}"}} {value}')
+                family.add_metric([str(replica)], value)
+            families.append(family)
 
-        def scalar(name, value, help_text, kind="counter"):
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"])
+        def scalar(name, value, help_text):
+            families.append(CounterMetricFamily(name, help_text, value=value))
 
         per_replica("router_replica_up", {x: int(x in s["live"]) for x in s["replicas"]}, "1 while the replica is live")
-        per_replica("router_requests_routed_total", s["routed"], "requests sent to the replica", "counter")
+        per_replica("router_requests_routed", s["routed"], "requests sent to the replica", CounterMetricFamily)
         per_replica("router_outstanding_requests", s["outstanding_requests"], "requests not yet answered")
         per_replica("router_outstanding_blocks", s["outstanding_blocks"], "KV blocks of outstanding requests")
         per_replica("router_kv_events_stale", {x: int(x in s["stale_now"]) for x in s["replicas"]},
                     "1: no KV events for stale_after s while busy: routed on load alone (load-only fallback)")
-        per_replica("router_kv_event_batches_total", s["event_batches"], "event batches received", "counter")
-        per_replica("router_kv_event_batch_gaps_total", s["batch_gaps"], "batches missed (sequence gaps)", "counter")
-        per_replica("router_replica_failures_total", s["replica_failures"], "times the replica was taken out",
-                    "counter")
+        per_replica("router_kv_event_batches", s["event_batches"], "event batches received", CounterMetricFamily)
+        per_replica("router_kv_event_batch_gaps", s["batch_gaps"], "batches missed (sequence gaps)",
+                    CounterMetricFamily)
+        per_replica("router_replica_failures", s["replica_failures"], "times the replica was taken out",
+                    CounterMetricFamily)
         if s["indexed_blocks"] is not None:
             per_replica("router_indexed_blocks", s["indexed_blocks"], "blocks the index says the replica holds")
-        scalar("router_kv_events_applied_total", s["events_applied"], "KV events applied to the index")
-        scalar("router_kv_events_rejected_total", s["events_rejected"], "KV events logged and skipped")
-        scalar("router_kv_event_batches_malformed_total", s["batches_malformed"], "undecodable batches skipped")
-        scalar("router_stale_routings_total", s["stale_routings"], "routings made with a stale replica hidden")
-        scalar("router_block_hash_checked_total", s["hash_checked"], "BlockStored whose hashes the proxy reproduced")
-        scalar("router_block_hash_mismatch_total", s["hash_mismatch"], "BlockStored whose hashes it did not")
-        scalar("router_retried_total", s["retried"], "requests retried on another replica")
-        scalar("router_index_behind_total", s["index_behind"], "requests whose first block had been routed before "
+        scalar("router_kv_events_applied", s["events_applied"], "KV events applied to the index")
+        scalar("router_kv_events_rejected", s["events_rejected"], "KV events logged and skipped")
+        scalar("router_kv_event_batches_malformed", s["batches_malformed"], "undecodable batches skipped")
+        scalar("router_stale_routings", s["stale_routings"], "routings made with a stale replica hidden")
+        scalar("router_block_hash_checked", s["hash_checked"], "BlockStored whose hashes the proxy reproduced")
+        scalar("router_block_hash_mismatch", s["hash_mismatch"], "BlockStored whose hashes it did not")
+        scalar("router_retried", s["retried"], "requests retried on another replica")
+        scalar("router_index_behind", s["index_behind"], "requests whose first block had been routed before "
                "but no replica's events held it (not yet announced, or evicted)")
-        scalar("router_bound_prompt_tokens_total", s["bound_queries"], "prompt tokens routed")
-        scalar("router_bound_cached_tokens_total", s["bound_hits"],
+        scalar("router_bound_prompt_tokens", s["bound_queries"], "prompt tokens routed")
+        scalar("router_bound_cached_tokens", s["bound_hits"],
                "prompt tokens one unlimited cache would have held (blocks seen before: an upper bound)")
-        return "\n".join(lines) + "\n"
+
+        class _Families:
+            def collect(self):
+                return families
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families())
+        return generate_latest(registry).decode()
 
 
 def parse_replica(spec: str, i: int) -> tuple:
