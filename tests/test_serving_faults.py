@@ -234,14 +234,9 @@ def test_a_stopped_replica_is_replaced_and_its_requests_retried(server):
 # ---------------------------------------------------------------- the balancer, in this process
 
 def _greedy(prompt, lengths) -> dict:
-    """{n: the model's first n greedy tokens} for each n, computed on one thread (several spin against the
-    replicas for the two cores of a busy machine, ten times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tokens = tiny_llama.generate(tiny_llama.load_model(), prompt, max(lengths))
-    finally:
-        torch.set_num_threads(threads)
+    """{n: the model's first n greedy tokens} for each n, computed on one thread (the module's one_torch_thread:
+    several spin against the replicas for the two cores of a busy machine, ten times slower)."""
+    tokens = tiny_llama.generate(tiny_llama.load_model(), prompt, max(lengths))
     return {n: tokens[:n] for n in lengths}
 
 
