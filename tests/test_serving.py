@@ -10,7 +10,6 @@ import time
 import urllib.error
 
 import pytest
-import torch
 
 from helpers import proctree
 from helpers.course import tiny_llama
