@@ -305,8 +305,8 @@ def serve_proposals(proposer) -> int:
 def speculative_tp_job(rank, world_size, prompts, max_tokens: int, k: int = 4, temperature: float = 0.0,
                        seed: int | None = None):
     """3 ranks: 0 and 1 the target at TP=2 (shard_llama over a sub-group), each an LLMEngine with the remote
-    proposer, in lockstep; 2 the draft model. Returns, on the target ranks, (generated ids per prompt, spec stats as a dict, proposal
-    rounds); on the draft rank (None, None, rounds served)."""
+    proposer, in lockstep; 2 the draft model. Returns, on the target ranks, (generated ids per prompt, spec stats
+    as a dict, proposal rounds); on the draft rank (None, None, rounds served)."""
     import torch.distributed as dist
     from helpers.course.tiny_llama import load_model
     if world_size != 3:
